@@ -1,0 +1,160 @@
+//! Configuration: per-kind behaviour and the limits that bound every queue and size.
+
+use crate::types::{Duration, Kind};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// How sessions of one kind behave. Every size has a limit; exceeding it is a typed error.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KindConfig {
+    /// Delay applied when a session is stored automatically (its owner's lease ran out).
+    pub default_delay_s: u32,
+    /// Repeat times get a uniform random jitter in `0..=jitter_window_s` seconds added, so that a
+    /// burst of failures is spread over this window instead of all coming due in one second.
+    pub jitter_window_s: u32,
+    /// Largest single record accepted.
+    pub record_bytes_max: u32,
+    /// Largest total of record bytes a session may hold.
+    pub session_bytes_max: u32,
+    /// Most records a session may hold.
+    pub session_records_max: u32,
+    /// An active session whose owner sends nothing for this long is stored with the default delay.
+    pub lease_ms: u64,
+    /// Most deliveries of this kind that may be in flight at once (the handler's slots).
+    pub handler_slots: u32,
+    /// Largest timeout a store may ask for.
+    pub store_timeout_s_max: u32,
+}
+
+impl Default for KindConfig {
+    fn default() -> Self {
+        KindConfig {
+            default_delay_s: 60,
+            jitter_window_s: 10,
+            record_bytes_max: 64 * 1024,
+            session_bytes_max: 4 * 1024 * 1024,
+            session_records_max: 10_000,
+            lease_ms: 30_000,
+            handler_slots: 64,
+            store_timeout_s_max: 30 * 24 * 3600,
+        }
+    }
+}
+
+/// Bounds on everything the engine holds in memory or on disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Sessions that may be active or stored at once.
+    pub sessions_max: u64,
+    /// Client requests waiting for the log (queued or being written) at once.
+    pub pending_requests_max: u32,
+    /// A group-commit batch takes at most this many entries ...
+    pub batch_entries_max: u32,
+    /// ... and at most this many encoded bytes.
+    pub batch_bytes_max: u32,
+    /// A log segment is closed and a new one started once it reaches this size.
+    pub segment_bytes_max: u64,
+    /// A snapshot is taken once this many entries have been applied since the last one.
+    pub snapshot_every_entries: u64,
+    /// Clients remembered in the deduplication table; the least recently seen is forgotten first.
+    pub dedup_clients_max: u32,
+    /// Deleted session ids remembered to answer "deleted" rather than "unknown".
+    pub tombstones_max: u32,
+    /// How often the repeater and the lease checker look for work.
+    pub repeater_tick_ms: u64,
+    /// Reads that fail their checksum or the disk are retried this many times before the engine
+    /// decides the data is really corrupt.
+    pub read_retries_max: u32,
+    /// Sessions taken for delivery (or expired) in one replicated operation.
+    pub take_batch_max: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            sessions_max: 1_000_000,
+            pending_requests_max: 4096,
+            batch_entries_max: 1024,
+            batch_bytes_max: 4 * 1024 * 1024,
+            segment_bytes_max: 64 * 1024 * 1024,
+            snapshot_every_entries: 100_000,
+            dedup_clients_max: 100_000,
+            tombstones_max: 100_000,
+            repeater_tick_ms: 100,
+            read_retries_max: 3,
+            take_batch_max: 256,
+        }
+    }
+}
+
+/// Deliberate bugs for the mutation tests: each must make a checker fail. Compiled in only with
+/// the `mutations` feature, which no shipped build enables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mutations {
+    /// Reply to clients when the write is issued, before the fsync that covers it completes.
+    pub ack_before_fsync: bool,
+    /// Treat a bad record in the middle of the log as a torn tail and cut the log there.
+    pub truncate_mid_log_corruption: bool,
+    /// Ignore the deduplication table: a retried request is applied again.
+    pub apply_retry_twice: bool,
+    /// Hand sessions to the repeater a few seconds before their repeat time.
+    pub redeliver_early: bool,
+    /// Recompute the jitter while applying instead of using the value written in the entry.
+    pub recompute_jitter_on_apply: bool,
+}
+
+impl Mutations {
+    /// Names accepted on the simulator's command line.
+    pub const NAMES: [&'static str; 5] =
+        ["ack-before-fsync", "truncate-mid-log", "apply-retry-twice", "redeliver-early", "recompute-jitter"];
+
+    pub fn from_name(name: &str) -> Option<Mutations> {
+        let mut m = Mutations::default();
+        match name {
+            "ack-before-fsync" => m.ack_before_fsync = true,
+            "truncate-mid-log" => m.truncate_mid_log_corruption = true,
+            "apply-retry-twice" => m.apply_retry_twice = true,
+            "redeliver-early" => m.redeliver_early = true,
+            "recompute-jitter" => m.recompute_jitter_on_apply = true,
+            _ => return None,
+        }
+        Some(m)
+    }
+}
+
+/// Everything the engine is constructed with. Replicas of one cluster must share `kinds`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    pub kinds: BTreeMap<Kind, KindConfig>,
+    pub limits: Limits,
+    #[serde(skip)]
+    pub mutations: Mutations,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        let mut kinds = BTreeMap::new();
+        kinds.insert(Kind(1), KindConfig::default());
+        EngineConfig { kinds, limits: Limits::default(), mutations: Mutations::default() }
+    }
+}
+
+impl EngineConfig {
+    pub fn kind(&self, kind: Kind) -> Option<&KindConfig> {
+        self.kinds.get(&kind)
+    }
+
+    /// Whether a mutation is on. Without the `mutations` feature this is always false, so the
+    /// checks compile away in shipped builds.
+    #[inline]
+    pub(crate) fn mutation(&self, pick: impl Fn(&Mutations) -> bool) -> bool {
+        cfg!(feature = "mutations") && pick(&self.mutations)
+    }
+
+    pub(crate) fn lease(&self, kind: Kind) -> Duration {
+        Duration(self.kinds.get(&kind).map_or(30_000, |k| k.lease_ms))
+    }
+}

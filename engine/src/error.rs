@@ -1,0 +1,68 @@
+//! Typed errors. A [`RequestError`] answers one client request and means the request changed
+//! nothing; a [`Fatal`] stops the engine because continuing could lose or invent data.
+
+use crate::types::{Attempt, Handle, Index, Kind, SessionId};
+use serde::{Deserialize, Serialize};
+
+/// Why a request was refused. Every variant leaves the replicated state exactly as it was
+/// (apart from remembering the answer for retries of the same request).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RequestError {
+    #[error("unknown kind {0}")]
+    UnknownKind(Kind),
+    #[error("record of {size} bytes exceeds the kind's limit of {max}")]
+    RecordTooLarge { size: u64, max: u32 },
+    #[error("session would hold {bytes} bytes, over the kind's limit of {max}")]
+    SessionTooLarge { bytes: u64, max: u32 },
+    #[error("session would hold more than the kind's limit of {max} records")]
+    TooManyRecords { max: u32 },
+    #[error("store timeout of {timeout_s} s exceeds the kind's limit of {max_s} s")]
+    TimeoutTooLong { timeout_s: u32, max_s: u32 },
+    #[error("the cluster holds its limit of {max} sessions")]
+    TooManySessions { max: u64 },
+    #[error("session {0} does not exist")]
+    SessionUnknown(SessionId),
+    #[error("session {0} was deleted")]
+    SessionDeleted(SessionId),
+    #[error("session {0} is stored and waits for redelivery; no one holds it")]
+    SessionStored(SessionId),
+    #[error("handle {handle} is stale: the session is at attempt {}", current.0)]
+    StaleAttempt { handle: Handle, current: Attempt },
+    #[error("request sequence {seq} is older than the last one seen from this client ({last})")]
+    StaleSequence { seq: u64, last: u64 },
+    #[error("too many requests are waiting ({max}); retry later")]
+    Overloaded { max: u32 },
+    #[error("the disk is full; the request was not applied")]
+    DiskFull,
+    #[error("the replica is recovering; retry shortly")]
+    NotReady,
+    #[error("the replica has stopped: {0}")]
+    Stopped(String),
+}
+
+impl RequestError {
+    /// Whether the request certainly did not and never will take effect, so that a client may
+    /// report failure instead of retrying. Overload and readiness errors are retried by clients.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, RequestError::Overloaded { .. } | RequestError::NotReady)
+    }
+}
+
+/// A condition under which the engine refuses to go on. The driver must stop the replica and
+/// report it; restarting will meet the same condition until an operator (or, with replication,
+/// a peer) repairs the data.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Fatal {
+    #[error(
+        "log corruption in {file} at byte {offset} (valid records follow it); refusing to truncate acknowledged data"
+    )]
+    LogCorruption { file: String, offset: u64 },
+    #[error("log gap: {file} starts at index {found}, expected {expected}")]
+    LogGap { file: String, expected: Index, found: Index },
+    #[error("snapshot {file} is corrupt: {reason}")]
+    SnapshotCorrupt { file: String, reason: String },
+    #[error("disk read of {file} failed {attempts} times")]
+    ReadFailed { file: String, attempts: u32 },
+    #[error("disk operation on {file} failed: {reason}")]
+    DiskFailed { file: String, reason: String },
+}

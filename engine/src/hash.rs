@@ -1,0 +1,28 @@
+//! The state hash: a value any two replicas (or two runs) can compare to know they hold the
+//! same state. It is a wrapping sum of per-item digests, so a change updates it in O(1) by
+//! removing the old item's digest and adding the new one.
+
+use crate::op::UnixSecs;
+use crate::types::Index;
+use serde::Serialize;
+
+/// Digest of a serializable value under a tag that separates item types.
+pub(crate) fn digest<T: Serialize>(tag: u64, v: &T) -> u64 {
+    let bytes = postcard::to_allocvec(v).expect("postcard encoding into memory cannot fail");
+    xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, tag)
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct StateHash(u64);
+
+impl StateHash {
+    pub fn add(&mut self, d: u64) {
+        self.0 = self.0.wrapping_add(d);
+    }
+    pub fn remove(&mut self, d: u64) {
+        self.0 = self.0.wrapping_sub(d);
+    }
+    pub fn value(&self, applied: Index, repeat_index: (UnixSecs, Index)) -> u64 {
+        self.0.wrapping_add(digest(4, &(applied, repeat_index)))
+    }
+}

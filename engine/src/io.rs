@@ -1,0 +1,136 @@
+//! The engine's boundary: what drivers feed in ([`Input`]) and what they carry out ([`Output`]).
+//!
+//! The engine performs no IO. It asks for disk operations by emitting [`Output::Io`] with an
+//! [`IoId`]; the driver performs them in order per file and reports each completion with
+//! [`Input::IoDone`]. File names are flat names inside the replica's data directory.
+
+use crate::error::{Fatal, RequestError};
+use crate::op::{Outcome, Query, QueryReply, Request, UnixSecs};
+use crate::types::{ClientId, Handle, Index, Kind, Seq};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct IoId(pub u64);
+
+/// A disk operation. Writes extend the file as needed (creating it if missing) but are not
+/// durable until a `Sync` of that file completes; a created, renamed or removed name is not
+/// durable until a `SyncDir` completes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IoOp {
+    /// List the data directory's file names.
+    List,
+    /// Read a whole file.
+    Read {
+        file: String,
+    },
+    Write {
+        file: String,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Sync {
+        file: String,
+    },
+    SyncDir,
+    Truncate {
+        file: String,
+        len: u64,
+    },
+    Rename {
+        from: String,
+        to: String,
+    },
+    Remove {
+        file: String,
+    },
+}
+
+impl IoOp {
+    pub fn file(&self) -> &str {
+        match self {
+            IoOp::List | IoOp::SyncDir => ".",
+            IoOp::Read { file }
+            | IoOp::Write { file, .. }
+            | IoOp::Sync { file }
+            | IoOp::Truncate { file, .. }
+            | IoOp::Remove { file } => file,
+            IoOp::Rename { from, .. } => from,
+        }
+    }
+}
+
+/// What a successful disk operation returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IoReply {
+    Done,
+    Listed(Vec<String>),
+    Data(Vec<u8>),
+}
+
+/// A failed disk operation, as the driver reports it (no `std::io::Error` inside the engine).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DiskError {
+    #[error("no space left on device")]
+    NoSpace,
+    #[error("file not found")]
+    NotFound,
+    #[error("input/output error: {0}")]
+    Io(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// Start: recover from whatever the data directory holds. Must be the first input.
+    Boot,
+    /// A client request; `(client, seq)` names it, and a retry reuses both.
+    Request { client: ClientId, seq: Seq, request: Request },
+    /// A read-only query, answered at once from applied state.
+    Query { id: u64, query: Query },
+    /// A disk operation finished.
+    IoDone { id: IoId, result: Result<IoReply, DiskError> },
+    /// A delivery could not be completed: the handler is unreachable, failed, or refused it.
+    DeliveryFailed { handle: Handle },
+    /// A deadline given by [`crate::Engine::next_deadline`] has passed.
+    Tick,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Io {
+        id: IoId,
+        op: IoOp,
+    },
+    /// The answer to a request. Never emitted before the fsync covering the request completed.
+    Reply {
+        client: ClientId,
+        seq: Seq,
+        outcome: Outcome,
+    },
+    /// The answer to a query.
+    QueryReply {
+        id: u64,
+        reply: QueryReply,
+    },
+    /// Push this session to its kind's handler. `due` is the repeat time it was taken for.
+    Deliver {
+        kind: Kind,
+        handle: Handle,
+        due: UnixSecs,
+        records: Vec<Vec<u8>>,
+    },
+    /// Recovery finished; the engine serves from `applied` on.
+    Recovered {
+        applied: Index,
+        state_hash: u64,
+        torn_bytes: u64,
+    },
+    /// The engine stopped and will emit nothing further.
+    Stopped(Fatal),
+}
+
+impl Output {
+    /// The refusal of a request, for the paths that refuse before the log is involved.
+    pub(crate) fn refuse(client: ClientId, seq: Seq, error: RequestError) -> Output {
+        Output::Reply { client, seq, outcome: Err(error) }
+    }
+}

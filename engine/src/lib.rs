@@ -1,0 +1,43 @@
+//! # truba-engine
+//!
+//! The whole of a truba replica as a deterministic, single-threaded state machine. It does no
+//! IO and reads no clock: time arrives with every input, randomness comes from one ChaCha
+//! generator seeded at construction, and disk work leaves as [`Output::Io`] requests whose
+//! completions come back as [`Input::IoDone`]. Given the same seed and inputs, it produces the
+//! same outputs, bit for bit. Two drivers run it: the simulator (`truba-sim`) and, later, the
+//! real server.
+//!
+//! Where things live:
+//! - [`types`]: newtype ids and time.
+//! - [`op`]: requests, replies, log entries, queries.
+//! - [`io`]: the boundary ([`Input`], [`Output`], disk operations).
+//! - `sessions`: the replicated state machine: what applying an entry does.
+//! - `repeater`: the leader's choice of due sessions and expired leases.
+//! - `log` and [`codec`]: where log bytes go and how they are framed and checked.
+//! - `recovery`: rebuilding state from disk; torn tails versus corruption.
+//! - `snapshot`: background snapshots and log truncation.
+//! - `engine`: the loop gluing them together, with group commit.
+
+pub mod codec;
+pub mod config;
+mod engine;
+pub mod error;
+mod hash;
+pub mod io;
+mod log;
+pub mod op;
+mod recovery;
+mod repeater;
+mod sessions;
+mod snapshot;
+pub mod types;
+
+pub use config::{EngineConfig, KindConfig, Limits, Mutations};
+pub use engine::Engine;
+pub use error::{Fatal, RequestError};
+pub use io::{DiskError, Input, IoId, IoOp, IoReply, Output};
+pub use op::{
+    Command, Entry, Outcome, Query, QueryReply, Reply, Request, SessionState, SessionView, StatusView, UnixSecs,
+};
+pub use sessions::StateMachine;
+pub use types::{Attempt, ClientId, Duration, Handle, Index, Instant, Kind, Now, Seq, SessionId, Term, UnixMs};

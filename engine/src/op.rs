@@ -1,0 +1,132 @@
+//! What clients ask for, what they are answered, and what the log records.
+
+use crate::error::RequestError;
+use crate::types::{ClientId, Handle, Index, Kind, Seq, SessionId, Term, UnixMs};
+use serde::{Deserialize, Serialize};
+
+/// Repeat time of a stored session, in whole seconds of the proposing replica's wall clock.
+/// Sessions due in the same second go out in the order they were stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct UnixSecs(pub u64);
+
+impl UnixSecs {
+    pub fn as_ms(self) -> UnixMs {
+        UnixMs(self.0.saturating_mul(1000))
+    }
+}
+
+impl UnixMs {
+    pub fn as_secs(self) -> UnixSecs {
+        UnixSecs(self.0 / 1000)
+    }
+}
+
+/// A mutating request of the session API. Reads go through [`Query`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Open a session of `kind`, optionally with its first record.
+    New { kind: Kind, record: Option<Vec<u8>> },
+    /// Add one record at the end.
+    Append { handle: Handle, record: Vec<u8> },
+    /// Drop all records and keep this one.
+    Replace { handle: Handle, record: Vec<u8> },
+    /// Finished: never redelivered.
+    Delete { handle: Handle },
+    /// Unfinished: redeliver after the timeout (plus the kind's jitter).
+    Store { handle: Handle, timeout_s: u32 },
+    /// Renew the lease without changing anything else.
+    KeepAlive { handle: Handle },
+}
+
+impl Request {
+    pub fn handle(&self) -> Option<Handle> {
+        match self {
+            Request::New { .. } => None,
+            Request::Append { handle, .. }
+            | Request::Replace { handle, .. }
+            | Request::Delete { handle }
+            | Request::Store { handle, .. }
+            | Request::KeepAlive { handle } => Some(*handle),
+        }
+    }
+
+    pub fn record_len(&self) -> usize {
+        match self {
+            Request::New { record, .. } => record.as_ref().map_or(0, Vec::len),
+            Request::Append { record, .. } | Request::Replace { record, .. } => record.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// A successful answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Created { handle: Handle },
+    Done,
+    Stored { due: UnixSecs },
+}
+
+pub type Outcome = Result<Reply, RequestError>;
+
+/// The replicated operations. Everything an apply needs is in the entry: the proposer's clock
+/// reading and any random draw are written here, so replay never consults a clock or generator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// A client request. `due` is filled for stores: clock + timeout + jitter, drawn once.
+    Client { client: ClientId, seq: Seq, request: Request, due: Option<UnixSecs> },
+    /// The repeater takes these stored sessions for delivery (each gets a new attempt).
+    Take { sessions: Vec<SessionId> },
+    /// These sessions' leases ran out; store each with its kind's default delay (due given).
+    Expire { sessions: Vec<(Handle, UnixSecs)> },
+    /// The handler for this delivery failed or could not be reached; store it again.
+    DeliveryFailed { handle: Handle, due: UnixSecs },
+}
+
+/// One log entry: position, proposer's wall clock, command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub term: Term,
+    pub index: Index,
+    pub at: UnixMs,
+    pub command: Command,
+}
+
+/// Read-only questions, answered from the applied state without touching the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Query {
+    Session(SessionId),
+    Status,
+}
+
+/// Where a session stands, as a query sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionState {
+    Active { lease_until: UnixMs, delivering: bool },
+    Stored { due: UnixSecs },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionView {
+    pub id: SessionId,
+    pub kind: Kind,
+    pub handle: Handle,
+    pub state: SessionState,
+    pub records: Vec<Vec<u8>>,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub applied: Index,
+    pub durable: Index,
+    pub sessions_active: u64,
+    pub sessions_stored: u64,
+    pub state_hash: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueryReply {
+    Session(Result<SessionView, RequestError>),
+    Status(StatusView),
+}

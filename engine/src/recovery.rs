@@ -1,0 +1,289 @@
+//! Recovery: rebuild the state from what the data directory holds, deciding what is a torn
+//! write (cut off, after keeping a copy of the discarded bytes) and what is corruption (never
+//! cut: the replica stops with a clear error).
+//!
+//! Recovery runs one disk operation at a time: list, read the newest snapshot, read each
+//! segment in order, then carry out the repairs. Any read that does not check out cleanly is
+//! read again, and a damaged verdict is only accepted once two consecutive reads return the same
+//! bytes, so a bit flipped on the way from the disk is never mistaken for damage on the disk.
+
+use crate::codec::{
+    decode_snapshot, parse_segment_name, parse_snapshot_name, scan_segment, ScanEnd, SegmentScan, SEGMENT_HEADER_LEN,
+};
+use crate::config::EngineConfig;
+use crate::error::Fatal;
+use crate::io::{DiskError, IoOp, IoReply};
+use crate::log::Log;
+use crate::sessions::{MutationEnv, StateMachine};
+use crate::types::{Index, Term};
+use std::collections::VecDeque;
+
+pub(crate) enum Step {
+    Io(IoOp),
+    Done(Box<Recovered>),
+    Fatal(Fatal),
+}
+
+pub(crate) struct Recovered {
+    pub state: StateMachine,
+    pub log: Log,
+    pub term: Term,
+    pub torn_bytes: u64,
+    pub snapshot: Index,
+    pub snapshots: Vec<String>,
+}
+
+#[derive(Default)]
+pub(crate) struct Recovery {
+    reading: Option<String>,
+    snapshots: Vec<(Index, String)>,
+    segments: VecDeque<(Index, String)>,
+    state: StateMachine,
+    log: Log,
+    term: Term,
+    snapshot: Index,
+    attempts: u32,
+    previous_read: Option<Vec<u8>>,
+    repairs: VecDeque<IoOp>,
+    torn_bytes: u64,
+    retries_max: u32,
+}
+
+/// What the scan of one segment says, before confirmation.
+enum Verdict {
+    Clean(SegmentScan),
+    /// Cut the file at this offset (torn tail of the last segment).
+    CutAt(SegmentScan, u64),
+    /// The header itself is torn: the file was being created when the crash came.
+    DropFile,
+    Corrupt(u64),
+}
+
+impl Recovery {
+    pub fn start(retries_max: u32) -> (Recovery, Step) {
+        (Recovery { term: Term(1), retries_max, ..Default::default() }, Step::Io(IoOp::List))
+    }
+
+    pub fn on_io(&mut self, result: Result<IoReply, DiskError>, cfg: &EngineConfig, env: &mut MutationEnv<'_>) -> Step {
+        match result {
+            Ok(IoReply::Listed(names)) => self.listed(names),
+            Ok(IoReply::Data(bytes)) => {
+                let file = self.reading.clone().expect("a read is outstanding");
+                if parse_snapshot_name(&file).is_some() {
+                    self.snapshot_read(file, bytes)
+                } else {
+                    self.segment_read(file, bytes, cfg, env)
+                }
+            }
+            Ok(IoReply::Done) => self.next_repair(),
+            Err(e) => match self.reading.clone() {
+                Some(file) => {
+                    let attempts = self.attempts;
+                    let previous = self.previous_read.take();
+                    self.retry(file.clone(), previous).unwrap_or(Step::Fatal(Fatal::ReadFailed { file, attempts }))
+                }
+                None => Step::Fatal(Fatal::DiskFailed { file: "(recovery repair)".into(), reason: e.to_string() }),
+            },
+        }
+    }
+
+    fn listed(&mut self, names: Vec<String>) -> Step {
+        for n in &names {
+            if n.ends_with(".tmp") {
+                self.repairs.push_back(IoOp::Remove { file: n.clone() });
+            }
+        }
+        self.snapshots = names.iter().filter_map(|n| Some((parse_snapshot_name(n)?, n.clone()))).collect();
+        self.snapshots.sort();
+        let mut segments: Vec<_> = names.iter().filter_map(|n| Some((parse_segment_name(n)?, n.clone()))).collect();
+        segments.sort();
+        self.segments = segments.into();
+        match self.snapshots.last() {
+            Some((_, name)) => self.read(name.clone()),
+            None => self.next_segment(),
+        }
+    }
+
+    fn read(&mut self, file: String) -> Step {
+        if self.reading.as_ref() != Some(&file) {
+            self.attempts = 0;
+            self.previous_read = None;
+        }
+        self.attempts += 1;
+        self.reading = Some(file.clone());
+        Step::Io(IoOp::Read { file })
+    }
+
+    /// Reads `file` again, remembering `bytes` to compare; `None` once the retries are used up.
+    fn retry(&mut self, file: String, bytes: Option<Vec<u8>>) -> Option<Step> {
+        if self.attempts > self.retries_max {
+            return None;
+        }
+        self.previous_read = bytes;
+        Some(self.read(file))
+    }
+
+    fn snapshot_read(&mut self, file: String, bytes: Vec<u8>) -> Step {
+        let loaded = decode_snapshot(&bytes).and_then(|(index, term, payload)| {
+            let state: StateMachine = postcard::from_bytes(payload).map_err(|e| format!("undecodable state: {e}"))?;
+            if state.applied != index {
+                return Err(format!("state is at index {} but the header says {index}", state.applied));
+            }
+            Ok((index, term, state))
+        });
+        match loaded {
+            Ok((index, term, mut state)) => {
+                state.rebuild_indexes();
+                state.full_invariants();
+                self.state = state;
+                self.term = term;
+                self.snapshot = index;
+                self.log.last_index = index;
+                let older: Vec<_> = self.snapshots.iter().filter(|(i, _)| *i < index).map(|(_, n)| n.clone()).collect();
+                self.repairs.extend(older.into_iter().map(|file| IoOp::Remove { file }));
+                self.next_segment()
+            }
+            Err(reason) => {
+                self.retry(file.clone(), Some(bytes)).unwrap_or(Step::Fatal(Fatal::SnapshotCorrupt { file, reason }))
+            }
+        }
+    }
+
+    fn next_segment(&mut self) -> Step {
+        // Segments wholly below the snapshot are leftovers of an interrupted clean-up.
+        while self.segments.len() >= 2 && self.segments[1].0 .0 <= self.snapshot.0 + 1 {
+            let (_, file) = self.segments.pop_front().expect("len checked");
+            self.repairs.push_back(IoOp::Remove { file });
+        }
+        match self.segments.front() {
+            Some((_, name)) => self.read(name.clone()),
+            None => {
+                self.reading = None;
+                self.next_repair()
+            }
+        }
+    }
+
+    fn verdict(&self, bytes: &[u8], last: bool) -> Verdict {
+        match scan_segment(bytes) {
+            None if last => Verdict::DropFile,
+            None => Verdict::Corrupt(0),
+            Some(s) => match s.end {
+                ScanEnd::Clean => Verdict::Clean(s),
+                ScanEnd::Torn { offset } if last => Verdict::CutAt(s, offset),
+                ScanEnd::Torn { offset } | ScanEnd::Corrupt { offset } => Verdict::Corrupt(offset),
+            },
+        }
+    }
+
+    fn segment_read(&mut self, file: String, bytes: Vec<u8>, cfg: &EngineConfig, env: &mut MutationEnv<'_>) -> Step {
+        let last = self.segments.len() == 1;
+        let mutant = cfg.mutation(|m| m.truncate_mid_log_corruption);
+        let mut verdict = self.verdict(&bytes, last);
+        if mutant {
+            // The deliberate bug: any bad record is treated as a torn tail and cut off at once.
+            if let (Verdict::Corrupt(offset), Some(s)) = (&verdict, scan_segment(&bytes)) {
+                let offset = *offset;
+                let later: Vec<_> = self.segments.drain(1..).map(|(_, n)| n).collect();
+                self.repairs.extend(later.into_iter().map(|file| IoOp::Remove { file }));
+                verdict = Verdict::CutAt(s, offset);
+            }
+        }
+        let confirmed = matches!(verdict, Verdict::Clean(_))
+            || (mutant && !matches!(verdict, Verdict::Corrupt(_)))
+            || self.previous_read.as_deref() == Some(&bytes[..]);
+        if !confirmed {
+            let attempts = self.attempts;
+            return self.retry(file.clone(), Some(bytes)).unwrap_or(Step::Fatal(Fatal::ReadFailed { file, attempts }));
+        }
+        self.segments.pop_front();
+        match verdict {
+            Verdict::Clean(scan) => {
+                let end = bytes.len() as u64;
+                if let Err(f) = self.accept(&file, scan, end, cfg, env) {
+                    return Step::Fatal(f);
+                }
+            }
+            Verdict::CutAt(scan, offset) => {
+                if let Err(f) = self.accept(&file, scan, offset, cfg, env) {
+                    return Step::Fatal(f);
+                }
+                self.cut(&file, &bytes, offset);
+            }
+            Verdict::DropFile => {
+                self.keep_torn_copy(&file, &bytes, 0);
+                self.repairs.push_back(IoOp::Remove { file });
+                self.repairs.push_back(IoOp::SyncDir);
+            }
+            Verdict::Corrupt(offset) => return Step::Fatal(Fatal::LogCorruption { file, offset }),
+        }
+        self.next_segment()
+    }
+
+    /// Takes a segment's valid records: checks the chain across the file boundary, applies
+    /// the entries the snapshot does not already hold.
+    fn accept(
+        &mut self,
+        file: &str,
+        scan: SegmentScan,
+        end: u64,
+        cfg: &EngineConfig,
+        env: &mut MutationEnv<'_>,
+    ) -> Result<(), Fatal> {
+        let first = scan.header.first;
+        let continues = if self.log.segments.is_empty() {
+            first.0 <= self.state.applied.0 + 1
+        } else {
+            first == self.log.last_index.next() && scan.header.prev_crc == self.log.last_crc
+        };
+        if !continues {
+            return Err(Fatal::LogGap { file: file.to_string(), expected: self.log.last_index.next(), found: first });
+        }
+        self.log.last_crc = scan.header.prev_crc;
+        for d in scan.records {
+            self.log.last_crc = d.crc;
+            self.log.last_index = self.log.last_index.max(d.entry.index);
+            self.term = self.term.max(d.entry.term);
+            if d.entry.index > self.state.applied {
+                self.state.apply(&d.entry, cfg, MutationEnv { rng: &mut *env.rng, wall: env.wall });
+            }
+        }
+        self.log.segments.push((first, file.to_string()));
+        self.log.end_offset = end;
+        Ok(())
+    }
+
+    fn keep_torn_copy(&mut self, file: &str, bytes: &[u8], offset: u64) {
+        let discarded = bytes[offset as usize..].to_vec();
+        self.torn_bytes += discarded.len() as u64;
+        let copy = format!("torn-{file}-{offset}.bin");
+        self.repairs.push_back(IoOp::Write { file: copy.clone(), offset: 0, data: discarded });
+        self.repairs.push_back(IoOp::Sync { file: copy });
+    }
+
+    fn cut(&mut self, file: &str, bytes: &[u8], offset: u64) {
+        let offset = offset.max(SEGMENT_HEADER_LEN as u64);
+        if offset as usize >= bytes.len() {
+            return;
+        }
+        self.keep_torn_copy(file, bytes, offset);
+        self.repairs.push_back(IoOp::SyncDir);
+        self.repairs.push_back(IoOp::Truncate { file: file.to_string(), len: offset });
+        self.repairs.push_back(IoOp::Sync { file: file.to_string() });
+    }
+
+    fn next_repair(&mut self) -> Step {
+        self.reading = None;
+        match self.repairs.pop_front() {
+            Some(op) => Step::Io(op),
+            None => Step::Done(Box::new(Recovered {
+                state: std::mem::take(&mut self.state),
+                log: std::mem::take(&mut self.log),
+                term: self.term,
+                torn_bytes: self.torn_bytes,
+                snapshot: self.snapshot,
+                snapshots: self.snapshots.iter().filter(|(i, _)| *i == self.snapshot).map(|(_, n)| n.clone()).collect(),
+            })),
+        }
+    }
+}

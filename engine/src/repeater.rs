@@ -1,0 +1,108 @@
+//! The repeater: the leader's decisions about which stored sessions to hand to handlers and
+//! which leases have run out. It only proposes; the replicated `Take` and `Expire` commands are
+//! what change state, so every replica agrees on what was taken. Followers never run it.
+
+use crate::config::{EngineConfig, KindConfig};
+use crate::op::{Command, UnixSecs};
+use crate::sessions::{StateMachine, Status};
+use crate::types::{Handle, Kind, SessionId, UnixMs};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Repeat time = wall clock (whole seconds) + timeout + a uniform jitter from the kind's window.
+pub(crate) fn draw_due(wall: UnixMs, timeout_s: u32, kind: Option<&KindConfig>, rng: &mut ChaCha8Rng) -> UnixSecs {
+    let window = kind.map_or(0, |k| k.jitter_window_s);
+    let jitter = if window == 0 { 0 } else { rng.gen_range(0..=window as u64) };
+    UnixSecs(wall.as_secs().0 + timeout_s as u64 + jitter)
+}
+
+/// Leader-only, volatile: what has been proposed but not yet applied, so a tick does not
+/// propose the same session twice.
+#[derive(Debug, Default)]
+pub(crate) struct Repeater {
+    taking: BTreeSet<SessionId>,
+    expiring: BTreeSet<SessionId>,
+}
+
+impl Repeater {
+    /// Forgets proposals that were applied or dropped.
+    pub fn settle(&mut self, command: &Command) {
+        match command {
+            Command::Take { sessions } => sessions.iter().for_each(|s| {
+                self.taking.remove(s);
+            }),
+            Command::Expire { sessions } => sessions.iter().for_each(|(h, _)| {
+                self.expiring.remove(&h.session);
+            }),
+            _ => {}
+        }
+    }
+
+    /// Due stored sessions, in (due, store order), limited by each kind's free handler slots.
+    pub fn plan_take(&mut self, state: &StateMachine, wall: UnixMs, cfg: &EngineConfig) -> Option<Command> {
+        let mut horizon = wall.as_secs();
+        if cfg.mutation(|m| m.redeliver_early) {
+            horizon.0 += 5;
+        }
+        let mut free: BTreeMap<Kind, i64> = BTreeMap::new();
+        let mut taken = Vec::new();
+        for &(due, _, id) in state.stored_in_order() {
+            if due > horizon || taken.len() >= cfg.limits.take_batch_max as usize {
+                break;
+            }
+            if self.taking.contains(&id) {
+                continue;
+            }
+            let kind = state.session(id).expect("stored session exists").kind;
+            let slots = free.entry(kind).or_insert_with(|| {
+                let max = cfg.kind(kind).map_or(0, |k| k.handler_slots) as i64;
+                max - state.delivering(kind) as i64 - self.taking_of(state, kind)
+            });
+            if *slots <= 0 {
+                continue;
+            }
+            *slots -= 1;
+            taken.push(id);
+        }
+        if taken.is_empty() {
+            return None;
+        }
+        self.taking.extend(taken.iter().copied());
+        Some(Command::Take { sessions: taken })
+    }
+
+    fn taking_of(&self, state: &StateMachine, kind: Kind) -> i64 {
+        self.taking.iter().filter(|id| state.session(**id).is_some_and(|s| s.kind == kind)).count() as i64
+    }
+
+    /// Active sessions whose lease ran out, each with the repeat time of an automatic store.
+    pub fn plan_expire(
+        &mut self,
+        state: &StateMachine,
+        wall: UnixMs,
+        cfg: &EngineConfig,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<Command> {
+        let mut expired = Vec::new();
+        for &(lease_until, id) in state.leases_in_order() {
+            if lease_until > wall || expired.len() >= cfg.limits.take_batch_max as usize {
+                break;
+            }
+            if self.expiring.contains(&id) {
+                continue;
+            }
+            let s = state.session(id).expect("leased session exists");
+            debug_assert!(matches!(s.status, Status::Active { .. }));
+            let kc = cfg.kind(s.kind);
+            let delay = kc.map_or(60, |k| k.default_delay_s);
+            let due = draw_due(wall, delay, kc, rng);
+            expired.push((Handle { session: id, attempt: s.attempt }, due));
+        }
+        if expired.is_empty() {
+            return None;
+        }
+        self.expiring.extend(expired.iter().map(|(h, _)| h.session));
+        Some(Command::Expire { sessions: expired })
+    }
+}

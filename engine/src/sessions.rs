@@ -1,0 +1,512 @@
+//! The replicated session state machine: what applying a committed entry does.
+//!
+//! Applying is a pure function of (state, entry): no clock, no randomness. Everything that could
+//! vary between replicas (the proposer's wall clock, jitter draws) is inside the entry.
+//! Refusals are decided here, at apply time, so every replica refuses the same requests; a
+//! refused request changes nothing but the deduplication table, which remembers the answer.
+
+use crate::config::EngineConfig;
+use crate::error::RequestError;
+use crate::hash::{digest, StateHash};
+use crate::op::{Command, Entry, Outcome, Reply, Request, SessionState, SessionView, UnixSecs};
+use crate::types::{Attempt, ClientId, Handle, Index, Kind, Seq, SessionId, UnixMs};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Status {
+    /// Held by whoever has the current handle; stored automatically once the lease runs out.
+    Active { lease_until: UnixMs, delivering: bool },
+    /// Waiting for redelivery; `stored_at` (the store's index) orders sessions due in one second.
+    Stored { due: UnixSecs, stored_at: Index },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Session {
+    pub kind: Kind,
+    pub attempt: Attempt,
+    pub records: Vec<Vec<u8>>,
+    pub bytes: u64,
+    pub status: Status,
+    /// Chained hash of the records since the last replace, so the state hash is O(1) to update.
+    pub records_hash: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DedupEntry {
+    pub seq: Seq,
+    pub outcome: Outcome,
+    pub last_index: Index,
+}
+
+/// What applying an entry produced, for the engine to turn into outputs.
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    /// The answer to a client request, if the entry was one.
+    pub reply: Option<(ClientId, Seq, Outcome)>,
+    /// Sessions taken for delivery: the engine pushes them to their handlers.
+    pub deliveries: Vec<(Handle, UnixSecs)>,
+}
+
+/// Values an apply may use only under the `recompute-jitter` mutation, which models a replica
+/// that wrongly recomputes a repeat time instead of reading it from the entry.
+pub(crate) struct MutationEnv<'a> {
+    pub rng: &'a mut rand_chacha::ChaCha8Rng,
+    pub wall: UnixMs,
+}
+
+/// The state every replica agrees on. Only the fields without `serde(skip)` are snapshotted;
+/// the others are indexes rebuilt on load.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StateMachine {
+    pub(crate) applied: Index,
+    pub(crate) sessions: BTreeMap<SessionId, Session>,
+    pub(crate) dedup: BTreeMap<ClientId, DedupEntry>,
+    pub(crate) tombstones: BTreeSet<SessionId>,
+    /// (due, stored_at) of the last session the repeater took; it never goes backwards, and no
+    /// store is given an earlier repeat time, so "due earlier goes first" holds across clock steps.
+    pub(crate) repeat_index: (UnixSecs, Index),
+    #[serde(skip)]
+    pub(crate) stored: BTreeSet<(UnixSecs, Index, SessionId)>,
+    #[serde(skip)]
+    pub(crate) leases: BTreeSet<(UnixMs, SessionId)>,
+    #[serde(skip)]
+    pub(crate) delivering: BTreeMap<Kind, u32>,
+    #[serde(skip)]
+    pub(crate) dedup_lru: BTreeSet<(Index, ClientId)>,
+    #[serde(skip)]
+    pub(crate) hash: StateHash,
+}
+
+impl Session {
+    fn digest(&self, id: SessionId) -> u64 {
+        digest(1, &(id, self.kind, self.attempt, self.bytes, self.records.len(), self.records_hash, &self.status))
+    }
+
+    fn push(&mut self, record: Vec<u8>) {
+        self.records_hash = xxhash_rust::xxh3::xxh3_64_with_seed(&record, self.records_hash);
+        self.bytes += record.len() as u64;
+        self.records.push(record);
+    }
+
+    fn view(&self, id: SessionId) -> SessionView {
+        SessionView {
+            id,
+            kind: self.kind,
+            handle: Handle { session: id, attempt: self.attempt },
+            state: match self.status {
+                Status::Active { lease_until, delivering } => SessionState::Active { lease_until, delivering },
+                Status::Stored { due, .. } => SessionState::Stored { due },
+            },
+            records: self.records.clone(),
+            bytes: self.bytes,
+        }
+    }
+}
+
+fn dedup_digest(client: ClientId, e: &DedupEntry) -> u64 {
+    digest(2, &(client, e.seq, &e.outcome))
+}
+
+impl StateMachine {
+    pub fn applied(&self) -> Index {
+        self.applied
+    }
+
+    pub fn state_hash(&self) -> u64 {
+        self.hash.value(self.applied, self.repeat_index)
+    }
+
+    pub fn sessions_count(&self) -> (u64, u64) {
+        let stored = self.stored.len() as u64;
+        (self.sessions.len() as u64 - stored, stored)
+    }
+
+    pub fn session_view(&self, id: SessionId) -> Result<SessionView, RequestError> {
+        match self.sessions.get(&id) {
+            Some(s) => Ok(s.view(id)),
+            None => Err(self.missing(id)),
+        }
+    }
+
+    /// All sessions, for checkers and inspection tools.
+    pub fn session_views(&self) -> impl Iterator<Item = SessionView> + '_ {
+        self.sessions.iter().map(|(id, s)| s.view(*id))
+    }
+
+    /// The cached answer for a request already applied, if `(client, seq)` is the latest seen.
+    pub(crate) fn dedup_lookup(&self, client: ClientId, seq: Seq) -> Option<Outcome> {
+        let e = self.dedup.get(&client)?;
+        if seq == e.seq {
+            Some(e.outcome.clone())
+        } else if seq < e.seq {
+            Some(Err(RequestError::StaleSequence { seq: seq.0, last: e.seq.0 }))
+        } else {
+            None
+        }
+    }
+
+    /// Stored sessions in repeat order: (due, stored_at, id).
+    pub(crate) fn stored_in_order(&self) -> impl Iterator<Item = &(UnixSecs, Index, SessionId)> {
+        self.stored.iter()
+    }
+
+    /// Active sessions in order of lease expiry.
+    pub(crate) fn leases_in_order(&self) -> impl Iterator<Item = &(UnixMs, SessionId)> {
+        self.leases.iter()
+    }
+
+    pub(crate) fn session(&self, id: SessionId) -> Option<&Session> {
+        self.sessions.get(&id)
+    }
+
+    pub(crate) fn delivering(&self, kind: Kind) -> u32 {
+        self.delivering.get(&kind).copied().unwrap_or(0)
+    }
+
+    fn missing(&self, id: SessionId) -> RequestError {
+        if self.tombstones.contains(&id) {
+            RequestError::SessionDeleted(id)
+        } else {
+            RequestError::SessionUnknown(id)
+        }
+    }
+
+    /// Applies one committed entry. Entries must come in index order with no gaps.
+    pub(crate) fn apply(&mut self, entry: &Entry, cfg: &EngineConfig, env: MutationEnv<'_>) -> Applied {
+        assert_eq!(entry.index, self.applied.next(), "entries are applied in order without gaps");
+        self.applied = entry.index;
+        let mut out = Applied::default();
+        match &entry.command {
+            Command::Client { client, seq, request, due } => {
+                let retried = self.dedup_lookup(*client, *seq);
+                let outcome = match retried {
+                    Some(cached) if !cfg.mutation(|m| m.apply_retry_twice) => cached,
+                    _ => {
+                        let due = self.effective_due(*due, request, entry, cfg, env);
+                        let outcome = self.execute(entry, request, due, cfg);
+                        self.remember(*client, *seq, outcome.clone(), entry.index, cfg);
+                        outcome
+                    }
+                };
+                out.reply = Some((*client, *seq, outcome));
+            }
+            Command::Take { sessions } => {
+                for id in sessions {
+                    if let Some(due) = self.take(*id, entry.at, cfg) {
+                        let attempt = self.sessions[id].attempt;
+                        out.deliveries.push((Handle { session: *id, attempt }, due));
+                    }
+                }
+            }
+            Command::Expire { sessions } => {
+                for (handle, due) in sessions {
+                    self.expire(*handle, *due, entry);
+                }
+            }
+            Command::DeliveryFailed { handle, due } => {
+                let active = self.check_handle(*handle).is_ok_and(|s| matches!(s.status, Status::Active { .. }));
+                if active {
+                    self.store(handle.session, *due, entry.index);
+                }
+            }
+        }
+        out
+    }
+
+    /// The repeat time a store gets: the one in the entry, never earlier than the repeat index.
+    fn effective_due(
+        &self,
+        due: Option<UnixSecs>,
+        request: &Request,
+        entry: &Entry,
+        cfg: &EngineConfig,
+        env: MutationEnv<'_>,
+    ) -> UnixSecs {
+        let Request::Store { handle, timeout_s } = request else { return UnixSecs(0) };
+        let due = if cfg.mutation(|m| m.recompute_jitter_on_apply) {
+            let kind = self.sessions.get(&handle.session).map_or(Kind(0), |s| s.kind);
+            crate::repeater::draw_due(env.wall, *timeout_s, cfg.kind(kind), env.rng)
+        } else {
+            let _ = env;
+            due.unwrap_or_else(|| entry.at.as_secs())
+        };
+        due.max(self.repeat_index.0)
+    }
+
+    fn execute(&mut self, entry: &Entry, request: &Request, due: UnixSecs, cfg: &EngineConfig) -> Outcome {
+        match request {
+            Request::New { kind, record } => self.create(entry, *kind, record.clone(), cfg),
+            Request::Append { handle, record } => {
+                self.check_handle_active(*handle)?;
+                self.check_room(handle.session, record.len() as u64, false, cfg)?;
+                self.change(handle.session, |s| s.push(record.clone()));
+                self.renew(handle.session, entry.at, cfg);
+                Ok(Reply::Done)
+            }
+            Request::Replace { handle, record } => {
+                self.check_handle_active(*handle)?;
+                self.check_room(handle.session, record.len() as u64, true, cfg)?;
+                self.change(handle.session, |s| {
+                    s.records.clear();
+                    s.bytes = 0;
+                    s.records_hash = 0;
+                    s.push(record.clone());
+                });
+                self.renew(handle.session, entry.at, cfg);
+                Ok(Reply::Done)
+            }
+            Request::Delete { handle } => {
+                self.check_handle_active(*handle)?;
+                self.delete(handle.session, cfg);
+                Ok(Reply::Done)
+            }
+            Request::Store { handle, timeout_s } => {
+                self.check_handle_active(*handle)?;
+                let kind = self.sessions[&handle.session].kind;
+                let max_s = cfg.kind(kind).map_or(0, |k| k.store_timeout_s_max);
+                if *timeout_s > max_s {
+                    return Err(RequestError::TimeoutTooLong { timeout_s: *timeout_s, max_s });
+                }
+                self.store(handle.session, due, entry.index);
+                Ok(Reply::Stored { due })
+            }
+            Request::KeepAlive { handle } => {
+                self.check_handle_active(*handle)?;
+                self.renew(handle.session, entry.at, cfg);
+                Ok(Reply::Done)
+            }
+        }
+    }
+
+    fn create(&mut self, entry: &Entry, kind: Kind, record: Option<Vec<u8>>, cfg: &EngineConfig) -> Outcome {
+        let kc = cfg.kind(kind).ok_or(RequestError::UnknownKind(kind))?;
+        if self.sessions.len() as u64 >= cfg.limits.sessions_max {
+            return Err(RequestError::TooManySessions { max: cfg.limits.sessions_max });
+        }
+        if let Some(r) = &record {
+            if r.len() as u64 > kc.record_bytes_max as u64 {
+                return Err(RequestError::RecordTooLarge { size: r.len() as u64, max: kc.record_bytes_max });
+            }
+        }
+        let id = SessionId(entry.index.0);
+        let lease_until = entry.at.saturating_add_ms(kc.lease_ms);
+        let mut s = Session {
+            kind,
+            attempt: Attempt(0),
+            records: Vec::new(),
+            bytes: 0,
+            status: Status::Active { lease_until, delivering: false },
+            records_hash: 0,
+        };
+        if let Some(r) = record {
+            s.push(r);
+        }
+        self.hash.add(s.digest(id));
+        self.leases.insert((lease_until, id));
+        self.sessions.insert(id, s);
+        Ok(Reply::Created { handle: Handle { session: id, attempt: Attempt(0) } })
+    }
+
+    fn check_handle(&self, handle: Handle) -> Result<&Session, RequestError> {
+        let s = self.sessions.get(&handle.session).ok_or_else(|| self.missing(handle.session))?;
+        if s.attempt != handle.attempt {
+            return Err(RequestError::StaleAttempt { handle, current: s.attempt });
+        }
+        Ok(s)
+    }
+
+    fn check_handle_active(&self, handle: Handle) -> Result<(), RequestError> {
+        match self.check_handle(handle)?.status {
+            Status::Active { .. } => Ok(()),
+            Status::Stored { .. } => Err(RequestError::SessionStored(handle.session)),
+        }
+    }
+
+    fn check_room(&self, id: SessionId, add: u64, replace: bool, cfg: &EngineConfig) -> Result<(), RequestError> {
+        let s = &self.sessions[&id];
+        let kc = cfg.kind(s.kind).expect("a session's kind stays configured");
+        if add > kc.record_bytes_max as u64 {
+            return Err(RequestError::RecordTooLarge { size: add, max: kc.record_bytes_max });
+        }
+        let (bytes, count) = if replace { (add, 1) } else { (s.bytes + add, s.records.len() as u64 + 1) };
+        if bytes > kc.session_bytes_max as u64 {
+            return Err(RequestError::SessionTooLarge { bytes, max: kc.session_bytes_max });
+        }
+        if count > kc.session_records_max as u64 {
+            return Err(RequestError::TooManyRecords { max: kc.session_records_max });
+        }
+        Ok(())
+    }
+
+    /// Changes a session through `f`, keeping the state hash and the lease index in step.
+    fn change(&mut self, id: SessionId, f: impl FnOnce(&mut Session)) {
+        let s = self.sessions.get_mut(&id).expect("changed session exists");
+        self.hash.remove(s.digest(id));
+        let before = s.status.clone();
+        f(s);
+        self.hash.add(s.digest(id));
+        let after = s.status.clone();
+        let kind = s.kind;
+        self.reindex(id, kind, &before, Some(&after));
+    }
+
+    /// Keeps the secondary indexes (stored order, leases, delivering counts) equal to statuses.
+    fn reindex(&mut self, id: SessionId, kind: Kind, before: &Status, after: Option<&Status>) {
+        if Some(before) == after {
+            return;
+        }
+        match before {
+            Status::Active { lease_until, delivering } => {
+                assert!(self.leases.remove(&(*lease_until, id)), "lease index holds every active session");
+                if *delivering {
+                    let n = self.delivering.get_mut(&kind).expect("delivering count exists");
+                    *n -= 1;
+                }
+            }
+            Status::Stored { due, stored_at } => {
+                assert!(self.stored.remove(&(*due, *stored_at, id)), "stored index holds every stored session");
+            }
+        }
+        match after {
+            Some(Status::Active { lease_until, delivering }) => {
+                self.leases.insert((*lease_until, id));
+                if *delivering {
+                    *self.delivering.entry(kind).or_insert(0) += 1;
+                }
+            }
+            Some(Status::Stored { due, stored_at }) => {
+                self.stored.insert((*due, *stored_at, id));
+            }
+            None => {}
+        }
+    }
+
+    fn renew(&mut self, id: SessionId, at: UnixMs, cfg: &EngineConfig) {
+        let lease = cfg.lease(self.sessions[&id].kind);
+        self.change(id, |s| {
+            if let Status::Active { lease_until, .. } = &mut s.status {
+                *lease_until = (*lease_until).max(at.saturating_add_ms(lease.0));
+            }
+        });
+    }
+
+    fn store(&mut self, id: SessionId, due: UnixSecs, stored_at: Index) {
+        let due = due.max(self.repeat_index.0);
+        self.change(id, |s| s.status = Status::Stored { due, stored_at });
+    }
+
+    fn delete(&mut self, id: SessionId, cfg: &EngineConfig) {
+        let s = self.sessions.remove(&id).expect("deleted session exists");
+        self.hash.remove(s.digest(id));
+        self.reindex(id, s.kind, &s.status, None);
+        self.tombstones.insert(id);
+        self.hash.add(digest(3, &id));
+        while self.tombstones.len() > cfg.limits.tombstones_max as usize {
+            let oldest = self.tombstones.pop_first().expect("non-empty");
+            self.hash.remove(digest(3, &oldest));
+        }
+    }
+
+    /// Moves a stored session to a new attempt held by its handler. Returns the due time it had.
+    fn take(&mut self, id: SessionId, at: UnixMs, cfg: &EngineConfig) -> Option<UnixSecs> {
+        let s = self.sessions.get(&id)?;
+        let Status::Stored { due, stored_at } = s.status else { return None };
+        let lease_until = at.saturating_add_ms(cfg.lease(s.kind).0);
+        self.change(id, |s| {
+            s.attempt = Attempt(s.attempt.0 + 1);
+            s.status = Status::Active { lease_until, delivering: true };
+        });
+        self.repeat_index = self.repeat_index.max((due, stored_at));
+        Some(due)
+    }
+
+    fn expire(&mut self, handle: Handle, due: UnixSecs, entry: &Entry) {
+        let Ok(s) = self.check_handle(handle) else { return };
+        if let Status::Active { lease_until, .. } = s.status {
+            if lease_until <= entry.at {
+                self.store(handle.session, due, entry.index);
+            }
+        }
+    }
+
+    fn remember(&mut self, client: ClientId, seq: Seq, outcome: Outcome, index: Index, cfg: &EngineConfig) {
+        let entry = DedupEntry { seq, outcome, last_index: index };
+        if let Some(old) = self.dedup.insert(client, entry) {
+            self.hash.remove(dedup_digest(client, &old));
+            self.dedup_lru.remove(&(old.last_index, client));
+        }
+        self.hash.add(dedup_digest(client, &self.dedup[&client]));
+        self.dedup_lru.insert((index, client));
+        while self.dedup.len() > cfg.limits.dedup_clients_max as usize {
+            let (_, oldest) = self.dedup_lru.pop_first().expect("lru mirrors the table");
+            let old = self.dedup.remove(&oldest).expect("lru mirrors the table");
+            self.hash.remove(dedup_digest(oldest, &old));
+        }
+    }
+
+    /// Rebuilds the indexes and the hash after loading a snapshot.
+    pub(crate) fn rebuild_indexes(&mut self) {
+        let mut hash = StateHash::default();
+        self.stored.clear();
+        self.leases.clear();
+        self.delivering.clear();
+        self.dedup_lru.clear();
+        for (id, s) in &self.sessions {
+            hash.add(s.digest(*id));
+            match s.status {
+                Status::Active { lease_until, delivering } => {
+                    self.leases.insert((lease_until, *id));
+                    if delivering {
+                        *self.delivering.entry(s.kind).or_insert(0) += 1;
+                    }
+                }
+                Status::Stored { due, stored_at } => {
+                    self.stored.insert((due, stored_at, *id));
+                }
+            }
+        }
+        for (c, e) in &self.dedup {
+            hash.add(dedup_digest(*c, e));
+            self.dedup_lru.insert((e.last_index, *c));
+        }
+        for id in &self.tombstones {
+            hash.add(digest(3, id));
+        }
+        self.hash = hash;
+    }
+
+    /// Cheap structural invariants, checked after every step.
+    pub(crate) fn invariants(&self) {
+        assert_eq!(self.sessions.len(), self.stored.len() + self.leases.len(), "every session is in exactly one index");
+        assert_eq!(self.dedup.len(), self.dedup_lru.len(), "dedup lru mirrors the table");
+        if let Some((_, _, id)) = self.stored.first() {
+            assert!(self.sessions.contains_key(id), "stored index points at a live session");
+        }
+        if let Some(last) = self.sessions.last_key_value() {
+            assert!(last.0 .0 <= self.applied.0, "no session id beyond the applied index");
+        }
+    }
+
+    /// Full invariants: recomputes every index and the hash from scratch. O(state).
+    pub fn full_invariants(&self) {
+        self.invariants();
+        let mut copy = self.clone();
+        copy.rebuild_indexes();
+        assert_eq!(copy.stored, self.stored, "stored index matches session statuses");
+        assert_eq!(copy.leases, self.leases, "lease index matches session statuses");
+        let nonzero: BTreeMap<_, _> = self.delivering.iter().filter(|(_, n)| **n > 0).collect();
+        let expect: BTreeMap<_, _> = copy.delivering.iter().collect();
+        assert_eq!(nonzero, expect, "delivering counts match session statuses");
+        assert_eq!(copy.hash, self.hash, "incremental state hash matches a full recomputation");
+        for s in self.sessions.values() {
+            assert_eq!(s.bytes, s.records.iter().map(|r| r.len() as u64).sum::<u64>(), "session byte count");
+            if let Status::Stored { due, stored_at } = s.status {
+                assert!(
+                    (due, stored_at) > self.repeat_index || due >= self.repeat_index.0,
+                    "stored after repeat index"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Scenario, seed and mutation tests live in tests/.
