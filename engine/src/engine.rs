@@ -67,8 +67,14 @@ pub struct Engine {
     log: Log,
     queue: VecDeque<Pending>,
     batch: Option<Batch>,
-    /// Client requests in the queue or the batch, so a retry waits for the original's answer.
+    /// The latest request of each client that is in the queue or the batch, so that a retry
+    /// waits for the original's answer. Clients keep one request outstanding at a time.
     waiting: BTreeMap<ClientId, Seq>,
+    /// Client requests in the queue or the batch (a client that pipelines counts each one).
+    pending_requests: usize,
+    /// Files to remove after a snapshot, issued a few at a time to keep outstanding IO bounded.
+    cleanup: VecDeque<String>,
+    cleanup_inflight: usize,
     repeater: Repeater,
     snapshots: Snapshotter,
     io_next: u64,
@@ -80,6 +86,7 @@ pub struct Engine {
 /// Disk operations outstanding at once: one recovery or batch step, one snapshot step, and a
 /// handful of removals.
 const IO_PENDING_MAX: usize = 64;
+const CLEANUP_INFLIGHT_MAX: usize = 8;
 
 impl Engine {
     /// A replica that has not booted yet. Every random choice it makes comes from `seed`.
@@ -95,6 +102,9 @@ impl Engine {
             queue: VecDeque::new(),
             batch: None,
             waiting: BTreeMap::new(),
+            pending_requests: 0,
+            cleanup: VecDeque::new(),
+            cleanup_inflight: 0,
             repeater: Repeater::default(),
             snapshots: Snapshotter::default(),
             io_next: 0,
@@ -157,6 +167,7 @@ impl Engine {
         self.phase = Phase::Stopped;
         self.queue.clear();
         self.waiting.clear();
+        self.pending_requests = 0;
         self.outputs.push_back(Output::Stopped(fatal));
     }
 
@@ -208,7 +219,10 @@ impl Engine {
             Purpose::Batch => self.on_batch_io(result),
             Purpose::Snapshot => self.on_snapshot_io(result),
             // A removal that failed leaves a file that the next recovery removes.
-            Purpose::Cleanup => {}
+            Purpose::Cleanup => {
+                self.cleanup_inflight -= 1;
+                self.clean_up();
+            }
         }
     }
 
@@ -244,7 +258,7 @@ impl Engine {
             return;
         }
         let max = self.cfg.limits.pending_requests_max;
-        if self.waiting.len() >= max as usize {
+        if self.pending_requests >= max as usize {
             self.outputs.push_back(Output::refuse(client, seq, RequestError::Overloaded { max }));
             return;
         }
@@ -257,6 +271,7 @@ impl Engine {
             _ => None,
         };
         self.waiting.insert(client, seq);
+        self.pending_requests += 1;
         self.propose(Command::Client { client, seq, request, due });
     }
 
@@ -299,7 +314,9 @@ impl Engine {
     }
 
     fn on_delivery_failed(&mut self, handle: Handle) {
-        if !self.is_serving() {
+        // With the queue full the report is dropped: the delivery's lease runs out and the
+        // session is stored all the same, only later.
+        if !self.is_serving() || self.queue.len() >= self.cfg.limits.pending_requests_max as usize {
             return;
         }
         let Some(session) = self.state.session(handle.session) else { return };
@@ -414,7 +431,10 @@ impl Engine {
         for e in &batch.entries {
             self.repeater.settle(&e.command);
             if let Command::Client { client, seq, .. } = e.command {
-                self.waiting.remove(&client);
+                if self.waiting.get(&client) == Some(&seq) {
+                    self.waiting.remove(&client);
+                }
+                self.pending_requests -= 1;
                 self.outputs.push_back(Output::refuse(client, seq, RequestError::DiskFull));
             }
         }
@@ -430,6 +450,7 @@ impl Engine {
                 if self.waiting.get(&client) == Some(&seq) {
                     self.waiting.remove(&client);
                 }
+                self.pending_requests -= 1;
                 self.outputs.push_back(Output::Reply { client, seq, outcome });
             }
             for (handle, due) in applied.deliveries {
@@ -456,11 +477,22 @@ impl Engine {
             SnapStep::Finished { index, obsolete } => {
                 let covered = self.log.covered_by(index);
                 self.log.forget(&covered);
-                for file in obsolete.into_iter().chain(covered) {
-                    self.issue(IoOp::Remove { file }, Purpose::Cleanup);
-                }
+                self.cleanup.extend(obsolete.into_iter().chain(covered));
+                self.clean_up();
             }
-            SnapStep::Abandoned { tmp } => self.issue(IoOp::Remove { file: tmp }, Purpose::Cleanup),
+            SnapStep::Abandoned { tmp } => {
+                self.cleanup.push_back(tmp);
+                self.clean_up();
+            }
+        }
+    }
+
+    /// Issues queued removals, a few at a time.
+    fn clean_up(&mut self) {
+        while self.cleanup_inflight < CLEANUP_INFLIGHT_MAX {
+            let Some(file) = self.cleanup.pop_front() else { return };
+            self.cleanup_inflight += 1;
+            self.issue(IoOp::Remove { file }, Purpose::Cleanup);
         }
     }
 
@@ -472,7 +504,8 @@ impl Engine {
         if !self.cfg.mutation(|m| m.ack_before_fsync) {
             assert!(self.state.applied() <= self.log.last_index, "nothing is applied before it is durable");
         }
-        assert!(self.waiting.len() <= self.cfg.limits.pending_requests_max as usize, "pending requests bounded");
+        assert!(self.pending_requests <= self.cfg.limits.pending_requests_max as usize, "pending requests bounded");
+        assert!(self.waiting.len() <= self.pending_requests, "waiting clients have pending requests");
         assert!(self.queue.len() <= self.cfg.limits.pending_requests_max as usize + 2, "queue bounded");
         assert!(self.io_pending.len() <= IO_PENDING_MAX, "outstanding disk operations bounded");
         if let Some(b) = &self.batch {

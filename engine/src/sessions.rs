@@ -62,7 +62,8 @@ pub struct StateMachine {
     pub(crate) applied: Index,
     pub(crate) sessions: BTreeMap<SessionId, Session>,
     pub(crate) dedup: BTreeMap<ClientId, DedupEntry>,
-    pub(crate) tombstones: BTreeSet<SessionId>,
+    /// Deleted sessions and the index that deleted them; the oldest deletion is forgotten first.
+    pub(crate) tombstones: BTreeMap<SessionId, Index>,
     /// (due, stored_at) of the last session the repeater took; it never goes backwards, and no
     /// store is given an earlier repeat time, so "due earlier goes first" holds across clock steps.
     pub(crate) repeat_index: (UnixSecs, Index),
@@ -74,6 +75,8 @@ pub struct StateMachine {
     pub(crate) delivering: BTreeMap<Kind, u32>,
     #[serde(skip)]
     pub(crate) dedup_lru: BTreeSet<(Index, ClientId)>,
+    #[serde(skip)]
+    pub(crate) tombstone_order: BTreeSet<(Index, SessionId)>,
     #[serde(skip)]
     pub(crate) hash: StateHash,
 }
@@ -165,7 +168,7 @@ impl StateMachine {
     }
 
     fn missing(&self, id: SessionId) -> RequestError {
-        if self.tombstones.contains(&id) {
+        if self.tombstones.contains_key(&id) {
             RequestError::SessionDeleted(id)
         } else {
             RequestError::SessionUnknown(id)
@@ -258,7 +261,7 @@ impl StateMachine {
             }
             Request::Delete { handle } => {
                 self.check_handle_active(*handle)?;
-                self.delete(handle.session, cfg);
+                self.delete(handle.session, entry.index, cfg);
                 Ok(Reply::Done)
             }
             Request::Store { handle, timeout_s } => {
@@ -285,8 +288,15 @@ impl StateMachine {
             return Err(RequestError::TooManySessions { max: cfg.limits.sessions_max });
         }
         if let Some(r) = &record {
-            if r.len() as u64 > kc.record_bytes_max as u64 {
-                return Err(RequestError::RecordTooLarge { size: r.len() as u64, max: kc.record_bytes_max });
+            let size = r.len() as u64;
+            if size > kc.record_bytes_max as u64 {
+                return Err(RequestError::RecordTooLarge { size, max: kc.record_bytes_max });
+            }
+            if size > kc.session_bytes_max as u64 {
+                return Err(RequestError::SessionTooLarge { bytes: size, max: kc.session_bytes_max });
+            }
+            if kc.session_records_max == 0 {
+                return Err(RequestError::TooManyRecords { max: 0 });
             }
         }
         let id = SessionId(entry.index.0);
@@ -396,15 +406,17 @@ impl StateMachine {
         self.change(id, |s| s.status = Status::Stored { due, stored_at });
     }
 
-    fn delete(&mut self, id: SessionId, cfg: &EngineConfig) {
+    fn delete(&mut self, id: SessionId, at: Index, cfg: &EngineConfig) {
         let s = self.sessions.remove(&id).expect("deleted session exists");
         self.hash.remove(s.digest(id));
         self.reindex(id, s.kind, &s.status, None);
-        self.tombstones.insert(id);
-        self.hash.add(digest(3, &id));
+        self.tombstones.insert(id, at);
+        self.tombstone_order.insert((at, id));
+        self.hash.add(digest(3, &(id, at)));
         while self.tombstones.len() > cfg.limits.tombstones_max as usize {
-            let oldest = self.tombstones.pop_first().expect("non-empty");
-            self.hash.remove(digest(3, &oldest));
+            let (at, oldest) = self.tombstone_order.pop_first().expect("order mirrors the tombstones");
+            self.tombstones.remove(&oldest);
+            self.hash.remove(digest(3, &(oldest, at)));
         }
     }
 
@@ -452,6 +464,7 @@ impl StateMachine {
         self.leases.clear();
         self.delivering.clear();
         self.dedup_lru.clear();
+        self.tombstone_order.clear();
         for (id, s) in &self.sessions {
             hash.add(s.digest(*id));
             match s.status {
@@ -470,8 +483,9 @@ impl StateMachine {
             hash.add(dedup_digest(*c, e));
             self.dedup_lru.insert((e.last_index, *c));
         }
-        for id in &self.tombstones {
-            hash.add(digest(3, id));
+        for (id, at) in &self.tombstones {
+            hash.add(digest(3, &(*id, *at)));
+            self.tombstone_order.insert((*at, *id));
         }
         self.hash = hash;
     }
@@ -480,6 +494,7 @@ impl StateMachine {
     pub(crate) fn invariants(&self) {
         assert_eq!(self.sessions.len(), self.stored.len() + self.leases.len(), "every session is in exactly one index");
         assert_eq!(self.dedup.len(), self.dedup_lru.len(), "dedup lru mirrors the table");
+        assert_eq!(self.tombstones.len(), self.tombstone_order.len(), "tombstone order mirrors the tombstones");
         if let Some((_, _, id)) = self.stored.first() {
             assert!(self.sessions.contains_key(id), "stored index points at a live session");
         }

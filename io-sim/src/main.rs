@@ -1,1 +1,158 @@
-fn main() {}
+//! `truba-sim`: run scenarios over seeds, replay one seed, measure the simulator.
+
+use clap::{Parser, Subcommand};
+use std::io::Write as _;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+use truba_engine::Mutations;
+use truba_sim::runner::{failure_report, run_seed, Summary};
+use truba_sim::scenario::Scenario;
+
+#[derive(Parser)]
+#[command(name = "truba-sim", version, about = "Deterministic simulator for the truba engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a scenario file (or every *.toml in a directory) over a range of seeds.
+    Run {
+        /// Scenario file or directory.
+        path: PathBuf,
+        /// Seed range, half-open: 0..1000.
+        #[arg(long, value_parser = parse_range, conflicts_with = "seed")]
+        seeds: Option<Range<u64>>,
+        /// One seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Draw fault probabilities from each seed, whatever the scenario file says.
+        #[arg(long)]
+        swarm: bool,
+        /// Switch on a deliberate bug (needs a build with `--features mutations`).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Mutations::NAMES))]
+        mutation: Option<String>,
+        /// Print the condensed history of each seed.
+        #[arg(long)]
+        history: bool,
+        /// Keep going after a failing seed (the default stops at the first).
+        #[arg(long)]
+        keep_going: bool,
+    },
+    /// Measure simulated seconds per wall second and events per second.
+    Bench {
+        path: PathBuf,
+        #[arg(long, value_parser = parse_range, default_value = "0..20")]
+        seeds: Range<u64>,
+    },
+}
+
+fn parse_range(s: &str) -> Result<Range<u64>, String> {
+    let (a, b) = s.split_once("..").ok_or("expected A..B, e.g. 0..1000")?;
+    let a: u64 = a.parse().map_err(|e| format!("{a}: {e}"))?;
+    let b: u64 = b.parse().map_err(|e| format!("{b}: {e}"))?;
+    if a >= b {
+        return Err(format!("empty range {a}..{b}"));
+    }
+    Ok(a..b)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { path, seeds, seed, swarm, mutation, history, keep_going } => {
+            let seeds = seeds.unwrap_or_else(|| seed.map_or(0..100, |s| s..s + 1));
+            run(path, seeds, swarm, mutation, history, keep_going)
+        }
+        Command::Bench { path, seeds } => bench(path, seeds),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("truba-sim: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(
+    path: PathBuf,
+    seeds: Range<u64>,
+    swarm: bool,
+    mutation: Option<String>,
+    history: bool,
+    keep_going: bool,
+) -> Result<bool, String> {
+    let mutations = match &mutation {
+        None => Mutations::default(),
+        Some(_) if !cfg!(feature = "mutations") => {
+            return Err("--mutation needs a build with `--features mutations`".into());
+        }
+        Some(name) => Mutations::from_name(name).ok_or_else(|| format!("unknown mutation {name}"))?,
+    };
+    let scenarios = Scenario::load_all(&path).map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    let mut all_ok = true;
+    for (file, mut scenario) in scenarios {
+        scenario.swarm |= swarm;
+        let mut summary = Summary { scenario: scenario.name.clone(), ..Default::default() };
+        let started = Instant::now();
+        let mut last_progress = Instant::now();
+        for seed in seeds.clone() {
+            let r = run_seed(&scenario, seed, mutations);
+            if history {
+                print!("{}", r.output.history.condensed());
+            }
+            summary.add(&r);
+            if !r.violations.is_empty() {
+                all_ok = false;
+                eprint!("{}", failure_report(&file, &r, mutation.as_deref()));
+                if !keep_going {
+                    break;
+                }
+            }
+            if last_progress.elapsed().as_secs() >= 2 {
+                last_progress = Instant::now();
+                let rate = summary.seeds as f64 / started.elapsed().as_secs_f64();
+                eprint!(
+                    "\r[{}] {}/{} seeds, {} failed, {rate:.1} seeds/s   ",
+                    scenario.name,
+                    summary.seeds,
+                    seeds.end - seeds.start,
+                    summary.failed
+                );
+                let _ = std::io::stderr().flush();
+            }
+        }
+        eprintln!("\r[{}] {} seeds in {:.1} s{:20}", scenario.name, summary.seeds, started.elapsed().as_secs_f64(), "");
+        rows.push(summary);
+    }
+    println!("{}", Summary::table(&rows));
+    Ok(all_ok)
+}
+
+fn bench(path: PathBuf, seeds: Range<u64>) -> Result<bool, String> {
+    let scenarios = Scenario::load_all(&path).map_err(|e| e.to_string())?;
+    println!("{:<22} {:>6} {:>14} {:>16} {:>14}", "scenario", "seeds", "sim s/wall s", "events/wall s", "acked ops/s");
+    for (_, scenario) in scenarios {
+        let mut summary = Summary::default();
+        let started = Instant::now();
+        for seed in seeds.clone() {
+            summary.add(&run_seed(&scenario, seed, Mutations::default()));
+        }
+        let wall = started.elapsed().as_secs_f64();
+        println!(
+            "{:<22} {:>6} {:>14.0} {:>16.0} {:>14.0}",
+            scenario.name,
+            summary.seeds,
+            summary.virtual_s / wall,
+            summary.events as f64 / wall,
+            summary.acked_ops as f64 / wall
+        );
+    }
+    Ok(true)
+}

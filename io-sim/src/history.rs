@@ -1,0 +1,137 @@
+//! The simulator's ground truth: every client invocation and completion, every delivery, every
+//! fault, with its virtual time. Checkers read it; its condensed form (one line per event, no
+//! real-time figures) is what snapshot tests compare.
+
+use std::fmt::Write as _;
+use truba_engine::{Handle, Kind, Outcome, Request, UnixSecs};
+
+/// Who issued a request: a workload client or a handler working on a delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Actor {
+    Client(u32),
+    Handler(u32, u32),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Invoke {
+        actor: Actor,
+        client: u64,
+        seq: u64,
+        request: Request,
+    },
+    Complete {
+        actor: Actor,
+        client: u64,
+        seq: u64,
+        outcome: Outcome,
+    },
+    /// The actor stopped waiting; the request's outcome is unknown.
+    GiveUp {
+        actor: Actor,
+        client: u64,
+        seq: u64,
+    },
+    /// A client process died; its in-flight request's outcome is unknown.
+    ClientCrash {
+        actor: Actor,
+    },
+    /// The replica pushed a session to a handler. `wall_ms` is the replica's wall clock then.
+    Deliver {
+        kind: Kind,
+        handle: Handle,
+        due: UnixSecs,
+        records: Vec<Vec<u8>>,
+        wall_ms: u64,
+    },
+    DeliveryFailed {
+        handle: Handle,
+    },
+    Crash {
+        disk: String,
+    },
+    Restart {
+        boot: u32,
+    },
+    Recovered {
+        applied: u64,
+        state_hash: u64,
+        torn_bytes: u64,
+    },
+    Stopped {
+        reason: String,
+    },
+    Fault {
+        what: String,
+    },
+    Phase {
+        name: &'static str,
+    },
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct History {
+    pub events: Vec<(u64, Event)>,
+}
+
+impl History {
+    pub fn push(&mut self, true_us: u64, e: Event) {
+        self.events.push((true_us, e));
+    }
+
+    /// One line per event. Record payloads are shown by id only.
+    pub fn condensed(&self) -> String {
+        let mut out = String::new();
+        for (t, e) in &self.events {
+            let _ = write!(out, "{:>6}.{:03} ", t / 1_000_000, (t / 1000) % 1000);
+            let _ = writeln!(out, "{}", describe(e));
+        }
+        out
+    }
+}
+
+pub fn record_id(r: &[u8]) -> String {
+    let end = r.iter().position(|b| *b == b':').unwrap_or(r.len().min(24));
+    String::from_utf8_lossy(&r[..end]).into_owned()
+}
+
+fn ids(records: &[Vec<u8>]) -> String {
+    records.iter().map(|r| record_id(r)).collect::<Vec<_>>().join(",")
+}
+
+pub fn describe_request(r: &Request) -> String {
+    match r {
+        Request::New { kind, record } => {
+            format!("new k{} [{}]", kind.0, record.as_ref().map(|r| record_id(r)).unwrap_or_default())
+        }
+        Request::Append { handle, record } => format!("append {handle} {} ({}B)", record_id(record), record.len()),
+        Request::Replace { handle, record } => format!("replace {handle} {}", record_id(record)),
+        Request::Delete { handle } => format!("delete {handle}"),
+        Request::Store { handle, timeout_s } => format!("store {handle} {timeout_s}s"),
+        Request::KeepAlive { handle } => format!("keepalive {handle}"),
+    }
+}
+
+fn describe(e: &Event) -> String {
+    match e {
+        Event::Invoke { actor, seq, request, .. } => format!("{actor:?}#{seq} > {}", describe_request(request)),
+        Event::Complete { actor, seq, outcome, .. } => match outcome {
+            Ok(r) => format!("{actor:?}#{seq} < {r:?}"),
+            Err(e) => format!("{actor:?}#{seq} < error: {e}"),
+        },
+        Event::GiveUp { actor, seq, .. } => format!("{actor:?}#{seq} gave up"),
+        Event::ClientCrash { actor } => format!("{actor:?} crashed"),
+        Event::Deliver { kind, handle, due, records, .. } => {
+            format!("deliver k{} {handle} due {} [{}]", kind.0, due.0, ids(records))
+        }
+        Event::DeliveryFailed { handle } => format!("handler failed {handle}"),
+        Event::Crash { disk } => format!("replica crash ({disk})"),
+        Event::Restart { boot } => format!("replica restart, boot {boot}"),
+        Event::Recovered { applied, state_hash, torn_bytes } => {
+            format!("recovered at {applied} hash {state_hash:016x} torn {torn_bytes}B")
+        }
+        Event::Stopped { reason } => format!("replica stopped: {reason}"),
+        Event::Fault { what } => format!("fault: {what}"),
+        Event::Phase { name } => format!("--- {name} phase ---"),
+    }
+}

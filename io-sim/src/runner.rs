@@ -1,0 +1,125 @@
+//! Running seeds: one seed with full reporting, or a range with progress and a summary.
+
+use crate::checkers::check;
+use crate::history::Event;
+use crate::scenario::Scenario;
+use crate::world::{RunOutput, Violation, World};
+use std::fmt::Write as _;
+use std::path::Path;
+use truba_engine::{Mutations, Reply};
+
+/// One seed's result.
+pub struct SeedRun {
+    pub seed: u64,
+    pub output: RunOutput,
+    pub violations: Vec<Violation>,
+}
+
+impl SeedRun {
+    pub fn acked_ops(&self) -> u64 {
+        self.output.history.events.iter().filter(|(_, e)| matches!(e, Event::Complete { outcome: Ok(_), .. })).count()
+            as u64
+    }
+    pub fn deliveries(&self) -> u64 {
+        self.output.history.events.iter().filter(|(_, e)| matches!(e, Event::Deliver { .. })).count() as u64
+    }
+    pub fn stores(&self) -> u64 {
+        let is_store = |e: &Event| matches!(e, Event::Complete { outcome: Ok(Reply::Stored { .. }), .. });
+        self.output.history.events.iter().filter(|(_, e)| is_store(e)).count() as u64
+    }
+}
+
+pub fn run_seed(scenario: &Scenario, seed: u64, mutations: Mutations) -> SeedRun {
+    let output = World::new(scenario, seed, mutations).run();
+    let violations = check(&output);
+    SeedRun { seed, output, violations }
+}
+
+/// The exact command that replays one seed.
+pub fn repro_command(path: &Path, seed: u64, mutation: Option<&str>) -> String {
+    let mut cmd = String::from("cargo run --release -p truba-sim");
+    if mutation.is_some() {
+        cmd.push_str(" --features mutations");
+    }
+    let _ = write!(cmd, " -- run {} --seed {seed} --history", path.display());
+    if let Some(m) = mutation {
+        let _ = write!(cmd, " --mutation {m}");
+    }
+    cmd
+}
+
+/// A failure report: scenario, seed, the first violated property, the events that show it, and
+/// the command that reproduces it.
+pub fn failure_report(path: &Path, run: &SeedRun, mutation: Option<&str>) -> String {
+    let v = &run.violations[0];
+    let mut out = String::new();
+    let _ = writeln!(out, "FAILED  scenario {} ({}), seed {}", run.output.scenario.name, path.display(), run.seed);
+    let _ = writeln!(out, "  property: {}", v.property);
+    let _ = writeln!(out, "  at {:.3} s: {}", v.at_us as f64 / 1e6, v.detail);
+    if run.violations.len() > 1 {
+        let _ = writeln!(out, "  ({} further violations)", run.violations.len() - 1);
+    }
+    let lines = run.output.history.condensed();
+    let related: Vec<&str> = match v.session {
+        Some(id) => {
+            let needle = format!(" {id}@");
+            let created = format!("session: SessionId({id})");
+            lines.lines().filter(|l| l.contains(&needle) || l.contains(&created) || l.contains("replica")).collect()
+        }
+        None => lines.lines().filter(|l| l.contains("replica") || l.contains("fault")).collect(),
+    };
+    let _ = writeln!(out, "  events ({} of {}, last 40 shown):", related.len(), lines.lines().count());
+    for l in related.iter().rev().take(40).rev() {
+        let _ = writeln!(out, "    {l}");
+    }
+    let _ = writeln!(out, "  reproduce: {}", repro_command(path, run.seed, mutation));
+    out
+}
+
+/// Totals over a range of seeds.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub scenario: String,
+    pub seeds: u64,
+    pub failed: u64,
+    pub first_failing_seed: Option<u64>,
+    pub events: u64,
+    pub acked_ops: u64,
+    pub deliveries: u64,
+    pub crashes: u64,
+    pub hash_checks: u64,
+    pub virtual_s: f64,
+}
+
+impl Summary {
+    pub fn add(&mut self, r: &SeedRun) {
+        self.seeds += 1;
+        if !r.violations.is_empty() {
+            self.failed += 1;
+            self.first_failing_seed.get_or_insert(r.seed);
+        }
+        self.events += r.output.stats.events;
+        self.acked_ops += r.acked_ops();
+        self.deliveries += r.deliveries();
+        self.crashes += r.output.stats.crashes;
+        self.hash_checks += r.output.stats.hash_checks;
+        self.virtual_s += r.output.stats.virtual_us as f64 / 1e6;
+    }
+
+    pub fn table(rows: &[Summary]) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>8}",
+            "scenario", "seeds", "failed", "events", "acked ops", "delivered", "crashes", "hash ok"
+        );
+        for r in rows {
+            let _ = writeln!(
+                out,
+                "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>8}",
+                r.scenario, r.seeds, r.failed, r.events, r.acked_ops, r.deliveries, r.crashes, r.hash_checks
+            );
+        }
+        out
+    }
+}

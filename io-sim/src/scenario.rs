@@ -1,0 +1,273 @@
+//! Scenario files: cluster shape, workload mix and fault schedule, in TOML. The same files are
+//! run by `truba-sim run` and by the sim-tests suite.
+
+use crate::disk::DiskFaults;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use truba_engine::{KindConfig, Limits};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Safety phase: faults are injected for this long (virtual seconds).
+    pub duration_s: u64,
+    /// Liveness phase: faults healed, no new sessions; everything due must be delivered by its end.
+    pub liveness_s: u64,
+    /// Seeds the test suite runs in CI.
+    #[serde(default = "default_ci_seeds")]
+    pub ci_seeds: u64,
+    /// Draw the fault probabilities themselves from the seed (some off, others frequent).
+    #[serde(default)]
+    pub swarm: bool,
+    #[serde(default)]
+    pub workload: Workload,
+    /// `[kinds.N]` sections: kind number N's configuration and handler behaviour.
+    #[serde(default, deserialize_with = "kinds_by_number")]
+    pub kinds: BTreeMap<u32, KindSetup>,
+    #[serde(default)]
+    pub faults: Faults,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub checks: Checks,
+}
+
+fn kinds_by_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<u32, KindSetup>, D::Error> {
+    let by_name = BTreeMap::<String, KindSetup>::deserialize(d)?;
+    by_name
+        .into_iter()
+        .map(|(k, v)| {
+            let n = k.parse::<u32>().map_err(|_| serde::de::Error::custom(format!("kind `{k}` is not a number")))?;
+            Ok((n, v))
+        })
+        .collect()
+}
+
+fn default_ci_seeds() -> u64 {
+    100
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Workload {
+    pub clients: u32,
+    /// Records appended per session, inclusive range.
+    pub records_per_session: (u32, u32),
+    pub record_bytes: (u32, u32),
+    /// Share of sessions ended by store (the rest are deleted).
+    pub store_share: f64,
+    pub store_timeout_s: (u32, u32),
+    /// Share of appends that are a replace instead.
+    pub replace_share: f64,
+    /// Share of appends that are oversized on purpose (must be refused, change nothing).
+    pub oversized_share: f64,
+    /// Probability, per session, that the client crashes somewhere in the middle of it.
+    pub client_crash_share: f64,
+    /// Pause between a client's operations.
+    pub think_ms: (u64, u64),
+    /// A client that hears nothing retries the same request (same sequence number) after this.
+    pub retry_after_ms: u64,
+    /// ... and gives up (the outcome stays unknown) after this long.
+    pub give_up_after_ms: u64,
+    /// One-way network delay between clients and the replica.
+    pub net_delay_us: (u64, u64),
+    /// A burst of sessions created and stored at the same moment.
+    pub storm: Option<Storm>,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            clients: 8,
+            records_per_session: (1, 6),
+            record_bytes: (40, 256),
+            store_share: 0.4,
+            store_timeout_s: (0, 5),
+            replace_share: 0.05,
+            oversized_share: 0.02,
+            client_crash_share: 0.05,
+            think_ms: (0, 20),
+            retry_after_ms: 300,
+            give_up_after_ms: 20_000,
+            net_delay_us: (50, 500),
+            storm: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Storm {
+    pub at_s: u64,
+    pub sessions: u32,
+    pub kind: u32,
+    pub timeout_s: u32,
+}
+
+/// A kind's engine configuration plus how its simulated handler behaves.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KindSetup {
+    #[serde(flatten)]
+    pub config: KindConfig,
+    #[serde(default)]
+    pub handler: HandlerSetup,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandlerSetup {
+    /// Time a handler works on a delivery before answering.
+    pub work_ms: (u64, u64),
+    /// Share of deliveries the handler fails (the session is stored again).
+    pub fail_share: f64,
+    /// Share of deliveries the handler appends to and stores again instead of deleting.
+    pub restore_share: f64,
+    /// Share of deliveries the handler stalls on for longer than the lease (it gets fenced off).
+    pub stall_share: f64,
+}
+
+impl Default for HandlerSetup {
+    fn default() -> Self {
+        HandlerSetup { work_ms: (1, 50), fail_share: 0.05, restore_share: 0.1, stall_share: 0.02 }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Faults {
+    pub disk: DiskFaults,
+    /// Replica crashes: time between them (virtual ms), inclusive range; none if absent.
+    pub crash_every_ms: Option<(u64, u64)>,
+    pub restart_after_ms: (u64, u64),
+    /// Disk-full periods: time between them and how long each lasts (virtual ms).
+    pub disk_full_every_ms: Option<(u64, u64)>,
+    pub disk_full_for_ms: (u64, u64),
+    pub clock: ClockFaults,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClockFaults {
+    /// Initial offset of the replica's wall clock from true time, drawn from this range.
+    pub offset_ms: (i64, i64),
+    /// Drift of both clocks, parts per million, drawn from this range.
+    pub drift_ppm: (i64, i64),
+    /// Wall-clock steps: time between them and their size (either sign).
+    pub step_every_ms: Option<(u64, u64)>,
+    pub step_ms: (i64, i64),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Checks {
+    /// Slack allowed between a replica's wall clock and true time when checking that nothing is
+    /// delivered before its repeat time in true time.
+    pub clock_error_ms: u64,
+    /// For a storm: the due times of its sessions must cover at least this share of the jitter
+    /// window's seconds, and no second may hold more than `storm_peak_factor` times the mean.
+    pub storm_cover_share: f64,
+    pub storm_peak_factor: f64,
+}
+
+impl Default for Checks {
+    fn default() -> Self {
+        Checks { clock_error_ms: 1_000, storm_cover_share: 0.8, storm_peak_factor: 3.0 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+impl Scenario {
+    pub fn parse(text: &str, path: &Path) -> Result<Scenario, ScenarioError> {
+        let s: Scenario =
+            toml::from_str(text).map_err(|e| ScenarioError::Parse { path: path.into(), reason: e.to_string() })?;
+        s.validate().map_err(|reason| ScenarioError::Invalid { path: path.into(), reason })?;
+        Ok(s)
+    }
+
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ScenarioError::Read { path: path.into(), reason: e.to_string() })?;
+        Scenario::parse(&text, path)
+    }
+
+    /// A file, or every `*.toml` in a directory (sorted by name).
+    pub fn load_all(path: &Path) -> Result<Vec<(PathBuf, Scenario)>, ScenarioError> {
+        if path.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| ScenarioError::Read { path: path.into(), reason: e.to_string() })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            files.sort();
+            files.into_iter().map(|p| Scenario::load(&p).map(|s| (p, s))).collect()
+        } else {
+            Ok(vec![(path.to_path_buf(), Scenario::load(path)?)])
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.kinds.is_empty() {
+            return Err("at least one [kinds.N] section is needed".into());
+        }
+        let w = &self.workload;
+        for (name, (a, b)) in [("records_per_session", w.records_per_session), ("record_bytes", w.record_bytes)] {
+            if a > b {
+                return Err(format!("workload.{name}: {a} > {b}"));
+            }
+        }
+        if w.record_bytes.0 < 32 {
+            return Err("workload.record_bytes must be at least 32 (records carry their id)".into());
+        }
+        if let Some(s) = &w.storm {
+            if !self.kinds.contains_key(&s.kind) {
+                return Err(format!("workload.storm.kind {} is not configured", s.kind));
+            }
+        }
+        for share in [w.store_share, w.replace_share, w.oversized_share, w.client_crash_share] {
+            if !(0.0..=1.0).contains(&share) {
+                return Err(format!("shares must lie in 0..=1, got {share}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Swarm mode: every fault knob is switched off or scaled by a factor drawn from the seed,
+    /// so a range of seeds explores many different fault regimes.
+    pub fn swarmed(&self, rng: &mut ChaCha8Rng) -> Scenario {
+        let mut s = self.clone();
+        let mut scale = |p: f64| if rng.gen_bool(0.35) { 0.0 } else { p * rng.gen_range(0.1..4.0) };
+        let d = &mut s.faults.disk;
+        d.read_bitflip_prob = scale(d.read_bitflip_prob).min(0.5);
+        d.read_error_prob = scale(d.read_error_prob).min(0.5);
+        d.latency_spike_prob = scale(d.latency_spike_prob).min(0.5);
+        s.workload.client_crash_share = scale(s.workload.client_crash_share).min(1.0);
+        s.workload.oversized_share = scale(s.workload.oversized_share).min(1.0);
+        for k in s.kinds.values_mut() {
+            k.handler.fail_share = scale(k.handler.fail_share).min(0.9);
+            k.handler.stall_share = scale(k.handler.stall_share).min(0.5);
+        }
+        if rng.gen_bool(0.3) {
+            s.faults.crash_every_ms = None;
+        }
+        if rng.gen_bool(0.5) {
+            s.faults.disk.torn_writes = !s.faults.disk.torn_writes || rng.gen_bool(0.5);
+        }
+        s
+    }
+}
