@@ -453,10 +453,10 @@ impl Engine {
                 self.pending_requests -= 1;
                 self.outputs.push_back(Output::Reply { client, seq, outcome });
             }
-            for (handle, due) in applied.deliveries {
+            for (handle, due, taken_at) in applied.deliveries {
                 let s = self.state.session(handle.session).expect("a taken session exists");
                 let records = s.records.clone();
-                self.outputs.push_back(Output::Deliver { kind: s.kind, handle, due, records });
+                self.outputs.push_back(Output::Deliver { kind: s.kind, handle, due, taken_at, records });
             }
         }
     }

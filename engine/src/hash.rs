@@ -3,8 +3,9 @@
 //! removing the old item's digest and adding the new one.
 
 use crate::op::UnixSecs;
-use crate::types::Index;
+use crate::types::{Index, Kind, SessionId};
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// Digest of a serializable value under a tag that separates item types.
 pub(crate) fn digest<T: Serialize>(tag: u64, v: &T) -> u64 {
@@ -22,7 +23,7 @@ impl StateHash {
     pub fn remove(&mut self, d: u64) {
         self.0 = self.0.wrapping_sub(d);
     }
-    pub fn value(&self, applied: Index, repeat_index: (UnixSecs, Index)) -> u64 {
+    pub fn value(&self, applied: Index, repeat_index: &BTreeMap<Kind, (UnixSecs, Index, SessionId)>) -> u64 {
         self.0.wrapping_add(digest(4, &(applied, repeat_index)))
     }
 }

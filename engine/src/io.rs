@@ -6,7 +6,7 @@
 
 use crate::error::{Fatal, RequestError};
 use crate::op::{Outcome, Query, QueryReply, Request, UnixSecs};
-use crate::types::{ClientId, Handle, Index, Kind, Seq};
+use crate::types::{ClientId, Handle, Index, Kind, Seq, UnixMs};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -111,11 +111,13 @@ pub enum Output {
         id: u64,
         reply: QueryReply,
     },
-    /// Push this session to its kind's handler. `due` is the repeat time it was taken for.
+    /// Push this session to its kind's handler. `due` is the repeat time it was taken for and
+    /// `taken_at` the proposer's wall clock when it decided the take (never before `due`).
     Deliver {
         kind: Kind,
         handle: Handle,
         due: UnixSecs,
+        taken_at: UnixMs,
         records: Vec<Vec<u8>>,
     },
     /// Recovery finished; the engine serves from `applied` on.

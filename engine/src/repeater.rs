@@ -8,7 +8,7 @@ use crate::sessions::{StateMachine, Status};
 use crate::types::{Handle, Kind, SessionId, UnixMs};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 /// Repeat time = wall clock (whole seconds) + timeout + a uniform jitter from the kind's window.
 pub(crate) fn draw_due(wall: UnixMs, timeout_s: u32, kind: Option<&KindConfig>, rng: &mut ChaCha8Rng) -> UnixSecs {
@@ -39,31 +39,25 @@ impl Repeater {
         }
     }
 
-    /// Due stored sessions, in (due, store order), limited by each kind's free handler slots.
+    /// Due stored sessions of each kind, in (due, store order), at most as many as the kind has
+    /// free handler slots. Only each kind's due prefix is read, however many sessions wait.
     pub fn plan_take(&mut self, state: &StateMachine, wall: UnixMs, cfg: &EngineConfig) -> Option<Command> {
         let mut horizon = wall.as_secs();
         if cfg.mutation(|m| m.redeliver_early) {
             horizon.0 += 5;
         }
-        let mut free: BTreeMap<Kind, i64> = BTreeMap::new();
         let mut taken = Vec::new();
-        for &(due, _, id) in state.stored_in_order() {
-            if due > horizon || taken.len() >= cfg.limits.take_batch_max as usize {
-                break;
-            }
-            if self.taking.contains(&id) {
-                continue;
-            }
-            let kind = state.session(id).expect("stored session exists").kind;
-            let slots = free.entry(kind).or_insert_with(|| {
-                let max = cfg.kind(kind).map_or(0, |k| k.handler_slots) as i64;
-                max - state.delivering(kind) as i64 - self.taking_of(state, kind)
-            });
-            if *slots <= 0 {
-                continue;
-            }
-            *slots -= 1;
-            taken.push(id);
+        for (kind, kc) in &cfg.kinds {
+            let room = cfg.limits.take_batch_max as usize - taken.len();
+            let busy = state.delivering(*kind) as usize + self.taking_of(state, *kind);
+            let free = (kc.handler_slots as usize).saturating_sub(busy).min(room);
+            let due = state
+                .stored_in_order(*kind)
+                .take_while(|(due, _, _)| *due <= horizon)
+                .filter(|(_, _, id)| !self.taking.contains(id))
+                .take(free)
+                .map(|(_, _, id)| id);
+            taken.extend(due);
         }
         if taken.is_empty() {
             return None;
@@ -72,8 +66,8 @@ impl Repeater {
         Some(Command::Take { sessions: taken })
     }
 
-    fn taking_of(&self, state: &StateMachine, kind: Kind) -> i64 {
-        self.taking.iter().filter(|id| state.session(**id).is_some_and(|s| s.kind == kind)).count() as i64
+    fn taking_of(&self, state: &StateMachine, kind: Kind) -> usize {
+        self.taking.iter().filter(|id| state.session(**id).is_some_and(|s| s.kind == kind)).count()
     }
 
     /// Active sessions whose lease ran out, each with the repeat time of an automatic store.

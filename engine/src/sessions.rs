@@ -44,8 +44,9 @@ pub(crate) struct DedupEntry {
 pub(crate) struct Applied {
     /// The answer to a client request, if the entry was one.
     pub reply: Option<(ClientId, Seq, Outcome)>,
-    /// Sessions taken for delivery: the engine pushes them to their handlers.
-    pub deliveries: Vec<(Handle, UnixSecs)>,
+    /// Sessions taken for delivery, with the repeat time each was taken for and the clock
+    /// reading the take was decided at: the engine pushes them to their handlers.
+    pub deliveries: Vec<(Handle, UnixSecs, UnixMs)>,
 }
 
 /// Values an apply may use only under the `recompute-jitter` mutation, which models a replica
@@ -64,11 +65,15 @@ pub struct StateMachine {
     pub(crate) dedup: BTreeMap<ClientId, DedupEntry>,
     /// Deleted sessions and the index that deleted them; the oldest deletion is forgotten first.
     pub(crate) tombstones: BTreeMap<SessionId, Index>,
-    /// (due, stored_at) of the last session the repeater took; it never goes backwards, and no
-    /// store is given an earlier repeat time, so "due earlier goes first" holds across clock steps.
-    pub(crate) repeat_index: (UnixSecs, Index),
+    /// Per kind, (due, stored_at, id) of the last session the repeater took (one entry may
+    /// store several sessions, so the id breaks ties). It never goes
+    /// backwards, and no session of that kind is stored with an earlier repeat time, so "due
+    /// earlier goes first" holds within a kind across clock steps. (Across kinds it cannot: a
+    /// kind whose handler slots are all busy waits while other kinds go on.)
+    pub(crate) repeat_index: BTreeMap<Kind, (UnixSecs, Index, SessionId)>,
     #[serde(skip)]
-    pub(crate) stored: BTreeSet<(UnixSecs, Index, SessionId)>,
+    /// Stored sessions in repeat order within each kind: (kind, due, stored_at, id).
+    pub(crate) stored: BTreeSet<(Kind, UnixSecs, Index, SessionId)>,
     #[serde(skip)]
     pub(crate) leases: BTreeSet<(UnixMs, SessionId)>,
     #[serde(skip)]
@@ -117,7 +122,11 @@ impl StateMachine {
     }
 
     pub fn state_hash(&self) -> u64 {
-        self.hash.value(self.applied, self.repeat_index)
+        self.hash.value(self.applied, &self.repeat_index)
+    }
+
+    fn repeat_floor(&self, kind: Kind) -> UnixSecs {
+        self.repeat_index.get(&kind).map_or(UnixSecs(0), |r| r.0)
     }
 
     pub fn sessions_count(&self) -> (u64, u64) {
@@ -149,9 +158,10 @@ impl StateMachine {
         }
     }
 
-    /// Stored sessions in repeat order: (due, stored_at, id).
-    pub(crate) fn stored_in_order(&self) -> impl Iterator<Item = &(UnixSecs, Index, SessionId)> {
-        self.stored.iter()
+    /// A kind's stored sessions in repeat order: (due, stored_at, id).
+    pub(crate) fn stored_in_order(&self, kind: Kind) -> impl Iterator<Item = (UnixSecs, Index, SessionId)> + '_ {
+        let from = (kind, UnixSecs(0), Index(0), SessionId(0));
+        self.stored.range(from..).take_while(move |k| k.0 == kind).map(|k| (k.1, k.2, k.3))
     }
 
     /// Active sessions in order of lease expiry.
@@ -198,7 +208,7 @@ impl StateMachine {
                 for id in sessions {
                     if let Some(due) = self.take(*id, entry.at, cfg) {
                         let attempt = self.sessions[id].attempt;
-                        out.deliveries.push((Handle { session: *id, attempt }, due));
+                        out.deliveries.push((Handle { session: *id, attempt }, due, entry.at));
                     }
                 }
             }
@@ -227,14 +237,14 @@ impl StateMachine {
         env: MutationEnv<'_>,
     ) -> UnixSecs {
         let Request::Store { handle, timeout_s } = request else { return UnixSecs(0) };
+        let kind = self.sessions.get(&handle.session).map_or(Kind(0), |s| s.kind);
         let due = if cfg.mutation(|m| m.recompute_jitter_on_apply) {
-            let kind = self.sessions.get(&handle.session).map_or(Kind(0), |s| s.kind);
             crate::repeater::draw_due(env.wall, *timeout_s, cfg.kind(kind), env.rng)
         } else {
             let _ = env;
             due.unwrap_or_else(|| entry.at.as_secs())
         };
-        due.max(self.repeat_index.0)
+        due.max(self.repeat_floor(kind))
     }
 
     fn execute(&mut self, entry: &Entry, request: &Request, due: UnixSecs, cfg: &EngineConfig) -> Outcome {
@@ -375,7 +385,7 @@ impl StateMachine {
                 }
             }
             Status::Stored { due, stored_at } => {
-                assert!(self.stored.remove(&(*due, *stored_at, id)), "stored index holds every stored session");
+                assert!(self.stored.remove(&(kind, *due, *stored_at, id)), "stored index holds every stored session");
             }
         }
         match after {
@@ -386,7 +396,7 @@ impl StateMachine {
                 }
             }
             Some(Status::Stored { due, stored_at }) => {
-                self.stored.insert((*due, *stored_at, id));
+                self.stored.insert((kind, *due, *stored_at, id));
             }
             None => {}
         }
@@ -402,7 +412,7 @@ impl StateMachine {
     }
 
     fn store(&mut self, id: SessionId, due: UnixSecs, stored_at: Index) {
-        let due = due.max(self.repeat_index.0);
+        let due = due.max(self.repeat_floor(self.sessions[&id].kind));
         self.change(id, |s| s.status = Status::Stored { due, stored_at });
     }
 
@@ -421,15 +431,29 @@ impl StateMachine {
     }
 
     /// Moves a stored session to a new attempt held by its handler. Returns the due time it had.
+    /// A session not yet due at the take's clock reading is left alone: every replica enforces
+    /// "never before the repeat time", whatever the proposer's planning did.
     fn take(&mut self, id: SessionId, at: UnixMs, cfg: &EngineConfig) -> Option<UnixSecs> {
         let s = self.sessions.get(&id)?;
         let Status::Stored { due, stored_at } = s.status else { return None };
-        let lease_until = at.saturating_add_ms(cfg.lease(s.kind).0);
+        if due.as_ms() > at && !cfg.mutation(|m| m.redeliver_early) {
+            return None;
+        }
+        // Within a kind, sessions are taken strictly in (due, stored_at, id) order. Planning
+        // already does this; checking it here makes it hold on every replica even when an
+        // earlier take was lost (say, its write failed on a full disk).
+        let first = self.stored_in_order(s.kind).next().map(|(_, _, first)| first);
+        if first != Some(id) {
+            return None;
+        }
+        let (kind, lease_until) = (s.kind, at.saturating_add_ms(cfg.lease(s.kind).0));
         self.change(id, |s| {
             s.attempt = Attempt(s.attempt.0 + 1);
             s.status = Status::Active { lease_until, delivering: true };
         });
-        self.repeat_index = self.repeat_index.max((due, stored_at));
+        let key = (due, stored_at, id);
+        let r = self.repeat_index.entry(kind).or_insert(key);
+        *r = (*r).max(key);
         Some(due)
     }
 
@@ -475,7 +499,7 @@ impl StateMachine {
                     }
                 }
                 Status::Stored { due, stored_at } => {
-                    self.stored.insert((due, stored_at, *id));
+                    self.stored.insert((s.kind, due, stored_at, *id));
                 }
             }
         }
@@ -495,7 +519,7 @@ impl StateMachine {
         assert_eq!(self.sessions.len(), self.stored.len() + self.leases.len(), "every session is in exactly one index");
         assert_eq!(self.dedup.len(), self.dedup_lru.len(), "dedup lru mirrors the table");
         assert_eq!(self.tombstones.len(), self.tombstone_order.len(), "tombstone order mirrors the tombstones");
-        if let Some((_, _, id)) = self.stored.first() {
+        if let Some((_, _, _, id)) = self.stored.first() {
             assert!(self.sessions.contains_key(id), "stored index points at a live session");
         }
         if let Some(last) = self.sessions.last_key_value() {
@@ -514,12 +538,14 @@ impl StateMachine {
         let expect: BTreeMap<_, _> = copy.delivering.iter().collect();
         assert_eq!(nonzero, expect, "delivering counts match session statuses");
         assert_eq!(copy.hash, self.hash, "incremental state hash matches a full recomputation");
-        for s in self.sessions.values() {
+        for (id, s) in &self.sessions {
             assert_eq!(s.bytes, s.records.iter().map(|r| r.len() as u64).sum::<u64>(), "session byte count");
             if let Status::Stored { due, stored_at } = s.status {
+                let Some(r) = self.repeat_index.get(&s.kind).copied() else { continue };
                 assert!(
-                    (due, stored_at) > self.repeat_index || due >= self.repeat_index.0,
-                    "stored after repeat index"
+                    (due, stored_at, *id) > r,
+                    "a stored session comes after its kind's repeat index: {due:?} {stored_at:?} <= {r:?} (kind {:?})",
+                    s.kind
                 );
             }
         }

@@ -36,13 +36,14 @@ pub enum Event {
     ClientCrash {
         actor: Actor,
     },
-    /// The replica pushed a session to a handler. `wall_ms` is the replica's wall clock then.
+    /// The replica pushed a session to a handler. `taken_at_ms` is the clock reading the replica
+    /// says it decided the take at (the world checks it was a reading it was really given).
     Deliver {
         kind: Kind,
         handle: Handle,
         due: UnixSecs,
         records: Vec<Vec<u8>>,
-        wall_ms: u64,
+        taken_at_ms: u64,
     },
     DeliveryFailed {
         handle: Handle,

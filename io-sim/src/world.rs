@@ -9,7 +9,7 @@ use crate::scenario::{HandlerSetup, Scenario};
 use crate::workload::{Action, Agent, Ctx};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use truba_engine::{
     ClientId, Engine, EngineConfig, Handle, Input, IoId, IoOp, Kind, KindConfig, Mutations, Outcome, Output, Request,
     Seq, SessionView,
@@ -92,6 +92,8 @@ pub struct World {
     kinds: Vec<(Kind, KindConfig, HandlerSetup)>,
     history: History,
     hashes: BTreeMap<u64, u64>,
+    /// Every wall-clock reading handed to the replica, to check the readings it reports.
+    wall_readings: BTreeSet<u64>,
     violations: Vec<Violation>,
     liveness: bool,
     stats: RunStats,
@@ -149,6 +151,7 @@ impl World {
             kinds,
             history: History::default(),
             hashes: BTreeMap::new(),
+            wall_readings: BTreeSet::new(),
             violations: Vec::new(),
             liveness: false,
             stats: RunStats::default(),
@@ -332,6 +335,7 @@ impl World {
     fn feed(&mut self, input: Input) {
         let now = self.replica.clock.now(self.now_us);
         let Some(engine) = self.replica.engine.as_mut() else { return };
+        self.wall_readings.insert(now.wall.0);
         engine.handle(now, input);
         let mut outputs = Vec::new();
         while let Some(o) = engine.poll() {
@@ -342,7 +346,7 @@ impl World {
         let deadline = engine.next_deadline();
         // Outputs first: a `Recovered` output is compared with hashes from before this step.
         for o in outputs {
-            self.carry_out(o, now.wall.0);
+            self.carry_out(o);
         }
         if serving {
             self.hashes.insert(applied, hash);
@@ -357,7 +361,7 @@ impl World {
         }
     }
 
-    fn carry_out(&mut self, o: Output, wall_ms: u64) {
+    fn carry_out(&mut self, o: Output) {
         match o {
             Output::Io { id, op } => {
                 let t = self.now_us + self.replica.disk.latency_us(&op, &mut self.disk_rng);
@@ -368,8 +372,20 @@ impl World {
                 let t = self.net_delay();
                 self.at(t, Ev::Reply { client, seq, outcome });
             }
-            Output::Deliver { kind, handle, due, records } => {
-                self.history.push(self.now_us, Event::Deliver { kind, handle, due, records, wall_ms });
+            Output::Deliver { kind, handle, due, taken_at, records } => {
+                if !self.wall_readings.contains(&taken_at.0) {
+                    self.violations.push(Violation {
+                        property: "no-early-redelivery",
+                        at_us: self.now_us,
+                        detail: format!(
+                            "take claims clock reading {} ms, which the replica was never given",
+                            taken_at.0
+                        ),
+                        session: Some(handle.session.0),
+                    });
+                }
+                let taken_at_ms = taken_at.0;
+                self.history.push(self.now_us, Event::Deliver { kind, handle, due, records, taken_at_ms });
                 let t = self.net_delay();
                 self.at(t, Ev::Deliver { kind, handle });
             }
