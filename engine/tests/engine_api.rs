@@ -188,7 +188,7 @@ impl Driver {
         self.since(mark)
             .iter()
             .filter_map(|o| match o {
-                Output::Deliver { kind, handle, due, records } => Some((*kind, *handle, *due, records.clone())),
+                Output::Deliver { kind, handle, due, records, .. } => Some((*kind, *handle, *due, records.clone())),
                 _ => None,
             })
             .collect()

@@ -3,7 +3,7 @@
 //! real-time figures) is what snapshot tests compare.
 
 use std::fmt::Write as _;
-use truba_engine::{Handle, Kind, Outcome, Request, UnixSecs};
+use truba_engine::{Handle, Kind, Outcome, Reply, Request, UnixSecs};
 
 /// Who issued a request: a workload client or a handler working on a delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -117,7 +117,9 @@ fn describe(e: &Event) -> String {
     match e {
         Event::Invoke { actor, seq, request, .. } => format!("{actor:?}#{seq} > {}", describe_request(request)),
         Event::Complete { actor, seq, outcome, .. } => match outcome {
-            Ok(r) => format!("{actor:?}#{seq} < {r:?}"),
+            Ok(Reply::Created { handle }) => format!("{actor:?}#{seq} < created {handle}"),
+            Ok(Reply::Done) => format!("{actor:?}#{seq} < ok"),
+            Ok(Reply::Stored { due }) => format!("{actor:?}#{seq} < stored, due {}", due.0),
             Err(e) => format!("{actor:?}#{seq} < error: {e}"),
         },
         Event::GiveUp { actor, seq, .. } => format!("{actor:?}#{seq} gave up"),

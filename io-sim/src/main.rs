@@ -1,7 +1,7 @@
 //! `truba-sim`: run scenarios over seeds, replay one seed, measure the simulator.
 
 use clap::{Parser, Subcommand};
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::ops::Range;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -97,6 +97,7 @@ fn run(
     let scenarios = Scenario::load_all(&path).map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     let mut all_ok = true;
+    let tty = std::io::stderr().is_terminal();
     for (file, mut scenario) in scenarios {
         scenario.swarm |= swarm;
         let mut summary = Summary { scenario: scenario.name.clone(), ..Default::default() };
@@ -115,11 +116,14 @@ fn run(
                     break;
                 }
             }
-            if last_progress.elapsed().as_secs() >= 2 {
+            // A terminal gets a line rewritten every 2 s; a log gets a new line every 10 s.
+            let every = if tty { 2 } else { 10 };
+            if last_progress.elapsed().as_secs() >= every {
                 last_progress = Instant::now();
                 let rate = summary.seeds as f64 / started.elapsed().as_secs_f64();
+                let (start, end) = if tty { ("\r", "   ") } else { ("", "\n") };
                 eprint!(
-                    "\r[{}] {}/{} seeds, {} failed, {rate:.1} seeds/s   ",
+                    "{start}[{}] {}/{} seeds, {} failed, {rate:.1} seeds/s{end}",
                     scenario.name,
                     summary.seeds,
                     seeds.end - seeds.start,
@@ -128,7 +132,14 @@ fn run(
                 let _ = std::io::stderr().flush();
             }
         }
-        eprintln!("\r[{}] {} seeds in {:.1} s{:20}", scenario.name, summary.seeds, started.elapsed().as_secs_f64(), "");
+        let clear = if tty { "\r" } else { "" };
+        eprintln!(
+            "{clear}[{}] {} seeds in {:.1} s{:20}",
+            scenario.name,
+            summary.seeds,
+            started.elapsed().as_secs_f64(),
+            ""
+        );
         rows.push(summary);
     }
     println!("{}", Summary::table(&rows));

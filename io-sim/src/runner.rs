@@ -63,8 +63,7 @@ pub fn failure_report(path: &Path, run: &SeedRun, mutation: Option<&str>) -> Str
     let related: Vec<&str> = match v.session {
         Some(id) => {
             let needle = format!(" {id}@");
-            let created = format!("session: SessionId({id})");
-            lines.lines().filter(|l| l.contains(&needle) || l.contains(&created) || l.contains("replica")).collect()
+            lines.lines().filter(|l| l.contains(&needle) || l.contains("replica")).collect()
         }
         None => lines.lines().filter(|l| l.contains("replica") || l.contains("fault")).collect(),
     };

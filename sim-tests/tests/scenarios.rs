@@ -1,0 +1,47 @@
+//! Every scenario in `scenarios/` over its `ci_seeds` seeds, with every checker on. A scenario
+//! file added to the directory without a test here fails `every_scenario_file_is_tested`.
+
+use sim_tests::{load, run_clean, scenarios_dir};
+
+/// The checkers must have had something to check: a run that acknowledged nothing, delivered
+/// nothing, or (where the scenario crashes the replica) compared no recovered state would pass
+/// vacuously.
+fn scenario(name: &str) {
+    let s = load(name);
+    let summary = run_clean(name, s.ci_seeds);
+    assert!(summary.acked_ops > summary.seeds * 20, "{name}: too few acknowledged operations to mean anything");
+    assert!(summary.deliveries > 0, "{name}: nothing was ever delivered");
+    if s.faults.crash_every_ms.is_some() {
+        assert!(summary.crashes > 0 && summary.hash_checks > 0, "{name}: crashes were configured but not exercised");
+    }
+}
+
+macro_rules! scenario_tests {
+    ($($test:ident => $name:literal),* $(,)?) => {
+        $( #[test] fn $test() { scenario($name) } )*
+        const TESTED: &[&str] = &[$($name),*];
+    };
+}
+
+scenario_tests! {
+    steady => "steady",
+    crash_loop => "crash-loop",
+    bit_rot => "bit-rot",
+    disk_full => "disk-full",
+    clock_steps => "clock-steps",
+    redelivery_storm => "redelivery-storm",
+    swarm => "swarm",
+    small_crashes => "small-crashes",
+}
+
+#[test]
+fn every_scenario_file_is_tested() {
+    let mut files: Vec<String> = std::fs::read_dir(scenarios_dir())
+        .expect("scenarios directory")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_suffix(".toml").map(String::from))
+        .collect();
+    files.sort();
+    let mut tested: Vec<String> = TESTED.iter().map(|s| s.to_string()).collect();
+    tested.sort();
+    assert_eq!(files, tested, "scenarios/ and the tests in sim-tests/tests/scenarios.rs differ");
+}
