@@ -18,10 +18,17 @@ const SNAPSHOT_HEADER_LEN: usize = 36;
 /// No record payload is ever larger than this; a length field above it is damage.
 pub const PAYLOAD_BYTES_MAX: u32 = 64 * 1024 * 1024;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Payload {
     at: UnixMs,
     command: Command,
+}
+
+/// The same encoding as [`Payload`], borrowing the command instead of owning a copy.
+#[derive(Serialize)]
+struct PayloadRef<'a> {
+    at: UnixMs,
+    command: &'a Command,
 }
 
 fn record_crc(prev_crc: u32, term: u64, index: u64, payload: &[u8]) -> u32 {
@@ -36,24 +43,26 @@ fn record_crc(prev_crc: u32, term: u64, index: u64, payload: &[u8]) -> u32 {
 
 /// Appends the framed record to `out` and returns its crc (the next record's `prev_crc`).
 pub fn encode_record(prev_crc: u32, entry: &Entry, out: &mut Vec<u8>) -> u32 {
-    let payload = postcard::to_allocvec(&Payload { at: entry.at, command: entry.command.clone() })
-        .expect("postcard encoding of an entry into memory cannot fail");
-    assert!(payload.len() as u64 <= PAYLOAD_BYTES_MAX as u64, "entry exceeds the payload limit");
-    let crc = record_crc(prev_crc, entry.term.0, entry.index.0, &payload);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(&prev_crc.to_le_bytes());
-    out.extend_from_slice(&entry.term.0.to_le_bytes());
-    out.extend_from_slice(&entry.index.0.to_le_bytes());
-    out.extend_from_slice(&payload);
+    // The payload is serialized straight into `out` behind a header that is filled in after.
+    let start = out.len();
+    out.resize(start + RECORD_HEADER_LEN, 0);
+    let payload = PayloadRef { at: entry.at, command: &entry.command };
+    *out = postcard::to_extend(&payload, std::mem::take(out)).expect("postcard encoding into memory cannot fail");
+    let len = out.len() - start - RECORD_HEADER_LEN;
+    assert!(len as u64 <= PAYLOAD_BYTES_MAX as u64, "entry exceeds the payload limit");
+    let crc = record_crc(prev_crc, entry.term.0, entry.index.0, &out[start + RECORD_HEADER_LEN..]);
+    let header = &mut out[start..start + RECORD_HEADER_LEN];
+    header[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+    header[4..8].copy_from_slice(&crc.to_le_bytes());
+    header[8..12].copy_from_slice(&prev_crc.to_le_bytes());
+    header[12..20].copy_from_slice(&entry.term.0.to_le_bytes());
+    header[20..28].copy_from_slice(&entry.index.0.to_le_bytes());
     crc
 }
 
-/// The encoded size of an entry, for batch accounting.
-pub fn encoded_len(entry: &Entry) -> usize {
-    RECORD_HEADER_LEN
-        + postcard::experimental::serialized_size(&Payload { at: entry.at, command: entry.command.clone() })
-            .unwrap_or(0)
+/// The encoded size of an entry with this clock reading and command, for batch accounting.
+pub fn encoded_len(at: UnixMs, command: &Command) -> usize {
+    RECORD_HEADER_LEN + postcard::experimental::serialized_size(&PayloadRef { at, command }).unwrap_or(0)
 }
 
 pub fn encode_segment_header(first: Index, prev_crc: u32) -> Vec<u8> {

@@ -361,24 +361,23 @@ impl Engine {
             return;
         }
         let limits = &self.cfg.limits;
-        let mut entries = Vec::new();
+        let mut entries: Vec<Entry> = Vec::new();
         let mut bytes = 0usize;
         let mut index = self.log.last_index;
         while let Some(p) = self.queue.front() {
-            let entry = Entry { term: self.term, index: index.next(), at: p.at, command: p.command.clone() };
-            let len = crate::codec::encoded_len(&entry);
+            let len = crate::codec::encoded_len(p.at, &p.command);
             let full =
                 entries.len() >= limits.batch_entries_max as usize || bytes + len > limits.batch_bytes_max as usize;
             if full && !entries.is_empty() {
                 break;
             }
-            self.queue.pop_front();
+            let p = self.queue.pop_front().expect("front exists");
             bytes += len;
-            index = entry.index;
-            entries.push(entry);
+            index = index.next();
+            entries.push(Entry { term: self.term, index, at: p.at, command: p.command });
         }
-        let placement = self.log.place(&entries, limits.segment_bytes_max);
-        let op = IoOp::Write { file: placement.file.clone(), offset: placement.offset, data: placement.data.clone() };
+        let (placement, data) = self.log.place(&entries, limits.segment_bytes_max);
+        let op = IoOp::Write { file: placement.file.clone(), offset: placement.offset, data };
         self.batch = Some(Batch { entries, placement, stage: BatchStage::Write, applied_early: false });
         self.issue(op, Purpose::Batch);
     }

@@ -9,8 +9,16 @@ use std::collections::BTreeMap;
 
 /// Digest of a serializable value under a tag that separates item types.
 pub(crate) fn digest<T: Serialize>(tag: u64, v: &T) -> u64 {
-    let bytes = postcard::to_allocvec(v).expect("postcard encoding into memory cannot fail");
-    xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, tag)
+    // Digested items are small (records enter through their chained hash), so a stack buffer
+    // nearly always suffices; larger ones fall back to the heap.
+    let mut buf = [0u8; 256];
+    match postcard::to_slice(v, &mut buf) {
+        Ok(bytes) => xxhash_rust::xxh3::xxh3_64_with_seed(bytes, tag),
+        Err(_) => {
+            let bytes = postcard::to_allocvec(v).expect("postcard encoding into memory cannot fail");
+            xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, tag)
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -18,12 +18,11 @@ pub(crate) struct Log {
     pub last_index: Index,
 }
 
-/// Where one batch goes.
+/// Where one batch goes (its bytes travel separately, in the write request).
 #[derive(Clone, Debug)]
 pub(crate) struct Placement {
     pub file: String,
     pub offset: u64,
-    pub data: Vec<u8>,
     pub new_segment: bool,
     pub end_offset: u64,
     pub last_crc: u32,
@@ -33,21 +32,21 @@ impl Log {
     /// Encodes `entries` (which must continue the log) and says where to write them. A new
     /// segment is started when the current one is full; it begins with a header that carries the
     /// chain's crc across the file boundary.
-    pub fn place(&self, entries: &[Entry], segment_bytes_max: u64) -> Placement {
+    pub fn place(&self, entries: &[Entry], segment_bytes_max: u64) -> (Placement, Vec<u8>) {
         let first = entries.first().expect("a batch is never empty").index;
         assert_eq!(first, self.last_index.next(), "a batch continues the log");
         let new_segment = self.segments.is_empty() || self.end_offset >= segment_bytes_max;
         let (file, offset, mut data) = if new_segment {
             (segment_name(first), 0, encode_segment_header(first, self.last_crc))
         } else {
-            (self.segments.last().expect("checked").1.clone(), self.end_offset, Vec::new())
+            (self.segments.last().expect("checked").1.clone(), self.end_offset, Vec::with_capacity(64 * 1024))
         };
         let mut crc = self.last_crc;
         for e in entries {
             crc = encode_record(crc, e, &mut data);
         }
         let end_offset = offset + data.len() as u64;
-        Placement { file, offset, data, new_segment, end_offset, last_crc: crc }
+        (Placement { file, offset, new_segment, end_offset, last_crc: crc }, data)
     }
 
     /// Records that a placed batch is durable.

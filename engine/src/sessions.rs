@@ -25,6 +25,7 @@ pub(crate) enum Status {
 pub(crate) struct Session {
     pub kind: Kind,
     pub attempt: Attempt,
+    #[serde(with = "crate::op::records_serde")]
     pub records: Vec<Vec<u8>>,
     pub bytes: u64,
     pub status: Status,

@@ -11,7 +11,9 @@
 //! - [`history`]: ground-truth events and their condensed form.
 //! - [`checkers`]: the properties.
 //! - [`runner`]: running seeds and ranges, reporting.
+//! - [`bench`]: the engine throughput benchmark.
 
+pub mod bench;
 pub mod checkers;
 pub mod clock;
 pub mod disk;

@@ -42,6 +42,20 @@ enum Command {
         #[arg(long)]
         keep_going: bool,
     },
+    /// Measure the engine's throughput with an in-memory disk that costs nothing.
+    BenchEngine {
+        /// Appends to complete.
+        #[arg(long, default_value_t = 1_000_000)]
+        ops: u64,
+        /// Concurrent clients, each with one append outstanding.
+        #[arg(long, default_value_t = 64)]
+        clients: u32,
+        #[arg(long, default_value_t = 256)]
+        record_bytes: u32,
+        /// Repeat the measurement this many times and report each run and the median.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+    },
     /// Measure simulated seconds per wall second and events per second.
     Bench {
         path: PathBuf,
@@ -68,6 +82,7 @@ fn main() -> ExitCode {
             run(path, seeds, swarm, mutation, history, keep_going)
         }
         Command::Bench { path, seeds } => bench(path, seeds),
+        Command::BenchEngine { ops, clients, record_bytes, runs } => bench_engine(ops, clients, record_bytes, runs),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -165,5 +180,27 @@ fn bench(path: PathBuf, seeds: Range<u64>) -> Result<bool, String> {
             summary.acked_ops as f64 / wall
         );
     }
+    Ok(true)
+}
+
+fn bench_engine(ops: u64, clients: u32, record_bytes: u32, runs: u32) -> Result<bool, String> {
+    if ops == 0 || clients == 0 || runs == 0 {
+        return Err("--ops, --clients and --runs must be positive".into());
+    }
+    println!("engine, in-memory disk: {ops} appends of {record_bytes} B from {clients} clients");
+    let mut rates = Vec::new();
+    for run in 1..=runs {
+        let b = truba_sim::bench::engine_throughput(ops, clients, record_bytes);
+        let rate = b.ops as f64 / b.wall_s;
+        rates.push(rate);
+        println!(
+            "run {run}: {:>10.0} ops/s  {:>7.1} MiB/s  {:>6.1} ops/batch",
+            rate,
+            rate * record_bytes as f64 / (1 << 20) as f64,
+            b.ops as f64 / b.batches.max(1) as f64
+        );
+    }
+    rates.sort_by(f64::total_cmp);
+    println!("median: {:.0} ops/s", rates[rates.len() / 2]);
     Ok(true)
 }
