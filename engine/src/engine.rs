@@ -152,6 +152,12 @@ impl Engine {
         matches!(self.phase, Phase::Stopped)
     }
 
+    /// Nothing queued, nothing being written, no disk operation outstanding: every request
+    /// received has been answered. A driver shutting down waits for this.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.batch.is_none() && self.io_pending.is_empty() && self.cleanup.is_empty()
+    }
+
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
     }

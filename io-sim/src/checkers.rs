@@ -166,7 +166,12 @@ impl Checker<'_> {
         let id = handle.session.0;
         let storm = matches!(actor, Actor::Client(i) if i >= self.run.scenario.workload.clients);
         let Some(m) = self.sessions.get_mut(&id) else { return };
+        // Fencing: an operation on an older attempt was applied before the delivery that was
+        // already observed (a retry can bring its answer late), so its effect is already in the
+        // model.
+        let superseded = handle.attempt.0 < m.attempt;
         match outcome {
+            Ok(_) if superseded => {}
             Ok(reply) => {
                 m.apply(request, true);
                 match (request, reply) {
@@ -203,8 +208,9 @@ impl Checker<'_> {
             }
             Request::New { .. } => {}
             other => {
-                let id = other.handle().expect("handle").session.0;
-                if let Some(m) = self.sessions.get_mut(&id) {
+                let handle = other.handle().expect("handle");
+                let m = self.sessions.get_mut(&handle.session.0).filter(|m| handle.attempt.0 >= m.attempt);
+                if let Some(m) = m {
                     m.apply(other, false);
                     if matches!(other, Request::Delete { .. }) {
                         m.maybe_deleted = true;

@@ -38,13 +38,24 @@ pub struct Scenario {
     pub checks: Checks,
 }
 
+/// `[kinds.N]` tables: `handler` is taken out and the rest must be exactly `KindConfig`'s fields
+/// (serde's `flatten` would silently accept misspelt keys).
 fn kinds_by_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<u32, KindSetup>, D::Error> {
-    let by_name = BTreeMap::<String, KindSetup>::deserialize(d)?;
+    use serde::de::Error;
+    let by_name = BTreeMap::<String, toml::Table>::deserialize(d)?;
     by_name
         .into_iter()
-        .map(|(k, v)| {
-            let n = k.parse::<u32>().map_err(|_| serde::de::Error::custom(format!("kind `{k}` is not a number")))?;
-            Ok((n, v))
+        .map(|(k, mut table)| {
+            let n = k.parse::<u32>().map_err(|_| D::Error::custom(format!("kind `{k}` is not a number")))?;
+            let handler = match table.remove("handler") {
+                None => HandlerSetup::default(),
+                Some(v) => {
+                    HandlerSetup::deserialize(v).map_err(|e| D::Error::custom(format!("kinds.{k}.handler: {e}")))?
+                }
+            };
+            let config = KindConfig::deserialize(toml::Value::Table(table))
+                .map_err(|e| D::Error::custom(format!("kinds.{k}: {e}")))?;
+            Ok((n, KindSetup { config, handler }))
         })
         .collect()
 }
@@ -111,12 +122,9 @@ pub struct Storm {
 }
 
 /// A kind's engine configuration plus how its simulated handler behaves.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug)]
 pub struct KindSetup {
-    #[serde(flatten)]
     pub config: KindConfig,
-    #[serde(default)]
     pub handler: HandlerSetup,
 }
 
@@ -269,5 +277,24 @@ impl Scenario {
             s.faults.disk.torn_writes = !s.faults.disk.torn_writes || rng.gen_bool(0.5);
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shipped_scenario_parses_and_typos_are_refused() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        assert!(Scenario::load_all(&dir).unwrap().len() >= 7);
+        let base = "name = \"t\"\nduration_s = 1\nliveness_s = 1\n";
+        let ok = format!("{base}[kinds.1]\nlease_ms = 5\n[kinds.1.handler]\nfail_share = 0.5\n");
+        let s = Scenario::parse(&ok, Path::new("t")).unwrap();
+        assert_eq!((s.kinds[&1].config.lease_ms, s.kinds[&1].handler.fail_share), (5, 0.5));
+        let typo = format!("{base}[kinds.1]\nlease_msec = 5\n");
+        assert!(Scenario::parse(&typo, Path::new("t")).unwrap_err().to_string().contains("lease_msec"));
+        let typo = format!("{base}[kinds.1]\n[kinds.1.handler]\nfail = 0.5\n");
+        assert!(Scenario::parse(&typo, Path::new("t")).unwrap_err().to_string().contains("fail"));
     }
 }
