@@ -1,0 +1,153 @@
+//! `truba bench`: closed-loop appends from concurrent sessions against a running server, with
+//! the machine's raw write+fsync rate measured in the same run for comparison.
+
+use crate::client::Pipe;
+use hdrhistogram::Histogram;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Server address(es).
+    #[arg(long, env = "TRUBA_ADDR", default_value = "127.0.0.1:7400")]
+    pub addr: String,
+    /// Concurrent sessions, each with one append outstanding.
+    #[arg(long, default_value_t = 64)]
+    pub clients: u32,
+    /// Size of each appended record.
+    #[arg(long, default_value_t = 256)]
+    pub record_bytes: u32,
+    /// Run for this long ...
+    #[arg(long, default_value_t = 10)]
+    pub duration_s: u64,
+    /// ... or until this many appends have been acknowledged.
+    #[arg(long)]
+    pub ops: Option<u64>,
+    /// Kind of the sessions opened.
+    #[arg(long, default_value_t = 1)]
+    pub kind: u32,
+    /// Each session is deleted and replaced by a new one after this many appends, so sessions
+    /// stay within their kind's size limits.
+    #[arg(long, default_value_t = 1000)]
+    pub appends_per_session: u32,
+    /// Directory on the server's disk where the raw write+fsync rate is measured.
+    #[arg(long, default_value = ".")]
+    pub probe_dir: PathBuf,
+    /// How long the raw write+fsync probe runs (0 to skip it).
+    #[arg(long, default_value_t = 3)]
+    pub probe_s: u64,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One 4 KiB write plus fdatasync at a time, for `secs` seconds: the rate a log that fsyncs
+/// every operation on its own could reach on this disk.
+pub fn raw_fsync_rate(dir: &std::path::Path, secs: u64) -> Result<(f64, u64), String> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join(format!(".truba-fsync-probe-{}", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let block = vec![0x5au8; 4096];
+    let mut hist = Histogram::<u64>::new(3).expect("histogram");
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < Duration::from_secs(secs) {
+        let t = Instant::now();
+        file.write_all_at(&block, n * 4096).and_then(|_| file.sync_data()).map_err(|e| format!("probe write: {e}"))?;
+        hist.record(t.elapsed().as_micros() as u64).ok();
+        n += 1;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    Ok((rate, hist.value_at_quantile(0.5)))
+}
+
+pub async fn run(args: BenchArgs) -> Result<(), String> {
+    if args.clients == 0 || args.record_bytes == 0 {
+        return Err("--clients and --record-bytes must be positive".into());
+    }
+    let raw = if args.probe_s > 0 {
+        let (dir, secs) = (args.probe_dir.clone(), args.probe_s);
+        let r = tokio::task::spawn_blocking(move || raw_fsync_rate(&dir, secs)).await.map_err(|e| e.to_string())??;
+        if !args.json {
+            println!(
+                "raw write+fsync (4 KiB, {}): {:.0} ops/s, p50 {:.2} ms",
+                args.probe_dir.display(),
+                r.0,
+                r.1 as f64 / 1000.0
+            );
+        }
+        Some(r)
+    } else {
+        None
+    };
+    let deadline = Instant::now() + Duration::from_secs(args.duration_s);
+    let per_client = args.ops.map(|n| n.div_ceil(args.clients as u64));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.clients {
+        let args = args.clone();
+        tasks.push(tokio::spawn(async move { client_loop(args, deadline, per_client).await }));
+    }
+    let mut hist = Histogram::<u64>::new(3).expect("histogram");
+    let mut ops = 0u64;
+    for t in tasks {
+        let (h, n) = t.await.map_err(|e| e.to_string())??;
+        hist.add(&h).map_err(|e| e.to_string())?;
+        ops += n;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let rate = ops as f64 / secs;
+    let mib = rate * args.record_bytes as f64 / (1 << 20) as f64;
+    let q = |x: f64| hist.value_at_quantile(x) as f64 / 1000.0;
+    if args.json {
+        let v = serde_json::json!({"clients": args.clients, "record_bytes": args.record_bytes, "seconds": secs,
+            "ops": ops, "ops_per_s": rate, "mib_per_s": mib, "p50_ms": q(0.5), "p99_ms": q(0.99), "p999_ms": q(0.999),
+            "raw_fsync_per_s": raw.map(|r| r.0), "ratio_to_raw": raw.map(|r| rate / r.0)});
+        println!("{v}");
+    } else {
+        println!(
+            "truba: {} clients, {} B appends, {secs:.1} s: {ops} appends, {rate:.0} ops/s, {mib:.2} MiB/s",
+            args.clients, args.record_bytes
+        );
+        println!("latency: p50 {:.2} ms  p99 {:.2} ms  p999 {:.2} ms  max {:.2} ms", q(0.5), q(0.99), q(0.999), q(1.0));
+        if let Some((r, _)) = raw {
+            println!("ratio: {:.1}x the raw one-write-one-fsync rate", rate / r);
+        }
+        let _ = std::io::stdout().flush();
+    }
+    Ok(())
+}
+
+async fn client_loop(args: BenchArgs, deadline: Instant, ops: Option<u64>) -> Result<(Histogram<u64>, u64), String> {
+    let pipe = Pipe::connect(&args.addr).await.map_err(|e| e.to_string())?;
+    let mut hist = Histogram::<u64>::new(3).expect("histogram");
+    let record = vec![b'r'; args.record_bytes as usize];
+    let mut done = 0u64;
+    let mut session = pipe.new(args.kind).await.map_err(|e| e.to_string())?;
+    let mut in_session = 0u32;
+    loop {
+        if ops.map_or(Instant::now() >= deadline, |n| done >= n) {
+            break;
+        }
+        if in_session >= args.appends_per_session {
+            session.delete().await.map_err(|e| e.to_string())?;
+            session = pipe.new(args.kind).await.map_err(|e| e.to_string())?;
+            in_session = 0;
+        }
+        let t = Instant::now();
+        session.append(record.clone()).await.map_err(|e| e.to_string())?;
+        hist.record(t.elapsed().as_micros() as u64).ok();
+        done += 1;
+        in_session += 1;
+    }
+    let _ = session.delete().await;
+    Ok((hist, done))
+}

@@ -1,0 +1,1046 @@
+//! The client library: a [`Pipe`] is one multiplexed connection to a truba server (with
+//! reconnection and retries), and a [`Session`] is one session worked on through it.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), truba::client::ClientError> {
+//! let pipe = truba::client::Pipe::connect("127.0.0.1:7070").await?;
+//! let mut session = pipe.new(1).await?;
+//! session.append(b"first step".to_vec()).await?;
+//! let due = session.store(60).await?; // unfinished: the kind's handler gets it at `due`
+//! # let _ = due; Ok(()) }
+//! ```
+//!
+//! How requests travel:
+//! - One background task per `Pipe` owns the connection. Callers hand it an encoded frame and a
+//!   responder; it writes the frame and matches answers by `(client, seq)` for requests and by
+//!   id for queries and status. At most [`PENDING_MAX`] requests wait for answers at once.
+//! - The engine deduplicates by `(ClientId, Seq)` and expects one outstanding request per client
+//!   id, so every [`Session`] has its own client id (a random per-pipe base plus a counter) and
+//!   its own sequence numbers starting at 1.
+//! - A request with no answer within [`ClientOptions::request_timeout`], or whose connection
+//!   breaks, is sent again with the same `(client, seq, request)` (over a new connection when the
+//!   old one went silent); the server answers a retry from its dedup table, so nothing is
+//!   applied twice. Refusals that mean "not now" (`NotReady`, `Overloaded`, `Stopped`) are
+//!   retried the same way after a short backoff. After [`ClientOptions::retry_for`] in total the
+//!   caller gets [`ClientError::Timeout`]: the outcome is then unknown. If the request never
+//!   reached any server, the error is [`ClientError::Connect`] instead (it certainly did not
+//!   happen).
+
+use crate::net::{Tcp, Transport};
+use crate::wire::{self, ClientMsg, ServerMsg, ServerStatus, WireError};
+use rand_core::{OsRng, RngCore};
+use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use truba_engine::{
+    ClientId, Handle, Kind, Query, QueryReply, Reply, Request, RequestError, Seq, SessionId, SessionView, UnixSecs,
+};
+
+/// Default largest frame a client accepts from the server. Larger than the server's request
+/// frame limit because session views carry whole sessions (up to the kind's `session_bytes_max`,
+/// 4 MiB by default).
+pub const CLIENT_FRAME_BYTES_MAX_DEFAULT: u32 = (64 << 20) + 4096;
+/// Requests (and queries) one pipe may have waiting for answers; further callers wait their turn.
+/// Kept under the server's default per-connection limit (1024).
+pub const PENDING_MAX: usize = 512;
+/// Calls queued for the connection task.
+const CALL_QUEUE_MAX: usize = 256;
+/// Backoff between attempts after a refusal or a broken connection: doubles from min to max,
+/// with up to half again of random jitter.
+const BACKOFF_MIN: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// After a failed round of connection attempts, calls fail at once for this long (their callers
+/// back off and retry) instead of each waiting for its own round.
+const CONNECT_QUIET: Duration = Duration::from_millis(20);
+/// How often answers nobody waits for any more (callers gave up) are forgotten.
+const PURGE_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// How long one attempt waits for its answer before the request is sent again. Default 5 s.
+    pub request_timeout: Duration,
+    /// How long a request is retried in total before [`ClientError::Timeout`]. Default 30 s.
+    pub retry_for: Duration,
+    /// Largest frame accepted from the server. Default [`CLIENT_FRAME_BYTES_MAX_DEFAULT`].
+    pub frame_bytes_max: u32,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            request_timeout: Duration::from_secs(5),
+            retry_for: Duration::from_secs(30),
+            frame_bytes_max: CLIENT_FRAME_BYTES_MAX_DEFAULT,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The engine refused the request; it changed nothing.
+    #[error("refused: {0}")]
+    Refused(RequestError),
+    #[error("no answer after {waited_ms} ms; the request may or may not have been applied")]
+    Timeout { waited_ms: u64 },
+    /// No server could be reached; the request was never sent, so it did not take effect.
+    #[error("cannot reach {addrs}: {reason}")]
+    Connect { addrs: String, reason: String },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The server answered with a reply of the wrong type.
+    #[error("unexpected reply: {0}")]
+    Unexpected(String),
+}
+
+impl ClientError {
+    fn refusal(&self) -> Option<&RequestError> {
+        match self {
+            ClientError::Refused(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The session does not exist (never did, or is long gone).
+    pub fn is_unknown(&self) -> bool {
+        matches!(self.refusal(), Some(RequestError::SessionUnknown(_)))
+    }
+
+    /// The session was deleted.
+    pub fn is_deleted(&self) -> bool {
+        matches!(self.refusal(), Some(RequestError::SessionDeleted(_)))
+    }
+
+    /// The handle's attempt is old: the session was delivered to someone else since.
+    pub fn is_stale(&self) -> bool {
+        matches!(self.refusal(), Some(RequestError::StaleAttempt { .. }))
+    }
+
+    /// A configured limit refused the request (record, session or store timeout too large, or
+    /// too many records or sessions).
+    pub fn is_limit(&self) -> bool {
+        matches!(
+            self.refusal(),
+            Some(
+                RequestError::RecordTooLarge { .. }
+                    | RequestError::SessionTooLarge { .. }
+                    | RequestError::TooManyRecords { .. }
+                    | RequestError::TimeoutTooLong { .. }
+                    | RequestError::TooManySessions { .. }
+            )
+        )
+    }
+}
+
+/// A connection to a truba server, shared by every clone (one background task owns it).
+pub struct Pipe<T: Transport = Tcp> {
+    inner: Arc<Inner>,
+    _transport: PhantomData<fn() -> T>,
+}
+
+struct Inner {
+    calls: mpsc::Sender<Call>,
+    options: ClientOptions,
+    addrs: Vec<String>,
+    /// Random per pipe; client ids are this plus a counter.
+    id_base: u64,
+    next_client: AtomicU64,
+    next_query: AtomicU64,
+}
+
+impl<T: Transport> Clone for Pipe<T> {
+    fn clone(&self) -> Self {
+        Pipe { inner: self.inner.clone(), _transport: PhantomData }
+    }
+}
+
+impl<T: Transport> fmt::Debug for Pipe<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipe").field("addrs", &self.inner.addrs).finish_non_exhaustive()
+    }
+}
+
+/// Splits "a:1, b:2" (or a list of such strings) into addresses.
+fn split_addrs<S: AsRef<str>>(addrs: impl IntoIterator<Item = S>) -> Vec<String> {
+    addrs
+        .into_iter()
+        .flat_map(|s| s.as_ref().split(',').map(|a| a.trim().to_string()).collect::<Vec<_>>())
+        .filter(|a| !a.is_empty())
+        .collect()
+}
+
+impl Pipe<Tcp> {
+    /// Connects over TCP with default options. `addrs`: one or more "host:port", tried in order
+    /// (comma-separated).
+    pub async fn connect(addrs: &str) -> Result<Pipe<Tcp>, ClientError> {
+        Pipe::connect_with(Tcp, vec![addrs.to_string()], ClientOptions::default()).await
+    }
+}
+
+impl<T: Transport> Pipe<T> {
+    /// Connects to the first of `addrs` that answers (each entry may itself be comma-separated).
+    /// Fails with [`ClientError::Connect`] if none does; later breaks reconnect by themselves.
+    pub async fn connect_with(
+        transport: T,
+        addrs: Vec<String>,
+        options: ClientOptions,
+    ) -> Result<Pipe<T>, ClientError> {
+        let addrs = split_addrs(addrs);
+        if addrs.is_empty() {
+            return Err(ClientError::Connect { addrs: String::new(), reason: "no server address given".into() });
+        }
+        let (stream, addr) = connect_any(&transport, &addrs, options.request_timeout)
+            .await
+            .map_err(|reason| ClientError::Connect { addrs: addrs.join(","), reason })?;
+        let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE_MAX);
+        let mut task = ConnTask::new(transport, addrs.clone(), options.clone(), calls_rx);
+        task.adopt(stream, addr);
+        tokio::spawn(task.run());
+        Ok(Pipe {
+            inner: Arc::new(Inner {
+                calls: calls_tx,
+                options,
+                addrs,
+                id_base: OsRng.next_u64(),
+                next_client: AtomicU64::new(0),
+                next_query: AtomicU64::new(1),
+            }),
+            _transport: PhantomData,
+        })
+    }
+
+    /// The server addresses, in the order they are tried.
+    pub fn addrs(&self) -> &[String] {
+        &self.inner.addrs
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.options
+    }
+
+    fn fresh_client(&self) -> ClientId {
+        ClientId(self.inner.id_base.wrapping_add(self.inner.next_client.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    /// Opens a session of `kind` with no records.
+    #[allow(clippy::new_ret_no_self)] // `pipe.new(kind)` opens a new session, as the protocol names it
+    pub async fn new(&self, kind: u32) -> Result<Session<T>, ClientError> {
+        self.open(kind, None).await
+    }
+
+    /// Opens a session of `kind` holding `first` as its first record.
+    pub async fn new_with(&self, kind: u32, first: Vec<u8>) -> Result<Session<T>, ClientError> {
+        self.open(kind, Some(first)).await
+    }
+
+    async fn open(&self, kind: u32, record: Option<Vec<u8>>) -> Result<Session<T>, ClientError> {
+        let client = self.fresh_client();
+        match self.request(client, Seq(1), Request::New { kind: Kind(kind), record }).await? {
+            Reply::Created { handle } => Ok(Session { pipe: self.clone(), handle, client, next_seq: 2 }),
+            other => Err(ClientError::Unexpected(format!("{other:?} to a new session request"))),
+        }
+    }
+
+    /// A session handle obtained elsewhere (a command line, a delivery). It gets its own client id.
+    pub fn session(&self, handle: Handle) -> Session<T> {
+        Session { pipe: self.clone(), handle, client: self.fresh_client(), next_seq: 1 }
+    }
+
+    /// Where a session stands and its records.
+    pub async fn get(&self, id: SessionId) -> Result<SessionView, ClientError> {
+        let qid = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
+        let msg = ClientMsg::Query { id: qid, query: Query::Session(id) };
+        match self.call(Key::Query(qid), &msg).await? {
+            ServerMsg::QueryReply { reply: QueryReply::Session(Ok(view)), .. } => Ok(view),
+            ServerMsg::QueryReply { reply: QueryReply::Session(Err(e)), .. } => Err(ClientError::Refused(e)),
+            other => Err(ClientError::Unexpected(format!("{other:?} to a session query"))),
+        }
+    }
+
+    /// The server's status (engine state, disk use, connections).
+    pub async fn status(&self) -> Result<ServerStatus, ClientError> {
+        let id = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
+        match self.call(Key::Status(id), &ClientMsg::Status { id }).await? {
+            ServerMsg::Status { status, .. } => Ok(status),
+            other => Err(ClientError::Unexpected(format!("{other:?} to a status request"))),
+        }
+    }
+
+    /// Sends one request (retrying it as described in the module docs) and returns its reply.
+    async fn request(&self, client: ClientId, seq: Seq, request: Request) -> Result<Reply, ClientError> {
+        let msg = ClientMsg::Request { client, seq, request };
+        match self.call(Key::Request(client, seq), &msg).await? {
+            ServerMsg::Reply { outcome: Ok(reply), .. } => Ok(reply),
+            ServerMsg::Reply { outcome: Err(e), .. } => Err(ClientError::Refused(e)),
+            other => Err(ClientError::Unexpected(format!("{other:?} to a request"))),
+        }
+    }
+
+    /// The retry loop: the same frame is sent until it is answered (with something other than a
+    /// "not now" refusal), or `retry_for` has passed.
+    async fn call(&self, key: Key, msg: &ClientMsg) -> Result<ServerMsg, ClientError> {
+        let options = &self.inner.options;
+        let frame: Arc<[u8]> = wire::encode(msg).into();
+        let started = Instant::now();
+        let deadline = started + options.retry_for;
+        let written = Arc::new(AtomicBool::new(false));
+        let mut backoff = BACKOFF_MIN;
+        let mut last_problem = String::from("no attempt was made");
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(if written.load(Ordering::Relaxed) {
+                    ClientError::Timeout { waited_ms: started.elapsed().as_millis() as u64 }
+                } else {
+                    ClientError::Connect { addrs: self.inner.addrs.join(","), reason: last_problem }
+                });
+            }
+            let (reply_tx, reply_rx) = oneshot::channel();
+            let call = Call { key, frame: frame.clone(), written: written.clone(), reply: reply_tx };
+            let attempt = async {
+                self.inner.calls.send(call).await.map_err(|_| ())?;
+                reply_rx.await.map_err(|_| ())
+            };
+            let wait = options.request_timeout.min(deadline - now);
+            match tokio::time::timeout(wait, attempt).await {
+                Err(_) => {
+                    // Sent again at once (the connection task reconnects if the old one went silent).
+                    last_problem = format!("no answer within {} ms", wait.as_millis());
+                    continue;
+                }
+                Ok(Err(())) => return Err(ClientError::Protocol("the pipe's connection task has stopped".into())),
+                Ok(Ok(Answer::Msg(m))) => match not_now(&m) {
+                    None => return Ok(m),
+                    Some(e) => last_problem = format!("server answered: {e}"),
+                },
+                Ok(Ok(Answer::Lost(reason))) => last_problem = reason,
+                Ok(Ok(Answer::Failed(e))) => return Err(e),
+            }
+            let pause = jittered(backoff).min(deadline.saturating_duration_since(Instant::now()));
+            tokio::time::sleep(pause).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+/// A refusal that means "try again shortly".
+fn not_now(msg: &ServerMsg) -> Option<&RequestError> {
+    let e = match msg {
+        ServerMsg::Reply { outcome: Err(e), .. } => e,
+        ServerMsg::QueryReply { reply: QueryReply::Session(Err(e)), .. } => e,
+        _ => return None,
+    };
+    matches!(e, RequestError::NotReady | RequestError::Overloaded { .. } | RequestError::Stopped(_)).then_some(e)
+}
+
+fn jittered(d: Duration) -> Duration {
+    let half = d.as_micros() as u64 / 2;
+    d + Duration::from_micros(if half == 0 { 0 } else { OsRng.next_u64() % half })
+}
+
+/// One session worked on through a [`Pipe`]: its handle, its own client id and its next sequence
+/// number. Requests on one session go one at a time (`&mut self`).
+pub struct Session<T: Transport = Tcp> {
+    pipe: Pipe<T>,
+    handle: Handle,
+    client: ClientId,
+    next_seq: u64,
+}
+
+impl<T: Transport> fmt::Debug for Session<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("handle", &self.handle)
+            .field("client", &self.client)
+            .field("next_seq", &self.next_seq)
+            .finish()
+    }
+}
+
+impl<T: Transport> Session<T> {
+    pub fn id(&self) -> SessionId {
+        self.handle.session
+    }
+
+    pub fn handle(&self) -> Handle {
+        self.handle
+    }
+
+    pub fn pipe(&self) -> &Pipe<T> {
+        &self.pipe
+    }
+
+    async fn send(&mut self, request: Request) -> Result<Reply, ClientError> {
+        let seq = Seq(self.next_seq);
+        self.next_seq += 1;
+        self.pipe.request(self.client, seq, request).await
+    }
+
+    async fn expect_done(&mut self, request: Request) -> Result<(), ClientError> {
+        match self.send(request).await? {
+            Reply::Done => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?} where Done was expected"))),
+        }
+    }
+
+    /// Adds one record at the end.
+    pub async fn append(&mut self, record: impl Into<Vec<u8>>) -> Result<(), ClientError> {
+        self.expect_done(Request::Append { handle: self.handle, record: record.into() }).await
+    }
+
+    /// Drops all records and keeps this one.
+    pub async fn replace(&mut self, record: impl Into<Vec<u8>>) -> Result<(), ClientError> {
+        self.expect_done(Request::Replace { handle: self.handle, record: record.into() }).await
+    }
+
+    /// The work is done: the session is gone and never delivered again.
+    pub async fn delete(mut self) -> Result<(), ClientError> {
+        self.expect_done(Request::Delete { handle: self.handle }).await
+    }
+
+    /// The work is unfinished: the kind's handler gets the session after `timeout_s` (plus the
+    /// kind's jitter). Returns the repeat time.
+    pub async fn store(mut self, timeout_s: u32) -> Result<UnixSecs, ClientError> {
+        match self.send(Request::Store { handle: self.handle, timeout_s }).await? {
+            Reply::Stored { due } => Ok(due),
+            other => Err(ClientError::Unexpected(format!("{other:?} where Stored was expected"))),
+        }
+    }
+
+    /// Renews the lease without changing anything else.
+    pub async fn keep_alive(&mut self) -> Result<(), ClientError> {
+        self.expect_done(Request::KeepAlive { handle: self.handle }).await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The connection task.
+
+/// What an answer is matched by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    Request(ClientId, Seq),
+    Query(u64),
+    Status(u64),
+}
+
+struct Call {
+    key: Key,
+    frame: Arc<[u8]>,
+    /// Set once the frame has been handed to a connection (the request may then have been
+    /// applied); shared by every attempt of one call.
+    written: Arc<AtomicBool>,
+    reply: oneshot::Sender<Answer>,
+}
+
+enum Answer {
+    Msg(ServerMsg),
+    /// The connection broke or could not be made; try again.
+    Lost(String),
+    /// Give up with this error.
+    Failed(ClientError),
+}
+
+struct Pending {
+    reply: oneshot::Sender<Answer>,
+    sent_at: Instant,
+    payload_len: u32,
+}
+
+struct Event {
+    generation: u64,
+    msg: Result<ServerMsg, String>,
+}
+
+struct Conn<T: Transport> {
+    generation: u64,
+    addr: String,
+    writer: WriteHalf<T::Stream>,
+    reader: JoinHandle<()>,
+    /// When a frame last arrived: a connection silent since a timed-out request was sent is
+    /// taken for dead.
+    last_rx: Instant,
+}
+
+struct ConnTask<T: Transport> {
+    transport: T,
+    addrs: Vec<String>,
+    options: ClientOptions,
+    calls: mpsc::Receiver<Call>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
+    conn: Option<Conn<T>>,
+    generation: u64,
+    pending: HashMap<Key, Pending>,
+    connect_failed: Option<(Instant, String)>,
+}
+
+/// Tries each address in order; the first that connects wins.
+async fn connect_any<T: Transport>(
+    transport: &T,
+    addrs: &[String],
+    timeout: Duration,
+) -> Result<(T::Stream, String), String> {
+    let mut problems = Vec::new();
+    for addr in addrs {
+        match tokio::time::timeout(timeout, transport.connect(addr)).await {
+            Ok(Ok(stream)) => return Ok((stream, addr.clone())),
+            Ok(Err(e)) => problems.push(format!("{addr}: {e}")),
+            Err(_) => problems.push(format!("{addr}: no connection within {} ms", timeout.as_millis())),
+        }
+    }
+    Err(problems.join("; "))
+}
+
+impl<T: Transport> ConnTask<T> {
+    fn new(transport: T, addrs: Vec<String>, options: ClientOptions, calls: mpsc::Receiver<Call>) -> Self {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        ConnTask {
+            transport,
+            addrs,
+            options,
+            calls,
+            events_tx,
+            events,
+            conn: None,
+            generation: 0,
+            pending: HashMap::new(),
+            connect_failed: None,
+        }
+    }
+
+    async fn run(mut self) {
+        let mut purge = tokio::time::interval(PURGE_EVERY);
+        purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                call = self.calls.recv(), if self.pending.len() < PENDING_MAX => match call {
+                    Some(call) => self.on_call(call).await,
+                    None => break, // every Pipe is gone
+                },
+                Some(event) = self.events.recv() => self.on_event(event),
+                _ = purge.tick() => self.pending.retain(|_, p| !p.reply.is_closed()),
+            }
+        }
+        self.drop_conn("the pipe was dropped".into());
+    }
+
+    fn adopt(&mut self, stream: T::Stream, addr: String) {
+        self.generation += 1;
+        let generation = self.generation;
+        let (reader, writer) = tokio::io::split(stream);
+        let reader = tokio::spawn(read_loop(reader, generation, self.options.frame_bytes_max, self.events_tx.clone()));
+        tracing::debug!(%addr, generation, "connected");
+        self.conn = Some(Conn { generation, addr, writer, reader, last_rx: Instant::now() });
+    }
+
+    /// Closes the connection; everything waiting on it is told to try again.
+    fn drop_conn(&mut self, reason: String) {
+        if let Some(conn) = self.conn.take() {
+            conn.reader.abort();
+            tracing::debug!(addr = %conn.addr, generation = conn.generation, %reason, "connection dropped");
+            let reason = format!("connection to {} lost: {reason}", conn.addr);
+            for (_, p) in self.pending.drain() {
+                let _ = p.reply.send(Answer::Lost(reason.clone()));
+            }
+        }
+    }
+
+    async fn connect(&mut self) -> Result<(), String> {
+        if let Some((at, reason)) = &self.connect_failed {
+            if at.elapsed() < CONNECT_QUIET {
+                return Err(reason.clone());
+            }
+        }
+        match connect_any(&self.transport, &self.addrs, self.options.request_timeout).await {
+            Ok((stream, addr)) => {
+                self.connect_failed = None;
+                self.adopt(stream, addr);
+                Ok(())
+            }
+            Err(reason) => {
+                self.connect_failed = Some((Instant::now(), reason.clone()));
+                Err(reason)
+            }
+        }
+    }
+
+    async fn on_call(&mut self, call: Call) {
+        if call.reply.is_closed() {
+            return; // the caller gave up (or timed out and sent this again) while it queued
+        }
+        if let (Some(conn), Some(p)) = (&self.conn, self.pending.get(&call.key)) {
+            // A retry after a timeout. Nothing at all heard since the original was sent: the
+            // connection is taken for dead. Otherwise it is alive and the retry goes on it.
+            if conn.last_rx <= p.sent_at {
+                let silent = p.sent_at.elapsed().as_millis();
+                self.drop_conn(format!("nothing heard for {silent} ms"));
+            }
+        }
+        if self.conn.is_none() {
+            if let Err(reason) = self.connect().await {
+                let _ = call.reply.send(Answer::Lost(format!("cannot connect: {reason}")));
+                return;
+            }
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        call.written.store(true, Ordering::Relaxed);
+        let write = async {
+            conn.writer.write_all(&call.frame).await?;
+            conn.writer.flush().await
+        };
+        let problem = match tokio::time::timeout(self.options.request_timeout, write).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("write failed: {e}")),
+            Err(_) => Some(format!("write blocked for {} ms", self.options.request_timeout.as_millis())),
+        };
+        if let Some(problem) = problem {
+            self.drop_conn(problem.clone());
+            let _ = call.reply.send(Answer::Lost(problem));
+            return;
+        }
+        let payload_len = (call.frame.len() - wire::FRAME_HEADER_LEN) as u32;
+        self.pending.insert(call.key, Pending { reply: call.reply, sent_at: Instant::now(), payload_len });
+    }
+
+    fn on_event(&mut self, event: Event) {
+        let Some(conn) = &mut self.conn else { return };
+        if conn.generation != event.generation {
+            return; // from a connection already dropped
+        }
+        let msg = match event.msg {
+            Ok(msg) => msg,
+            Err(reason) => return self.drop_conn(reason),
+        };
+        conn.last_rx = Instant::now();
+        let key = match &msg {
+            ServerMsg::Reply { client, seq, .. } => Key::Request(*client, *seq),
+            ServerMsg::QueryReply { id, .. } => Key::Query(*id),
+            ServerMsg::Status { id, .. } => Key::Status(*id),
+            ServerMsg::Error { error } => {
+                tracing::warn!(addr = %conn.addr, %error, "the server closed the connection");
+                if let WireError::FrameTooLarge { len, max } = error {
+                    // Sending that frame again would only break the next connection too.
+                    let (len, max) = (*len, *max);
+                    let too_large: Vec<Key> =
+                        self.pending.iter().filter(|(_, p)| p.payload_len == len).map(|(k, _)| *k).collect();
+                    for key in too_large {
+                        let p = self.pending.remove(&key).expect("listed above");
+                        let e = format!("a frame of {len} bytes exceeds the server's limit of {max}");
+                        let _ = p.reply.send(Answer::Failed(ClientError::Protocol(e)));
+                    }
+                }
+                return self.drop_conn(format!("server error: {error}"));
+            }
+        };
+        match self.pending.remove(&key) {
+            Some(p) => {
+                let _ = p.reply.send(Answer::Msg(msg));
+            }
+            None => tracing::debug!(?key, "answer nobody waits for (the caller gave up)"),
+        }
+    }
+}
+
+async fn read_loop<S: tokio::io::AsyncRead>(
+    reader: ReadHalf<S>,
+    generation: u64,
+    max: u32,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let mut reader = BufReader::new(reader);
+    loop {
+        let msg = match wire::read::<ServerMsg, _>(&mut reader, max).await {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err("the server closed the connection".to_string()),
+            Err(e) => Err(format!("reading from the server: {e}")),
+        };
+        let end = msg.is_err();
+        if events.send(Event { generation, msg }).is_err() || end {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use truba_engine::{Attempt, Outcome, StatusView};
+
+    /// What the fake server does with one message.
+    pub(crate) enum Act {
+        Answer(ServerMsg),
+        /// Close the connection without answering.
+        Drop,
+        /// Say nothing (and keep the connection).
+        Ignore,
+    }
+
+    type Behaviour = dyn Fn(&ClientMsg, usize) -> Act + Send + Sync;
+
+    /// A tiny server speaking the wire protocol. `behaviour` gets each message and how many
+    /// times that same message was seen before; every message received is logged.
+    pub(crate) struct FakeServer {
+        pub addr: String,
+        pub log: Arc<Mutex<Vec<ClientMsg>>>,
+        pub connections: Arc<AtomicU64>,
+        task: JoinHandle<()>,
+    }
+
+    impl Drop for FakeServer {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    /// The ordinary answer to each message: sessions are created as `next_id@0`.
+    pub(crate) fn ordinary(msg: &ClientMsg) -> ServerMsg {
+        match msg {
+            ClientMsg::Request { client, seq, request } => {
+                let outcome: Outcome = match request {
+                    Request::New { .. } => {
+                        Ok(Reply::Created { handle: Handle { session: SessionId(seq.0 + 100), attempt: Attempt(0) } })
+                    }
+                    Request::Store { timeout_s, .. } => Ok(Reply::Stored { due: UnixSecs(1_000 + *timeout_s as u64) }),
+                    _ => Ok(Reply::Done),
+                };
+                ServerMsg::Reply { client: *client, seq: *seq, outcome }
+            }
+            ClientMsg::Query { id, query: Query::Session(sid) } => {
+                ServerMsg::QueryReply { id: *id, reply: QueryReply::Session(Err(RequestError::SessionUnknown(*sid))) }
+            }
+            ClientMsg::Query { id, query: Query::Status } => ServerMsg::QueryReply {
+                id: *id,
+                reply: QueryReply::Status(StatusView {
+                    applied: Default::default(),
+                    durable: Default::default(),
+                    sessions_active: 0,
+                    sessions_stored: 0,
+                    state_hash: 0,
+                }),
+            },
+            ClientMsg::Status { id } => ServerMsg::Status {
+                id: *id,
+                status: ServerStatus {
+                    version: "fake".into(),
+                    engine: StatusView {
+                        applied: Default::default(),
+                        durable: Default::default(),
+                        sessions_active: 3,
+                        sessions_stored: 4,
+                        state_hash: 5,
+                    },
+                    disk_bytes: 6,
+                    connections: 1,
+                    role: "leader".into(),
+                },
+            },
+        }
+    }
+
+    impl FakeServer {
+        pub(crate) async fn start(behaviour: impl Fn(&ClientMsg, usize) -> Act + Send + Sync + 'static) -> FakeServer {
+            let listener = Tcp.bind("127.0.0.1:0").await.unwrap();
+            let addr = Tcp.local_addr(&listener).unwrap().to_string();
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let connections = Arc::new(AtomicU64::new(0));
+            let behaviour: Arc<Behaviour> = Arc::new(behaviour);
+            let (log2, conns2) = (log.clone(), connections.clone());
+            let task = tokio::spawn(async move {
+                // Dropped (with every connection's task) when the server is.
+                let mut connection_tasks = tokio::task::JoinSet::new();
+                loop {
+                    let (stream, _) = Tcp.accept(&listener).await.unwrap();
+                    conns2.fetch_add(1, Ordering::Relaxed);
+                    let (log, behaviour) = (log2.clone(), behaviour.clone());
+                    connection_tasks.spawn(async move {
+                        let (r, mut w) = tokio::io::split(stream);
+                        let mut r = BufReader::new(r);
+                        while let Ok(Some(msg)) = wire::read::<ClientMsg, _>(&mut r, u32::MAX).await {
+                            let seen = {
+                                let mut log = log.lock().unwrap();
+                                let seen = log.iter().filter(|m| **m == msg).count();
+                                log.push(msg.clone());
+                                seen
+                            };
+                            match behaviour(&msg, seen) {
+                                Act::Answer(reply) => {
+                                    if wire::write(&mut w, &reply).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Act::Drop => return,
+                                Act::Ignore => {}
+                            }
+                        }
+                    });
+                }
+            });
+            FakeServer { addr, log, connections, task }
+        }
+
+        pub(crate) fn requests(&self) -> Vec<(ClientId, Seq, Request)> {
+            let log = self.log.lock().unwrap();
+            log.iter()
+                .filter_map(|m| match m {
+                    ClientMsg::Request { client, seq, request } => Some((*client, *seq, request.clone())),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    fn fast() -> ClientOptions {
+        ClientOptions {
+            request_timeout: Duration::from_millis(300),
+            retry_for: Duration::from_secs(5),
+            ..ClientOptions::default()
+        }
+    }
+
+    async fn pipe(server: &FakeServer, options: ClientOptions) -> Pipe<Tcp> {
+        Pipe::connect_with(Tcp, vec![server.addr.clone()], options).await.unwrap()
+    }
+
+    fn is_append(msg: &ClientMsg) -> bool {
+        matches!(msg, ClientMsg::Request { request: Request::Append { .. }, .. })
+    }
+
+    #[tokio::test]
+    async fn a_dropped_connection_is_retried_with_the_same_client_and_seq() {
+        let server =
+            FakeServer::start(
+                |msg, seen| if is_append(msg) && seen == 0 { Act::Drop } else { Act::Answer(ordinary(msg)) },
+            )
+            .await;
+        let pipe = pipe(&server, fast()).await;
+        let mut s = pipe.new_with(1, b"r0".to_vec()).await.unwrap();
+        assert_eq!(s.id(), SessionId(101));
+        s.append(b"r1".to_vec()).await.unwrap();
+        s.keep_alive().await.unwrap();
+        assert_eq!(s.store(30).await.unwrap(), UnixSecs(1_030));
+
+        let reqs = server.requests();
+        let appends: Vec<_> = reqs.iter().filter(|(_, _, r)| matches!(r, Request::Append { .. })).collect();
+        assert_eq!(appends.len(), 2, "{reqs:?}");
+        assert_eq!(appends[0], appends[1], "the retry repeats client, seq and request");
+        assert_eq!(appends[0].1, Seq(2));
+        let client = reqs[0].0;
+        assert!(reqs.iter().all(|(c, _, _)| *c == client), "one client id for the session");
+        assert_eq!(reqs.iter().map(|(_, s, _)| s.0).collect::<Vec<_>>(), vec![1, 2, 2, 3, 4]);
+        assert_eq!(server.connections.load(Ordering::Relaxed), 2, "reconnected once");
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_gets_the_request_again_on_a_new_connection() {
+        let server =
+            FakeServer::start(
+                |msg, seen| if is_append(msg) && seen == 0 { Act::Ignore } else { Act::Answer(ordinary(msg)) },
+            )
+            .await;
+        let pipe = pipe(&server, fast()).await;
+        let mut s = pipe.session(Handle { session: SessionId(9), attempt: Attempt(2) });
+        s.append(b"x".to_vec()).await.unwrap();
+        let reqs = server.requests();
+        assert_eq!(reqs.len(), 2);
+        assert_eq!(reqs[0], reqs[1]);
+        assert_eq!(reqs[0].1, Seq(1));
+        assert_eq!(server.connections.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn not_ready_and_overloaded_are_retried() {
+        let server = FakeServer::start(|msg, seen| match (msg, seen) {
+            (ClientMsg::Request { client, seq, request: Request::Append { .. } }, 0 | 1) => {
+                let e = if seen == 0 { RequestError::NotReady } else { RequestError::Overloaded { max: 1 } };
+                Act::Answer(ServerMsg::Reply { client: *client, seq: *seq, outcome: Err(e) })
+            }
+            _ => Act::Answer(ordinary(msg)),
+        })
+        .await;
+        let pipe = pipe(&server, fast()).await;
+        let mut s = pipe.new(1).await.unwrap();
+        s.append(b"x".to_vec()).await.unwrap();
+        assert_eq!(server.requests().iter().filter(|(_, _, r)| matches!(r, Request::Append { .. })).count(), 3);
+        assert_eq!(server.connections.load(Ordering::Relaxed), 1, "refusals do not break the connection");
+    }
+
+    #[tokio::test]
+    async fn refusals_surface_typed() {
+        let server = FakeServer::start(|msg, _| match msg {
+            ClientMsg::Request { client, seq, request: Request::Append { handle, .. } } => {
+                Act::Answer(ServerMsg::Reply {
+                    client: *client,
+                    seq: *seq,
+                    outcome: Err(RequestError::SessionDeleted(handle.session)),
+                })
+            }
+            ClientMsg::Request { client, seq, request: Request::Replace { .. } } => Act::Answer(ServerMsg::Reply {
+                client: *client,
+                seq: *seq,
+                outcome: Err(RequestError::RecordTooLarge { size: 10, max: 1 }),
+            }),
+            _ => Act::Answer(ordinary(msg)),
+        })
+        .await;
+        let pipe = pipe(&server, fast()).await;
+        let mut s = pipe.new(1).await.unwrap();
+        let e = s.append(b"x".to_vec()).await.unwrap_err();
+        assert!(e.is_deleted(), "{e}");
+        assert!(!e.is_unknown() && !e.is_stale() && !e.is_limit());
+        assert_eq!(e, ClientError::Refused(RequestError::SessionDeleted(s.id())));
+        assert_eq!(e.to_string(), format!("refused: session {} was deleted", s.id()));
+        let e = s.replace(b"x".to_vec()).await.unwrap_err();
+        assert!(e.is_limit(), "{e}");
+        let e = pipe.get(SessionId(5)).await.unwrap_err();
+        assert!(e.is_unknown(), "{e}");
+        assert_eq!(server.requests().len(), 3, "refusals are not retried");
+    }
+
+    #[tokio::test]
+    async fn wrong_reply_types_are_unexpected() {
+        let server = FakeServer::start(|msg, _| match msg {
+            ClientMsg::Request { client, seq, request: Request::Delete { .. } } => Act::Answer(ServerMsg::Reply {
+                client: *client,
+                seq: *seq,
+                outcome: Ok(Reply::Stored { due: UnixSecs(1) }),
+            }),
+            _ => Act::Answer(ordinary(msg)),
+        })
+        .await;
+        let pipe = pipe(&server, fast()).await;
+        let s = pipe.session(Handle { session: SessionId(1), attempt: Attempt(0) });
+        assert!(matches!(s.delete().await, Err(ClientError::Unexpected(_))));
+    }
+
+    #[tokio::test]
+    async fn every_session_has_its_own_client_id() {
+        let server = FakeServer::start(|msg, _| Act::Answer(ordinary(msg))).await;
+        let pipe = pipe(&server, fast()).await;
+        let mut a = pipe.new(1).await.unwrap();
+        let mut b = pipe.new(1).await.unwrap();
+        let c = pipe.session(a.handle());
+        assert_ne!(a.client, b.client);
+        assert_ne!(a.client, c.client);
+        assert_ne!(b.client, c.client);
+        a.append(b"a".to_vec()).await.unwrap();
+        b.append(b"b".to_vec()).await.unwrap();
+        let reqs = server.requests();
+        assert_ne!(reqs[0].0, reqs[1].0);
+        assert_eq!(reqs[2].0, reqs[0].0);
+        assert_eq!(reqs[3].0, reqs[1].0);
+        assert!(reqs.iter().skip(2).all(|(_, s, _)| *s == Seq(2)));
+    }
+
+    #[tokio::test]
+    async fn many_sessions_share_one_connection_concurrently() {
+        let server = FakeServer::start(|msg, _| Act::Answer(ordinary(msg))).await;
+        let pipe = pipe(&server, fast()).await;
+        let mut tasks = Vec::new();
+        for i in 0..50u32 {
+            let pipe = pipe.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut s = pipe.new(1).await.unwrap();
+                for j in 0..10u32 {
+                    s.append(format!("{i}/{j}")).await.unwrap();
+                }
+                s.delete().await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(server.requests().len(), 50 * 12);
+        assert_eq!(server.connections.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn status_and_queries() {
+        let server = FakeServer::start(|msg, _| Act::Answer(ordinary(msg))).await;
+        let pipe = pipe(&server, fast()).await;
+        let st = pipe.status().await.unwrap();
+        assert_eq!((st.engine.sessions_active, st.disk_bytes, st.role.as_str()), (3, 6, "leader"));
+    }
+
+    #[tokio::test]
+    async fn no_answer_at_all_is_a_timeout_that_says_the_outcome_is_unknown() {
+        let server =
+            FakeServer::start(|msg, _| if is_append(msg) { Act::Ignore } else { Act::Answer(ordinary(msg)) }).await;
+        let options = ClientOptions { retry_for: Duration::from_millis(1_000), ..fast() };
+        let pipe = pipe(&server, options).await;
+        let mut s = pipe.new(1).await.unwrap();
+        let e = s.append(b"x".to_vec()).await.unwrap_err();
+        match &e {
+            ClientError::Timeout { waited_ms } => assert!((1_000..3_000).contains(waited_ms), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(e.to_string().contains("may or may not have been applied"));
+        let reqs = server.requests();
+        assert!(reqs.len() >= 3, "retried: {reqs:?}");
+        assert!(reqs[1..].iter().all(|r| *r == reqs[1]));
+    }
+
+    #[tokio::test]
+    async fn unreachable_servers_are_connect_errors() {
+        // A port that was just free: bind, note it, close.
+        let addr = {
+            let l = Tcp.bind("127.0.0.1:0").await.unwrap();
+            Tcp.local_addr(&l).unwrap().to_string()
+        };
+        let e = Pipe::connect(&format!("{addr}, {addr}")).await.unwrap_err();
+        match &e {
+            ClientError::Connect { addrs, .. } => assert_eq!(*addrs, format!("{addr},{addr}")),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(Pipe::connect(" , ").await, Err(ClientError::Connect { .. })));
+
+        // The first address is dead, the second works.
+        let server = FakeServer::start(|msg, _| Act::Answer(ordinary(msg))).await;
+        let pipe = Pipe::connect(&format!("{addr},{}", server.addr)).await.unwrap();
+        pipe.new(1).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_server_gone_for_good_before_sending_is_a_connect_error() {
+        let server = FakeServer::start(|msg, _| Act::Answer(ordinary(msg))).await;
+        let options = ClientOptions { retry_for: Duration::from_millis(500), ..fast() };
+        let pipe = pipe(&server, options).await;
+        let addr = server.addr.clone();
+        drop(server);
+        // Wait for the server's side to be gone; the pipe notices its connection closing.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let e = pipe.new(1).await.unwrap_err();
+        // The connection may look alive until the first write; either way the outcome is stated.
+        match e {
+            ClientError::Connect { addrs, .. } => assert_eq!(addrs, addr),
+            ClientError::Timeout { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_error_breaks_the_connection_and_an_oversized_frame_fails() {
+        let server = FakeServer::start(|msg, seen| match msg {
+            ClientMsg::Request { request: Request::Append { record, .. }, .. } if record.len() > 100 => {
+                let len = wire::encode(msg).len() as u32 - wire::FRAME_HEADER_LEN as u32;
+                Act::Answer(ServerMsg::Error { error: WireError::FrameTooLarge { len, max: 100 } })
+            }
+            _ if is_append(msg) && seen == 0 => Act::Answer(ServerMsg::Error { error: WireError::ShuttingDown }),
+            _ => Act::Answer(ordinary(msg)),
+        })
+        .await;
+        let pipe = pipe(&server, fast()).await;
+        let mut s = pipe.new(1).await.unwrap();
+        s.append(b"small".to_vec()).await.unwrap();
+        let e = s.append(vec![0u8; 500]).await.unwrap_err();
+        assert!(matches!(e, ClientError::Protocol(_)), "{e}");
+        assert_eq!(server.connections.load(Ordering::Relaxed), 2);
+    }
+}

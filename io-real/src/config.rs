@@ -1,0 +1,192 @@
+//! Server configuration: TOML, every field optional, with defaults that run a single node on
+//! loopback (`truba serve` with no arguments).
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use truba_engine::{EngineConfig, Kind, KindConfig, Limits};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the log, snapshots and torn-write copies live.
+    pub data_dir: PathBuf,
+    /// Address clients (and handlers working on deliveries) connect to.
+    pub listen: String,
+    /// Addresses handed to handlers to reach this server; defaults to `listen`.
+    pub advertise: Option<Vec<String>>,
+    pub server: ServerLimits,
+    /// The engine's limits (batch sizes, snapshots, segments, sessions ...).
+    pub engine: Limits,
+    /// `[kinds.N]`: each kind's handler address and behaviour.
+    #[serde(deserialize_with = "kinds_by_number")]
+    pub kinds: BTreeMap<u32, KindSection>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerLimits {
+    pub connections_max: u32,
+    pub frame_bytes_max: u32,
+    /// Requests one connection may have waiting for answers.
+    pub inflight_per_connection_max: u32,
+    /// How long a push to a handler may take before it counts as failed.
+    pub handler_timeout_ms: u64,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            connections_max: 1024,
+            frame_bytes_max: crate::wire::FRAME_BYTES_MAX_DEFAULT,
+            inflight_per_connection_max: 1024,
+            handler_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct KindSection {
+    /// Where this kind's handler listens (the pipe connects to it).
+    pub handler: Option<String>,
+    pub config: KindConfig,
+}
+
+/// `[kinds.N]` tables: `handler` is taken out and the rest must be exactly `KindConfig`'s fields
+/// (serde's `flatten` would silently accept misspelt keys).
+fn kinds_by_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<u32, KindSection>, D::Error> {
+    use serde::de::Error;
+    let by_name = BTreeMap::<String, toml::Table>::deserialize(d)?;
+    by_name
+        .into_iter()
+        .map(|(k, mut table)| {
+            let n = k.parse::<u32>().map_err(|_| D::Error::custom(format!("kind `{k}` is not a number")))?;
+            let handler = match table.remove("handler") {
+                None => None,
+                Some(toml::Value::String(s)) => Some(s),
+                Some(_) => return Err(D::Error::custom(format!("kinds.{k}.handler must be a \"host:port\" string"))),
+            };
+            let config = KindConfig::deserialize(toml::Value::Table(table))
+                .map_err(|e| D::Error::custom(format!("kinds.{k}: {}", e.message())))?;
+            Ok((n, KindSection { handler, config }))
+        })
+        .collect()
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut kinds = BTreeMap::new();
+        kinds.insert(
+            1,
+            KindSection {
+                handler: Some("127.0.0.1:7500".into()),
+                config: KindConfig { default_delay_s: 60, ..Default::default() },
+            },
+        );
+        Config {
+            data_dir: PathBuf::from("./truba-data"),
+            listen: "127.0.0.1:7400".into(),
+            advertise: None,
+            server: ServerLimits::default(),
+            engine: Limits::default(),
+            kinds,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("config {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("config {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.into(), reason: e.to_string() })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.into(), reason: e.message().to_string() })?;
+        c.validate().map_err(|reason| ConfigError::Invalid { path: path.into(), reason })?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.kinds.is_empty() {
+            return Err("no [kinds.N] section: sessions need at least one kind".into());
+        }
+        let frame_need = self.kinds.values().map(|k| k.config.record_bytes_max).max().unwrap_or(0) as u64 + 1024;
+        if (self.server.frame_bytes_max as u64) < frame_need {
+            return Err(format!(
+                "server.frame_bytes_max ({}) is too small for the largest record_bytes_max (needs {frame_need})",
+                self.server.frame_bytes_max
+            ));
+        }
+        for (n, k) in &self.kinds {
+            if k.config.handler_slots == 0 {
+                return Err(format!("kinds.{n}.handler_slots must be at least 1"));
+            }
+        }
+        if self.engine.batch_entries_max == 0 || self.engine.pending_requests_max == 0 {
+            return Err("engine.batch_entries_max and engine.pending_requests_max must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            kinds: self.kinds.iter().map(|(n, k)| (Kind(*n), k.config.clone())).collect(),
+            limits: self.engine.clone(),
+            mutations: Default::default(),
+        }
+    }
+
+    pub fn advertised(&self) -> Vec<String> {
+        self.advertise.clone().unwrap_or_else(|| vec![self.listen.clone()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_config_parses_and_typos_are_refused() {
+        let text = r#"
+            data_dir = "/tmp/x"
+            listen = "127.0.0.1:9000"
+            [server]
+            connections_max = 10
+            [engine]
+            snapshot_every_entries = 1000
+            [kinds.3]
+            handler = "127.0.0.1:9100"
+            default_delay_s = 5
+            jitter_window_s = 2
+        "#;
+        let c = Config::parse(text, Path::new("t.toml")).unwrap();
+        assert_eq!(c.kinds[&3].handler.as_deref(), Some("127.0.0.1:9100"));
+        assert_eq!(c.kinds[&3].config.default_delay_s, 5);
+        assert_eq!(c.engine.snapshot_every_entries, 1000);
+
+        let typo = "[kinds.1]\ndefault_dely_s = 5\n";
+        let e = Config::parse(typo, Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("default_dely_s"), "{e}");
+        let bad_kind = "[kinds.one]\n";
+        assert!(Config::parse(bad_kind, Path::new("t.toml")).unwrap_err().to_string().contains("not a number"));
+    }
+
+    #[test]
+    fn the_default_runs_one_node_on_loopback() {
+        let c = Config::default();
+        assert_eq!(c.listen, "127.0.0.1:7400");
+        assert!(c.validate().is_ok());
+    }
+}

@@ -1,0 +1,23 @@
+//! # truba
+//!
+//! The truba engine bound to files, TCP and the system clock: the server, the client library,
+//! the handler side of the protocol, and the `truba` command line. The engine itself is
+//! unchanged: this crate only carries out what it asks for.
+//!
+//! - [`server`]: the driver loop (engine task, connections, disk worker, deliveries, shutdown).
+//! - [`disk`]: the data directory: the engine's disk operations on real files.
+//! - [`net`]: the network behind a trait, so tests can run it over turmoil.
+//! - [`wire`]: framed postcard messages (length + crc32).
+//! - [`config`]: the TOML configuration and its defaults.
+//! - [`client`]: `Pipe` and `Session`, with retries that are never applied twice.
+//! - [`handler`]: `handler::serve` and the `Handler` trait for the pipe's deliveries.
+//! - [`bench`]: `truba bench`.
+
+pub mod bench;
+pub mod client;
+pub mod config;
+pub mod disk;
+pub mod handler;
+pub mod net;
+pub mod server;
+pub mod wire;

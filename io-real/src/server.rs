@@ -1,0 +1,501 @@
+//! The server: the engine driven by files, TCP and the system clock.
+//!
+//! One task owns the engine and runs its loop: it takes inputs from a channel (client requests
+//! from connection tasks, disk completions from the disk worker, handler failures), feeds them
+//! to the engine, and carries out what the engine outputs. The driver makes no decisions:
+//! batching, durability, deduplication and redelivery are all the engine's.
+//!
+//! ```text
+//!  connections ──┐                         ┌──▶ disk worker (one thread, operations in order)
+//!  disk worker ──┼──▶ engine task ─────────┼──▶ connection writers (replies)
+//!  deliveries  ──┘   handle / poll / tick  └──▶ delivery tasks (push to handlers)
+//! ```
+
+use crate::config::{Config, ServerLimits};
+use crate::disk::{execute, Fs};
+use crate::net::Transport;
+use crate::wire::{self, ClientMsg, FrameError, HandlerToPipe, PipeToHandler, ServerMsg, ServerStatus, WireError};
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+use truba_engine::{
+    ClientId, DiskError, Engine, Handle, Input, Instant, IoId, IoOp, IoReply, Kind, Now, Output, Query, QueryReply,
+    Request, Seq, UnixMs,
+};
+
+/// What the engine task hears about.
+pub enum ToEngine {
+    Request { conn: u64, client: ClientId, seq: Seq, request: Request },
+    Query { conn: u64, id: u64, query: Query },
+    Status { conn: u64, id: u64 },
+    IoDone { id: IoId, result: Result<IoReply, DiskError> },
+    DeliveryFailed { handle: Handle },
+    Opened { conn: u64, tx: mpsc::Sender<ServerMsg> },
+    Closed { conn: u64 },
+}
+
+/// Where the server runs: its network, its disk worker, its wall clock and its entropy. The
+/// real environment is [`RealEnv`]; tests provide turmoil's.
+pub trait Env: Clone + Send + Sync + 'static {
+    type Net: Transport;
+    fn transport(&self) -> Self::Net;
+    /// Starts the worker that carries out disk operations one at a time, in order, sending each
+    /// completion back as [`ToEngine::IoDone`].
+    fn spawn_disk(
+        &self,
+        fs: Arc<dyn Fs>,
+        ops: mpsc::UnboundedReceiver<(IoId, IoOp)>,
+        done: mpsc::UnboundedSender<ToEngine>,
+    );
+    /// Milliseconds since the Unix epoch.
+    fn wall_ms(&self) -> u64;
+    /// Seed for the engine's generator.
+    fn seed(&self) -> u64;
+}
+
+/// The production environment: real TCP, a dedicated disk thread, the system clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RealEnv;
+
+impl Env for RealEnv {
+    type Net = crate::net::Tcp;
+
+    fn transport(&self) -> Self::Net {
+        crate::net::Tcp
+    }
+
+    fn spawn_disk(
+        &self,
+        fs: Arc<dyn Fs>,
+        mut ops: mpsc::UnboundedReceiver<(IoId, IoOp)>,
+        done: mpsc::UnboundedSender<ToEngine>,
+    ) {
+        // Disk calls block (fsync takes milliseconds), so they get their own thread rather than
+        // holding up the network on the runtime's few workers.
+        std::thread::Builder::new()
+            .name("truba-disk".into())
+            .spawn(move || {
+                while let Some((id, op)) = ops.blocking_recv() {
+                    let result = execute(fs.as_ref(), &op);
+                    if done.send(ToEngine::IoDone { id, result }).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning the disk thread");
+    }
+
+    fn wall_ms(&self) -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn seed(&self) -> u64 {
+        use rand_core::RngCore;
+        rand_core::OsRng.next_u64()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind { addr: String, reason: String },
+    #[error("the engine stopped: {0}")]
+    Fatal(String),
+}
+
+/// Binds the listening address (so callers learn the port before serving).
+pub async fn bind<N: Transport>(net: &N, addr: &str) -> Result<N::Listener, ServerError> {
+    net.bind(addr).await.map_err(|e| ServerError::Bind { addr: addr.into(), reason: e.to_string() })
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, lets every request already received
+/// be answered (its batch written and fsynced), and returns.
+pub async fn run<E: Env>(
+    config: Config,
+    env: E,
+    fs: Arc<dyn Fs>,
+    listener: <E::Net as Transport>::Listener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let (to_engine, from_world) = mpsc::unbounded_channel::<ToEngine>();
+    let (disk_tx, disk_rx) = mpsc::unbounded_channel();
+    env.spawn_disk(fs.clone(), disk_rx, to_engine.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let connections = Arc::new(AtomicU32::new(0));
+    let accept = tokio::spawn(accept_loop(
+        env.transport(),
+        listener,
+        to_engine.clone(),
+        config.server.clone(),
+        stop_rx,
+        connections.clone(),
+    ));
+    let mut driver = Driver::new(config, env, fs, to_engine, disk_tx, connections);
+    let result = driver.run(from_world, shutdown, stop_tx).await;
+    accept.abort();
+    // Let connection writers send the last replies before the process goes.
+    driver.conns.clear();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    result
+}
+
+struct Driver<E: Env> {
+    config: Config,
+    env: E,
+    fs: Arc<dyn Fs>,
+    engine: Engine,
+    start: tokio::time::Instant,
+    to_engine: mpsc::UnboundedSender<ToEngine>,
+    disk: mpsc::UnboundedSender<(IoId, IoOp)>,
+    conns: BTreeMap<u64, mpsc::Sender<ServerMsg>>,
+    /// Which connection waits for the answer to each request in flight.
+    routes: BTreeMap<(ClientId, Seq), u64>,
+    /// Queries in flight: internal id -> (connection, the client's id, is a status request).
+    queries: BTreeMap<u64, (u64, u64, bool)>,
+    next_query: u64,
+    connections: Arc<AtomicU32>,
+    handlers: BTreeMap<Kind, String>,
+}
+
+impl<E: Env> Driver<E> {
+    fn new(
+        config: Config,
+        env: E,
+        fs: Arc<dyn Fs>,
+        to_engine: mpsc::UnboundedSender<ToEngine>,
+        disk: mpsc::UnboundedSender<(IoId, IoOp)>,
+        connections: Arc<AtomicU32>,
+    ) -> Driver<E> {
+        let engine = Engine::new(config.engine_config(), env.seed());
+        let handlers = config.kinds.iter().filter_map(|(k, s)| Some((Kind(*k), s.handler.clone()?))).collect();
+        Driver {
+            config,
+            env,
+            fs,
+            engine,
+            start: tokio::time::Instant::now(),
+            to_engine,
+            disk,
+            conns: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            queries: BTreeMap::new(),
+            next_query: 0,
+            connections,
+            handlers,
+        }
+    }
+
+    fn now(&self) -> Now {
+        Now { mono: Instant(self.start.elapsed().as_millis() as u64), wall: UnixMs(self.env.wall_ms()) }
+    }
+
+    async fn run(
+        &mut self,
+        mut inbox: mpsc::UnboundedReceiver<ToEngine>,
+        shutdown: impl Future<Output = ()>,
+        stop: watch::Sender<bool>,
+    ) -> Result<(), ServerError> {
+        tokio::pin!(shutdown);
+        let mut stopping = false;
+        self.feed(Input::Boot)?;
+        loop {
+            let deadline = match self.engine.next_deadline() {
+                Some(d) => self.start + Duration::from_millis(d.0),
+                None => self.start + Duration::from_secs(86_400 * 365),
+            };
+            tokio::select! {
+                msg = inbox.recv() => {
+                    let Some(msg) = msg else { break };
+                    self.on_msg(msg)?;
+                    // Take whatever else is waiting before going round: one batch, not one each.
+                    for _ in 0..4096 {
+                        let Ok(msg) = inbox.try_recv() else { break };
+                        self.on_msg(msg)?;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => self.feed(Input::Tick)?,
+                _ = &mut shutdown, if !stopping => {
+                    info!("shutting down: no new connections or requests; finishing work in flight");
+                    stopping = true;
+                    let _ = stop.send(true);
+                }
+            }
+            if stopping && self.engine.is_idle() {
+                info!(applied = self.engine.state().applied().0, "all requests answered and durable; stopped");
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn on_msg(&mut self, msg: ToEngine) -> Result<(), ServerError> {
+        match msg {
+            ToEngine::Request { conn, client, seq, request } => {
+                self.routes.insert((client, seq), conn);
+                self.feed(Input::Request { client, seq, request })
+            }
+            ToEngine::Query { conn, id, query } => {
+                self.next_query += 1;
+                self.queries.insert(self.next_query, (conn, id, false));
+                self.feed(Input::Query { id: self.next_query, query })
+            }
+            ToEngine::Status { conn, id } => {
+                self.next_query += 1;
+                self.queries.insert(self.next_query, (conn, id, true));
+                self.feed(Input::Query { id: self.next_query, query: Query::Status })
+            }
+            ToEngine::IoDone { id, result } => self.feed(Input::IoDone { id, result }),
+            ToEngine::DeliveryFailed { handle } => self.feed(Input::DeliveryFailed { handle }),
+            ToEngine::Opened { conn, tx } => {
+                self.conns.insert(conn, tx);
+                Ok(())
+            }
+            ToEngine::Closed { conn } => {
+                self.conns.remove(&conn);
+                Ok(())
+            }
+        }
+    }
+
+    fn feed(&mut self, input: Input) -> Result<(), ServerError> {
+        let now = self.now();
+        self.engine.handle(now, input);
+        while let Some(output) = self.engine.poll() {
+            self.carry_out(output)?;
+        }
+        Ok(())
+    }
+
+    fn send(&self, conn: u64, msg: ServerMsg) {
+        if let Some(tx) = self.conns.get(&conn) {
+            // A full writer queue means the client reads nothing; it retries after reconnecting.
+            let _ = tx.try_send(msg);
+        }
+    }
+
+    fn carry_out(&mut self, output: Output) -> Result<(), ServerError> {
+        match output {
+            Output::Io { id, op } => {
+                let _ = self.disk.send((id, op));
+            }
+            Output::Reply { client, seq, outcome } => {
+                if let Some(conn) = self.routes.remove(&(client, seq)) {
+                    self.send(conn, ServerMsg::Reply { client, seq, outcome });
+                }
+            }
+            Output::QueryReply { id, reply } => {
+                let Some((conn, client_id, status)) = self.queries.remove(&id) else { return Ok(()) };
+                let msg = match (status, reply) {
+                    (true, QueryReply::Status(engine)) => ServerMsg::Status {
+                        id: client_id,
+                        status: ServerStatus {
+                            version: env!("CARGO_PKG_VERSION").into(),
+                            engine,
+                            disk_bytes: self.fs.usage(),
+                            connections: self.connections.load(Ordering::Relaxed),
+                            role: "leader (single node)".into(),
+                        },
+                    },
+                    (_, reply) => ServerMsg::QueryReply { id: client_id, reply },
+                };
+                self.send(conn, msg);
+            }
+            Output::Deliver { kind, handle, due, records, .. } => {
+                let msg = PipeToHandler::Deliver { kind, handle, due, records, servers: self.config.advertised() };
+                let addr = self.handlers.get(&kind).cloned();
+                let timeout = Duration::from_millis(self.config.server.handler_timeout_ms);
+                let (net, tx, max) = (self.env.transport(), self.to_engine.clone(), self.config.server.frame_bytes_max);
+                tokio::spawn(deliver(net, addr, msg, handle, timeout, max, tx));
+            }
+            Output::Recovered { applied, state_hash, torn_bytes } => {
+                let dir = self.config.data_dir.display().to_string();
+                info!(applied = applied.0, state_hash = format!("{state_hash:016x}"), torn_bytes, dir, "recovered");
+                if torn_bytes > 0 {
+                    warn!(torn_bytes, "cut a torn write off the log tail (a copy is kept in torn-*.bin)");
+                }
+            }
+            Output::Stopped(fatal) => {
+                error!(%fatal, "the engine stopped");
+                return Err(ServerError::Fatal(fatal.to_string()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Pushes one delivery to its kind's handler; anything but a successful acknowledgement is
+/// reported back so the engine stores the session again.
+async fn deliver<N: Transport>(
+    net: N,
+    addr: Option<String>,
+    msg: PipeToHandler,
+    handle: Handle,
+    timeout: Duration,
+    frame_bytes_max: u32,
+    tx: mpsc::UnboundedSender<ToEngine>,
+) {
+    let result = match &addr {
+        None => Err("no handler is configured for this kind".to_string()),
+        Some(addr) => match tokio::time::timeout(timeout, push(&net, addr, &msg, handle, frame_bytes_max)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no acknowledgement within {} ms", timeout.as_millis())),
+        },
+    };
+    match result {
+        Ok(()) => debug!(session = handle.session.0, attempt = handle.attempt.0, "delivered"),
+        Err(reason) => {
+            warn!(
+                session = handle.session.0,
+                attempt = handle.attempt.0,
+                handler = addr.unwrap_or_default(),
+                reason,
+                "delivery failed; the session will be stored again"
+            );
+            let _ = tx.send(ToEngine::DeliveryFailed { handle });
+        }
+    }
+}
+
+async fn push<N: Transport>(net: &N, addr: &str, msg: &PipeToHandler, handle: Handle, max: u32) -> Result<(), String> {
+    let mut stream = net.connect(addr).await.map_err(|e| format!("cannot connect: {e}"))?;
+    wire::write(&mut stream, msg).await.map_err(|e| e.to_string())?;
+    match wire::read::<HandlerToPipe, _>(&mut stream, max).await {
+        Ok(Some(HandlerToPipe::Ack { handle: h, result })) if h == handle => {
+            result.map_err(|e| format!("handler failed: {e}"))
+        }
+        Ok(Some(other)) => Err(format!("unexpected answer {other:?}")),
+        Ok(None) => Err("the handler closed the connection".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn accept_loop<N: Transport>(
+    net: N,
+    listener: N::Listener,
+    to_engine: mpsc::UnboundedSender<ToEngine>,
+    limits: ServerLimits,
+    mut stop: watch::Receiver<bool>,
+    connections: Arc<AtomicU32>,
+) {
+    let mut next_conn = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            r = net.accept(&listener) => r,
+            _ = stop.changed() => return,
+        };
+        let (mut stream, peer) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if connections.load(Ordering::Relaxed) >= limits.connections_max {
+            warn!(%peer, max = limits.connections_max, "refusing a connection: at the limit");
+            tokio::spawn(async move {
+                let error = WireError::TooManyConnections { max: limits.connections_max };
+                let _ = wire::write(&mut stream, &ServerMsg::Error { error }).await;
+                let _ = stream.shutdown().await;
+            });
+            continue;
+        }
+        next_conn += 1;
+        connections.fetch_add(1, Ordering::Relaxed);
+        let (tx, limits, stop, count) = (to_engine.clone(), limits.clone(), stop.clone(), connections.clone());
+        tokio::spawn(async move {
+            connection(stream, next_conn, tx, limits, stop).await;
+            count.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// What a connection waits for an answer to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Pending {
+    Request(ClientId, Seq),
+    Query(u64),
+}
+
+/// One client connection: a reader forwarding requests to the engine, a writer sending answers.
+/// Bad bytes get an error frame and the connection is closed; nothing else is affected.
+async fn connection<S>(
+    stream: S,
+    conn: u64,
+    to_engine: mpsc::UnboundedSender<ToEngine>,
+    limits: ServerLimits,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let max_inflight = limits.inflight_per_connection_max;
+    let (out_tx, mut out_rx) = mpsc::channel::<ServerMsg>(max_inflight as usize + 16);
+    if to_engine.send(ToEngine::Opened { conn, tx: out_tx.clone() }).is_err() {
+        return;
+    }
+    let pending = Arc::new(Mutex::new(BTreeSet::<Pending>::new()));
+    let answered = pending.clone();
+    let write_task = tokio::spawn(async move {
+        while let Some(msg) = out_rx.recv().await {
+            let key = match &msg {
+                ServerMsg::Reply { client, seq, .. } => Some(Pending::Request(*client, *seq)),
+                ServerMsg::QueryReply { id, .. } | ServerMsg::Status { id, .. } => Some(Pending::Query(*id)),
+                ServerMsg::Error { .. } => None,
+            };
+            if let Some(key) = key {
+                answered.lock().expect("pending lock").remove(&key);
+            }
+            let last = key.is_none();
+            if wire::write(&mut writer, &msg).await.is_err() || last {
+                break;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    loop {
+        let frame = tokio::select! {
+            f = wire::read::<ClientMsg, _>(&mut reader, limits.frame_bytes_max) => f,
+            _ = stop.changed() => {
+                let _ = out_tx.send(ServerMsg::Error { error: WireError::ShuttingDown }).await;
+                break;
+            }
+        };
+        let msg = match frame {
+            Ok(Some(msg)) => msg,
+            Ok(None) | Err(FrameError::Io(_)) => break,
+            Err(FrameError::Wire(error)) => {
+                warn!(conn, %error, "refusing a client's frame and closing its connection");
+                let _ = out_tx.send(ServerMsg::Error { error }).await;
+                break;
+            }
+        };
+        let (key, input) = match msg {
+            ClientMsg::Request { client, seq, request } => {
+                (Pending::Request(client, seq), ToEngine::Request { conn, client, seq, request })
+            }
+            ClientMsg::Query { id, query } => (Pending::Query(id), ToEngine::Query { conn, id, query }),
+            ClientMsg::Status { id } => (Pending::Query(id), ToEngine::Status { conn, id }),
+        };
+        let too_many = {
+            let mut p = pending.lock().expect("pending lock");
+            p.insert(key);
+            p.len() > max_inflight as usize
+        };
+        if too_many {
+            let _ = out_tx.send(ServerMsg::Error { error: WireError::TooManyInflight { max: max_inflight } }).await;
+            break;
+        }
+        if to_engine.send(input).is_err() {
+            break;
+        }
+    }
+    let _ = to_engine.send(ToEngine::Closed { conn });
+    drop(out_tx);
+    let _ = write_task.await;
+}
