@@ -304,10 +304,20 @@ impl Engine {
 
     fn on_query(&mut self, id: u64, query: Query) {
         let reply = match query {
+            // Until recovery is done the state is not the replica's: "unknown" would be a lie.
+            Query::Session(_) if !self.is_serving() => {
+                let e = if self.is_stopped() {
+                    RequestError::Stopped("see the replica's log".into())
+                } else {
+                    RequestError::NotReady
+                };
+                QueryReply::Session(Err(e))
+            }
             Query::Session(sid) => QueryReply::Session(self.state.session_view(sid)),
             Query::Status => {
                 let (active, stored) = self.state.sessions_count();
                 QueryReply::Status(StatusView {
+                    serving: self.is_serving(),
                     applied: self.state.applied(),
                     durable: self.log.last_index,
                     sessions_active: active,

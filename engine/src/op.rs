@@ -131,6 +131,9 @@ pub struct SessionView {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusView {
+    /// False while the replica is still recovering (or has stopped): the other figures are
+    /// not yet its state.
+    pub serving: bool,
     pub applied: Index,
     pub durable: Index,
     pub sessions_active: u64,

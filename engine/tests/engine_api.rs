@@ -400,6 +400,9 @@ fn boot_on_empty_dir_recovers_at_zero_and_refuses_requests_until_then() {
     assert!(!d.engine.is_serving());
     assert_eq!(d.call(1, 2, new(1, None)), Err(RequestError::NotReady));
     assert!(d.held.len() == 1, "a refused request issues no disk operation");
+    // Queries are not answered from a state that is not yet the replica's.
+    assert_eq!(d.query(Query::Session(SessionId(1))), QueryReply::Session(Err(RequestError::NotReady)));
+    assert!(!d.status().serving);
 
     let mark = d.release();
     let (applied, hash, torn) = d.recovered_since(mark).expect("recovered after the List completes");
@@ -407,6 +410,7 @@ fn boot_on_empty_dir_recovers_at_zero_and_refuses_requests_until_then() {
     assert_eq!(torn, 0);
     assert!(d.engine.is_serving());
     let st = d.status();
+    assert!(st.serving);
     assert_eq!((st.applied, st.durable, st.sessions_active, st.sessions_stored), (Index(0), Index(0), 0, 0));
     assert_eq!(st.state_hash, hash);
 

@@ -719,6 +719,7 @@ pub(crate) mod tests {
             ClientMsg::Query { id, query: Query::Status } => ServerMsg::QueryReply {
                 id: *id,
                 reply: QueryReply::Status(StatusView {
+                    serving: true,
                     applied: Default::default(),
                     durable: Default::default(),
                     sessions_active: 0,
@@ -731,6 +732,7 @@ pub(crate) mod tests {
                 status: ServerStatus {
                     version: "fake".into(),
                     engine: StatusView {
+                        serving: true,
                         applied: Default::default(),
                         durable: Default::default(),
                         sessions_active: 3,

@@ -331,13 +331,14 @@ async fn status(conn: &Conn) -> CliResult {
     if conn.json {
         println!(
             "{}",
-            serde_json::json!({"version": s.version, "role": s.role, "applied": s.engine.applied.0,
+            serde_json::json!({"version": s.version, "role": s.role, "serving": s.engine.serving, "applied": s.engine.applied.0,
                 "commit": s.engine.durable.0, "sessions_active": s.engine.sessions_active,
                 "sessions_stored": s.engine.sessions_stored, "disk_bytes": s.disk_bytes,
                 "connections": s.connections, "state_hash": format!("{:016x}", s.engine.state_hash)})
         );
     } else {
-        println!("truba {}  {}", s.version, s.role);
+        let phase = if s.engine.serving { "serving" } else { "recovering" };
+        println!("truba {}  {}  {phase}", s.version, s.role);
         println!("index    applied {}  commit (durable) {}", s.engine.applied.0, s.engine.durable.0);
         println!("sessions active {}  stored {}", s.engine.sessions_active, s.engine.sessions_stored);
         println!("disk     {} bytes   connections {}", s.disk_bytes, s.connections);

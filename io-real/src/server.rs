@@ -100,6 +100,9 @@ impl Env for RealEnv {
     }
 }
 
+/// How long a shutdown waits for work in flight before giving up on it.
+const DRAIN_TIME_MAX: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot listen on {addr}: {reason}")]
@@ -135,12 +138,20 @@ pub async fn run<E: Env>(
         stop_rx,
         connections.clone(),
     ));
-    let mut driver = Driver::new(config, env, fs, to_engine, disk_tx, connections);
+    let mut driver = Driver::new(config, env, fs.clone(), to_engine, disk_tx, connections);
     let result = driver.run(from_world, shutdown, stop_tx).await;
     accept.abort();
-    // Let connection writers send the last replies before the process goes.
-    driver.conns.clear();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Dropping the driver closes the disk worker's queue and every connection writer's.
+    drop(driver);
+    // Let the writers send the last replies, and the disk worker let go of the directory (and
+    // its lock), before returning: a restart in the same process must find it free.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for _ in 0..500 {
+        if Arc::strong_count(&fs) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     result
 }
 
@@ -201,31 +212,42 @@ impl<E: Env> Driver<E> {
         stop: watch::Sender<bool>,
     ) -> Result<(), ServerError> {
         tokio::pin!(shutdown);
-        let mut stopping = false;
+        let far = Duration::from_secs(86_400 * 365);
+        // Set once shutdown starts: from then on only requests already received and disk
+        // completions are fed (no ticks, so the repeater proposes nothing new), until idle.
+        let mut stopping: Option<tokio::time::Instant> = None;
         self.feed(Input::Boot)?;
         loop {
-            let deadline = match self.engine.next_deadline() {
-                Some(d) => self.start + Duration::from_millis(d.0),
-                None => self.start + Duration::from_secs(86_400 * 365),
+            let deadline = match (stopping, self.engine.next_deadline()) {
+                (Some(since), _) => since + DRAIN_TIME_MAX,
+                (None, Some(d)) => self.start + Duration::from_millis(d.0),
+                (None, None) => self.start + far,
             };
             tokio::select! {
                 msg = inbox.recv() => {
                     let Some(msg) = msg else { break };
-                    self.on_msg(msg)?;
+                    self.on_msg(msg, stopping.is_some())?;
                     // Take whatever else is waiting before going round: one batch, not one each.
                     for _ in 0..4096 {
                         let Ok(msg) = inbox.try_recv() else { break };
-                        self.on_msg(msg)?;
+                        self.on_msg(msg, stopping.is_some())?;
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => self.feed(Input::Tick)?,
-                _ = &mut shutdown, if !stopping => {
+                _ = tokio::time::sleep_until(deadline) => {
+                    if stopping.is_some() {
+                        warn!("work still in flight after {} s of draining; stopping anyway (every acknowledged \
+                               request is durable)", DRAIN_TIME_MAX.as_secs());
+                        return Ok(());
+                    }
+                    self.feed(Input::Tick)?;
+                }
+                _ = &mut shutdown, if stopping.is_none() => {
                     info!("shutting down: no new connections or requests; finishing work in flight");
-                    stopping = true;
+                    stopping = Some(tokio::time::Instant::now());
                     let _ = stop.send(true);
                 }
             }
-            if stopping && self.engine.is_idle() {
+            if stopping.is_some() && self.engine.is_idle() {
                 info!(applied = self.engine.state().applied().0, "all requests answered and durable; stopped");
                 return Ok(());
             }
@@ -233,8 +255,10 @@ impl<E: Env> Driver<E> {
         Ok(())
     }
 
-    fn on_msg(&mut self, msg: ToEngine) -> Result<(), ServerError> {
+    fn on_msg(&mut self, msg: ToEngine, stopping: bool) -> Result<(), ServerError> {
         match msg {
+            // A failed delivery during shutdown is left to the lease: it expires after restart.
+            ToEngine::DeliveryFailed { .. } if stopping => Ok(()),
             ToEngine::Request { conn, client, seq, request } => {
                 self.routes.insert((client, seq), conn);
                 self.feed(Input::Request { client, seq, request })
