@@ -1,16 +1,22 @@
 //! On-disk formats: log records, segment headers, snapshot files.
 //!
-//! A record is `len u32 | crc u32 | prev_crc u32 | term u64 | index u64 | payload`, little
-//! endian, where `payload` is the postcard encoding of the entry's wall time and command and
-//! `crc` covers every other field and the payload. Each record is therefore checkable on its
-//! own, and `prev_crc` (the crc of the record before it) chains the log, so a stale or
-//! misdirected write that is valid in itself still breaks the chain and is caught.
+//! A record is `len u32 | crc u32 | prev_crc u32 | term u64 | index u64 | header_crc u32 |
+//! payload`, little endian, where `payload` is the postcard encoding of the entry's wall time and
+//! command, `crc` covers every field and the payload, and `header_crc` covers the 28 header bytes
+//! before it. Each record is therefore checkable on its own, and `prev_crc` (the crc of the
+//! record before it) chains the log, so a stale or misdirected write that is valid in itself
+//! still breaks the chain and is caught.
+//!
+//! Torn versus corrupt is decided by shape, not by position. A torn write leaves a prefix of its
+//! sectors, so the file ends inside the record: that, and only that, is torn. A record that is
+//! all there but fails a checksum, or a valid one that breaks the chain, is corruption, wherever
+//! it is (bit rot in the last, fsynced record is corruption too, never a torn write to cut).
 
 use crate::op::{Command, Entry};
 use crate::types::{Index, Term, UnixMs};
 use serde::{Deserialize, Serialize};
 
-pub const RECORD_HEADER_LEN: usize = 28;
+pub const RECORD_HEADER_LEN: usize = 32;
 pub const SEGMENT_HEADER_LEN: usize = 28;
 const SEGMENT_MAGIC: &[u8; 8] = b"TRUBAlg1";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"TRUBAsn1";
@@ -57,6 +63,8 @@ pub fn encode_record(prev_crc: u32, entry: &Entry, out: &mut Vec<u8>) -> u32 {
     header[8..12].copy_from_slice(&prev_crc.to_le_bytes());
     header[12..20].copy_from_slice(&entry.term.0.to_le_bytes());
     header[20..28].copy_from_slice(&entry.index.0.to_le_bytes());
+    let header_crc = crc32fast::hash(&header[..28]);
+    header[28..32].copy_from_slice(&header_crc.to_le_bytes());
     crc
 }
 
@@ -108,25 +116,42 @@ pub struct Decoded {
     pub end: usize,
 }
 
-/// Decodes the record at `at` if it is complete and its checksum holds. Chain continuity is the
+/// Why the bytes at an offset are not a valid record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bad {
+    /// The file ends inside the record: the shape a torn write leaves.
+    Incomplete,
+    /// The record is all there but a checksum fails or it does not decode: damage.
+    Damaged,
+}
+
+/// Decodes the record at `at` if it is complete and its checksums hold. Chain continuity is the
 /// caller's business.
-pub fn decode_record(b: &[u8], at: usize) -> Option<Decoded> {
+pub fn decode_record(b: &[u8], at: usize) -> Result<Decoded, Bad> {
     if b.len() < at + RECORD_HEADER_LEN {
-        return None;
+        return Err(Bad::Incomplete);
     }
-    let len = u32_at(b, at);
-    if len > PAYLOAD_BYTES_MAX || b.len() < at + RECORD_HEADER_LEN + len as usize {
-        return None;
+    let header = &b[at..at + RECORD_HEADER_LEN];
+    if crc32fast::hash(&header[..28]) != u32_at(header, 28) {
+        return Err(Bad::Damaged);
     }
-    let (crc, prev_crc) = (u32_at(b, at + 4), u32_at(b, at + 8));
-    let (term, index) = (u64_at(b, at + 12), u64_at(b, at + 20));
-    let payload = &b[at + RECORD_HEADER_LEN..at + RECORD_HEADER_LEN + len as usize];
+    let len = u32_at(header, 0);
+    if len > PAYLOAD_BYTES_MAX {
+        return Err(Bad::Damaged);
+    }
+    let end = at + RECORD_HEADER_LEN + len as usize;
+    if b.len() < end {
+        return Err(Bad::Incomplete);
+    }
+    let (crc, prev_crc) = (u32_at(header, 4), u32_at(header, 8));
+    let (term, index) = (u64_at(header, 12), u64_at(header, 20));
+    let payload = &b[at + RECORD_HEADER_LEN..end];
     if record_crc(prev_crc, term, index, payload) != crc {
-        return None;
+        return Err(Bad::Damaged);
     }
-    let p: Payload = postcard::from_bytes(payload).ok()?;
+    let p: Payload = postcard::from_bytes(payload).map_err(|_| Bad::Damaged)?;
     let entry = Entry { term: Term(term), index: Index(index), at: p.at, command: p.command };
-    Some(Decoded { entry, crc, prev_crc, end: at + RECORD_HEADER_LEN + len as usize })
+    Ok(Decoded { entry, crc, prev_crc, end })
 }
 
 /// How a segment's scan ended.
@@ -134,9 +159,9 @@ pub fn decode_record(b: &[u8], at: usize) -> Option<Decoded> {
 pub enum ScanEnd {
     /// Every byte belonged to a valid record.
     Clean,
-    /// An invalid record with nothing valid after it: a torn write, safe to cut at `offset`.
+    /// The file ends inside a record: a torn write, safe to cut at `offset`.
     Torn { offset: u64 },
-    /// An invalid record followed by a valid one: damage inside the log.
+    /// A complete record that is damaged or out of chain: never cut.
     Corrupt { offset: u64 },
 }
 
@@ -156,38 +181,20 @@ pub fn scan_segment(b: &[u8]) -> Option<SegmentScan> {
     let mut prev_crc = header.prev_crc;
     let mut next_index = header.first;
     while at < b.len() {
-        match decode_record(b, at) {
-            Some(d) if d.prev_crc == prev_crc && d.entry.index == next_index => {
+        let end = match decode_record(b, at) {
+            Ok(d) if d.prev_crc == prev_crc && d.entry.index == next_index => {
                 prev_crc = d.crc;
                 next_index = next_index.next();
                 at = d.end;
                 records.push(d);
+                continue;
             }
-            _ => {
-                let end = if valid_record_after(b, at + 1, next_index) {
-                    ScanEnd::Corrupt { offset: at as u64 }
-                } else {
-                    ScanEnd::Torn { offset: at as u64 }
-                };
-                return Some(SegmentScan { header, records, end });
-            }
-        }
+            Ok(_) | Err(Bad::Damaged) => ScanEnd::Corrupt { offset: at as u64 },
+            Err(Bad::Incomplete) => ScanEnd::Torn { offset: at as u64 },
+        };
+        return Some(SegmentScan { header, records, end });
     }
     Some(SegmentScan { header, records, end: ScanEnd::Clean })
-}
-
-/// Whether any self-consistent record for index `expected` or later starts at or after `from`.
-/// Only offsets whose index field is plausible are checksummed, so this stays cheap.
-fn valid_record_after(b: &[u8], from: usize, expected: Index) -> bool {
-    let mut at = from;
-    while at + RECORD_HEADER_LEN <= b.len() {
-        let index = u64_at(b, at + 20);
-        if index >= expected.0 && index < expected.0.saturating_add(1 << 32) && decode_record(b, at).is_some() {
-            return true;
-        }
-        at += 1;
-    }
-    false
 }
 
 /// Frames a snapshot: magic, index, term, payload length, crc, payload.
@@ -287,18 +294,20 @@ mod tests {
     }
 
     #[test]
-    fn flipped_bit_mid_log_is_corruption_and_at_tail_is_torn() {
+    fn a_flipped_bit_is_corruption_wherever_it_is() {
         let full = segment(3);
-        let first_end = scan_segment(&full).unwrap().records[0].end;
-        let mut mid = full.clone();
-        mid[first_end + RECORD_HEADER_LEN + 3] ^= 0x10;
-        assert_eq!(scan_segment(&mid).unwrap().end, ScanEnd::Corrupt { offset: first_end as u64 });
-        let mut tail = full.clone();
-        let last = tail.len() - 1;
-        tail[last] ^= 1;
-        let s = scan_segment(&tail).unwrap();
-        assert_eq!(s.records.len(), 2);
-        assert!(matches!(s.end, ScanEnd::Torn { .. }));
+        let scan = scan_segment(&full).unwrap();
+        let (first_end, second_end) = (scan.records[0].end, scan.records[1].end);
+        // Every single bit of the second and third records, header and payload: never "torn".
+        for byte in first_end..full.len() {
+            for bit in 0..8 {
+                let mut b = full.clone();
+                b[byte] ^= 1 << bit;
+                let s = scan_segment(&b).unwrap();
+                let at = if byte < second_end { first_end } else { second_end };
+                assert_eq!(s.end, ScanEnd::Corrupt { offset: at as u64 }, "flip at byte {byte} bit {bit}");
+            }
+        }
     }
 
     #[test]
@@ -308,7 +317,7 @@ mod tests {
         encode_record(c1 ^ 1, &entry(2), &mut b); // right index, wrong predecessor
         let s = scan_segment(&b).unwrap();
         assert_eq!(s.records.len(), 1);
-        assert_ne!(s.end, ScanEnd::Clean);
+        assert!(matches!(s.end, ScanEnd::Corrupt { .. }));
     }
 
     #[test]

@@ -31,6 +31,8 @@ enum Phase {
 enum Purpose {
     Recovery,
     Batch,
+    /// Cutting a failed write's leftovers off before the log is written again.
+    Repair,
     Snapshot,
     Cleanup,
 }
@@ -75,6 +77,8 @@ pub struct Engine {
     /// Files to remove after a snapshot, issued a few at a time to keep outstanding IO bounded.
     cleanup: VecDeque<String>,
     cleanup_inflight: usize,
+    /// A failed write's leftovers are being cut off; nothing is written until that is done.
+    repairing: bool,
     repeater: Repeater,
     snapshots: Snapshotter,
     io_next: u64,
@@ -105,6 +109,7 @@ impl Engine {
             pending_requests: 0,
             cleanup: VecDeque::new(),
             cleanup_inflight: 0,
+            repairing: false,
             repeater: Repeater::default(),
             snapshots: Snapshotter::default(),
             io_next: 0,
@@ -223,6 +228,16 @@ impl Engine {
                 self.recovery_step(step);
             }
             Purpose::Batch => self.on_batch_io(result),
+            Purpose::Repair => match result {
+                Ok(_) | Err(DiskError::NotFound) => {
+                    self.repairing = false;
+                    self.flush();
+                }
+                Err(e) => self.stop(Fatal::DiskFailed {
+                    file: "(log tail)".into(),
+                    reason: format!("cannot cut off a failed write: {e}"),
+                }),
+            },
             Purpose::Snapshot => self.on_snapshot_io(result),
             // A removal that failed leaves a file that the next recovery removes.
             Purpose::Cleanup => {
@@ -373,7 +388,7 @@ impl Engine {
 
     /// Starts writing the next batch if none is in flight.
     fn flush(&mut self) {
-        if self.batch.is_some() || self.queue.is_empty() || !self.is_serving() {
+        if self.batch.is_some() || self.repairing || self.queue.is_empty() || !self.is_serving() {
             return;
         }
         let limits = &self.cfg.limits;
@@ -439,10 +454,16 @@ impl Engine {
         self.flush();
     }
 
-    /// The disk was full: nothing of the batch was written, so every request in it is refused
-    /// and the log stays where it was.
+    /// The disk was full: the batch is refused (every request in it gets `DiskFull`) and the log
+    /// stays where it was. A short write may have left part of the batch behind; it is cut off
+    /// before anything else is written, so that later records never sit after leftovers that
+    /// would look like damage.
     fn fail_batch(&mut self) {
         let batch = self.batch.take().expect("a batch in flight");
+        let p = &batch.placement;
+        let len = if p.new_segment { 0 } else { p.offset };
+        self.repairing = true;
+        self.issue(IoOp::Truncate { file: p.file.clone(), len }, Purpose::Repair);
         for e in &batch.entries {
             self.repeater.settle(&e.command);
             if let Command::Client { client, seq, .. } = e.command {

@@ -3,9 +3,11 @@
 //! cut: the replica stops with a clear error).
 //!
 //! Recovery runs one disk operation at a time: list, read the newest snapshot, read each
-//! segment in order, then carry out the repairs. Any read that does not check out cleanly is
-//! read again, and a damaged verdict is only accepted once two consecutive reads return the same
-//! bytes, so a bit flipped on the way from the disk is never mistaken for damage on the disk.
+//! segment in order, then carry out the repairs. A torn tail is recognised by its shape (the
+//! file ends inside a record), which no flipped bit can fake. A damaged record is read again, and
+//! corruption is only declared once two consecutive reads return the same bytes, so a bit flipped
+//! on the way from the disk is not mistaken for damage on it; and even then nothing is cut: the
+//! replica stops, and a restart reads again.
 
 use crate::codec::{
     decode_snapshot, parse_segment_name, parse_snapshot_name, scan_segment, ScanEnd, SegmentScan, SEGMENT_HEADER_LEN,
@@ -166,7 +168,9 @@ impl Recovery {
 
     fn verdict(&self, bytes: &[u8], last: bool) -> Verdict {
         match scan_segment(bytes) {
-            None if last => Verdict::DropFile,
+            // A header cut short is a segment whose creation was torn; a whole one that fails
+            // its checksum is damage.
+            None if last && bytes.len() < SEGMENT_HEADER_LEN => Verdict::DropFile,
             None => Verdict::Corrupt(0),
             Some(s) => match s.end {
                 ScanEnd::Clean => Verdict::Clean(s),
@@ -189,9 +193,9 @@ impl Recovery {
                 verdict = Verdict::CutAt(s, offset);
             }
         }
-        let confirmed = matches!(verdict, Verdict::Clean(_))
-            || (mutant && !matches!(verdict, Verdict::Corrupt(_)))
-            || self.previous_read.as_deref() == Some(&bytes[..]);
+        // Clean and torn verdicts rest on checksums that held and on the file's length, which a
+        // flipped bit cannot fake; only a damage verdict needs the same bytes twice.
+        let confirmed = !matches!(verdict, Verdict::Corrupt(_)) || self.previous_read.as_deref() == Some(&bytes[..]);
         if !confirmed {
             let attempts = self.attempts;
             return self.retry(file.clone(), Some(bytes)).unwrap_or(Step::Fatal(Fatal::ReadFailed { file, attempts }));

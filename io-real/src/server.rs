@@ -457,7 +457,9 @@ async fn connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut reader, mut writer) = tokio::io::split(stream);
+    let (reader, mut writer) = tokio::io::split(stream);
+    // Buffered, so a frame's header and payload usually come in with one read.
+    let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, reader);
     let max_inflight = limits.inflight_per_connection_max;
     let (out_tx, mut out_rx) = mpsc::channel::<ServerMsg>(max_inflight as usize + 16);
     if to_engine.send(ToEngine::Opened { conn, tx: out_tx.clone() }).is_err() {

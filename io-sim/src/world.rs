@@ -97,6 +97,8 @@ pub struct World {
     violations: Vec<Violation>,
     liveness: bool,
     stats: RunStats,
+    /// Print every disk operation to standard error (for debugging one seed).
+    pub trace_io: bool,
 }
 
 fn sub_rng(seed: u64, stream: u64) -> ChaCha8Rng {
@@ -155,6 +157,7 @@ impl World {
             violations: Vec::new(),
             liveness: false,
             stats: RunStats::default(),
+            trace_io: std::env::var_os("TRUBA_SIM_TRACE_IO").is_some(),
             sc,
         };
         w.populate();
@@ -265,6 +268,22 @@ impl World {
                     return; // the process that asked for it is gone
                 }
                 let result = self.replica.disk.execute(&op, &mut self.disk_rng);
+                if self.trace_io {
+                    let what = match &op {
+                        IoOp::Write { file, offset, data } if data.len() < 100 => {
+                            format!("write {file} @{offset} +{} {data:?}", data.len())
+                        }
+                        IoOp::Write { file, offset, data } => format!("write {file} @{offset} +{}", data.len()),
+                        IoOp::Read { file } => format!("read {file}"),
+                        other => format!("{other:?}"),
+                    };
+                    let res = match &result {
+                        Ok(truba_engine::IoReply::Data(d)) if d.len() < 100 => format!("{} bytes {d:?}", d.len()),
+                        Ok(truba_engine::IoReply::Data(d)) => format!("{} bytes", d.len()),
+                        other => format!("{other:?}"),
+                    };
+                    eprintln!("{:>10.6} boot {boot} io {} {what} -> {res}", self.now_us as f64 / 1e6, id.0);
+                }
                 self.feed(Input::IoDone { id, result });
             }
             Ev::Tick { boot } => {
