@@ -28,9 +28,7 @@ impl Running {
 }
 
 fn config(dir: &std::path::Path, handler: Option<String>) -> Config {
-    let mut c = Config::default();
-    c.data_dir = dir.to_path_buf();
-    c.listen = "127.0.0.1:0".into();
+    let mut c = Config { data_dir: dir.to_path_buf(), listen: "127.0.0.1:0".into(), ..Config::default() };
     c.kinds.clear();
     let kind = KindConfig {
         default_delay_s: 1,
