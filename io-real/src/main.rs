@@ -129,7 +129,15 @@ fn main() -> ExitCode {
     use std::io::IsTerminal as _;
     let ansi = std::io::stderr().is_terminal();
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The server's engine, connections and handler pushes all run on one thread (disk work has a
+    // thread of its own): every request and reply then stays on that thread instead of bouncing
+    // between runtime workers. The load generator wants every core it can get.
+    let runtime = if matches!(cli.command, Command::Bench(_)) {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    };
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             eprintln!("truba: cannot start the runtime: {e}");
