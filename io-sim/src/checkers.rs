@@ -27,6 +27,8 @@ struct SessionModel {
     unknown: bool,
     deleted: bool,
     maybe_deleted: bool,
+    /// Deletes sent and not yet answered: any of them may already have been applied.
+    deletes_in_flight: u32,
     attempt: u32,
     /// Repeat time of an acknowledged store not yet followed by a delivery.
     acked_due: Option<UnixSecs>,
@@ -126,21 +128,25 @@ impl Checker<'_> {
     fn event(&mut self, t: u64, e: &Event) {
         match e {
             Event::Invoke { actor, client, seq, request } => {
+                self.deletes_in_flight(request, 1);
                 self.inflight.insert((*client, *seq), (request.clone(), t));
                 self.last_request.insert(*actor, (*client, *seq));
             }
             Event::Complete { actor, client, seq, outcome } => {
                 let Some((request, invoked)) = self.inflight.remove(&(*client, *seq)) else { return };
+                self.deletes_in_flight(&request, -1);
                 self.complete(t, *actor, &request, invoked, outcome);
             }
             Event::GiveUp { client, seq, .. } => {
                 if let Some((request, _)) = self.inflight.remove(&(*client, *seq)) {
+                    self.deletes_in_flight(&request, -1);
                     self.unknown_outcome(&request);
                 }
             }
             Event::ClientCrash { actor } => {
                 let last = self.last_request.get(actor).copied();
                 if let Some((request, _)) = last.and_then(|k| self.inflight.remove(&k)) {
+                    self.deletes_in_flight(&request, -1);
                     self.unknown_outcome(&request);
                 }
             }
@@ -148,6 +154,14 @@ impl Checker<'_> {
                 self.delivered(t, handle.session.0, handle.attempt.0, *due, records, *taken_at_ms)
             }
             _ => {}
+        }
+    }
+
+    fn deletes_in_flight(&mut self, request: &Request, delta: i32) {
+        if let Request::Delete { handle } = request {
+            if let Some(m) = self.sessions.get_mut(&handle.session.0) {
+                m.deletes_in_flight = m.deletes_in_flight.saturating_add_signed(delta);
+            }
         }
     }
 
@@ -193,8 +207,11 @@ impl Checker<'_> {
                 );
                 self.violate("acknowledged-survives", t, Some(id), detail);
             }
-            Err(RequestError::SessionDeleted(_)) if !m.deleted && !m.maybe_deleted => {
-                let detail = format!("{} refused as deleted, but no delete was ever sent", describe_request(request));
+            Err(RequestError::SessionDeleted(_)) if !m.deleted && !m.maybe_deleted && m.deletes_in_flight == 0 => {
+                let detail = format!(
+                    "{} refused as deleted, but no delete of the session was acknowledged, in flight, or left unanswered",
+                    describe_request(request)
+                );
                 self.violate("delete-is-final", t, Some(id), detail);
             }
             Err(_) => {}
