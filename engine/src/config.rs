@@ -103,12 +103,20 @@ pub struct Mutations {
     pub redeliver_early: bool,
     /// Recompute the jitter while applying instead of using the value written in the entry.
     pub recompute_jitter_on_apply: bool,
+    /// Serve after recovery without fsyncing what was read (it may be in the page cache only).
+    pub skip_recovery_fsync: bool,
 }
 
 impl Mutations {
     /// Names accepted on the simulator's command line.
-    pub const NAMES: [&'static str; 5] =
-        ["ack-before-fsync", "truncate-mid-log", "apply-retry-twice", "redeliver-early", "recompute-jitter"];
+    pub const NAMES: [&'static str; 6] = [
+        "ack-before-fsync",
+        "truncate-mid-log",
+        "apply-retry-twice",
+        "redeliver-early",
+        "recompute-jitter",
+        "skip-recovery-fsync",
+    ];
 
     pub fn from_name(name: &str) -> Option<Mutations> {
         let mut m = Mutations::default();
@@ -118,6 +126,7 @@ impl Mutations {
             "apply-retry-twice" => m.apply_retry_twice = true,
             "redeliver-early" => m.redeliver_early = true,
             "recompute-jitter" => m.recompute_jitter_on_apply = true,
+            "skip-recovery-fsync" => m.skip_recovery_fsync = true,
             _ => return None,
         }
         Some(m)

@@ -186,7 +186,8 @@ impl Engine {
 
     fn boot(&mut self) {
         assert!(matches!(self.phase, Phase::Created), "Boot is the first input, and only once");
-        let (recovery, step) = Recovery::start(self.cfg.limits.read_retries_max);
+        let sync_recovered = !self.cfg.mutation(|m| m.skip_recovery_fsync);
+        let (recovery, step) = Recovery::start(self.cfg.limits.read_retries_max, sync_recovered);
         self.phase = Phase::Recovering(Box::new(recovery));
         self.recovery_step(step);
     }

@@ -49,6 +49,8 @@ pub(crate) struct Recovery {
     repairs: VecDeque<IoOp>,
     torn_bytes: u64,
     retries_max: u32,
+    /// The final fsyncs of everything recovered have been queued.
+    durable_queued: bool,
 }
 
 /// What the scan of one segment says, before confirmation.
@@ -62,8 +64,11 @@ enum Verdict {
 }
 
 impl Recovery {
-    pub fn start(retries_max: u32) -> (Recovery, Step) {
-        (Recovery { term: Term(1), retries_max, ..Default::default() }, Step::Io(IoOp::List))
+    /// `sync_recovered`: fsync everything recovery builds on before serving (always, except
+    /// under the `skip-recovery-fsync` mutation).
+    pub fn start(retries_max: u32, sync_recovered: bool) -> (Recovery, Step) {
+        let durable_queued = !sync_recovered;
+        (Recovery { term: Term(1), retries_max, durable_queued, ..Default::default() }, Step::Io(IoOp::List))
     }
 
     pub fn on_io(&mut self, result: Result<IoReply, DiskError>, cfg: &EngineConfig, env: &mut MutationEnv<'_>) -> Step {
@@ -276,8 +281,24 @@ impl Recovery {
         self.repairs.push_back(IoOp::Sync { file: file.to_string() });
     }
 
+    /// The data recovery read may have been written by a process that died before fsyncing it:
+    /// it can sit in the page cache only, and a power loss later would take it away from under
+    /// everything acknowledged on top of it. So every file recovery builds on is fsynced, and
+    /// then the directory, before the replica serves.
+    fn make_durable(&mut self) {
+        self.durable_queued = true;
+        let snapshot = self.snapshots.iter().filter(|(i, _)| *i == self.snapshot).map(|(_, n)| n.clone());
+        let segments = self.log.segments.iter().map(|(_, n)| n.clone());
+        let files: Vec<String> = snapshot.chain(segments).collect();
+        self.repairs.extend(files.into_iter().map(|file| IoOp::Sync { file }));
+        self.repairs.push_back(IoOp::SyncDir);
+    }
+
     fn next_repair(&mut self) -> Step {
         self.reading = None;
+        if self.repairs.is_empty() && !self.durable_queued {
+            self.make_durable();
+        }
         match self.repairs.pop_front() {
             Some(op) => Step::Io(op),
             None => Step::Done(Box::new(Recovered {

@@ -153,6 +153,9 @@ pub struct Faults {
     pub disk: DiskFaults,
     /// Replica crashes: time between them (virtual ms), inclusive range; none if absent.
     pub crash_every_ms: Option<(u64, u64)>,
+    /// Share of crashes that kill only the process: the page cache (everything written, synced
+    /// or not) survives. The rest are power losses, where unsynced writes are lost or torn.
+    pub process_crash_share: f64,
     pub restart_after_ms: (u64, u64),
     /// Disk-full periods: time between them and how long each lasts (virtual ms).
     pub disk_full_every_ms: Option<(u64, u64)>,

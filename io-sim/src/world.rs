@@ -476,7 +476,12 @@ impl World {
         }
         if self.replica.engine.take().is_some() {
             self.stats.crashes += 1;
-            let summary = self.replica.disk.crash(&mut self.disk_rng);
+            let share = self.sc.faults.process_crash_share;
+            let summary = if share > 0.0 && self.rng.gen_bool(share.min(1.0)) {
+                "process only; the page cache survives".to_string()
+            } else {
+                format!("power loss: {}", self.replica.disk.crash(&mut self.disk_rng))
+            };
             self.replica.boot += 1;
             self.replica.scheduled_tick = None;
             self.history.push(self.now_us, Event::Crash { disk: summary });

@@ -43,3 +43,8 @@ fn redelivering_early_is_caught() {
 fn recomputing_jitter_on_apply_is_caught() {
     caught("recompute-jitter", "crash-loop", &["state-hash"]);
 }
+
+#[test]
+fn skipping_the_fsync_of_recovered_data_is_caught() {
+    caught("skip-recovery-fsync", "crash-loop", &["acknowledged-survives", "session-records", "state-hash"]);
+}
