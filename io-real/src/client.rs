@@ -32,7 +32,12 @@ use rand_core::{OsRng, RngCore};
 use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+/// A request's send state (see `Call::written`).
+const NOT_SENT: u8 = 0;
+const SENT: u8 = 1;
+const ABANDONED: u8 = 2;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
@@ -289,16 +294,17 @@ impl<T: Transport> Pipe<T> {
         let frame: Arc<[u8]> = wire::encode(msg).into();
         let started = Instant::now();
         let deadline = started + options.retry_for;
-        let written = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU8::new(NOT_SENT));
         let mut backoff = BACKOFF_MIN;
         let mut last_problem = String::from("no attempt was made");
         loop {
             let now = Instant::now();
             if now >= deadline {
-                return Err(if written.load(Ordering::Relaxed) {
-                    ClientError::Timeout { waited_ms: started.elapsed().as_millis() as u64 }
-                } else {
-                    ClientError::Connect { addrs: self.inner.addrs.join(","), reason: last_problem }
+                // "Never sent" must stay true after we say it: abandoning and sending race on
+                // one atomic, so the connection task cannot write the request afterwards.
+                return Err(match written.compare_exchange(NOT_SENT, ABANDONED, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => ClientError::Connect { addrs: self.inner.addrs.join(","), reason: last_problem },
+                    Err(_) => ClientError::Timeout { waited_ms: started.elapsed().as_millis() as u64 },
                 });
             }
             let (reply_tx, reply_rx) = oneshot::channel();
@@ -435,7 +441,9 @@ struct Call {
     frame: Arc<[u8]>,
     /// Set once the frame has been handed to a connection (the request may then have been
     /// applied); shared by every attempt of one call.
-    written: Arc<AtomicBool>,
+    /// NOT_SENT, SENT (written to some connection at least once) or ABANDONED (the caller gave
+    /// up before it was ever sent, and said so: it must never be sent).
+    written: Arc<AtomicU8>,
     reply: oneshot::Sender<Answer>,
 }
 
@@ -590,7 +598,10 @@ impl<T: Transport> ConnTask<T> {
             }
         }
         let conn = self.conn.as_mut().expect("connected above");
-        call.written.store(true, Ordering::Relaxed);
+        // The caller may have given up while we connected; if it reported "never sent", keep it so.
+        if call.written.fetch_max(SENT, Ordering::AcqRel) == ABANDONED {
+            return;
+        }
         let write = async {
             conn.writer.write_all(&call.frame).await?;
             conn.writer.flush().await

@@ -32,6 +32,9 @@ pub struct ServerLimits {
     pub inflight_per_connection_max: u32,
     /// How long a push to a handler may take before it counts as failed.
     pub handler_timeout_ms: u64,
+    /// A connection with no request waiting that sends nothing for this long is closed (clients
+    /// reconnect by themselves); it reclaims the slots of peers that vanished without a word.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for ServerLimits {
@@ -41,6 +44,7 @@ impl Default for ServerLimits {
             frame_bytes_max: crate::wire::FRAME_BYTES_MAX_DEFAULT,
             inflight_per_connection_max: 1024,
             handler_timeout_ms: 30_000,
+            idle_timeout_ms: 300_000,
         }
     }
 }

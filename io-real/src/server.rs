@@ -484,11 +484,18 @@ async fn connection<S>(
         }
         let _ = writer.shutdown().await;
     });
+    let idle = Duration::from_millis(limits.idle_timeout_ms);
     loop {
+        let waiting = !pending.lock().expect("pending lock").is_empty();
+        let idle_deadline = tokio::time::sleep(if waiting { Duration::from_secs(86_400 * 365) } else { idle });
         let frame = tokio::select! {
             f = wire::read::<ClientMsg, _>(&mut reader, limits.frame_bytes_max) => f,
             _ = stop.changed() => {
                 let _ = out_tx.send(ServerMsg::Error { error: WireError::ShuttingDown }).await;
+                break;
+            }
+            _ = idle_deadline => {
+                debug!(conn, idle_ms = limits.idle_timeout_ms, "closing an idle connection");
                 break;
             }
         };
