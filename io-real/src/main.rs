@@ -252,11 +252,11 @@ async fn connect(conn: &Conn) -> Result<Pipe, String> {
 /// A session from "SID" or "SID@ATTEMPT". Without the attempt, the current one is looked up,
 /// which skips fencing: fine for a person at a shell, not for a program.
 async fn open(conn: &Conn, spec: &str) -> Result<(Pipe, Session), String> {
-    let pipe = connect(conn).await?;
     let (sid, attempt) = match spec.split_once('@') {
         Some((s, a)) => (parse_u64(s, spec)?, Some(a.parse::<u32>().map_err(|_| format!("bad attempt in `{spec}`"))?)),
         None => (parse_u64(spec, spec)?, None),
     };
+    let pipe = connect(conn).await?;
     let attempt = match attempt {
         Some(a) => a,
         None => pipe.get(SessionId(sid)).await.map_err(err)?.handle.attempt.0,
