@@ -15,6 +15,10 @@ pub struct BenchArgs {
     /// Concurrent sessions, each with one append outstanding.
     #[arg(long, default_value_t = 64)]
     pub clients: u32,
+    /// Connections the sessions share (0: one connection per session). An application usually
+    /// keeps one `Pipe`, with all its sessions multiplexed over it.
+    #[arg(long, default_value_t = 0)]
+    pub connections: u32,
     /// Size of each appended record.
     #[arg(long, default_value_t = 256)]
     pub record_bytes: u32,
@@ -90,11 +94,16 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     };
     let deadline = Instant::now() + Duration::from_secs(args.duration_s);
     let per_client = args.ops.map(|n| n.div_ceil(args.clients as u64));
+    let connections = if args.connections == 0 { args.clients } else { args.connections.min(args.clients) };
+    let mut pipes = Vec::new();
+    for _ in 0..connections {
+        pipes.push(Pipe::connect(&args.addr).await.map_err(|e| e.to_string())?);
+    }
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..args.clients {
-        let args = args.clone();
-        tasks.push(tokio::spawn(async move { client_loop(args, deadline, per_client).await }));
+    for i in 0..args.clients {
+        let (args, pipe) = (args.clone(), pipes[i as usize % pipes.len()].clone());
+        tasks.push(tokio::spawn(async move { client_loop(args, pipe, deadline, per_client).await }));
     }
     let mut hist = Histogram::<u64>::new(3).expect("histogram");
     let mut ops = 0u64;
@@ -108,13 +117,13 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let mib = rate * args.record_bytes as f64 / (1 << 20) as f64;
     let q = |x: f64| hist.value_at_quantile(x) as f64 / 1000.0;
     if args.json {
-        let v = serde_json::json!({"clients": args.clients, "record_bytes": args.record_bytes, "seconds": secs,
+        let v = serde_json::json!({"clients": args.clients, "connections": connections, "record_bytes": args.record_bytes, "seconds": secs,
             "ops": ops, "ops_per_s": rate, "mib_per_s": mib, "p50_ms": q(0.5), "p99_ms": q(0.99), "p999_ms": q(0.999),
             "raw_fsync_per_s": raw.map(|r| r.0), "ratio_to_raw": raw.map(|r| rate / r.0)});
         println!("{v}");
     } else {
         println!(
-            "truba: {} clients, {} B appends, {secs:.1} s: {ops} appends, {rate:.0} ops/s, {mib:.2} MiB/s",
+            "truba: {} clients over {connections} connections, {} B appends, {secs:.1} s: {ops} appends, {rate:.0} ops/s, {mib:.2} MiB/s",
             args.clients, args.record_bytes
         );
         println!("latency: p50 {:.2} ms  p99 {:.2} ms  p999 {:.2} ms  max {:.2} ms", q(0.5), q(0.99), q(0.999), q(1.0));
@@ -126,8 +135,12 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn client_loop(args: BenchArgs, deadline: Instant, ops: Option<u64>) -> Result<(Histogram<u64>, u64), String> {
-    let pipe = Pipe::connect(&args.addr).await.map_err(|e| e.to_string())?;
+async fn client_loop(
+    args: BenchArgs,
+    pipe: Pipe,
+    deadline: Instant,
+    ops: Option<u64>,
+) -> Result<(Histogram<u64>, u64), String> {
     let mut hist = Histogram::<u64>::new(3).expect("histogram");
     let record = vec![b'r'; args.record_bytes as usize];
     let mut done = 0u64;

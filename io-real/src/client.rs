@@ -40,7 +40,7 @@ const SENT: u8 = 1;
 const ABANDONED: u8 = 2;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -469,7 +469,8 @@ struct Event {
 struct Conn<T: Transport> {
     generation: u64,
     addr: String,
-    writer: WriteHalf<T::Stream>,
+    /// Buffered: frames queued back to back go out in one write (see `ConnTask::run`).
+    writer: BufWriter<WriteHalf<T::Stream>>,
     reader: JoinHandle<()>,
     /// When a frame last arrived: a connection silent since a timed-out request was sent is
     /// taken for dead.
@@ -529,7 +530,14 @@ impl<T: Transport> ConnTask<T> {
         loop {
             tokio::select! {
                 call = self.calls.recv(), if self.pending.len() < PENDING_MAX => match call {
-                    Some(call) => self.on_call(call).await,
+                    Some(call) => {
+                        self.on_call(call).await;
+                        // Many sessions share this connection: their frames queued together
+                        // go out in one write, sent once nothing more is waiting.
+                        if self.calls.is_empty() {
+                            self.flush().await;
+                        }
+                    }
                     None => break, // every Pipe is gone
                 },
                 Some(event) = self.events.recv() => self.on_event(event),
@@ -545,10 +553,21 @@ impl<T: Transport> ConnTask<T> {
         let (reader, writer) = tokio::io::split(stream);
         let reader = tokio::spawn(read_loop(reader, generation, self.options.frame_bytes_max, self.events_tx.clone()));
         tracing::debug!(%addr, generation, "connected");
+        let writer = BufWriter::with_capacity(64 * 1024, writer);
         self.conn = Some(Conn { generation, addr, writer, reader, last_rx: Instant::now() });
     }
 
     /// Closes the connection; everything waiting on it is told to try again.
+    async fn flush(&mut self) {
+        let Some(conn) = self.conn.as_mut() else { return };
+        let result = tokio::time::timeout(self.options.request_timeout, conn.writer.flush()).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.drop_conn(format!("write failed: {e}")),
+            Err(_) => self.drop_conn(format!("write blocked for {} ms", self.options.request_timeout.as_millis())),
+        }
+    }
+
     fn drop_conn(&mut self, reason: String) {
         if let Some(conn) = self.conn.take() {
             conn.reader.abort();
@@ -602,10 +621,7 @@ impl<T: Transport> ConnTask<T> {
         if call.written.fetch_max(SENT, Ordering::AcqRel) == ABANDONED {
             return;
         }
-        let write = async {
-            conn.writer.write_all(&call.frame).await?;
-            conn.writer.flush().await
-        };
+        let write = conn.writer.write_all(&call.frame);
         let problem = match tokio::time::timeout(self.options.request_timeout, write).await {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(format!("write failed: {e}")),

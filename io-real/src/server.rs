@@ -100,6 +100,9 @@ impl Env for RealEnv {
     }
 }
 
+/// Replies gathered into one socket write at most.
+const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
+
 /// How long a shutdown waits for work in flight before giving up on it.
 const DRAIN_TIME_MAX: Duration = Duration::from_secs(10);
 
@@ -468,17 +471,29 @@ async fn connection<S>(
     let pending = Arc::new(Mutex::new(BTreeSet::<Pending>::new()));
     let answered = pending.clone();
     let write_task = tokio::spawn(async move {
-        while let Some(msg) = out_rx.recv().await {
-            let key = match &msg {
-                ServerMsg::Reply { client, seq, .. } => Some(Pending::Request(*client, *seq)),
-                ServerMsg::QueryReply { id, .. } | ServerMsg::Status { id, .. } => Some(Pending::Query(*id)),
-                ServerMsg::Error { .. } => None,
-            };
-            if let Some(key) = key {
-                answered.lock().expect("pending lock").remove(&key);
+        // Everything already queued for this connection goes out in one write: a client that
+        // multiplexes many sessions over one connection gets a batch's replies in one send.
+        let mut buf = Vec::with_capacity(16 * 1024);
+        while let Some(first) = out_rx.recv().await {
+            buf.clear();
+            let mut last = false;
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                let key = match &msg {
+                    ServerMsg::Reply { client, seq, .. } => Some(Pending::Request(*client, *seq)),
+                    ServerMsg::QueryReply { id, .. } | ServerMsg::Status { id, .. } => Some(Pending::Query(*id)),
+                    ServerMsg::Error { .. } => None,
+                };
+                if let Some(key) = key {
+                    answered.lock().expect("pending lock").remove(&key);
+                }
+                buf.extend_from_slice(&wire::encode(&msg));
+                last = key.is_none();
+                if !last && buf.len() < WRITE_BATCH_BYTES_MAX {
+                    next = out_rx.try_recv().ok();
+                }
             }
-            let last = key.is_none();
-            if wire::write(&mut writer, &msg).await.is_err() || last {
+            if writer.write_all(&buf).await.is_err() || last {
                 break;
             }
         }
