@@ -228,7 +228,7 @@ impl StateMachine {
         out
     }
 
-    /// The repeat time a store gets: the one in the entry, never earlier than the repeat index.
+    /// The repeat time written in the entry (the repeat-index floor is applied by `store`).
     fn effective_due(
         &self,
         due: Option<UnixSecs>,
@@ -238,14 +238,13 @@ impl StateMachine {
         env: MutationEnv<'_>,
     ) -> UnixSecs {
         let Request::Store { handle, timeout_s } = request else { return UnixSecs(0) };
-        let kind = self.sessions.get(&handle.session).map_or(Kind(0), |s| s.kind);
-        let due = if cfg.mutation(|m| m.recompute_jitter_on_apply) {
+        if cfg.mutation(|m| m.recompute_jitter_on_apply) {
+            let kind = self.sessions.get(&handle.session).map_or(Kind(0), |s| s.kind);
             crate::repeater::draw_due(env.wall, *timeout_s, cfg.kind(kind), env.rng)
         } else {
             let _ = env;
             due.unwrap_or_else(|| entry.at.as_secs())
-        };
-        due.max(self.repeat_floor(kind))
+        }
     }
 
     fn execute(&mut self, entry: &Entry, request: &Request, due: UnixSecs, cfg: &EngineConfig) -> Outcome {
@@ -282,7 +281,7 @@ impl StateMachine {
                 if *timeout_s > max_s {
                     return Err(RequestError::TimeoutTooLong { timeout_s: *timeout_s, max_s });
                 }
-                self.store(handle.session, due, entry.index);
+                let due = self.store(handle.session, due, entry.index);
                 Ok(Reply::Stored { due })
             }
             Request::KeepAlive { handle } => {
@@ -412,9 +411,12 @@ impl StateMachine {
         });
     }
 
-    fn store(&mut self, id: SessionId, due: UnixSecs, stored_at: Index) {
+    /// Stores a session for redelivery, never before its kind's repeat index, and returns the
+    /// repeat time it got.
+    fn store(&mut self, id: SessionId, due: UnixSecs, stored_at: Index) -> UnixSecs {
         let due = due.max(self.repeat_floor(self.sessions[&id].kind));
         self.change(id, |s| s.status = Status::Stored { due, stored_at });
+        due
     }
 
     fn delete(&mut self, id: SessionId, at: Index, cfg: &EngineConfig) {

@@ -393,15 +393,3 @@ impl Checker<'_> {
         }
     }
 }
-
-/// How many of the storm's stores were acknowledged (for reports).
-pub fn storm_sessions(run: &RunOutput) -> usize {
-    let clients = run.scenario.workload.clients;
-    run.history
-        .events
-        .iter()
-        .filter(|(_, e)| {
-            matches!(e, Event::Complete { actor: Actor::Client(i), outcome: Ok(Reply::Stored { .. }), .. } if *i >= clients)
-        })
-        .count()
-}

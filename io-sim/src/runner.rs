@@ -6,7 +6,7 @@ use crate::scenario::Scenario;
 use crate::world::{RunOutput, Violation, World};
 use std::fmt::Write as _;
 use std::path::Path;
-use truba_engine::{Mutations, Reply};
+use truba_engine::Mutations;
 
 /// One seed's result.
 pub struct SeedRun {
@@ -22,10 +22,6 @@ impl SeedRun {
     }
     pub fn deliveries(&self) -> u64 {
         self.output.history.events.iter().filter(|(_, e)| matches!(e, Event::Deliver { .. })).count() as u64
-    }
-    pub fn stores(&self) -> u64 {
-        let is_store = |e: &Event| matches!(e, Event::Complete { outcome: Ok(Reply::Stored { .. }), .. });
-        self.output.history.events.iter().filter(|(_, e)| is_store(e)).count() as u64
     }
 }
 

@@ -137,10 +137,6 @@ impl Agent {
         !self.opens_sessions && self.handle.is_none() && self.inflight.is_none()
     }
 
-    pub fn is_done(&self) -> bool {
-        self.done
-    }
-
     /// A handler receives a session to work on.
     pub fn deliver(&mut self, now_us: u64, handle: Handle, kind: Kind, ctx: &Ctx) -> Vec<Action> {
         let setup = ctx.kinds.iter().find(|k| k.0 == kind).map(|k| (k.1.clone(), k.2.clone()));
