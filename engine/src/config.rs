@@ -89,6 +89,47 @@ impl Default for Limits {
     }
 }
 
+/// Consensus timing and flow control. Every replica of a cluster should use the same values.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsensusConfig {
+    /// A follower that hears nothing from a leader for a random time in this range stands for
+    /// election. The spread is what keeps two candidates from splitting the vote again and again.
+    pub election_timeout_ms_min: u64,
+    pub election_timeout_ms_max: u64,
+    /// The leader sends at least this often to every follower, entries or not.
+    pub heartbeat_ms: u64,
+    /// Ask for pre-votes before raising the term (a rejoining replica cannot depose a leader).
+    pub pre_vote: bool,
+    /// A leader that has not heard from a majority within an election timeout steps down, and
+    /// replicas that hear from a leader ignore vote requests for the minimum election timeout.
+    pub check_quorum: bool,
+    /// Largest encoded size of the entries in one append message.
+    pub append_bytes_max: u64,
+    /// Entry bytes sent to one follower and not yet acknowledged, at most.
+    pub inflight_bytes_max: u64,
+    /// Append messages sent to one follower and not yet acknowledged, at most.
+    pub inflight_appends_max: u32,
+    /// Outgoing messages held while the term or vote they depend on is being made durable.
+    pub held_messages_max: u32,
+}
+
+impl Default for ConsensusConfig {
+    fn default() -> Self {
+        ConsensusConfig {
+            election_timeout_ms_min: 150,
+            election_timeout_ms_max: 300,
+            heartbeat_ms: 50,
+            pre_vote: true,
+            check_quorum: true,
+            append_bytes_max: 1024 * 1024,
+            inflight_bytes_max: 8 * 1024 * 1024,
+            inflight_appends_max: 64,
+            held_messages_max: 4096,
+        }
+    }
+}
+
 /// Deliberate bugs for the mutation tests: each must make a checker fail. Compiled in only with
 /// the `mutations` feature, which no shipped build enables.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,17 +146,32 @@ pub struct Mutations {
     pub recompute_jitter_on_apply: bool,
     /// Serve after recovery without fsyncing what was read (it may be in the page cache only).
     pub skip_recovery_fsync: bool,
+    /// The leader commits an entry as soon as it is durable on the leader, without a majority.
+    pub commit_without_majority: bool,
+    /// Grant a vote (and adopt a term) without waiting for it to be made durable.
+    pub vote_before_persist: bool,
+    /// A follower acknowledges appended entries when they are written, before the fsync.
+    pub follower_ack_before_fsync: bool,
+    /// A follower accepts an append without checking the term of the entry before it.
+    pub skip_prev_term_check: bool,
+    /// Followers run the repeater too and push due sessions to handlers.
+    pub follower_runs_repeater: bool,
 }
 
 impl Mutations {
     /// Names accepted on the simulator's command line.
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 11] = [
         "ack-before-fsync",
         "truncate-mid-log",
         "apply-retry-twice",
         "redeliver-early",
         "recompute-jitter",
         "skip-recovery-fsync",
+        "commit-without-majority",
+        "vote-before-persist",
+        "follower-ack-before-fsync",
+        "skip-prev-term-check",
+        "follower-runs-repeater",
     ];
 
     pub fn from_name(name: &str) -> Option<Mutations> {
@@ -127,6 +183,11 @@ impl Mutations {
             "redeliver-early" => m.redeliver_early = true,
             "recompute-jitter" => m.recompute_jitter_on_apply = true,
             "skip-recovery-fsync" => m.skip_recovery_fsync = true,
+            "commit-without-majority" => m.commit_without_majority = true,
+            "vote-before-persist" => m.vote_before_persist = true,
+            "follower-ack-before-fsync" => m.follower_ack_before_fsync = true,
+            "skip-prev-term-check" => m.skip_prev_term_check = true,
+            "follower-runs-repeater" => m.follower_runs_repeater = true,
             _ => return None,
         }
         Some(m)
@@ -139,6 +200,7 @@ impl Mutations {
 pub struct EngineConfig {
     pub kinds: BTreeMap<Kind, KindConfig>,
     pub limits: Limits,
+    pub consensus: ConsensusConfig,
     #[serde(skip)]
     pub mutations: Mutations,
 }
@@ -147,7 +209,12 @@ impl Default for EngineConfig {
     fn default() -> Self {
         let mut kinds = BTreeMap::new();
         kinds.insert(Kind(1), KindConfig::default());
-        EngineConfig { kinds, limits: Limits::default(), mutations: Mutations::default() }
+        EngineConfig {
+            kinds,
+            limits: Limits::default(),
+            consensus: ConsensusConfig::default(),
+            mutations: Mutations::default(),
+        }
     }
 }
 

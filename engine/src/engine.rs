@@ -1,25 +1,31 @@
 //! The engine: one replica's whole behaviour behind `handle(now, input)` / `poll()`.
 //!
-//! Client requests become log entries in a queue. While one batch is being written and fsynced,
-//! new entries wait; when it is durable the next batch takes everything waiting (group commit:
-//! one write and one fsync per batch, and a batch of one goes out at once under low load).
-//! Entries are applied, and their replies released, only after the fsync that covers them.
+//! A replica is a member of a Raft group of one, three or five voters (`election.rs` decides who
+//! leads, `replication.rs` moves entries to followers and finds what is committed). This file
+//! holds the state they share and the local half of the log's life: the leader appends client
+//! requests to its in-memory log, and every replica writes its log to disk in group-commit
+//! batches (one write and one fsync per batch; the next batch takes everything that arrived
+//! meanwhile, and a batch of one goes out at once under low load). Entries are applied once they
+//! are committed (durable on a majority) and durable here; the leader then answers the clients.
 
 use crate::config::EngineConfig;
 use crate::error::{Fatal, RequestError};
-use crate::io::{DiskError, Input, IoId, IoOp, IoReply, Output};
+use crate::hardstate::{HardState, HardStateWriter, HsStep};
+use crate::io::{DiskError, Input, IoId, IoOp, IoReply, Output, RoleName};
 use crate::log::{Log, Placement};
+use crate::message::Message;
 use crate::op::{Command, Entry, Query, QueryReply, Request, StatusView};
 use crate::recovery::{Recovery, Step};
 use crate::repeater::{draw_due, Repeater};
+use crate::replication::Progress;
 use crate::sessions::{MutationEnv, StateMachine};
 use crate::snapshot::{SnapStep, Snapshotter};
-use crate::types::{ClientId, Duration, Handle, Instant, Now, Seq, Term, UnixMs};
+use crate::types::{ClientId, Duration, Handle, Index, Instant, Now, ReplicaId, Seq, Term};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-enum Phase {
+pub(crate) enum Phase {
     Created,
     Recovering(Box<Recovery>),
     Serving,
@@ -28,11 +34,14 @@ enum Phase {
 
 /// What a disk operation was issued for, so its completion goes to the right place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Purpose {
+pub(crate) enum Purpose {
     Recovery,
     Batch,
     /// Cutting a failed write's leftovers off before the log is written again.
     Repair,
+    /// Cutting off entries a new leader overrode, or removing segments after an install.
+    Cut,
+    HardState,
     Snapshot,
     Cleanup,
 }
@@ -44,69 +53,141 @@ enum BatchStage {
     SyncDir,
 }
 
-/// The batch being made durable.
+/// The batch being made durable: entries `first..=last` of the log as it was when formed.
 struct Batch {
-    entries: Vec<Entry>,
+    first: Index,
+    last: Index,
+    /// Entries after this were cut from the in-memory log while the batch was in flight (a new
+    /// leader overrode them), so their bytes on disk are no longer this replica's log.
+    valid_upto: Index,
     placement: Placement,
     stage: BatchStage,
-    /// Set when entries were applied early (only under the `ack-before-fsync` mutation).
-    applied_early: bool,
 }
 
-/// An entry waiting for a batch: its index is assigned when the batch is formed.
-struct Pending {
-    at: UnixMs,
-    command: Command,
+/// Disk operations run one after another to cut the written log back (or to remove the
+/// segments an installed snapshot replaced); nothing is written until they are done.
+pub(crate) struct Cut {
+    pub from: Option<Index>,
+    pub ops: VecDeque<IoOp>,
+}
+
+pub(crate) enum Role {
+    Follower,
+    PreCandidate { granted: BTreeSet<ReplicaId> },
+    Candidate { granted: BTreeSet<ReplicaId> },
+    Leader { progress: BTreeMap<ReplicaId, Progress> },
+}
+
+impl Role {
+    pub fn name(&self) -> RoleName {
+        match self {
+            Role::Follower => RoleName::Follower,
+            Role::PreCandidate { .. } => RoleName::PreCandidate,
+            Role::Candidate { .. } => RoleName::Candidate,
+            Role::Leader { .. } => RoleName::Leader,
+        }
+    }
+}
+
+/// A snapshot sent by the leader, being made durable before it replaces the state.
+pub(crate) struct Installing {
+    pub index: Index,
+    pub term: Term,
+    pub state: Box<StateMachine>,
 }
 
 pub struct Engine {
-    cfg: EngineConfig,
-    rng: ChaCha8Rng,
-    now: Now,
-    phase: Phase,
-    term: Term,
-    state: StateMachine,
-    log: Log,
-    queue: VecDeque<Pending>,
+    pub(crate) cfg: EngineConfig,
+    pub(crate) rng: ChaCha8Rng,
+    pub(crate) now: Now,
+    pub(crate) phase: Phase,
+    pub(crate) me: ReplicaId,
+    pub(crate) voters: Vec<ReplicaId>,
+    pub(crate) hard: HardStateWriter,
+    pub(crate) role: Role,
+    /// The leader of the current term, once known.
+    pub(crate) leader: Option<ReplicaId>,
+    /// When this replica last heard from a leader of its current term.
+    pub(crate) leader_heard_at: Option<Instant>,
+    pub(crate) election_deadline: Instant,
+    pub(crate) heartbeat_due: Instant,
+    /// Messages waiting for the term or vote they depend on to be durable.
+    pub(crate) held: VecDeque<(ReplicaId, Message)>,
+    pub(crate) state: StateMachine,
+    pub(crate) log: Log,
+    /// The local log is durable, and is this replica's log, through here.
+    pub(crate) durable: Index,
+    /// Entries through here are committed (durable on a majority).
+    pub(crate) commit: Index,
+    /// Follower: the log is known to match the current leader's through here.
+    pub(crate) ack_upto: Index,
     batch: Option<Batch>,
-    /// The latest request of each client that is in the queue or the batch, so that a retry
-    /// waits for the original's answer. Clients keep one request outstanding at a time.
-    waiting: BTreeMap<ClientId, Seq>,
-    /// Client requests in the queue or the batch (a client that pipelines counts each one).
-    pending_requests: usize,
+    /// The written log must be cut back so that this index is written next.
+    pub(crate) cut_from: Option<Index>,
+    pub(crate) cut: Option<Cut>,
+    /// After a failed write in a cluster, the next attempt waits until then.
+    write_retry_at: Option<Instant>,
+    /// The latest request of each client that this leader has proposed and not yet answered,
+    /// so that a retry waits for the original's answer.
+    pub(crate) waiting: BTreeMap<ClientId, Seq>,
+    /// Client requests this leader proposed, by index, to answer once applied.
+    pub(crate) proposed: BTreeMap<Index, (ClientId, Seq)>,
+    pub(crate) installing: Option<Installing>,
     /// Files to remove after a snapshot, issued a few at a time to keep outstanding IO bounded.
     cleanup: VecDeque<String>,
     cleanup_inflight: usize,
     /// A failed write's leftovers are being cut off; nothing is written until that is done.
     repairing: bool,
-    repeater: Repeater,
-    snapshots: Snapshotter,
+    pub(crate) repeater: Repeater,
+    pub(crate) snapshots: Snapshotter,
     io_next: u64,
     io_pending: BTreeMap<IoId, Purpose>,
-    outputs: VecDeque<Output>,
+    pub(crate) outputs: VecDeque<Output>,
     next_tick: Instant,
 }
 
-/// Disk operations outstanding at once: one recovery or batch step, one snapshot step, and a
-/// handful of removals.
+/// Disk operations outstanding at once: one recovery or batch step, one cut step, one hard
+/// state step, one snapshot step, and a handful of removals.
 const IO_PENDING_MAX: usize = 64;
 const CLEANUP_INFLIGHT_MAX: usize = 8;
 
 impl Engine {
-    /// A replica that has not booted yet. Every random choice it makes comes from `seed`.
+    /// A single-replica cluster. Every random choice it makes comes from `seed`.
     pub fn new(cfg: EngineConfig, seed: u64) -> Engine {
+        Engine::replica(cfg, ReplicaId(0), vec![ReplicaId(0)], seed)
+    }
+
+    /// Replica `me` of the cluster whose voters are `voters` (which must include `me`).
+    pub fn replica(cfg: EngineConfig, me: ReplicaId, mut voters: Vec<ReplicaId>, seed: u64) -> Engine {
+        voters.sort();
+        voters.dedup();
+        assert!(voters.contains(&me), "a replica is one of the cluster's voters");
         Engine {
             cfg,
             rng: ChaCha8Rng::seed_from_u64(seed),
             now: Now::default(),
             phase: Phase::Created,
-            term: Term(1),
+            me,
+            voters,
+            hard: HardStateWriter::default(),
+            role: Role::Follower,
+            leader: None,
+            leader_heard_at: None,
+            election_deadline: Instant(0),
+            heartbeat_due: Instant(0),
+            held: VecDeque::new(),
             state: StateMachine::default(),
             log: Log::default(),
-            queue: VecDeque::new(),
+            durable: Index(0),
+            commit: Index(0),
+            ack_upto: Index(0),
             batch: None,
+            cut_from: None,
+            cut: None,
+            write_retry_at: None,
             waiting: BTreeMap::new(),
-            pending_requests: 0,
+            proposed: BTreeMap::new(),
+            installing: None,
             cleanup: VecDeque::new(),
             cleanup_inflight: 0,
             repairing: false,
@@ -130,6 +211,7 @@ impl Engine {
             Input::IoDone { id, result } => self.on_io(id, result),
             Input::DeliveryFailed { handle } => self.on_delivery_failed(handle),
             Input::Tick => self.on_tick(),
+            Input::Message { from, message } => self.on_message(from, message),
         }
         self.invariants();
     }
@@ -141,8 +223,18 @@ impl Engine {
 
     /// When the engine next wants an [`Input::Tick`], if it has timed work at all.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let has_work = !self.state.sessions.is_empty();
-        (matches!(self.phase, Phase::Serving) && has_work).then_some(self.next_tick)
+        if !self.is_serving() {
+            return None;
+        }
+        let consensus = match self.role {
+            Role::Leader { .. } if self.voters.len() == 1 => None,
+            Role::Leader { .. } => Some(self.heartbeat_due),
+            Role::Candidate { .. } | Role::PreCandidate { .. } => Some(self.election_deadline.min(self.heartbeat_due)),
+            Role::Follower => Some(self.election_deadline),
+        };
+        let repeats = self.runs_repeater() && !self.state.sessions.is_empty();
+        let retry = self.write_retry_at;
+        [consensus, repeats.then_some(self.next_tick), retry].into_iter().flatten().min()
     }
 
     pub fn state(&self) -> &StateMachine {
@@ -157,17 +249,52 @@ impl Engine {
         matches!(self.phase, Phase::Stopped)
     }
 
-    /// Nothing queued, nothing being written, no disk operation outstanding: every request
-    /// received has been answered. A driver shutting down waits for this.
+    pub fn is_leader(&self) -> bool {
+        matches!(self.role, Role::Leader { .. })
+    }
+
+    pub fn id(&self) -> ReplicaId {
+        self.me
+    }
+
+    pub fn term(&self) -> Term {
+        self.hard.wanted.term
+    }
+
+    pub fn commit_index(&self) -> Index {
+        self.commit
+    }
+
+    /// The term of the entry at `index` in this replica's log, if it holds it (for checkers).
+    pub fn log_term(&self, index: Index) -> Option<Term> {
+        self.log.term_at(index)
+    }
+
+    /// First and last index of the entries this replica holds in memory.
+    pub fn log_range(&self) -> (Index, Index) {
+        (self.log.base.next(), self.log.last_index())
+    }
+
+    /// Nothing proposed and unanswered, nothing being written, no disk operation outstanding:
+    /// every request received has been answered. A driver shutting down waits for this.
     pub fn is_idle(&self) -> bool {
-        self.queue.is_empty() && self.batch.is_none() && self.io_pending.is_empty() && self.cleanup.is_empty()
+        self.proposed.is_empty()
+            && self.batch.is_none()
+            && self.io_pending.is_empty()
+            && self.cleanup.is_empty()
+            && self.log.written == self.log.last_index()
+            && self.hard.is_durable()
+    }
+
+    pub(crate) fn is_writing(&self) -> bool {
+        self.batch.is_some() || self.repairing
     }
 
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
     }
 
-    fn issue(&mut self, op: IoOp, purpose: Purpose) {
+    pub(crate) fn issue(&mut self, op: IoOp, purpose: Purpose) {
         let id = IoId(self.io_next);
         self.io_next += 1;
         self.io_pending.insert(id, purpose);
@@ -176,10 +303,23 @@ impl Engine {
 
     fn stop(&mut self, fatal: Fatal) {
         self.phase = Phase::Stopped;
-        self.queue.clear();
         self.waiting.clear();
-        self.pending_requests = 0;
+        self.proposed.clear();
+        self.held.clear();
         self.outputs.push_back(Output::Stopped(fatal));
+    }
+
+    pub(crate) fn majority(&self) -> usize {
+        self.voters.len() / 2 + 1
+    }
+
+    pub(crate) fn peers(&self) -> Vec<ReplicaId> {
+        self.voters.iter().copied().filter(|r| *r != self.me).collect()
+    }
+
+    /// Whether this replica decides deliveries and lease expiries: only the leader does.
+    pub(crate) fn runs_repeater(&self) -> bool {
+        self.is_leader() || self.cfg.mutation(|m| m.follower_runs_repeater)
     }
 
     // ---- recovery -------------------------------------------------------------------------
@@ -199,16 +339,26 @@ impl Engine {
             Step::Done(r) => {
                 self.state = r.state;
                 self.log = r.log;
-                self.term = r.term;
+                self.durable = self.log.written;
+                self.commit = self.state.applied();
+                self.hard = HardStateWriter::recovered(HardState::default());
+                // A term raised from the log is not yet in the hard state file: write it.
+                self.want_hard_state(r.hard);
                 self.snapshots = Snapshotter::recovered(r.snapshot, r.snapshots);
                 self.phase = Phase::Serving;
                 self.next_tick = self.now.mono.saturating_add(self.tick());
+                if self.voters.len() == 1 {
+                    // Alone, every durable entry is on a majority: all of it is committed.
+                    self.commit = self.durable;
+                    self.apply_committed();
+                }
                 self.state.full_invariants();
                 self.outputs.push_back(Output::Recovered {
                     applied: self.state.applied(),
                     state_hash: self.state.state_hash(),
                     torn_bytes: r.torn_bytes,
                 });
+                self.start_following();
             }
         }
     }
@@ -223,8 +373,7 @@ impl Engine {
                 let Phase::Recovering(mut r) = std::mem::replace(&mut self.phase, Phase::Created) else {
                     unreachable!("recovery IO completes only while recovering")
                 };
-                let cfg = self.cfg.clone();
-                let step = r.on_io(result, &cfg, &mut MutationEnv { rng: &mut self.rng, wall: self.now.wall });
+                let step = r.on_io(result, self.cfg.mutation(|m| m.truncate_mid_log_corruption));
                 self.phase = Phase::Recovering(r);
                 self.recovery_step(step);
             }
@@ -239,6 +388,16 @@ impl Engine {
                     reason: format!("cannot cut off a failed write: {e}"),
                 }),
             },
+            Purpose::Cut => self.on_cut_io(result),
+            Purpose::HardState => match self.hard.on_io(result) {
+                Ok(step) => {
+                    if let HsStep::Io(op) = step {
+                        self.issue(op, Purpose::HardState);
+                    }
+                    self.release_held();
+                }
+                Err(e) => self.stop(Fatal::DiskFailed { file: "hardstate".into(), reason: e.to_string() }),
+            },
             Purpose::Snapshot => self.on_snapshot_io(result),
             // A removal that failed leaves a file that the next recovery removes.
             Purpose::Cleanup => {
@@ -248,15 +407,26 @@ impl Engine {
         }
     }
 
+    pub(crate) fn want_hard_state(&mut self, hs: HardState) {
+        if let HsStep::Io(op) = self.hard.want(hs) {
+            self.issue(op, Purpose::HardState);
+        }
+    }
+
     // ---- requests -------------------------------------------------------------------------
 
-    fn on_request(&mut self, client: ClientId, seq: Seq, request: Request) {
+    fn refusal(&self) -> Option<RequestError> {
+        if self.is_stopped() {
+            return Some(RequestError::Stopped("see the replica's log".into()));
+        }
         if !self.is_serving() {
-            let e = if self.is_stopped() {
-                RequestError::Stopped("see the replica's log".into())
-            } else {
-                RequestError::NotReady
-            };
+            return Some(RequestError::NotReady);
+        }
+        (!self.is_leader()).then_some(RequestError::NotLeader { leader: self.leader })
+    }
+
+    fn on_request(&mut self, client: ClientId, seq: Seq, request: Request) {
+        if let Some(e) = self.refusal() {
             self.outputs.push_back(Output::refuse(client, seq, e));
             return;
         }
@@ -280,7 +450,7 @@ impl Engine {
             return;
         }
         let max = self.cfg.limits.pending_requests_max;
-        if self.pending_requests >= max as usize {
+        if self.proposed.len() >= max as usize {
             self.outputs.push_back(Output::refuse(client, seq, RequestError::Overloaded { max }));
             return;
         }
@@ -293,8 +463,8 @@ impl Engine {
             _ => None,
         };
         self.waiting.insert(client, seq);
-        self.pending_requests += 1;
-        self.propose(Command::Client { client, seq, request, due });
+        let index = self.propose(Command::Client { client, seq, request, due });
+        self.proposed.insert(index, (client, seq));
     }
 
     /// Refusals that need no log entry: limits fixed by configuration. The same checks are made
@@ -330,25 +500,38 @@ impl Engine {
                 QueryReply::Session(Err(e))
             }
             Query::Session(sid) => QueryReply::Session(self.state.session_view(sid)),
-            Query::Status => {
-                let (active, stored) = self.state.sessions_count();
-                QueryReply::Status(StatusView {
-                    serving: self.is_serving(),
-                    applied: self.state.applied(),
-                    durable: self.log.last_index,
-                    sessions_active: active,
-                    sessions_stored: stored,
-                    state_hash: self.state.state_hash(),
-                })
-            }
+            Query::Status => QueryReply::Status(self.status()),
         };
         self.outputs.push_back(Output::QueryReply { id, reply });
     }
 
+    pub fn status(&self) -> StatusView {
+        let (active, stored) = self.state.sessions_count();
+        StatusView {
+            serving: self.is_serving(),
+            replica: self.me,
+            role: self.role.name(),
+            term: self.term(),
+            leader: self.leader,
+            applied: self.state.applied(),
+            commit: self.commit,
+            durable: self.durable,
+            last_index: self.log.last_index(),
+            sessions_active: active,
+            sessions_stored: stored,
+            state_hash: self.state.state_hash(),
+        }
+    }
+
+    /// Entries proposed and not yet committed, at most; internal proposals wait beyond it.
+    fn uncommitted_full(&self) -> bool {
+        self.log.last_index().0 - self.commit.0 >= self.cfg.limits.pending_requests_max as u64
+    }
+
     fn on_delivery_failed(&mut self, handle: Handle) {
-        // With the queue full the report is dropped: the delivery's lease runs out and the
-        // session is stored all the same, only later.
-        if !self.is_serving() || self.queue.len() >= self.cfg.limits.pending_requests_max as usize {
+        // Off the leader, or with the log full, the report is dropped: the delivery's lease
+        // runs out and the session is stored all the same, only later.
+        if !self.is_serving() || !self.is_leader() || self.uncommitted_full() {
             return;
         }
         let Some(session) = self.state.session(handle.session) else { return };
@@ -363,12 +546,20 @@ impl Engine {
     }
 
     fn on_tick(&mut self) {
-        if !self.is_serving() || self.now.mono < self.next_tick {
+        if !self.is_serving() {
+            return;
+        }
+        self.consensus_tick();
+        if self.write_retry_at.is_some_and(|t| t <= self.now.mono) {
+            self.write_retry_at = None;
+            self.flush();
+        }
+        if self.now.mono < self.next_tick {
             return;
         }
         self.next_tick = self.now.mono.saturating_add(self.tick());
-        // Internal proposals wait while the queue is full of client work.
-        if self.queue.len() >= self.cfg.limits.pending_requests_max as usize {
+        // Internal proposals wait while the log is full of client work.
+        if !self.runs_repeater() || self.uncommitted_full() {
             return;
         }
         let wall = self.now.wall;
@@ -382,49 +573,63 @@ impl Engine {
 
     // ---- the log: group commit -------------------------------------------------------------
 
-    fn propose(&mut self, command: Command) {
-        self.queue.push_back(Pending { at: self.now.wall, command });
+    /// Appends a command to the leader's log and starts writing and replicating it.
+    pub(crate) fn propose(&mut self, command: Command) -> Index {
+        let index = self.log.last_index().next();
+        if !self.is_leader() {
+            // Only under the follower-runs-repeater mutation: the proposal goes nowhere.
+            return index;
+        }
+        self.log.append(Entry { term: self.term(), index, at: self.now.wall, command });
         self.flush();
+        index
     }
 
     /// Starts writing the next batch if none is in flight.
-    fn flush(&mut self) {
-        if self.batch.is_some() || self.repairing || self.queue.is_empty() || !self.is_serving() {
+    pub(crate) fn flush(&mut self) {
+        let blocked = self.batch.is_some()
+            || self.repairing
+            || self.cut.is_some()
+            || self.cut_from.is_some()
+            || self.installing.is_some()
+            || self.write_retry_at.is_some()
+            || !self.is_serving();
+        if blocked || self.log.written >= self.log.last_index() {
             return;
         }
         let limits = &self.cfg.limits;
-        let mut entries: Vec<Entry> = Vec::new();
+        let first = self.log.written.next();
+        let mut last = first;
         let mut bytes = 0usize;
-        let mut index = self.log.last_index;
-        while let Some(p) = self.queue.front() {
-            let len = crate::codec::encoded_len(p.at, &p.command);
-            let full =
-                entries.len() >= limits.batch_entries_max as usize || bytes + len > limits.batch_bytes_max as usize;
-            if full && !entries.is_empty() {
+        while let Some(e) = self.log.entry(last.next()) {
+            bytes += crate::codec::encoded_len(e.at, &e.command);
+            if (last.0 - first.0 + 1) >= limits.batch_entries_max as u64 || bytes > limits.batch_bytes_max as usize {
                 break;
             }
-            let p = self.queue.pop_front().expect("front exists");
-            bytes += len;
-            index = index.next();
-            entries.push(Entry { term: self.term, index, at: p.at, command: p.command });
+            last = last.next();
         }
-        let (placement, data) = self.log.place(&entries, limits.segment_bytes_max);
+        let (placement, data) = self.log.place(last, limits.segment_bytes_max);
         let op = IoOp::Write { file: placement.file.clone(), offset: placement.offset, data };
-        self.batch = Some(Batch { entries, placement, stage: BatchStage::Write, applied_early: false });
+        self.batch = Some(Batch { first, last, valid_upto: last, placement, stage: BatchStage::Write });
         self.issue(op, Purpose::Batch);
+        // The same entries go to the followers now, so their fsyncs overlap the leader's.
+        if self.is_leader() {
+            self.replicate_all();
+        }
     }
 
     fn on_batch_io(&mut self, result: Result<IoReply, DiskError>) {
+        let early = self.cfg.mutation(|m| m.ack_before_fsync)
+            || (!self.is_leader() && self.cfg.mutation(|m| m.follower_ack_before_fsync));
         let batch = self.batch.as_mut().expect("batch IO completes only with a batch in flight");
         let file = batch.placement.file.clone();
         match (batch.stage, result) {
             (BatchStage::Write, Ok(_)) => {
                 batch.stage = BatchStage::Sync;
-                if self.cfg.mutation(|m| m.ack_before_fsync) {
-                    let entries = std::mem::take(&mut batch.entries);
-                    batch.applied_early = true;
-                    self.apply_entries(&entries);
-                    self.batch.as_mut().expect("still in flight").entries = entries;
+                if early {
+                    let valid = batch.valid_upto;
+                    self.durable = self.durable.max(valid);
+                    self.on_durable();
                 }
                 self.issue(IoOp::Sync { file }, Purpose::Batch);
             }
@@ -443,52 +648,136 @@ impl Engine {
         }
     }
 
-    /// The batch is durable: apply it, answer its clients, and start the next one.
+    /// The batch is durable: it counts towards commit, and the next one starts.
     fn finish_batch(&mut self) {
         let batch = self.batch.take().expect("a batch in flight");
-        let last = batch.entries.last().expect("batches are never empty").index;
-        self.log.commit(&batch.placement, last);
-        if !batch.applied_early {
-            self.apply_entries(&batch.entries);
-        }
+        debug_assert!(batch.first <= batch.last);
+        self.log.placed(batch.placement);
+        self.durable = self.durable.max(batch.valid_upto);
+        self.start_cut();
+        self.on_durable();
         self.maybe_snapshot();
         self.flush();
     }
 
-    /// The disk was full: the batch is refused (every request in it gets `DiskFull`) and the log
-    /// stays where it was. A short write may have left part of the batch behind; it is cut off
-    /// before anything else is written, so that later records never sit after leftovers that
-    /// would look like damage.
+    /// More of the log is durable here: the leader may commit, a follower acknowledges.
+    fn on_durable(&mut self) {
+        if self.is_leader() {
+            self.advance_commit();
+        } else {
+            self.acknowledge();
+        }
+        self.apply_committed();
+    }
+
+    /// The disk was full. Alone, the replica refuses the batch and everything proposed after it
+    /// (every request gets `DiskFull`): nothing else can have seen those entries. In a cluster
+    /// the entries may already be on the followers and may commit there, so nothing is refused:
+    /// the write is tried again a little later. Either way a short write may have left part of
+    /// the batch behind; it is cut off before anything else is written, so that later records
+    /// never sit after leftovers that would look like damage.
     fn fail_batch(&mut self) {
         let batch = self.batch.take().expect("a batch in flight");
         let p = &batch.placement;
         let len = if p.new_segment { 0 } else { p.offset };
         self.repairing = true;
         self.issue(IoOp::Truncate { file: p.file.clone(), len }, Purpose::Repair);
-        for e in &batch.entries {
+        if self.voters.len() > 1 {
+            self.write_retry_at = Some(self.now.mono.saturating_add(self.tick()));
+            return;
+        }
+        let dropped: Vec<Entry> =
+            (batch.first.0..=self.log.last_index().0).filter_map(|i| self.log.entry(Index(i)).cloned()).collect();
+        self.log.truncate(batch.first);
+        for e in &dropped {
             self.repeater.settle(&e.command);
-            if let Command::Client { client, seq, .. } = e.command {
+            if let Some((client, seq)) = self.proposed.remove(&e.index) {
                 if self.waiting.get(&client) == Some(&seq) {
                     self.waiting.remove(&client);
                 }
-                self.pending_requests -= 1;
                 self.outputs.push_back(Output::refuse(client, seq, RequestError::DiskFull));
             }
         }
-        self.flush();
     }
 
-    fn apply_entries(&mut self, entries: &[Entry]) {
-        for e in entries {
-            self.repeater.settle(&e.command);
-            let env = MutationEnv { rng: &mut self.rng, wall: self.now.wall };
-            let applied = self.state.apply(e, &self.cfg, env);
-            if let Some((client, seq, outcome)) = applied.reply {
-                if self.waiting.get(&client) == Some(&seq) {
-                    self.waiting.remove(&client);
+    /// Drops entries from `from` on from the in-memory log (a new leader overrode them) and
+    /// arranges for the disk to be cut back once no write is in flight.
+    pub(crate) fn truncate_log(&mut self, from: Index) {
+        assert!(from > self.commit, "a committed entry is never overridden");
+        self.log.truncate(from);
+        self.durable = self.durable.min(from.prev());
+        if let Some(b) = self.batch.as_mut() {
+            b.valid_upto = b.valid_upto.min(from.prev());
+        }
+        let written_or_writing = from <= self.log.written || self.batch.as_ref().is_some_and(|b| from <= b.last);
+        if written_or_writing {
+            self.cut_from = Some(self.cut_from.map_or(from, |c| c.min(from)));
+        }
+        self.start_cut();
+    }
+
+    /// Starts a pending cut once no batch is in flight.
+    fn start_cut(&mut self) {
+        if self.batch.is_some() || self.cut.is_some() {
+            return;
+        }
+        let Some(from) = self.cut_from.take() else { return };
+        if from > self.log.written {
+            self.flush();
+            return;
+        }
+        let ops: VecDeque<IoOp> = self.log.cut_ops(from).into();
+        self.cut = Some(Cut { from: Some(from), ops });
+        self.next_cut_op();
+    }
+
+    pub(crate) fn next_cut_op(&mut self) {
+        let cut = self.cut.as_mut().expect("a cut is under way");
+        match cut.ops.pop_front() {
+            Some(op) => self.issue(op, Purpose::Cut),
+            None => {
+                let cut = self.cut.take().expect("checked");
+                if let Some(from) = cut.from {
+                    self.log.cut_done(from);
                 }
-                self.pending_requests -= 1;
-                self.outputs.push_back(Output::Reply { client, seq, outcome });
+                self.start_cut();
+                self.flush();
+            }
+        }
+    }
+
+    fn on_cut_io(&mut self, result: Result<IoReply, DiskError>) {
+        match result {
+            Ok(_) | Err(DiskError::NotFound) => self.next_cut_op(),
+            Err(e) => self.stop(Fatal::DiskFailed { file: "(log cut)".into(), reason: e.to_string() }),
+        }
+    }
+
+    /// Applies what is committed and durable here. The leader answers the clients whose
+    /// requests it proposed, and pushes taken sessions to their handlers.
+    pub(crate) fn apply_committed(&mut self) {
+        let upto = self.commit.min(self.durable);
+        while self.state.applied() < upto {
+            let index = self.state.applied().next();
+            let entry = self.log.entry(index).expect("an uncompacted entry is held");
+            // Only the leader that proposed a take pushes its sessions out. A later leader
+            // applying an older take must not push them again: its proposer may have, and if
+            // not, the delivery lease runs out and the session is stored and taken anew.
+            let pushes =
+                entry.term == self.term() && self.runs_repeater() || self.cfg.mutation(|m| m.follower_runs_repeater);
+            self.repeater.settle(&entry.command);
+            let env = MutationEnv { rng: &mut self.rng, wall: self.now.wall };
+            let applied = self.state.apply(entry, &self.cfg, env);
+            if let Some((client, seq, outcome)) = applied.reply {
+                if self.proposed.remove(&index) == Some((client, seq)) {
+                    if self.waiting.get(&client) == Some(&seq) {
+                        self.waiting.remove(&client);
+                    }
+                    self.outputs.push_back(Output::Reply { client, seq, outcome });
+                }
+            }
+            if !pushes {
+                continue;
             }
             for (handle, due, taken_at) in applied.deliveries {
                 let s = self.state.session(handle.session).expect("a taken session exists");
@@ -502,8 +791,10 @@ impl Engine {
 
     fn maybe_snapshot(&mut self) {
         let applied = self.state.applied();
-        if self.snapshots.due(applied, self.cfg.limits.snapshot_every_entries) && applied <= self.log.last_index {
-            let op = self.snapshots.start(&self.state, self.term);
+        let due = self.snapshots.due(applied, self.cfg.limits.snapshot_every_entries);
+        if due && self.installing.is_none() && applied <= self.log.written {
+            let term = self.log.term_at(applied).expect("the applied entry is held");
+            let op = self.snapshots.start(&self.state, term);
             self.issue(op, Purpose::Snapshot);
         }
     }
@@ -512,12 +803,19 @@ impl Engine {
         match self.snapshots.on_io(result) {
             SnapStep::Io(op) => self.issue(op, Purpose::Snapshot),
             SnapStep::Finished { index, obsolete } => {
-                let covered = self.log.covered_by(index);
-                self.log.forget(&covered);
-                self.cleanup.extend(obsolete.into_iter().chain(covered));
+                self.cleanup.extend(obsolete);
+                if self.installing.as_ref().is_some_and(|i| i.index == index) {
+                    self.installed();
+                } else {
+                    let covered = self.log.covered_by(index);
+                    self.log.forget(&covered);
+                    self.log.compact(index);
+                    self.cleanup.extend(covered);
+                }
                 self.clean_up();
             }
             SnapStep::Abandoned { tmp } => {
+                self.installing = None;
                 self.cleanup.push_back(tmp);
                 self.clean_up();
             }
@@ -538,16 +836,27 @@ impl Engine {
     /// Checked after every input, in release builds too.
     pub fn invariants(&self) {
         self.state.invariants();
-        if !self.cfg.mutation(|m| m.ack_before_fsync) {
-            assert!(self.state.applied() <= self.log.last_index, "nothing is applied before it is durable");
+        self.log.invariants();
+        let early = self.cfg.mutation(|m| m.ack_before_fsync || m.follower_ack_before_fsync);
+        if !early {
+            assert!(self.durable <= self.log.written, "durable entries are written");
         }
-        assert!(self.pending_requests <= self.cfg.limits.pending_requests_max as usize, "pending requests bounded");
-        assert!(self.waiting.len() <= self.pending_requests, "waiting clients have pending requests");
-        assert!(self.queue.len() <= self.cfg.limits.pending_requests_max as usize + 2, "queue bounded");
+        assert!(self.state.applied() <= self.commit.min(self.durable), "only committed, durable entries are applied");
+        assert!(self.durable <= self.log.last_index(), "durable entries are held");
+        let cutting = self.cut_from.is_some() || self.cut.is_some();
+        assert!(self.log.written <= self.log.last_index() || cutting, "written entries are held unless being cut");
+        assert!(self.commit <= self.log.last_index() || self.installing.is_some(), "committed entries are held");
+        assert!(self.proposed.len() <= self.cfg.limits.pending_requests_max as usize, "pending requests bounded");
+        assert!(self.waiting.len() <= self.proposed.len(), "waiting clients have pending requests");
         assert!(self.io_pending.len() <= IO_PENDING_MAX, "outstanding disk operations bounded");
+        assert!(self.held.len() <= self.cfg.consensus.held_messages_max as usize, "held messages bounded");
+        if let Role::Leader { progress } = &self.role {
+            assert_eq!(self.leader, Some(self.me), "a leader knows it leads");
+            assert_eq!(progress.len(), self.voters.len() - 1, "a leader tracks every follower");
+        }
         if let Some(b) = &self.batch {
-            assert!(!b.entries.is_empty() && b.entries.len() <= self.cfg.limits.batch_entries_max as usize);
-            assert_eq!(b.entries[0].index, self.log.last_index.next(), "the batch continues the durable log");
+            assert!(b.last.0 - b.first.0 < self.cfg.limits.batch_entries_max as u64);
+            assert_eq!(b.first, self.log.written.next(), "the batch continues the written log");
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Typed errors. A [`RequestError`] answers one client request and means the request changed
 //! nothing; a [`Fatal`] stops the engine because continuing could lose or invent data.
 
-use crate::types::{Attempt, Handle, Index, Kind, SessionId};
+use crate::types::{Attempt, Handle, Index, Kind, ReplicaId, SessionId};
 use serde::{Deserialize, Serialize};
 
 /// Why a request was refused. Every variant leaves the replicated state exactly as it was
@@ -38,13 +38,17 @@ pub enum RequestError {
     NotReady,
     #[error("the replica has stopped: {0}")]
     Stopped(String),
+    /// This replica does not lead the cluster; the request was not applied. `leader` is the
+    /// replica this one last heard from as leader, if any: clients retry there.
+    #[error("this replica is not the leader{}", leader.map(|l| format!("; try {l}")).unwrap_or_default())]
+    NotLeader { leader: Option<ReplicaId> },
 }
 
 impl RequestError {
     /// Whether the request certainly did not and never will take effect, so that a client may
     /// report failure instead of retrying. Overload and readiness errors are retried by clients.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, RequestError::Overloaded { .. } | RequestError::NotReady)
+        matches!(self, RequestError::Overloaded { .. } | RequestError::NotReady | RequestError::NotLeader { .. })
     }
 }
 

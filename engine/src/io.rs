@@ -5,8 +5,9 @@
 //! [`Input::IoDone`]. File names are flat names inside the replica's data directory.
 
 use crate::error::{Fatal, RequestError};
+use crate::message::Message;
 use crate::op::{Outcome, Query, QueryReply, Request, UnixSecs};
-use crate::types::{ClientId, Handle, Index, Kind, Seq, UnixMs};
+use crate::types::{ClientId, Handle, Index, Kind, ReplicaId, Seq, UnixMs};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -92,6 +93,8 @@ pub enum Input {
     DeliveryFailed { handle: Handle },
     /// A deadline given by [`crate::Engine::next_deadline`] has passed.
     Tick,
+    /// A message from another replica. The network may lose, repeat, delay or reorder them.
+    Message { from: ReplicaId, message: Message },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,6 +131,38 @@ pub enum Output {
     },
     /// The engine stopped and will emit nothing further.
     Stopped(Fatal),
+    /// Send a message to another replica (best effort: the protocol tolerates its loss).
+    Send {
+        to: ReplicaId,
+        message: Message,
+    },
+    /// This replica's role or term changed (for logs, status and the simulator's checkers).
+    Role {
+        role: RoleName,
+        term: crate::types::Term,
+        leader: Option<ReplicaId>,
+    },
+}
+
+/// A replica's role in consensus, as reported outside the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum RoleName {
+    Follower,
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+impl std::fmt::Display for RoleName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            RoleName::Follower => "follower",
+            RoleName::PreCandidate => "pre-candidate",
+            RoleName::Candidate => "candidate",
+            RoleName::Leader => "leader",
+        };
+        f.write_str(name)
+    }
 }
 
 impl Output {

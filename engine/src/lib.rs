@@ -16,28 +16,38 @@
 //! - `log` and [`codec`]: where log bytes go and how they are framed and checked.
 //! - `recovery`: rebuilding state from disk; torn tails versus corruption.
 //! - `snapshot`: background snapshots and log truncation.
-//! - `engine`: the loop gluing them together, with group commit.
+//! - `election` and `replication`: consensus (Raft with pre-vote and check-quorum), and
+//!   [`message`]: what replicas say to each other.
+//! - `hardstate`: the durable term and vote.
+//! - `engine`: the state they share, the local log writer with group commit, and apply.
 
 pub mod codec;
 pub mod config;
+mod election;
 mod engine;
 pub mod error;
+mod hardstate;
 mod hash;
 pub mod io;
 mod log;
+pub mod message;
 pub mod op;
 mod recovery;
 mod repeater;
+mod replication;
 mod sessions;
 mod snapshot;
 pub mod types;
 
-pub use config::{EngineConfig, KindConfig, Limits, Mutations};
+pub use config::{ConsensusConfig, EngineConfig, KindConfig, Limits, Mutations};
 pub use engine::Engine;
 pub use error::{Fatal, RequestError};
-pub use io::{DiskError, Input, IoId, IoOp, IoReply, Output};
+pub use io::{DiskError, Input, IoId, IoOp, IoReply, Output, RoleName};
+pub use message::Message;
 pub use op::{
     Command, Entry, Outcome, Query, QueryReply, Reply, Request, SessionState, SessionView, StatusView, UnixSecs,
 };
 pub use sessions::StateMachine;
-pub use types::{Attempt, ClientId, Duration, Handle, Index, Instant, Kind, Now, Seq, SessionId, Term, UnixMs};
+pub use types::{
+    Attempt, ClientId, Duration, Handle, Index, Instant, Kind, Now, ReplicaId, Seq, SessionId, Term, UnixMs,
+};

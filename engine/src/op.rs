@@ -1,7 +1,7 @@
 //! What clients ask for, what they are answered, and what the log records.
 
 use crate::error::RequestError;
-use crate::types::{ClientId, Handle, Index, Kind, Seq, SessionId, Term, UnixMs};
+use crate::types::{ClientId, Handle, Index, Kind, ReplicaId, Seq, SessionId, Term, UnixMs};
 use serde::{Deserialize, Serialize};
 
 /// Repeat time of a stored session, in whole seconds of the proposing replica's wall clock.
@@ -93,6 +93,9 @@ pub enum Command {
     Expire { sessions: Vec<(Handle, UnixSecs)> },
     /// The handler for this delivery failed or could not be reached; store it again.
     DeliveryFailed { handle: Handle, due: UnixSecs },
+    /// A new leader's first entry. Committing an entry of its own term is how a leader learns
+    /// which earlier entries are committed (Raft commits older terms only indirectly).
+    Noop,
 }
 
 /// One log entry: position, proposer's wall clock, command.
@@ -134,8 +137,15 @@ pub struct StatusView {
     /// False while the replica is still recovering (or has stopped): the other figures are
     /// not yet its state.
     pub serving: bool,
+    pub replica: ReplicaId,
+    pub role: crate::io::RoleName,
+    pub term: Term,
+    /// The leader this replica knows of (itself when it leads).
+    pub leader: Option<ReplicaId>,
     pub applied: Index,
+    pub commit: Index,
     pub durable: Index,
+    pub last_index: Index,
     pub sessions_active: u64,
     pub sessions_stored: u64,
     pub state_hash: u64,

@@ -12,11 +12,12 @@
 use crate::codec::{
     decode_snapshot, parse_segment_name, parse_snapshot_name, scan_segment, ScanEnd, SegmentScan, SEGMENT_HEADER_LEN,
 };
-use crate::config::EngineConfig;
 use crate::error::Fatal;
+use crate::hardstate::{self, HardState, HARD_STATE_FILE};
 use crate::io::{DiskError, IoOp, IoReply};
-use crate::log::Log;
-use crate::sessions::{MutationEnv, StateMachine};
+use crate::log::{Loc, Log};
+use crate::op::Entry;
+use crate::sessions::StateMachine;
 use crate::types::{Index, Term};
 use std::collections::VecDeque;
 
@@ -26,10 +27,12 @@ pub(crate) enum Step {
     Fatal(Fatal),
 }
 
+/// What the disk held: the snapshot's state (nothing after it is applied: which entries are
+/// committed is for consensus to find out), the log after it, and the hard state.
 pub(crate) struct Recovered {
     pub state: StateMachine,
     pub log: Log,
-    pub term: Term,
+    pub hard: HardState,
     pub torn_bytes: u64,
     pub snapshot: Index,
     pub snapshots: Vec<String>,
@@ -42,8 +45,13 @@ pub(crate) struct Recovery {
     segments: VecDeque<(Index, String)>,
     state: StateMachine,
     log: Log,
-    term: Term,
+    /// Entries after the snapshot, and where each was read from.
+    entries: Vec<Entry>,
+    locs: Vec<Loc>,
+    last_index: Index,
+    hard: HardState,
     snapshot: Index,
+    snapshot_term: Term,
     attempts: u32,
     previous_read: Option<Vec<u8>>,
     repairs: VecDeque<IoOp>,
@@ -68,18 +76,21 @@ impl Recovery {
     /// under the `skip-recovery-fsync` mutation).
     pub fn start(retries_max: u32, sync_recovered: bool) -> (Recovery, Step) {
         let durable_queued = !sync_recovered;
-        (Recovery { term: Term(1), retries_max, durable_queued, ..Default::default() }, Step::Io(IoOp::List))
+        (Recovery { retries_max, durable_queued, ..Default::default() }, Step::Io(IoOp::List))
     }
 
-    pub fn on_io(&mut self, result: Result<IoReply, DiskError>, cfg: &EngineConfig, env: &mut MutationEnv<'_>) -> Step {
+    /// `mutant`: the `truncate-mid-log` mutation is on.
+    pub fn on_io(&mut self, result: Result<IoReply, DiskError>, mutant: bool) -> Step {
         match result {
             Ok(IoReply::Listed(names)) => self.listed(names),
             Ok(IoReply::Data(bytes)) => {
                 let file = self.reading.clone().expect("a read is outstanding");
-                if parse_snapshot_name(&file).is_some() {
+                if file == HARD_STATE_FILE {
+                    self.hard_state_read(file, bytes)
+                } else if parse_snapshot_name(&file).is_some() {
                     self.snapshot_read(file, bytes)
                 } else {
-                    self.segment_read(file, bytes, cfg, env)
+                    self.segment_read(file, bytes, mutant)
                 }
             }
             Ok(IoReply::Done) => self.next_repair(),
@@ -105,9 +116,29 @@ impl Recovery {
         let mut segments: Vec<_> = names.iter().filter_map(|n| Some((parse_segment_name(n)?, n.clone()))).collect();
         segments.sort();
         self.segments = segments.into();
+        if names.iter().any(|n| n == HARD_STATE_FILE) {
+            return self.read(HARD_STATE_FILE.into());
+        }
+        self.read_snapshot()
+    }
+
+    fn read_snapshot(&mut self) -> Step {
         match self.snapshots.last() {
             Some((_, name)) => self.read(name.clone()),
             None => self.next_segment(),
+        }
+    }
+
+    /// The hard state is replaced atomically, so a damaged one is damage, never a torn write.
+    fn hard_state_read(&mut self, file: String, bytes: Vec<u8>) -> Step {
+        match hardstate::decode(&bytes) {
+            Ok(hs) => {
+                self.hard = hs;
+                self.read_snapshot()
+            }
+            Err(reason) => {
+                self.retry(file.clone(), Some(bytes)).unwrap_or(Step::Fatal(Fatal::SnapshotCorrupt { file, reason }))
+            }
         }
     }
 
@@ -131,21 +162,15 @@ impl Recovery {
     }
 
     fn snapshot_read(&mut self, file: String, bytes: Vec<u8>) -> Step {
-        let loaded = decode_snapshot(&bytes).and_then(|(index, term, payload)| {
-            let state: StateMachine = postcard::from_bytes(payload).map_err(|e| format!("undecodable state: {e}"))?;
-            if state.applied != index {
-                return Err(format!("state is at index {} but the header says {index}", state.applied));
-            }
-            Ok((index, term, state))
-        });
+        let loaded = decode_snapshot(&bytes)
+            .and_then(|(index, term, payload)| Ok((index, term, crate::snapshot::decode_state(payload, index)?)));
         match loaded {
-            Ok((index, term, mut state)) => {
-                state.rebuild_indexes();
-                state.full_invariants();
+            Ok((index, term, state)) => {
                 self.state = state;
-                self.term = term;
+                self.raise_term(term);
+                self.snapshot_term = term;
                 self.snapshot = index;
-                self.log.last_index = index;
+                self.last_index = index;
                 let older: Vec<_> = self.snapshots.iter().filter(|(i, _)| *i < index).map(|(_, n)| n.clone()).collect();
                 self.repairs.extend(older.into_iter().map(|file| IoOp::Remove { file }));
                 self.next_segment()
@@ -166,6 +191,7 @@ impl Recovery {
             Some((_, name)) => self.read(name.clone()),
             None => {
                 self.reading = None;
+                self.drop_log_behind_snapshot();
                 self.next_repair()
             }
         }
@@ -185,9 +211,8 @@ impl Recovery {
         }
     }
 
-    fn segment_read(&mut self, file: String, bytes: Vec<u8>, cfg: &EngineConfig, env: &mut MutationEnv<'_>) -> Step {
+    fn segment_read(&mut self, file: String, bytes: Vec<u8>, mutant: bool) -> Step {
         let last = self.segments.len() == 1;
-        let mutant = cfg.mutation(|m| m.truncate_mid_log_corruption);
         let mut verdict = self.verdict(&bytes, last);
         if mutant {
             // The deliberate bug: any bad record is treated as a torn tail and cut off at once.
@@ -209,12 +234,12 @@ impl Recovery {
         match verdict {
             Verdict::Clean(scan) => {
                 let end = bytes.len() as u64;
-                if let Err(f) = self.accept(&file, scan, end, cfg, env) {
+                if let Err(f) = self.accept(&file, scan, end) {
                     return Step::Fatal(f);
                 }
             }
             Verdict::CutAt(scan, offset) => {
-                if let Err(f) = self.accept(&file, scan, offset, cfg, env) {
+                if let Err(f) = self.accept(&file, scan, offset) {
                     return Step::Fatal(f);
                 }
                 self.cut(&file, &bytes, offset);
@@ -229,37 +254,58 @@ impl Recovery {
         self.next_segment()
     }
 
-    /// Takes a segment's valid records: checks the chain across the file boundary, applies
-    /// the entries the snapshot does not already hold.
-    fn accept(
-        &mut self,
-        file: &str,
-        scan: SegmentScan,
-        end: u64,
-        cfg: &EngineConfig,
-        env: &mut MutationEnv<'_>,
-    ) -> Result<(), Fatal> {
+    /// Takes a segment's valid records: checks the chain across the file boundary, keeps the
+    /// entries the snapshot does not already hold, and where each one starts.
+    fn accept(&mut self, file: &str, scan: SegmentScan, end: u64) -> Result<(), Fatal> {
         let first = scan.header.first;
         let continues = if self.log.segments.is_empty() {
             first.0 <= self.state.applied.0 + 1
         } else {
-            first == self.log.last_index.next() && scan.header.prev_crc == self.log.last_crc
+            first == self.last_index.next() && scan.header.prev_crc == self.log.last_crc
         };
         if !continues {
-            return Err(Fatal::LogGap { file: file.to_string(), expected: self.log.last_index.next(), found: first });
+            return Err(Fatal::LogGap { file: file.to_string(), expected: self.last_index.next(), found: first });
         }
         self.log.last_crc = scan.header.prev_crc;
+        let mut offset = SEGMENT_HEADER_LEN as u64;
         for d in scan.records {
+            let loc = Loc { segment: first, offset, prev_crc: d.prev_crc };
+            offset = d.end as u64;
             self.log.last_crc = d.crc;
-            self.log.last_index = self.log.last_index.max(d.entry.index);
-            self.term = self.term.max(d.entry.term);
-            if d.entry.index > self.state.applied {
-                self.state.apply(&d.entry, cfg, MutationEnv { rng: &mut *env.rng, wall: env.wall });
+            if d.entry.index > self.last_index {
+                self.last_index = d.entry.index;
+                self.raise_term(d.entry.term);
+                self.entries.push(d.entry);
+                self.locs.push(loc);
             }
         }
         self.log.segments.push((first, file.to_string()));
         self.log.end_offset = end;
         Ok(())
+    }
+
+    /// A snapshot installed from a leader can be ahead of every record on disk; if the crash
+    /// came before the old segments' removal was durable, they are still here, wholly behind
+    /// the snapshot. They are removed, and the log starts afresh after the snapshot (writing on
+    /// at their end would leave a gap in the chain).
+    fn drop_log_behind_snapshot(&mut self) {
+        if self.log.segments.is_empty() || self.last_index > self.snapshot {
+            return;
+        }
+        let old = std::mem::take(&mut self.log.segments);
+        self.repairs.extend(old.into_iter().map(|(_, file)| IoOp::Remove { file }));
+        self.repairs.push_back(IoOp::SyncDir);
+        self.log = Log::default();
+        self.last_index = self.snapshot;
+    }
+
+    /// A follower may write a leader's entries before the new term is durable in its hard
+    /// state; the term it holds is at least every term in its log, with no vote in a newer one
+    /// (a vote is only sent once durable, so none was cast that the disk does not show).
+    fn raise_term(&mut self, term: Term) {
+        if term > self.hard.term {
+            self.hard = HardState { term, vote: None };
+        }
     }
 
     fn keep_torn_copy(&mut self, file: &str, bytes: &[u8], offset: u64) {
@@ -303,8 +349,13 @@ impl Recovery {
             Some(op) => Step::Io(op),
             None => Step::Done(Box::new(Recovered {
                 state: std::mem::take(&mut self.state),
-                log: std::mem::take(&mut self.log),
-                term: self.term,
+                log: std::mem::take(&mut self.log).recovered(
+                    self.snapshot,
+                    self.snapshot_term,
+                    std::mem::take(&mut self.entries),
+                    std::mem::take(&mut self.locs),
+                ),
+                hard: self.hard,
                 torn_bytes: self.torn_bytes,
                 snapshot: self.snapshot,
                 snapshots: self.snapshots.iter().filter(|(i, _)| *i == self.snapshot).map(|(_, n)| n.clone()).collect(),

@@ -218,6 +218,7 @@ impl StateMachine {
                     self.expire(*handle, *due, entry);
                 }
             }
+            Command::Noop => {}
             Command::DeliveryFailed { handle, due } => {
                 let active = self.check_handle(*handle).is_ok_and(|s| matches!(s.status, Status::Active { .. }));
                 if active {

@@ -46,6 +46,21 @@ pub(crate) struct Snapshotter {
     job: Option<Job>,
 }
 
+pub(crate) fn encode_state(state: &StateMachine) -> Vec<u8> {
+    postcard::to_allocvec(state).expect("postcard encoding into memory cannot fail")
+}
+
+/// Decodes a state sent by a leader or read from disk, and checks it before it is trusted.
+pub(crate) fn decode_state(payload: &[u8], index: Index) -> Result<StateMachine, String> {
+    let mut state: StateMachine = postcard::from_bytes(payload).map_err(|e| format!("undecodable state: {e}"))?;
+    if state.applied != index {
+        return Err(format!("state is at index {} but the header says {index}", state.applied));
+    }
+    state.rebuild_indexes();
+    state.full_invariants();
+    Ok(state)
+}
+
 fn tmp_name(index: Index) -> String {
     format!("{}.tmp", snapshot_name(index))
 }
@@ -63,11 +78,16 @@ impl Snapshotter {
         !self.busy() && applied.0 >= self.last.0 + every
     }
 
+    /// Starts writing a snapshot of `state`; `term` is the term of its last applied entry.
     pub fn start(&mut self, state: &StateMachine, term: Term) -> IoOp {
+        let payload = encode_state(state);
+        self.start_encoded(state.applied(), term, &payload)
+    }
+
+    /// Starts writing a snapshot whose state is already encoded (one a leader sent).
+    pub fn start_encoded(&mut self, index: Index, term: Term, payload: &[u8]) -> IoOp {
         assert!(!self.busy(), "one snapshot at a time");
-        let index = state.applied();
-        let payload = postcard::to_allocvec(state).expect("postcard encoding into memory cannot fail");
-        let data = encode_snapshot(index, term, &payload);
+        let data = encode_snapshot(index, term, payload);
         self.job = Some(Job { index, stage: Stage::Write });
         IoOp::Write { file: tmp_name(index), offset: 0, data }
     }

@@ -4,11 +4,21 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// A voting member of the replica group. Ids are fixed by the cluster's configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ReplicaId(pub u32);
+
+impl fmt::Display for ReplicaId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "r{}", self.0)
+    }
+}
+
 /// Position of an entry in the replicated log. The first entry has index 1; 0 means "none".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Index(pub u64);
 
-/// Consensus term (epoch). A single replica stays in term 1; replication will advance it.
+/// Consensus term (epoch): at most one leader is elected in a term, and terms only grow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Term(pub u64);
 
@@ -88,6 +98,9 @@ impl UnixMs {
 impl Index {
     pub fn next(self) -> Index {
         Index(self.0 + 1)
+    }
+    pub fn prev(self) -> Index {
+        Index(self.0.saturating_sub(1))
     }
 }
 

@@ -12,7 +12,7 @@ use truba_engine::{
     Kind, KindConfig, Outcome, Output, Query, QueryReply, Reply, Request, RequestError, Seq, SessionId, SessionState,
     SessionView, StatusView, UnixSecs,
 };
-use truba_engine::{Instant, Now, UnixMs};
+use truba_engine::{Instant, Now, ReplicaId, RoleName, Term, UnixMs};
 
 /// Wall clock at t = 0 (mono 0).
 const WALL0: u64 = 1_700_000_000_000;
@@ -411,12 +411,14 @@ fn boot_on_empty_dir_recovers_at_zero_and_refuses_requests_until_then() {
     assert!(d.engine.is_serving());
     let st = d.status();
     assert!(st.serving);
-    assert_eq!((st.applied, st.durable, st.sessions_active, st.sessions_stored), (Index(0), Index(0), 0, 0));
-    assert_eq!(st.state_hash, hash);
+    // A lone replica elects itself at once; its first entry as leader is a no-op at index 1.
+    assert_eq!((st.applied, st.durable, st.sessions_active, st.sessions_stored), (Index(1), Index(1), 0, 0));
+    assert_eq!((st.role, st.term, st.leader), (RoleName::Leader, Term(1), Some(ReplicaId(0))));
+    assert_ne!(st.state_hash, hash, "the hash covers the applied index");
 
     // NotReady was not remembered: the same (client, seq) now goes through.
     let h = created(d.call(1, 2, new(1, Some(b"x"))));
-    assert_eq!(h, Handle { session: SessionId(1), attempt: Attempt(0) });
+    assert_eq!(h, Handle { session: SessionId(2), attempt: Attempt(0) });
 }
 
 // ---- 2. round trip -----------------------------------------------------------------------------
@@ -432,7 +434,7 @@ fn new_append_replace_delete_store_round_trip() {
     assert_eq!(d.req(2, append(a, b"a3")), Ok(Reply::Done));
 
     let b = created(d.req(2, new(1, None)));
-    assert_eq!(b.session, SessionId(4));
+    assert_eq!(b.session, SessionId(5));
     assert_eq!(b.session.0, d.status().applied.0, "session id is the index of the creating entry");
 
     let v = d.session(a.session).unwrap();
@@ -556,7 +558,7 @@ fn group_commit_takes_everything_waiting_in_one_write_and_one_fsync() {
     assert!(sync_at < first_group_reply);
     for (i, (c, s, o)) in replies[1..].iter().enumerate() {
         assert_eq!((c.0, s.0), (i as u64 + 1, 1));
-        assert_eq!(created(o.clone()).session, SessionId(3 + i as u64));
+        assert_eq!(created(o.clone()).session, SessionId(4 + i as u64));
     }
 }
 
@@ -814,8 +816,9 @@ fn restart_recovers_the_same_state() {
     for id in ids {
         assert_eq!(r.session(id), d.session(id));
     }
-    assert_eq!(r.status().state_hash, st.state_hash);
-    assert_eq!(r.status().durable, st.durable);
+    // Then it leads a new term, whose first entry is a no-op.
+    assert_eq!(r.status().durable, st.durable.next());
+    assert_eq!(r.status().term, Term(st.term.0 + 1));
     // Dedup survives the restart: a retry is answered from the table.
     let last_seq = d.seqs[&1];
     let before = d.outputs.iter().rev().find_map(|o| match o {
@@ -858,7 +861,6 @@ fn restart_after_snapshots_and_segment_rolls() {
     let (applied, hash, torn) = r.recovered_since(0).expect("recovered");
     assert_eq!((applied, hash, torn), (st.applied, st.state_hash, 0));
     assert_eq!(r.views(), views);
-    assert_eq!(r.status().state_hash, st.state_hash);
 
     // It goes on from there, and a second restart agrees again.
     workload(&mut r, 30);
@@ -866,7 +868,7 @@ fn restart_after_snapshots_and_segment_rolls() {
     let mut r2 = r.restart(cfg, 5);
     assert_eq!(r2.recovered_since(0).map(|x| x.1), Some(st2.state_hash));
     assert_eq!(r2.views(), r.views());
-    assert_eq!(r2.status().applied, st2.applied);
+    assert_eq!(r2.status().applied, st2.applied.next(), "the new leader's no-op follows");
 }
 
 // ---- 10. torn tail and corruption ------------------------------------------------------------------
@@ -879,7 +881,8 @@ fn a_torn_tail_is_cut_and_kept_aside() {
     let st = d.status();
     let views = d.views();
     let last = d.segments().pop().unwrap();
-    let clean_len = d.dir[&last].len();
+    let clean = d.dir[&last].clone();
+    let clean_len = clean.len();
 
     // A partial record: a plausible header whose payload never made it.
     let mut garbage = Vec::new();
@@ -892,7 +895,9 @@ fn a_torn_tail_is_cut_and_kept_aside() {
     assert_eq!((applied, hash), (st.applied, st.state_hash));
     assert_eq!(torn, garbage.len() as u64);
     assert_eq!(r.views(), views);
-    assert_eq!(r.dir[&last].len(), clean_len, "segment cut back to its valid end");
+    // Cut back to its valid end; the new leader's no-op follows.
+    assert!(r.dir[&last].starts_with(&clean));
+    assert!(!r.dir[&last][clean_len..].starts_with(&garbage[..8]));
     assert!(r.ios_since(0).contains(&IoOp::Truncate { file: last.clone(), len: clean_len as u64 }));
     let torn_files = r.files("torn-", "");
     assert_eq!(torn_files.len(), 1, "{:?}", r.dir.keys().collect::<Vec<_>>());

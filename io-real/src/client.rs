@@ -699,7 +699,7 @@ async fn read_loop<S: tokio::io::AsyncRead>(
 pub(crate) mod tests {
     use super::*;
     use std::sync::Mutex;
-    use truba_engine::{Attempt, Outcome, StatusView};
+    use truba_engine::{Attempt, Outcome, ReplicaId, RoleName, StatusView};
 
     /// What the fake server does with one message.
     pub(crate) enum Act {
@@ -747,8 +747,14 @@ pub(crate) mod tests {
                 id: *id,
                 reply: QueryReply::Status(StatusView {
                     serving: true,
+                    replica: ReplicaId(0),
+                    role: RoleName::Leader,
+                    term: Default::default(),
+                    leader: Some(ReplicaId(0)),
                     applied: Default::default(),
+                    commit: Default::default(),
                     durable: Default::default(),
+                    last_index: Default::default(),
                     sessions_active: 0,
                     sessions_stored: 0,
                     state_hash: 0,
@@ -760,8 +766,14 @@ pub(crate) mod tests {
                     version: "fake".into(),
                     engine: StatusView {
                         serving: true,
+                        replica: ReplicaId(0),
+                        role: RoleName::Leader,
+                        term: Default::default(),
+                        leader: Some(ReplicaId(0)),
                         applied: Default::default(),
+                        commit: Default::default(),
                         durable: Default::default(),
+                        last_index: Default::default(),
                         sessions_active: 3,
                         sessions_stored: 4,
                         state_hash: 5,

@@ -148,6 +148,7 @@ impl Config {
         EngineConfig {
             kinds: self.kinds.iter().map(|(n, k)| (Kind(*n), k.config.clone())).collect(),
             limits: self.engine.clone(),
+            consensus: Default::default(),
             mutations: Default::default(),
         }
     }

@@ -350,6 +350,9 @@ impl<E: Env> Driver<E> {
                 error!(%fatal, "the engine stopped");
                 return Err(ServerError::Fatal(fatal.to_string()));
             }
+            Output::Role { role, term, .. } => info!(%role, term = term.0, "role"),
+            // The server runs a single-replica cluster, which never sends to peers.
+            Output::Send { to, .. } => warn!(%to, "dropping a message to a peer: this server has no peers"),
         }
         Ok(())
     }

@@ -49,18 +49,27 @@ pub enum Event {
         handle: Handle,
     },
     Crash {
+        replica: u32,
         disk: String,
     },
     Restart {
+        replica: u32,
         boot: u32,
     },
     Recovered {
+        replica: u32,
         applied: u64,
         state_hash: u64,
         torn_bytes: u64,
     },
     Stopped {
+        replica: u32,
         reason: String,
+    },
+    /// A replica became leader of a term (other role changes are not client-visible).
+    Leader {
+        replica: u32,
+        term: u64,
     },
     Fault {
         what: String,
@@ -128,12 +137,13 @@ fn describe(e: &Event) -> String {
             format!("deliver k{} {handle} due {} [{}]", kind.0, due.0, ids(records))
         }
         Event::DeliveryFailed { handle } => format!("handler failed {handle}"),
-        Event::Crash { disk } => format!("replica crash ({disk})"),
-        Event::Restart { boot } => format!("replica restart, boot {boot}"),
-        Event::Recovered { applied, state_hash, torn_bytes } => {
-            format!("recovered at {applied} hash {state_hash:016x} torn {torn_bytes}B")
+        Event::Crash { replica, disk } => format!("replica {replica} crash ({disk})"),
+        Event::Restart { replica, boot } => format!("replica {replica} restart, boot {boot}"),
+        Event::Recovered { replica, applied, state_hash, torn_bytes } => {
+            format!("replica {replica} recovered at {applied} hash {state_hash:016x} torn {torn_bytes}B")
         }
-        Event::Stopped { reason } => format!("replica stopped: {reason}"),
+        Event::Stopped { replica, reason } => format!("replica {replica} stopped: {reason}"),
+        Event::Leader { replica, term } => format!("replica {replica} leads term {term}"),
         Event::Fault { what } => format!("fault: {what}"),
         Event::Phase { name } => format!("--- {name} phase ---"),
     }

@@ -18,6 +18,7 @@ pub mod checkers;
 pub mod clock;
 pub mod disk;
 pub mod history;
+pub mod network;
 pub mod runner;
 pub mod scenario;
 pub mod workload;

@@ -25,10 +25,29 @@ impl SeedRun {
     }
 }
 
+/// Runs one seed. An engine assertion that fails (the engines check their invariants after
+/// every step, in release builds too) is reported as a violation of `engine-invariant`, with
+/// the history up to that point, rather than ending the whole run.
 pub fn run_seed(scenario: &Scenario, seed: u64, mutations: Mutations) -> SeedRun {
-    let output = World::new(scenario, seed, mutations).run();
-    let violations = check(&output);
-    SeedRun { seed, output, violations }
+    let mut world = World::new(scenario, seed, mutations);
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| world.simulate())) {
+        Ok(()) => {
+            let output = world.finish();
+            let violations = check(&output);
+            SeedRun { seed, output, violations }
+        }
+        Err(panic) => {
+            let detail = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a non-string panic".into());
+            let output = world.aborted();
+            let at_us = output.end_us;
+            let violations = vec![Violation { property: "engine-invariant", at_us, detail, session: None }];
+            SeedRun { seed, output, violations }
+        }
+    }
 }
 
 /// The exact command that replays one seed.

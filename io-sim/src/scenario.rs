@@ -2,12 +2,13 @@
 //! run by `truba-sim run` and by the sim-tests suite.
 
 use crate::disk::DiskFaults;
+use crate::network::NetFaults;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use truba_engine::{KindConfig, Limits};
+use truba_engine::{ConsensusConfig, KindConfig, Limits};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,8 +35,17 @@ pub struct Scenario {
     pub faults: Faults,
     #[serde(default)]
     pub limits: Limits,
+    /// Voting replicas: 1, 3 or 5.
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    #[serde(default)]
+    pub consensus: ConsensusConfig,
     #[serde(default)]
     pub checks: Checks,
+}
+
+fn default_replicas() -> u32 {
+    1
 }
 
 /// `[kinds.N]` tables: `handler` is taken out and the rest must be exactly `KindConfig`'s fields
@@ -161,6 +171,8 @@ pub struct Faults {
     pub disk_full_every_ms: Option<(u64, u64)>,
     pub disk_full_for_ms: (u64, u64),
     pub clock: ClockFaults,
+    /// Between replicas (clients and handlers reach every replica with `workload.net_delay_us`).
+    pub network: NetFaults,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -233,6 +245,9 @@ impl Scenario {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if ![1, 3, 5].contains(&self.replicas) {
+            return Err(format!("replicas must be 1, 3 or 5, got {}", self.replicas));
+        }
         if self.kinds.is_empty() {
             return Err("at least one [kinds.N] section is needed".into());
         }
@@ -273,6 +288,11 @@ impl Scenario {
             k.handler.fail_share = scale(k.handler.fail_share).min(0.9);
             k.handler.stall_share = scale(k.handler.stall_share).min(0.5);
         }
+        let n = &mut s.faults.network;
+        n.loss_prob = scale(n.loss_prob).min(0.5);
+        n.dup_prob = scale(n.dup_prob).min(0.5);
+        n.reorder_prob = scale(n.reorder_prob).min(0.5);
+        n.spike_prob = scale(n.spike_prob).min(0.5);
         if rng.gen_bool(0.3) {
             s.faults.crash_every_ms = None;
         }

@@ -323,6 +323,13 @@ impl Agent {
         out
     }
 
+    /// The request this process waits for, if it is `(client, seq)`: the client library
+    /// resends it to the leader after a redirect.
+    pub fn pending_request(&self, client: ClientId, seq: Seq) -> Option<Request> {
+        let inf = self.inflight.as_ref()?;
+        (client == self.client && inf.seq == seq.0).then(|| inf.request.clone())
+    }
+
     pub fn on_reply(&mut self, now_us: u64, client: ClientId, seq: Seq, outcome: Outcome, ctx: &Ctx) -> Vec<Action> {
         let Some(inf) = &self.inflight else { return vec![] };
         if client != self.client || seq.0 != inf.seq {

@@ -1,37 +1,52 @@
-//! The discrete-event world: one replica (engine + simulated disk + clocks), the clients and
-//! handlers, virtual time, and the fault schedule. It only carries out what the engine asks for
-//! and records ground truth; every decision is the engine's.
+//! The discrete-event world: the replicas (engine + simulated disk + clocks each), the network
+//! between them, the clients and handlers, virtual time, and the fault schedule. It only carries
+//! out what the engines ask for and records ground truth; every decision is an engine's.
+//!
+//! Clients reach the cluster the way the client library does: they send to the replica they
+//! believe leads, and a "not the leader" answer makes the world resend the same request (same
+//! client id and sequence) to the hinted leader, or to the next replica, without the agent
+//! seeing it. Consensus properties are checked as the run goes: at most one leader per term,
+//! equal state hashes at equal applied indexes on every replica, and the same term for every
+//! applied index; log matching is checked across replicas at every crash and at the end.
 
 use crate::clock::SimClock;
 use crate::disk::SimDisk;
 use crate::history::{Event, History};
+use crate::network::SimNetwork;
 use crate::scenario::{HandlerSetup, Scenario};
 use crate::workload::{Action, Agent, Ctx};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use truba_engine::{
-    ClientId, Engine, EngineConfig, Handle, Input, IoId, IoOp, Kind, KindConfig, Mutations, Outcome, Output, Request,
-    Seq, SessionView,
+    ClientId, Engine, EngineConfig, Handle, Index, Input, IoId, IoOp, Kind, KindConfig, Message, Mutations, Outcome,
+    Output, ReplicaId, Request, RequestError, RoleName, Seq, SessionView,
 };
 
 #[derive(Debug)]
 enum Ev {
     Wake { agent: usize, token: u64 },
-    Request { client: ClientId, seq: Seq, request: Request },
+    Request { to: usize, client: ClientId, seq: Seq, request: Request },
     Reply { client: ClientId, seq: Seq, outcome: Outcome },
-    Io { boot: u32, id: IoId, op: IoOp },
-    Tick { boot: u32 },
+    Io { r: usize, boot: u32, id: IoId, op: IoOp },
+    Tick { r: usize, boot: u32 },
     Deliver { kind: Kind, handle: Handle },
     DeliveryFailed { handle: Handle },
+    Message { from: usize, to: usize, message: Message },
     Crash,
-    Restart,
+    Restart { r: usize },
     DiskFull { on: bool },
     ClockStep,
+    Partition { start: bool },
+    Clog,
     Storm,
     Liveness,
     End,
 }
+
+/// Redirects of one request before the world stops chasing the leader for it (the agent's
+/// own retry and give-up timers carry on regardless).
+const REDIRECTS_MAX: u32 = 64;
 
 struct Replica {
     engine: Option<Engine>,
@@ -61,6 +76,9 @@ pub struct RunStats {
     pub hash_checks: u64,
     pub disk_full_periods: u64,
     pub clock_steps: u64,
+    pub elections: u64,
+    pub messages: u64,
+    pub partitions: u64,
 }
 
 /// What a run leaves for the checkers.
@@ -68,7 +86,7 @@ pub struct RunOutput {
     pub history: History,
     pub violations: Vec<Violation>,
     pub stats: RunStats,
-    /// The replica's sessions at the end, or `None` if it was not serving.
+    /// The leader's sessions at the end, or `None` if no replica was leading.
     pub final_sessions: Option<Vec<SessionView>>,
     pub final_wall_ms: u64,
     pub end_us: u64,
@@ -85,9 +103,24 @@ pub struct World {
     events: BTreeMap<(u64, u64), Ev>,
     rng: ChaCha8Rng,
     disk_rng: ChaCha8Rng,
-    replica: Replica,
+    net_rng: ChaCha8Rng,
+    replicas: Vec<Replica>,
+    network: SimNetwork,
     agents: Vec<Agent>,
     by_client: BTreeMap<ClientId, usize>,
+    /// Where each client sends next (the leader it last heard of).
+    leader_guess: BTreeMap<ClientId, usize>,
+    redirects: BTreeMap<(ClientId, Seq), u32>,
+    /// Which replica pushed each delivery, to report a handler failure back to it.
+    delivered_by: BTreeMap<Handle, usize>,
+    /// The leader of each term, as replicas announced it.
+    leaders: BTreeMap<u64, usize>,
+    /// The term of every applied index, as the first replica to apply it had it.
+    applied_terms: BTreeMap<u64, u64>,
+    /// Every replica's applied index after its last step (to see what it applied since).
+    applied_seen: Vec<u64>,
+    /// The largest commit index any replica had when the faults were healed.
+    liveness_commit: u64,
     pools: BTreeMap<Kind, (Vec<usize>, VecDeque<Handle>)>,
     kinds: Vec<(Kind, KindConfig, HandlerSetup)>,
     history: History,
@@ -99,6 +132,8 @@ pub struct World {
     stats: RunStats,
     /// Print every disk operation to standard error (for debugging one seed).
     pub trace_io: bool,
+    /// Print every message between replicas to standard error (for debugging one seed).
+    pub trace_messages: bool,
 }
 
 fn sub_rng(seed: u64, stream: u64) -> ChaCha8Rng {
@@ -111,6 +146,7 @@ const STREAM_WORLD: u64 = 1;
 const STREAM_DISK: u64 = 2;
 const STREAM_SWARM: u64 = 3;
 const STREAM_ENGINE: u64 = 4;
+const STREAM_NET: u64 = 5;
 const STREAM_AGENTS: u64 = 1000;
 
 impl World {
@@ -120,24 +156,27 @@ impl World {
         let cfg = EngineConfig {
             kinds: kinds.iter().map(|(k, c, _)| (*k, c.clone())).collect(),
             limits: sc.limits.clone(),
+            consensus: sc.consensus.clone(),
             mutations,
         };
         let mut rng = sub_rng(seed, STREAM_WORLD);
-        let cf = &sc.faults.clock;
-        let clock = SimClock {
-            offset_ms: rng.gen_range(cf.offset_ms.0..=cf.offset_ms.1),
-            drift_ppm: rng.gen_range(cf.drift_ppm.0..=cf.drift_ppm.1),
-            steps_ms: 0,
-        };
-        let replica = Replica {
-            engine: None,
-            boot: 0,
-            disk: SimDisk::new(sc.faults.disk.clone()),
-            clock,
-            scheduled_tick: None,
-            restart_pending: false,
-            consecutive_stops: 0,
-        };
+        let cf = sc.faults.clock.clone();
+        let replicas: Vec<Replica> = (0..sc.replicas)
+            .map(|_| Replica {
+                engine: None,
+                boot: 0,
+                disk: SimDisk::new(sc.faults.disk.clone()),
+                clock: SimClock {
+                    offset_ms: rng.gen_range(cf.offset_ms.0..=cf.offset_ms.1),
+                    drift_ppm: rng.gen_range(cf.drift_ppm.0..=cf.drift_ppm.1),
+                    steps_ms: 0,
+                },
+                scheduled_tick: None,
+                restart_pending: false,
+                consecutive_stops: 0,
+            })
+            .collect();
+        let n = replicas.len();
         let mut w = World {
             cfg,
             seed,
@@ -146,9 +185,18 @@ impl World {
             events: BTreeMap::new(),
             rng,
             disk_rng: sub_rng(seed, STREAM_DISK),
-            replica,
+            net_rng: sub_rng(seed, STREAM_NET),
+            network: SimNetwork::new(n, sc.faults.network.clone()),
+            replicas,
             agents: Vec::new(),
             by_client: BTreeMap::new(),
+            leader_guess: BTreeMap::new(),
+            redirects: BTreeMap::new(),
+            delivered_by: BTreeMap::new(),
+            leaders: BTreeMap::new(),
+            applied_terms: BTreeMap::new(),
+            applied_seen: vec![0; n],
+            liveness_commit: 0,
             pools: BTreeMap::new(),
             kinds,
             history: History::default(),
@@ -158,6 +206,7 @@ impl World {
             liveness: false,
             stats: RunStats::default(),
             trace_io: std::env::var_os("TRUBA_SIM_TRACE_IO").is_some(),
+            trace_messages: std::env::var_os("TRUBA_SIM_TRACE_MESSAGES").is_some(),
             sc,
         };
         w.populate();
@@ -196,9 +245,17 @@ impl World {
 
     /// Runs the scenario to its end and hands over what the checkers need.
     pub fn run(mut self) -> RunOutput {
+        self.simulate();
+        self.finish()
+    }
+
+    /// Runs the scenario's events to its end.
+    pub fn simulate(&mut self) {
         let safety_end = self.sc.duration_s * 1_000_000;
         let end = safety_end + self.sc.liveness_s * 1_000_000;
-        self.at(0, Ev::Restart);
+        for r in 0..self.replicas.len() {
+            self.at(0, Ev::Restart { r });
+        }
         for i in 0..self.agents.len() {
             let ctx = self.ctx_owned();
             let actions = self.agents[i].start(0, &ctx.as_ctx());
@@ -216,6 +273,12 @@ impl World {
             let t = self.after_ms(r);
             self.at(t, Ev::ClockStep);
         }
+        if let Some(gap) = self.network.draw_partition_gap_us(&mut self.net_rng) {
+            self.at(gap, Ev::Partition { start: true });
+        }
+        if let Some(gap) = self.network.draw_clog_gap_us(&mut self.net_rng) {
+            self.at(gap, Ev::Clog);
+        }
         if let Some(s) = &self.sc.workload.storm {
             self.at(s.at_s * 1_000_000, Ev::Storm);
         }
@@ -229,20 +292,54 @@ impl World {
             }
             self.step(ev);
         }
+    }
+
+    /// The end-of-run checks, and what the checkers need.
+    pub fn finish(mut self) -> RunOutput {
         self.stats.virtual_us = self.now_us;
-        let final_sessions = self.replica.engine.as_ref().filter(|e| e.is_serving()).map(|e| {
+        self.check_log_matching();
+        self.check_convergence();
+        let leader = self.final_leader();
+        let final_sessions = leader.map(|r| {
+            let e = self.replicas[r].engine.as_ref().expect("a leader is running");
             e.state().full_invariants();
             e.state().session_views().collect()
         });
+        let clock_of = leader.unwrap_or(0);
         RunOutput {
             history: self.history,
             violations: self.violations,
             stats: self.stats,
             final_sessions,
-            final_wall_ms: self.replica.clock.now(self.now_us).wall.0,
+            final_wall_ms: self.replicas[clock_of].clock.now(self.now_us).wall.0,
             end_us: self.now_us,
             scenario: self.sc,
         }
+    }
+
+    /// What is left of a run an engine assertion ended: the history up to that point.
+    pub fn aborted(mut self) -> RunOutput {
+        self.stats.virtual_us = self.now_us;
+        RunOutput {
+            history: self.history,
+            violations: self.violations,
+            stats: self.stats,
+            final_sessions: None,
+            final_wall_ms: 0,
+            end_us: self.now_us,
+            scenario: self.sc,
+        }
+    }
+
+    /// The serving leader of the highest term, if any.
+    fn final_leader(&self) -> Option<usize> {
+        (0..self.replicas.len())
+            .filter_map(|r| {
+                let e = self.replicas[r].engine.as_ref()?;
+                (e.is_serving() && e.is_leader()).then_some((e.term(), r))
+            })
+            .max()
+            .map(|(_, r)| r)
     }
 
     fn ctx_owned(&self) -> OwnedCtx {
@@ -256,40 +353,14 @@ impl World {
                 let actions = self.agents[agent].wake(self.now_us, token, &ctx.as_ctx());
                 self.apply_actions(agent, actions);
             }
-            Ev::Request { client, seq, request } => self.feed(Input::Request { client, seq, request }),
-            Ev::Reply { client, seq, outcome } => {
-                let Some(&i) = self.by_client.get(&client) else { return };
-                let ctx = self.ctx_owned();
-                let actions = self.agents[i].on_reply(self.now_us, client, seq, outcome, &ctx.as_ctx());
-                self.apply_actions(i, actions);
-            }
-            Ev::Io { boot, id, op } => {
-                if boot != self.replica.boot || self.replica.engine.is_none() {
-                    return; // the process that asked for it is gone
-                }
-                let result = self.replica.disk.execute(&op, &mut self.disk_rng);
-                if self.trace_io {
-                    let what = match &op {
-                        IoOp::Write { file, offset, data } if data.len() < 100 => {
-                            format!("write {file} @{offset} +{} {data:?}", data.len())
-                        }
-                        IoOp::Write { file, offset, data } => format!("write {file} @{offset} +{}", data.len()),
-                        IoOp::Read { file } => format!("read {file}"),
-                        other => format!("{other:?}"),
-                    };
-                    let res = match &result {
-                        Ok(truba_engine::IoReply::Data(d)) if d.len() < 100 => format!("{} bytes {d:?}", d.len()),
-                        Ok(truba_engine::IoReply::Data(d)) => format!("{} bytes", d.len()),
-                        other => format!("{other:?}"),
-                    };
-                    eprintln!("{:>10.6} boot {boot} io {} {what} -> {res}", self.now_us as f64 / 1e6, id.0);
-                }
-                self.feed(Input::IoDone { id, result });
-            }
-            Ev::Tick { boot } => {
-                if boot == self.replica.boot && self.replica.scheduled_tick == Some(self.now_us) {
-                    self.replica.scheduled_tick = None;
-                    self.feed(Input::Tick);
+            Ev::Request { to, client, seq, request } => self.feed(to, Input::Request { client, seq, request }),
+            Ev::Reply { client, seq, outcome } => self.on_reply(client, seq, outcome),
+            Ev::Io { r, boot, id, op } => self.on_io(r, boot, id, op),
+            Ev::Tick { r, boot } => {
+                let rep = &mut self.replicas[r];
+                if boot == rep.boot && rep.scheduled_tick == Some(self.now_us) {
+                    rep.scheduled_tick = None;
+                    self.feed(r, Input::Tick);
                 }
             }
             Ev::Deliver { kind, handle } => {
@@ -298,15 +369,76 @@ impl World {
                 }
                 self.dispatch(kind);
             }
-            Ev::DeliveryFailed { handle } => self.feed(Input::DeliveryFailed { handle }),
+            Ev::DeliveryFailed { handle } => {
+                let r = self.delivered_by.get(&handle).copied().unwrap_or(0);
+                self.feed(r, Input::DeliveryFailed { handle });
+            }
+            Ev::Message { from, to, message } => {
+                let from = ReplicaId(from as u32);
+                self.feed(to, Input::Message { from, message });
+            }
             Ev::Crash => self.crash(),
-            Ev::Restart => self.restart(),
+            Ev::Restart { r } => self.restart(r),
             Ev::DiskFull { on } => self.disk_full(on),
             Ev::ClockStep => self.clock_step(),
+            Ev::Partition { start } => self.partition(start),
+            Ev::Clog => self.clog(),
             Ev::Storm => self.storm(),
             Ev::Liveness => self.heal(),
             Ev::End => unreachable!("handled by the loop"),
         }
+    }
+
+    fn on_io(&mut self, r: usize, boot: u32, id: IoId, op: IoOp) {
+        let rep = &mut self.replicas[r];
+        if boot != rep.boot || rep.engine.is_none() {
+            return; // the process that asked for it is gone
+        }
+        let result = rep.disk.execute(&op, &mut self.disk_rng);
+        if self.trace_io {
+            let what = match &op {
+                IoOp::Write { file, offset, data } if data.len() < 100 => {
+                    format!("write {file} @{offset} +{} {data:?}", data.len())
+                }
+                IoOp::Write { file, offset, data } => format!("write {file} @{offset} +{}", data.len()),
+                IoOp::Read { file } => format!("read {file}"),
+                other => format!("{other:?}"),
+            };
+            let res = match &result {
+                Ok(truba_engine::IoReply::Data(d)) if d.len() < 100 => format!("{} bytes {d:?}", d.len()),
+                Ok(truba_engine::IoReply::Data(d)) => format!("{} bytes", d.len()),
+                other => format!("{other:?}"),
+            };
+            eprintln!("{:>10.6} r{r} boot {boot} io {} {what} -> {res}", self.now_us as f64 / 1e6, id.0);
+        }
+        self.feed(r, Input::IoDone { id, result });
+    }
+
+    /// A reply reaches the client library: "not the leader" is followed, not shown to the agent.
+    fn on_reply(&mut self, client: ClientId, seq: Seq, outcome: Outcome) {
+        let Some(&i) = self.by_client.get(&client) else { return };
+        if let Err(RequestError::NotLeader { leader }) = &outcome {
+            let n = self.replicas.len();
+            let current = self.leader_guess.get(&client).copied().unwrap_or(0);
+            let next = leader.map_or((current + 1) % n, |l| l.0 as usize % n);
+            self.leader_guess.insert(client, next);
+            // The agent's pending request is re-sent when the agent retries; chasing it here
+            // is what the client library does at once.
+            let chased = self.redirects.entry((client, seq)).or_default();
+            *chased += 1;
+            if *chased <= REDIRECTS_MAX {
+                if let Some(request) = self.agents[i].pending_request(client, seq) {
+                    let delay = if leader.is_some() { 0 } else { 20_000 };
+                    let t = self.net_delay() + delay;
+                    self.at(t, Ev::Request { to: next, client, seq, request });
+                }
+            }
+            return;
+        }
+        self.redirects.remove(&(client, seq));
+        let ctx = self.ctx_owned();
+        let actions = self.agents[i].on_reply(self.now_us, client, seq, outcome, &ctx.as_ctx());
+        self.apply_actions(i, actions);
     }
 
     fn apply_actions(&mut self, agent: usize, actions: Vec<Action>) {
@@ -314,8 +446,9 @@ impl World {
             match a {
                 Action::Send { client, seq, request } => {
                     self.by_client.insert(client, agent);
+                    let to = self.leader_guess.get(&client).copied().unwrap_or(0);
                     let t = self.net_delay();
-                    self.at(t, Ev::Request { client, seq, request });
+                    self.at(t, Ev::Request { to, client, seq, request });
                 }
                 Action::Wake { at_us, token } => self.at(at_us, Ev::Wake { agent, token }),
                 Action::Record(e) => self.history.push(self.now_us, e),
@@ -350,10 +483,10 @@ impl World {
         }
     }
 
-    /// Feeds one input to the replica and carries out everything it outputs.
-    fn feed(&mut self, input: Input) {
-        let now = self.replica.clock.now(self.now_us);
-        let Some(engine) = self.replica.engine.as_mut() else { return };
+    /// Feeds one input to replica `r` and carries out everything it outputs.
+    fn feed(&mut self, r: usize, input: Input) {
+        let now = self.replicas[r].clock.now(self.now_us);
+        let Some(engine) = self.replicas[r].engine.as_mut() else { return };
         self.wall_readings.insert(now.wall.0);
         engine.handle(now, input);
         let mut outputs = Vec::new();
@@ -361,33 +494,85 @@ impl World {
             outputs.push(o);
         }
         let serving = engine.is_serving();
-        let (applied, hash) = (engine.state().applied().0, engine.state().state_hash());
         let deadline = engine.next_deadline();
         // Outputs first: a `Recovered` output is compared with hashes from before this step.
         for o in outputs {
-            self.carry_out(o);
+            self.carry_out(r, o);
         }
         if serving {
-            self.hashes.insert(applied, hash);
+            self.check_applied(r);
         }
-        if let (Some(d), Some(_)) = (deadline, &self.replica.engine) {
-            let t = self.replica.clock.true_us_at(d).max(self.now_us);
-            if self.replica.scheduled_tick.is_none_or(|s| t < s) {
-                self.replica.scheduled_tick = Some(t);
-                let boot = self.replica.boot;
-                self.at(t, Ev::Tick { boot });
+        let rep = &mut self.replicas[r];
+        if let (Some(d), Some(_)) = (deadline, &rep.engine) {
+            let t = rep.clock.true_us_at(d).max(self.now_us);
+            if rep.scheduled_tick.is_none_or(|s| t < s) {
+                rep.scheduled_tick = Some(t);
+                let boot = rep.boot;
+                self.at(t, Ev::Tick { r, boot });
             }
         }
     }
 
-    fn carry_out(&mut self, o: Output) {
+    /// Replica agreement, as the run goes: every index a replica applied has the term the
+    /// first replica to apply it saw, and equal applied indexes have equal state hashes.
+    fn check_applied(&mut self, r: usize) {
+        let Some(engine) = self.replicas[r].engine.as_ref() else { return };
+        let applied = engine.state().applied().0;
+        let hash = engine.state().state_hash();
+        let from = self.applied_seen[r].max(engine.log_range().0 .0.saturating_sub(1));
+        let mut found = Vec::new();
+        for i in from + 1..=applied {
+            let Some(term) = engine.log_term(Index(i)) else { continue };
+            match self.applied_terms.get(&i) {
+                Some(&t) if t != term.0 => found.push(format!(
+                    "replica {r} applied index {i} from term {}, but index {i} was applied from term {t} elsewhere",
+                    term.0
+                )),
+                Some(_) => {}
+                None => {
+                    self.applied_terms.insert(i, term.0);
+                }
+            }
+        }
+        self.applied_seen[r] = applied;
+        for detail in found {
+            self.violate("committed-entries-agree", detail);
+        }
+        match self.hashes.get(&applied) {
+            Some(&h) if h != hash => {
+                self.stats.hash_checks += 1;
+                let detail = format!(
+                    "replica {r} at applied index {applied} hashes to {hash:016x}, but {h:016x} was seen at that \
+                     index before"
+                );
+                self.violate("state-hash", detail);
+            }
+            Some(_) => self.stats.hash_checks += 1,
+            None => {
+                self.hashes.insert(applied, hash);
+            }
+        }
+    }
+
+    fn violate(&mut self, property: &'static str, detail: String) {
+        self.violations.push(Violation { property, at_us: self.now_us, detail, session: None });
+    }
+
+    fn carry_out(&mut self, r: usize, o: Output) {
         match o {
             Output::Io { id, op } => {
-                let t = self.now_us + self.replica.disk.latency_us(&op, &mut self.disk_rng);
-                let boot = self.replica.boot;
-                self.at(t, Ev::Io { boot, id, op });
+                let rep = &self.replicas[r];
+                let t = self.now_us + rep.disk.latency_us(&op, &mut self.disk_rng);
+                let boot = rep.boot;
+                self.at(t, Ev::Io { r, boot, id, op });
             }
             Output::Reply { client, seq, outcome } => {
+                if let Ok(_) | Err(RequestError::NotLeader { .. }) = &outcome {
+                    self.leader_guess.insert(client, r);
+                }
+                if let Err(RequestError::NotLeader { leader: Some(l) }) = &outcome {
+                    self.leader_guess.insert(client, l.0 as usize);
+                }
                 let t = self.net_delay();
                 self.at(t, Ev::Reply { client, seq, outcome });
             }
@@ -404,92 +589,189 @@ impl World {
                     });
                 }
                 let taken_at_ms = taken_at.0;
+                self.delivered_by.insert(handle, r);
                 self.history.push(self.now_us, Event::Deliver { kind, handle, due, records, taken_at_ms });
                 let t = self.net_delay();
                 self.at(t, Ev::Deliver { kind, handle });
             }
+            Output::Send { to, message } => {
+                self.stats.messages += 1;
+                if self.trace_messages {
+                    let n = match &message {
+                        Message::Append { entries, prev_index, .. } => {
+                            format!("{} prev {} n {}", message.name(), prev_index.0, entries.len())
+                        }
+                        Message::AppendReply { ok, matched, hint, .. } => {
+                            format!("{} {ok} m {} h {}", message.name(), matched.0, hint.0)
+                        }
+                        m => m.name().to_string(),
+                    };
+                    eprintln!("{:>10.6} r{r} -> r{} {n}", self.now_us as f64 / 1e6, to.0);
+                }
+                let to = to.0 as usize;
+                for t in self.network.deliveries(r, to, self.now_us, &mut self.net_rng) {
+                    self.at(t, Ev::Message { from: r, to, message: message.clone() });
+                }
+            }
+            Output::Role { role, term, .. } => {
+                if role != RoleName::Leader {
+                    return;
+                }
+                self.stats.elections += 1;
+                self.history.push(self.now_us, Event::Leader { replica: r as u32, term: term.0 });
+                if let Some(&other) = self.leaders.get(&term.0) {
+                    if other != r {
+                        let detail = format!("replicas {other} and {r} both lead term {}", term.0);
+                        self.violate("one-leader-per-term", detail);
+                    }
+                } else {
+                    self.leaders.insert(term.0, r);
+                }
+            }
             Output::Recovered { applied, state_hash, torn_bytes } => {
-                self.replica.consecutive_stops = 0;
-                self.history.push(self.now_us, Event::Recovered { applied: applied.0, state_hash, torn_bytes });
+                self.replicas[r].consecutive_stops = 0;
+                let replica = r as u32;
+                let e = Event::Recovered { replica, applied: applied.0, state_hash, torn_bytes };
+                self.history.push(self.now_us, e);
+                self.applied_seen[r] = applied.0;
                 if let Some(&before) = self.hashes.get(&applied.0) {
                     self.stats.hash_checks += 1;
                     if before != state_hash {
-                        self.violations.push(Violation {
-                            property: "state-hash",
-                            at_us: self.now_us,
-                            detail: format!(
-                                "recovered state at index {} hashes to {state_hash:016x}, but the replica had \
-                                 {before:016x} at that index before the crash",
-                                applied.0
-                            ),
-                            session: None,
-                        });
+                        let detail = format!(
+                            "replica {r} recovered state at index {} hashes to {state_hash:016x}, but {before:016x} \
+                             was seen at that index before",
+                            applied.0
+                        );
+                        self.violate("state-hash", detail);
                     }
                 }
             }
             Output::Stopped(fatal) => {
-                self.history.push(self.now_us, Event::Stopped { reason: fatal.to_string() });
-                self.replica.engine = None;
-                self.replica.boot += 1;
-                self.replica.scheduled_tick = None;
-                self.replica.consecutive_stops += 1;
-                if self.replica.consecutive_stops >= 5 {
-                    self.violations.push(Violation {
-                        property: "recovery",
-                        at_us: self.now_us,
-                        detail: format!("the replica stopped 5 times in a row; last: {fatal}"),
-                        session: None,
-                    });
+                let replica = r as u32;
+                self.history.push(self.now_us, Event::Stopped { replica, reason: fatal.to_string() });
+                let rep = &mut self.replicas[r];
+                rep.engine = None;
+                rep.boot += 1;
+                rep.scheduled_tick = None;
+                rep.consecutive_stops += 1;
+                if rep.consecutive_stops >= 5 {
+                    self.violate("recovery", format!("replica {r} stopped 5 times in a row; last: {fatal}"));
                 } else {
                     // A supervisor restarts a stopped replica, as systemd would.
-                    self.schedule_restart();
+                    self.schedule_restart(r);
                 }
             }
             Output::QueryReply { .. } => {}
         }
     }
 
-    fn schedule_restart(&mut self) {
-        if !self.replica.restart_pending {
-            self.replica.restart_pending = true;
+    fn schedule_restart(&mut self, r: usize) {
+        if !self.replicas[r].restart_pending {
+            self.replicas[r].restart_pending = true;
             let t = self.after_ms(self.sc.faults.restart_after_ms);
-            self.at(t, Ev::Restart);
+            self.at(t, Ev::Restart { r });
         }
     }
 
-    fn restart(&mut self) {
-        self.replica.restart_pending = false;
-        if self.replica.engine.is_some() {
+    fn restart(&mut self, r: usize) {
+        self.replicas[r].restart_pending = false;
+        if self.replicas[r].engine.is_some() {
             return;
         }
-        self.replica.boot += 1;
-        let boot = self.replica.boot;
-        let seed = sub_rng(self.seed, STREAM_ENGINE + boot as u64).gen();
-        self.replica.engine = Some(Engine::new(self.cfg.clone(), seed));
-        self.history.push(self.now_us, Event::Restart { boot });
-        self.feed(Input::Boot);
+        let rep = &mut self.replicas[r];
+        rep.boot += 1;
+        let boot = rep.boot;
+        let stream = STREAM_ENGINE + boot as u64 + ((r as u64) << 32);
+        let seed = sub_rng(self.seed, stream).gen();
+        let voters: Vec<ReplicaId> = (0..self.replicas.len() as u32).map(ReplicaId).collect();
+        self.replicas[r].engine = Some(Engine::replica(self.cfg.clone(), ReplicaId(r as u32), voters, seed));
+        self.history.push(self.now_us, Event::Restart { replica: r as u32, boot });
+        self.feed(r, Input::Boot);
     }
 
     fn crash(&mut self) {
         if self.liveness {
             return;
         }
-        if self.replica.engine.take().is_some() {
+        let r = self.rng.gen_range(0..self.replicas.len());
+        self.check_log_matching();
+        if self.replicas[r].engine.take().is_some() {
             self.stats.crashes += 1;
             let share = self.sc.faults.process_crash_share;
             let summary = if share > 0.0 && self.rng.gen_bool(share.min(1.0)) {
                 "process only; the page cache survives".to_string()
             } else {
-                format!("power loss: {}", self.replica.disk.crash(&mut self.disk_rng))
+                format!("power loss: {}", self.replicas[r].disk.crash(&mut self.disk_rng))
             };
-            self.replica.boot += 1;
-            self.replica.scheduled_tick = None;
-            self.history.push(self.now_us, Event::Crash { disk: summary });
-            self.schedule_restart();
+            self.replicas[r].boot += 1;
+            self.replicas[r].scheduled_tick = None;
+            self.applied_seen[r] = 0;
+            self.history.push(self.now_us, Event::Crash { replica: r as u32, disk: summary });
+            self.schedule_restart(r);
         }
-        if let Some(r) = self.sc.faults.crash_every_ms {
-            let t = self.after_ms(r);
+        if let Some(range) = self.sc.faults.crash_every_ms {
+            let t = self.after_ms(range);
             self.at(t, Ev::Crash);
+        }
+    }
+
+    /// Log matching: if two replicas hold an entry with the same index and term, they hold the
+    /// same entries before it. Checked over the entries both hold in memory.
+    fn check_log_matching(&mut self) {
+        let engines: Vec<(usize, &Engine)> =
+            self.replicas.iter().enumerate().filter_map(|(i, r)| Some((i, r.engine.as_ref()?))).collect();
+        let mut found = Vec::new();
+        for (x, a) in &engines {
+            for (y, b) in &engines {
+                if x >= y || !a.is_serving() || !b.is_serving() {
+                    continue;
+                }
+                let lo = a.log_range().0.max(b.log_range().0);
+                let hi = a.log_range().1.min(b.log_range().1);
+                // The highest index where both hold the same term ...
+                let mut i = hi;
+                while i >= lo && i.0 > 0 && a.log_term(i) != b.log_term(i) {
+                    i = i.prev();
+                }
+                // ... and everything before it must agree.
+                while i >= lo && i.0 > 0 {
+                    let (ta, tb) = (a.log_term(i), b.log_term(i));
+                    if ta != tb {
+                        found.push(format!(
+                            "replicas {x} and {y} agree on a later entry but hold index {} from terms {ta:?} and {tb:?}",
+                            i.0
+                        ));
+                        break;
+                    }
+                    i = i.prev();
+                }
+            }
+        }
+        for detail in found {
+            self.violate("log-matching", detail);
+        }
+    }
+
+    /// After the liveness phase every replica serves and has applied everything that was
+    /// committed when the faults were healed.
+    fn check_convergence(&mut self) {
+        let mut found = Vec::new();
+        for (r, rep) in self.replicas.iter().enumerate() {
+            match rep.engine.as_ref().filter(|e| e.is_serving()) {
+                None => found.push(format!("replica {r} was not serving at the end of the liveness phase")),
+                Some(e) if e.state().applied().0 < self.liveness_commit => found.push(format!(
+                    "replica {r} applied only through {} at the end; {} was committed when faults healed",
+                    e.state().applied().0,
+                    self.liveness_commit
+                )),
+                Some(_) => {}
+            }
+        }
+        if self.replicas.len() > 1 && self.final_leader().is_none() {
+            found.push("no replica was leading at the end of the liveness phase".into());
+        }
+        for detail in found {
+            self.violate("convergence", detail);
         }
     }
 
@@ -497,15 +779,17 @@ impl World {
         if self.liveness {
             return;
         }
+        // Disk-full periods hit replica 0: a full disk on a minority must not stop the cluster.
+        let disk = &mut self.replicas[0].disk;
         if on {
             self.stats.disk_full_periods += 1;
-            let used = self.replica.disk.used_bytes();
-            self.replica.disk.set_capacity(Some(used + 4096));
+            let used = disk.used_bytes();
+            disk.set_capacity(Some(used + 4096));
             self.history.push(self.now_us, Event::Fault { what: "disk full".into() });
             let t = self.after_ms(self.sc.faults.disk_full_for_ms);
             self.at(t, Ev::DiskFull { on: false });
         } else {
-            self.replica.disk.set_capacity(None);
+            disk.set_capacity(None);
             self.history.push(self.now_us, Event::Fault { what: "disk space freed".into() });
             if let Some(r) = self.sc.faults.disk_full_every_ms {
                 let t = self.after_ms(r);
@@ -520,12 +804,50 @@ impl World {
         }
         let (a, b) = self.sc.faults.clock.step_ms;
         let step = self.rng.gen_range(a..=b);
-        self.replica.clock.steps_ms += step;
+        let r = self.rng.gen_range(0..self.replicas.len());
+        self.replicas[r].clock.steps_ms += step;
         self.stats.clock_steps += 1;
-        self.history.push(self.now_us, Event::Fault { what: format!("wall clock stepped {step:+} ms") });
-        if let Some(r) = self.sc.faults.clock.step_every_ms {
-            let t = self.after_ms(r);
+        let what = if self.replicas.len() == 1 {
+            format!("wall clock stepped {step:+} ms")
+        } else {
+            format!("replica {r} wall clock stepped {step:+} ms")
+        };
+        self.history.push(self.now_us, Event::Fault { what });
+        if let Some(range) = self.sc.faults.clock.step_every_ms {
+            let t = self.after_ms(range);
             self.at(t, Ev::ClockStep);
+        }
+    }
+
+    fn partition(&mut self, start: bool) {
+        if self.liveness {
+            return;
+        }
+        if start {
+            if let Some(what) = self.network.partition_random(self.now_us, &mut self.net_rng) {
+                self.stats.partitions += 1;
+                self.history.push(self.now_us, Event::Fault { what });
+            }
+            let t = self.now_us + self.network.draw_partition_length_us(&mut self.net_rng);
+            self.at(t, Ev::Partition { start: false });
+        } else {
+            self.network.set_partition(None);
+            self.history.push(self.now_us, Event::Fault { what: "partition healed".into() });
+            if let Some(gap) = self.network.draw_partition_gap_us(&mut self.net_rng) {
+                self.at(self.now_us + gap, Ev::Partition { start: true });
+            }
+        }
+    }
+
+    fn clog(&mut self) {
+        if self.liveness {
+            return;
+        }
+        if let Some(what) = self.network.clog_random(self.now_us, &mut self.net_rng) {
+            self.history.push(self.now_us, Event::Fault { what });
+        }
+        if let Some(gap) = self.network.draw_clog_gap_us(&mut self.net_rng) {
+            self.at(self.now_us + gap, Ev::Clog);
         }
     }
 
@@ -543,17 +865,25 @@ impl World {
         }
     }
 
-    /// The liveness phase: every fault healed, the replica up, no new sessions.
+    /// The liveness phase: every fault healed, every replica up, no new sessions.
     fn heal(&mut self) {
         self.liveness = true;
         self.history.push(self.now_us, Event::Phase { name: "liveness" });
-        let f = self.replica.disk.faults_mut();
-        f.read_bitflip_prob = 0.0;
-        f.read_error_prob = 0.0;
-        f.latency_spike_prob = 0.0;
-        self.replica.disk.set_capacity(None);
-        if self.replica.engine.is_none() {
-            self.schedule_restart();
+        self.network.heal();
+        let healed = self.network.faults().healed();
+        self.network.set_faults(healed);
+        for r in 0..self.replicas.len() {
+            let f = self.replicas[r].disk.faults_mut();
+            f.read_bitflip_prob = 0.0;
+            f.read_error_prob = 0.0;
+            f.latency_spike_prob = 0.0;
+            self.replicas[r].disk.set_capacity(None);
+            if let Some(e) = &self.replicas[r].engine {
+                self.liveness_commit = self.liveness_commit.max(e.commit_index().0);
+            }
+            if self.replicas[r].engine.is_none() {
+                self.schedule_restart(r);
+            }
         }
     }
 }

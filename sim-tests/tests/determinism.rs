@@ -31,3 +31,8 @@ fn swarm_is_deterministic() {
 fn clock_steps_is_deterministic() {
     twice("clock-steps", 3);
 }
+
+#[test]
+fn a_cluster_under_network_faults_is_deterministic() {
+    twice("cluster-faults", 5);
+}

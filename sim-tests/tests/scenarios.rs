@@ -32,6 +32,9 @@ scenario_tests! {
     redelivery_storm => "redelivery-storm",
     swarm => "swarm",
     small_crashes => "small-crashes",
+    cluster_faults => "cluster-faults",
+    cluster_five => "cluster-five",
+    cluster_elections => "cluster-elections",
 }
 
 #[test]

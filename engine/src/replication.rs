@@ -1,0 +1,336 @@
+//! Log replication: the leader's side (what to send each follower, when an entry is committed)
+//! and the follower's (accepting, truncating and acknowledging entries, installing snapshots).
+//!
+//! - The leader sends a follower entries from its `next` index on, several messages in flight
+//!   at once (pipelining) up to a cap on messages and on bytes. After a rejection it probes with
+//!   one message at a time until the follower's log matches again. A follower that needs entries
+//!   the leader has compacted away gets the leader's state as a snapshot instead.
+//! - A follower acknowledges only entries that are durable on its disk and known to match the
+//!   leader's log; the leader commits an entry of its own term once a majority (itself
+//!   included, counting only its own durable entries) holds it, and with it every earlier one.
+//! - A rejection carries a hint (the follower's commit index, or its last index if that is
+//!   lower), below which its log matches any leader's, so the leader jumps back at once.
+
+use crate::engine::{Cut, Engine, Installing, Role};
+use crate::message::Message;
+use crate::op::Entry;
+use crate::snapshot::{decode_state, encode_state};
+use crate::types::{Duration, Index, Instant, ReplicaId, Term};
+use std::collections::VecDeque;
+
+/// What the leader knows about one follower.
+#[derive(Clone, Debug)]
+pub(crate) struct Progress {
+    /// The next entry to send.
+    pub next: Index,
+    /// The follower's log matches the leader's, durably, through here.
+    pub matched: Index,
+    /// Appends sent and not yet acknowledged: (last index, entry bytes, sent at).
+    inflight: VecDeque<(Index, u64, Instant)>,
+    inflight_bytes: u64,
+    /// After a rejection (or at first) only one append is in flight until the logs match.
+    probing: bool,
+    /// A snapshot was sent at this time and is not yet acknowledged.
+    snapshot_sent_at: Option<Instant>,
+    /// When the follower last answered (check-quorum).
+    pub heard_at: Instant,
+}
+
+impl Progress {
+    pub fn new(next: Index, now: Instant) -> Progress {
+        Progress {
+            next,
+            matched: Index(0),
+            inflight: VecDeque::new(),
+            inflight_bytes: 0,
+            probing: true,
+            snapshot_sent_at: None,
+            heard_at: now,
+        }
+    }
+
+    fn restart_from(&mut self, next: Index) {
+        self.next = next.max(self.matched.next());
+        self.inflight.clear();
+        self.inflight_bytes = 0;
+        self.probing = true;
+    }
+}
+
+impl Engine {
+    fn progress_mut(&mut self, peer: ReplicaId) -> Option<&mut Progress> {
+        match &mut self.role {
+            Role::Leader { progress } => progress.get_mut(&peer),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn replicate_all(&mut self) {
+        for peer in self.peers() {
+            self.replicate(peer);
+        }
+    }
+
+    /// Sends `peer` whatever it lacks, within the pipelining caps.
+    pub(crate) fn replicate(&mut self, peer: ReplicaId) {
+        let (term, commit, now) = (self.term(), self.commit, self.now.mono);
+        let c = self.cfg.consensus.clone();
+        let snapshot_retry = Duration(c.election_timeout_ms_max * 10);
+        let base = self.log.base;
+        let mut sends = Vec::new();
+        let mut snapshot = false;
+        {
+            let log = &self.log;
+            let Some(p) = (match &mut self.role {
+                Role::Leader { progress } => progress.get_mut(&peer),
+                _ => None,
+            }) else {
+                return;
+            };
+            if p.snapshot_sent_at.is_some_and(|t| now.saturating_since(t) < snapshot_retry) {
+                return;
+            }
+            if p.next <= base {
+                snapshot = true;
+            } else {
+                while p.next <= log.last_index()
+                    && p.inflight.len() < c.inflight_appends_max as usize
+                    && p.inflight_bytes < c.inflight_bytes_max
+                    && (!p.probing || p.inflight.is_empty())
+                {
+                    let entries = log.slice(p.next, c.append_bytes_max);
+                    let bytes: u64 = entries.iter().map(|e| crate::codec::encoded_len(e.at, &e.command) as u64).sum();
+                    let last = entries.last().expect("slice of an existing entry is not empty").index;
+                    let prev_index = p.next.prev();
+                    let prev_term = log.term_at(prev_index).expect("prev is at or after the base");
+                    sends.push(Message::Append { term, prev_index, prev_term, commit, entries });
+                    p.inflight.push_back((last, bytes, now));
+                    p.inflight_bytes += bytes;
+                    p.next = last.next();
+                }
+            }
+        }
+        if snapshot {
+            self.send_snapshot(peer);
+        }
+        for m in sends {
+            self.send(peer, m);
+        }
+    }
+
+    fn send_snapshot(&mut self, peer: ReplicaId) {
+        let index = self.state.applied();
+        let Some(last_term) = self.log.term_at(index) else { return };
+        let state = encode_state(&self.state);
+        let (term, now) = (self.term(), self.now.mono);
+        if let Some(p) = self.progress_mut(peer) {
+            p.snapshot_sent_at = Some(now);
+        }
+        self.send(peer, Message::Snapshot { term, index, last_term, state });
+    }
+
+    /// Every heartbeat interval: resend what seems lost, and let every follower hear from the
+    /// leader (an empty append at the last index known to match also carries the commit index).
+    pub(crate) fn heartbeat(&mut self) {
+        let stale = Duration(self.cfg.consensus.election_timeout_ms_max);
+        let now = self.now.mono;
+        for peer in self.peers() {
+            if let Some(p) = self.progress_mut(peer) {
+                let oldest = p.inflight.front().map(|f| f.2);
+                if oldest.is_some_and(|t| now.saturating_since(t) > stale) {
+                    let next = p.matched.next();
+                    p.restart_from(next);
+                }
+            }
+            let before = self.outputs.len() + self.held.len();
+            self.replicate(peer);
+            if self.outputs.len() + self.held.len() == before {
+                self.send_heartbeat(peer);
+            }
+        }
+    }
+
+    fn send_heartbeat(&mut self, peer: ReplicaId) {
+        let Some(matched) = self.progress_mut(peer).map(|p| p.matched) else { return };
+        let prev_index = matched.max(self.log.base);
+        let Some(prev_term) = self.log.term_at(prev_index) else { return };
+        let commit = self.commit.min(prev_index);
+        let m = Message::Append { term: self.term(), prev_index, prev_term, commit, entries: Vec::new() };
+        self.send(peer, m);
+    }
+
+    /// The leader's commit index: the highest index of its own term that a majority holds
+    /// durably (the leader counting its own durable log).
+    pub(crate) fn advance_commit(&mut self) {
+        let Role::Leader { progress } = &self.role else { return };
+        let mut matched: Vec<Index> = progress.values().map(|p| p.matched).collect();
+        matched.push(self.durable);
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        let mut candidate = matched[self.majority() - 1];
+        if self.cfg.mutation(|m| m.commit_without_majority) {
+            candidate = self.durable;
+        }
+        if candidate > self.commit && self.log.term_at(candidate) == Some(self.term()) {
+            self.commit = candidate;
+            self.apply_committed();
+        }
+    }
+
+    pub(crate) fn on_append_reply(&mut self, from: ReplicaId, term: Term, ok: bool, matched: Index, hint: Index) {
+        if term != self.term() {
+            return;
+        }
+        let now = self.now.mono;
+        let last = self.log.last_index();
+        let Some(p) = self.progress_mut(from) else { return };
+        p.heard_at = now;
+        if ok {
+            let matched = matched.min(last);
+            if matched > p.matched {
+                p.matched = matched;
+            }
+            p.next = p.next.max(p.matched.next());
+            while p.inflight.front().is_some_and(|f| f.0 <= p.matched) {
+                let (_, bytes, _) = p.inflight.pop_front().expect("checked");
+                p.inflight_bytes -= bytes;
+            }
+            p.probing = false;
+            p.snapshot_sent_at = None;
+            self.advance_commit();
+        } else if hint.next() < p.next || p.inflight.is_empty() {
+            p.restart_from(hint.next());
+        }
+        self.replicate(from);
+    }
+
+    /// A follower's acknowledgement: what is durable here and known to match the leader's log.
+    pub(crate) fn acknowledge(&mut self) {
+        let Some(leader) = self.leader else { return };
+        if leader == self.me || !matches!(self.role, Role::Follower) {
+            return;
+        }
+        let matched = self.durable.min(self.ack_upto);
+        let m = Message::AppendReply { term: self.term(), ok: true, matched, hint: Index(0) };
+        self.send(leader, m);
+    }
+
+    fn reject(&mut self, to: ReplicaId) {
+        let hint = self.commit.min(self.log.last_index());
+        self.send(to, Message::AppendReply { term: self.term(), ok: false, matched: Index(0), hint });
+    }
+
+    pub(crate) fn on_append(
+        &mut self,
+        from: ReplicaId,
+        term: Term,
+        prev_index: Index,
+        prev_term: Term,
+        commit: Index,
+        entries: Vec<Entry>,
+    ) {
+        if term < self.term() {
+            self.reject(from);
+            return;
+        }
+        // A candidate of this term hears the term's leader: it lost.
+        self.become_follower(term, Some(from));
+        self.leader_heard_at = Some(self.now.mono);
+        self.reset_election_timer();
+        if self.installing.is_some() {
+            return;
+        }
+        let Some((prev_index, prev_term, entries)) = self.skip_compacted(prev_index, prev_term, entries) else {
+            self.reject(from);
+            return;
+        };
+        let matches = self.log.term_at(prev_index) == Some(prev_term);
+        let mutant = self.cfg.mutation(|m| m.skip_prev_term_check) && prev_index <= self.log.last_index();
+        if !matches && !mutant {
+            self.reject(from);
+            return;
+        }
+        let last_new = Index(prev_index.0 + entries.len() as u64);
+        for e in entries {
+            match self.log.term_at(e.index) {
+                Some(t) if t == e.term => continue,
+                Some(_) => self.truncate_log(e.index),
+                None => {}
+            }
+            self.log.append(e);
+        }
+        self.ack_upto = self.ack_upto.max(last_new);
+        let commit = commit.min(last_new);
+        if commit > self.commit {
+            self.commit = commit;
+        }
+        self.flush();
+        self.apply_committed();
+        self.acknowledge();
+    }
+
+    /// Entries at or below the snapshot are committed and already here (and match any
+    /// leader's); drops them from an append, which then follows the snapshot's entry. `None` if
+    /// the append starts beyond this log's end (a gap).
+    fn skip_compacted(
+        &self,
+        prev_index: Index,
+        prev_term: Term,
+        entries: Vec<Entry>,
+    ) -> Option<(Index, Term, Vec<Entry>)> {
+        if prev_index > self.log.last_index() {
+            return None;
+        }
+        if prev_index >= self.log.base {
+            return Some((prev_index, prev_term, entries));
+        }
+        let rest: Vec<Entry> = entries.into_iter().filter(|e| e.index > self.log.base).collect();
+        Some((self.log.base, self.log.base_term, rest))
+    }
+
+    pub(crate) fn on_snapshot(&mut self, from: ReplicaId, term: Term, index: Index, last_term: Term, state: Vec<u8>) {
+        if term < self.term() {
+            self.reject(from);
+            return;
+        }
+        self.become_follower(term, Some(from));
+        self.leader_heard_at = Some(self.now.mono);
+        self.reset_election_timer();
+        if index <= self.commit || self.log.term_at(index) == Some(last_term) {
+            // This replica holds the snapshot's last entry (so the same log up to it), and
+            // possibly more it has acknowledged, which an install would throw away: it keeps its
+            // log, and the snapshot only tells it that the entry is committed.
+            self.ack_upto = self.ack_upto.max(index.min(self.log.last_index()));
+            self.commit = self.commit.max(index.min(self.log.last_index()));
+            self.apply_committed();
+            self.acknowledge();
+            return;
+        }
+        if self.installing.is_some() || self.snapshots.busy() || self.cut.is_some() || self.is_writing() {
+            return; // The leader sends it again later.
+        }
+        let Ok(decoded) = decode_state(&state, index) else { return };
+        self.installing = Some(Installing { index, term: last_term, state: Box::new(decoded) });
+        let op = self.snapshots.start_encoded(index, last_term, &state);
+        self.issue(op, crate::engine::Purpose::Snapshot);
+    }
+
+    /// The leader's snapshot is durable: it replaces the state and the whole log.
+    pub(crate) fn installed(&mut self) {
+        let inst = self.installing.take().expect("an install is under way");
+        self.state = *inst.state;
+        self.proposed.clear();
+        self.waiting.clear();
+        let obsolete = self.log.reset(inst.index, inst.term);
+        self.durable = inst.index;
+        self.commit = self.commit.max(inst.index);
+        self.ack_upto = self.ack_upto.max(inst.index);
+        self.cut_from = None;
+        // The old segments must be gone before a new one is written, or recovery would find
+        // the old entries after the snapshot and take them for this log.
+        let mut ops: VecDeque<_> = obsolete.into_iter().map(|file| crate::io::IoOp::Remove { file }).collect();
+        ops.push_back(crate::io::IoOp::SyncDir);
+        self.cut = Some(Cut { from: None, ops });
+        self.next_cut_op();
+        self.acknowledge();
+    }
+}
