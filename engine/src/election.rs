@@ -95,6 +95,8 @@ impl Engine {
     fn campaign(&mut self) {
         let term = Term(self.term().0 + 1);
         self.want_hard_state(HardState { term, vote: Some(self.me) });
+        // A full election timeout for the election itself, as for the pre-vote before it.
+        self.reset_election_timer();
         self.role = Role::Candidate { granted: BTreeSet::from([self.me]) };
         self.heartbeat_due = self.now.mono.saturating_add(Duration(self.cfg.consensus.heartbeat_ms));
         self.leader = None;

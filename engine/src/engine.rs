@@ -213,6 +213,7 @@ impl Engine {
             Input::Tick => self.on_tick(),
             Input::Message { from, message } => self.on_message(from, message),
         }
+        self.persist_hard_state();
         self.invariants();
     }
 
@@ -407,8 +408,17 @@ impl Engine {
         }
     }
 
+    /// Records a new term or vote. It is written once the current input is handled, so that a
+    /// voter that adopts a term and votes in it in one step makes one replacement, not two.
     pub(crate) fn want_hard_state(&mut self, hs: HardState) {
-        if let HsStep::Io(op) = self.hard.want(hs) {
+        self.hard.wanted = hs;
+    }
+
+    fn persist_hard_state(&mut self) {
+        if !self.is_serving() {
+            return;
+        }
+        if let HsStep::Io(op) = self.hard.want(self.hard.wanted) {
             self.issue(op, Purpose::HardState);
         }
     }

@@ -20,8 +20,10 @@
 //! - A request with no answer within [`ClientOptions::request_timeout`], or whose connection
 //!   breaks, is sent again with the same `(client, seq, request)` (over a new connection when the
 //!   old one went silent); the server answers a retry from its dedup table, so nothing is
-//!   applied twice. Refusals that mean "not now" (`NotReady`, `Overloaded`, `Stopped`) are
-//!   retried the same way after a short backoff. After [`ClientOptions::retry_for`] in total the
+//!   applied twice. Refusals that mean "not now" (`NotReady`, `Overloaded`, `Stopped`,
+//!   `NotLeader`) are retried the same way after a short backoff; after `NotLeader` the
+//!   connection moves on to the next of the pipe's addresses, so a pipe given every member of a
+//!   cluster finds the leader and follows it when it changes. After [`ClientOptions::retry_for`] in total the
 //!   caller gets [`ClientError::Timeout`]: the outcome is then unknown. If the request never
 //!   reached any server, the error is [`ClientError::Connect`] instead (it certainly did not
 //!   happen).
@@ -342,7 +344,14 @@ fn not_now(msg: &ServerMsg) -> Option<&RequestError> {
         ServerMsg::QueryReply { reply: QueryReply::Session(Err(e)), .. } => e,
         _ => return None,
     };
-    matches!(e, RequestError::NotReady | RequestError::Overloaded { .. } | RequestError::Stopped(_)).then_some(e)
+    let not_now = matches!(
+        e,
+        RequestError::NotReady
+            | RequestError::Overloaded { .. }
+            | RequestError::Stopped(_)
+            | RequestError::NotLeader { .. }
+    );
+    not_now.then_some(e)
 }
 
 fn jittered(d: Duration) -> Duration {
@@ -666,12 +675,27 @@ impl<T: Transport> ConnTask<T> {
                 return self.drop_conn(format!("server error: {error}"));
             }
         };
+        let redirected = matches!(&msg, ServerMsg::Reply { outcome: Err(RequestError::NotLeader { .. }), .. });
         match self.pending.remove(&key) {
             Some(p) => {
                 let _ = p.reply.send(Answer::Msg(msg));
             }
             None => tracing::debug!(?key, "answer nobody waits for (the caller gave up)"),
         }
+        if redirected {
+            self.follow_leader();
+        }
+    }
+
+    /// This server does not lead: the connection goes, and the next one starts with the next
+    /// address, so the retry finds the leader within one pass over the cluster.
+    fn follow_leader(&mut self) {
+        let Some(addr) = self.conn.as_ref().map(|c| c.addr.clone()) else { return };
+        self.drop_conn(format!("{addr} is not the leader"));
+        if let Some(i) = self.addrs.iter().position(|a| *a == addr) {
+            self.addrs.rotate_left(i + 1);
+        }
+        self.connect_failed = None;
     }
 }
 

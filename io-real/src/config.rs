@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use truba_engine::{EngineConfig, Kind, KindConfig, Limits};
+use truba_engine::{ConsensusConfig, EngineConfig, Kind, KindConfig, Limits, ReplicaId};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -21,6 +21,29 @@ pub struct Config {
     /// `[kinds.N]`: each kind's handler address and behaviour.
     #[serde(deserialize_with = "kinds_by_number")]
     pub kinds: BTreeMap<u32, KindSection>,
+    /// `[cluster]`: this node's id and every voter of its cluster. Absent: a single node.
+    pub cluster: Option<ClusterSection>,
+    /// Election timeouts, heartbeats and replication flow control (cluster only).
+    pub consensus: ConsensusConfig,
+}
+
+/// A replicated cluster of 1, 3 or 5 voters; every node's file lists the same members.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// This node's member id.
+    pub id: u32,
+    pub members: Vec<Member>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub id: u32,
+    /// Where the other members reach this one (replication traffic).
+    pub peer: String,
+    /// Where clients and handlers reach this one (its `listen` address, as others see it).
+    pub client: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -35,6 +58,11 @@ pub struct ServerLimits {
     /// A connection with no request waiting that sends nothing for this long is closed (clients
     /// reconnect by themselves); it reclaims the slots of peers that vanished without a word.
     pub idle_timeout_ms: u64,
+    /// Largest frame accepted from another member (an installed snapshot travels in one).
+    pub peer_frame_bytes_max: u32,
+    /// Messages queued for one member while its connection is busy or down; beyond it they
+    /// are dropped (the protocol resends what matters).
+    pub peer_queue_max: u32,
 }
 
 impl Default for ServerLimits {
@@ -45,6 +73,8 @@ impl Default for ServerLimits {
             inflight_per_connection_max: 1024,
             handler_timeout_ms: 30_000,
             idle_timeout_ms: 300_000,
+            peer_frame_bytes_max: 512 * 1024 * 1024,
+            peer_queue_max: 8192,
         }
     }
 }
@@ -94,6 +124,8 @@ impl Default for Config {
             server: ServerLimits::default(),
             engine: Limits::default(),
             kinds,
+            cluster: None,
+            consensus: ConsensusConfig::default(),
         }
     }
 }
@@ -141,20 +173,75 @@ impl Config {
         if self.engine.batch_entries_max == 0 || self.engine.pending_requests_max == 0 {
             return Err("engine.batch_entries_max and engine.pending_requests_max must be positive".into());
         }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
+        let t = &self.consensus;
+        if t.election_timeout_ms_min == 0 || t.election_timeout_ms_min > t.election_timeout_ms_max {
+            return Err("consensus: need 0 < election_timeout_ms_min <= election_timeout_ms_max".into());
+        }
+        if t.heartbeat_ms == 0 || t.heartbeat_ms >= t.election_timeout_ms_min {
+            return Err("consensus.heartbeat_ms must be positive and below election_timeout_ms_min".into());
+        }
         Ok(())
+    }
+
+    /// This node's id and the cluster's voters (a single node is member 0 of a cluster of one).
+    pub fn membership(&self) -> (ReplicaId, Vec<ReplicaId>) {
+        match &self.cluster {
+            None => (ReplicaId(0), vec![ReplicaId(0)]),
+            Some(c) => (ReplicaId(c.id), c.members.iter().map(|m| ReplicaId(m.id)).collect()),
+        }
+    }
+
+    /// The other members: id and peer address.
+    pub fn peers(&self) -> Vec<(ReplicaId, String)> {
+        let Some(c) = &self.cluster else { return Vec::new() };
+        c.members.iter().filter(|m| m.id != c.id).map(|m| (ReplicaId(m.id), m.peer.clone())).collect()
+    }
+
+    /// This node's peer address, if it is in a cluster.
+    pub fn peer_listen(&self) -> Option<String> {
+        let c = self.cluster.as_ref()?;
+        c.members.iter().find(|m| m.id == c.id).map(|m| m.peer.clone())
     }
 
     pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
             kinds: self.kinds.iter().map(|(n, k)| (Kind(*n), k.config.clone())).collect(),
             limits: self.engine.clone(),
-            consensus: Default::default(),
+            consensus: self.consensus.clone(),
             mutations: Default::default(),
         }
     }
 
+    /// Addresses handed to handlers: the configured ones, else every member's client address
+    /// (a handler then follows the leader like any client), else `listen`.
     pub fn advertised(&self) -> Vec<String> {
-        self.advertise.clone().unwrap_or_else(|| vec![self.listen.clone()])
+        if let Some(a) = &self.advertise {
+            return a.clone();
+        }
+        match &self.cluster {
+            Some(c) => c.members.iter().map(|m| m.client.clone()).collect(),
+            None => vec![self.listen.clone()],
+        }
+    }
+}
+
+impl ClusterSection {
+    fn validate(&self) -> Result<(), String> {
+        let n = self.members.len();
+        if ![1, 3, 5].contains(&n) {
+            return Err(format!("cluster.members: a cluster has 1, 3 or 5 voters, not {n}"));
+        }
+        let ids: std::collections::BTreeSet<u32> = self.members.iter().map(|m| m.id).collect();
+        if ids.len() != n {
+            return Err("cluster.members: member ids must be distinct".into());
+        }
+        if !ids.contains(&self.id) {
+            return Err(format!("cluster.id {} is not one of cluster.members", self.id));
+        }
+        Ok(())
     }
 }
 
@@ -186,6 +273,30 @@ mod tests {
         assert!(e.contains("default_dely_s"), "{e}");
         let bad_kind = "[kinds.one]\n";
         assert!(Config::parse(bad_kind, Path::new("t.toml")).unwrap_err().to_string().contains("not a number"));
+    }
+
+    #[test]
+    fn a_cluster_section_is_checked() {
+        let members = |n: u32| {
+            (1..=n)
+                .map(|i| {
+                    format!("{{ id = {i}, peer = \"127.0.0.1:{}\", client = \"127.0.0.1:{}\" }}", 7410 + i, 7400 + i)
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let ok = format!("[cluster]\nid = 2\nmembers = [{}]\n", members(3));
+        let c = Config::parse(&ok, Path::new("t.toml")).unwrap();
+        assert_eq!(c.membership(), (ReplicaId(2), vec![ReplicaId(1), ReplicaId(2), ReplicaId(3)]));
+        assert_eq!(c.peers().len(), 2);
+        assert_eq!(c.peer_listen().as_deref(), Some("127.0.0.1:7412"));
+        assert_eq!(c.advertised(), vec!["127.0.0.1:7401", "127.0.0.1:7402", "127.0.0.1:7403"]);
+        let four = format!("[cluster]\nid = 1\nmembers = [{}]\n", members(4));
+        assert!(Config::parse(&four, Path::new("t.toml")).unwrap_err().to_string().contains("1, 3 or 5"));
+        let stranger = format!("[cluster]\nid = 9\nmembers = [{}]\n", members(3));
+        assert!(Config::parse(&stranger, Path::new("t.toml")).unwrap_err().to_string().contains("not one of"));
+        let slow = "[consensus]\nheartbeat_ms = 500\n";
+        assert!(Config::parse(slow, Path::new("t.toml")).unwrap_err().to_string().contains("heartbeat_ms"));
     }
 
     #[test]

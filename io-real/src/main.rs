@@ -5,9 +5,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use truba::client::{ClientError, Pipe, Session};
+use std::time::Duration;
+use truba::client::{ClientError, ClientOptions, Pipe, Session};
 use truba::config::Config;
 use truba::server::{self, Env as _, RealEnv};
+use truba::wire::ServerStatus;
 use truba_engine::{Attempt, Handle, SessionId, SessionState};
 
 #[derive(Parser)]
@@ -333,26 +335,94 @@ async fn get(conn: &Conn, session: u64) -> CliResult {
     Ok(())
 }
 
+/// One node's status, or every node's when several addresses are given (a cluster): role,
+/// term, commit and applied index, and how far each lags behind the highest commit seen.
 async fn status(conn: &Conn) -> CliResult {
-    let pipe = connect(conn).await?;
-    let s = pipe.status().await.map_err(err)?;
-    if conn.json {
-        println!(
-            "{}",
-            serde_json::json!({"version": s.version, "role": s.role, "serving": s.engine.serving, "applied": s.engine.applied.0,
-                "commit": s.engine.durable.0, "sessions_active": s.engine.sessions_active,
-                "sessions_stored": s.engine.sessions_stored, "disk_bytes": s.disk_bytes,
-                "connections": s.connections, "state_hash": format!("{:016x}", s.engine.state_hash)})
-        );
-    } else {
-        let phase = if s.engine.serving { "serving" } else { "recovering" };
-        println!("truba {}  {}  {phase}", s.version, s.role);
-        println!("index    applied {}  commit (durable) {}", s.engine.applied.0, s.engine.durable.0);
-        println!("sessions active {}  stored {}", s.engine.sessions_active, s.engine.sessions_stored);
-        println!("disk     {} bytes   connections {}", s.disk_bytes, s.connections);
-        println!("state    hash {:016x}", s.engine.state_hash);
+    let addrs: Vec<String> = conn.addr.split(',').map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect();
+    if addrs.len() <= 1 {
+        let pipe = connect(conn).await?;
+        let s = pipe.status().await.map_err(err)?;
+        print_one(&s, conn.json);
+        return Ok(());
+    }
+    let mut rows = Vec::new();
+    for addr in &addrs {
+        let options = ClientOptions { retry_for: Duration::from_secs(2), ..ClientOptions::default() };
+        let s = match Pipe::connect_with(truba::net::Tcp, vec![addr.clone()], options).await {
+            Ok(pipe) => pipe.status().await.map_err(err),
+            Err(e) => Err(err(e)),
+        };
+        rows.push((addr.clone(), s));
+    }
+    print_cluster(&rows, conn.json);
+    if rows.iter().all(|(_, s)| s.is_err()) {
+        return Err(format!("no node answered at {}", conn.addr));
     }
     Ok(())
+}
+
+fn print_one(s: &ServerStatus, json: bool) {
+    if json {
+        println!("{}", status_json(s));
+        return;
+    }
+    let phase = if s.engine.serving { "serving" } else { "recovering" };
+    println!("truba {}  {}  {phase}", s.version, s.role);
+    println!("index    applied {}  commit {}  durable {}", s.engine.applied.0, s.engine.commit.0, s.engine.durable.0);
+    println!("sessions active {}  stored {}", s.engine.sessions_active, s.engine.sessions_stored);
+    println!("disk     {} bytes   connections {}", s.disk_bytes, s.connections);
+    println!("state    hash {:016x}", s.engine.state_hash);
+}
+
+fn status_json(s: &ServerStatus) -> serde_json::Value {
+    let e = &s.engine;
+    serde_json::json!({"version": s.version, "replica": e.replica.0, "role": e.role.to_string(), "term": e.term.0,
+        "leader": e.leader.map(|l| l.0), "serving": e.serving, "applied": e.applied.0, "commit": e.commit.0,
+        "durable": e.durable.0, "last_index": e.last_index.0, "sessions_active": e.sessions_active,
+        "sessions_stored": e.sessions_stored, "disk_bytes": s.disk_bytes, "connections": s.connections,
+        "state_hash": format!("{:016x}", e.state_hash)})
+}
+
+fn print_cluster(rows: &[(String, Result<ServerStatus, String>)], json: bool) {
+    let top = rows.iter().filter_map(|(_, s)| s.as_ref().ok()).map(|s| s.engine.commit.0).max().unwrap_or(0);
+    if json {
+        let nodes: Vec<_> = rows
+            .iter()
+            .map(|(addr, s)| match s {
+                Ok(s) => {
+                    let mut v = status_json(s);
+                    v["addr"] = addr.clone().into();
+                    v["lag"] = top.saturating_sub(s.engine.applied.0).into();
+                    v
+                }
+                Err(e) => serde_json::json!({"addr": addr, "error": e}),
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(nodes));
+        return;
+    }
+    println!(
+        "{:<22} {:>7} {:<14} {:>6} {:>7} {:>10} {:>10} {:>8}",
+        "node", "replica", "role", "term", "leader", "commit", "applied", "lag"
+    );
+    for (addr, s) in rows {
+        match s {
+            Ok(s) => {
+                let e = &s.engine;
+                let role = if e.serving { e.role.to_string() } else { "recovering".into() };
+                let leader = e.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
+                let lag = top.saturating_sub(e.applied.0);
+                println!(
+                    "{addr:<22} {:>7} {role:<14} {:>6} {leader:>7} {:>10} {:>10} {lag:>8}",
+                    e.replica.to_string(),
+                    e.term.0,
+                    e.commit.0,
+                    e.applied.0
+                );
+            }
+            Err(e) => println!("{addr:<22} unreachable: {e}"),
+        }
+    }
 }
 
 /// The demo handler: prints each delivery and deletes the session.

@@ -7,14 +7,22 @@
 //!
 //! ```text
 //!  connections ──┐                         ┌──▶ disk worker (one thread, operations in order)
-//!  disk worker ──┼──▶ engine task ─────────┼──▶ connection writers (replies)
-//!  deliveries  ──┘   handle / poll / tick  └──▶ delivery tasks (push to handlers)
+//!  disk worker ──┤                         ├──▶ connection writers (replies)
+//!  deliveries  ──┼──▶ engine task ─────────┼──▶ delivery tasks (push to handlers)
+//!  peer readers ─┘   handle / poll / tick  └──▶ peer writers (one per other member)
 //! ```
+//!
+//! In a cluster every member listens on its peer address too. Each member keeps one outgoing
+//! connection to every other member (a writer task that reconnects with backoff and drops what
+//! queued while the peer was unreachable: consensus resends what still matters), and reads the
+//! incoming ones into the engine as messages.
 
 use crate::config::{Config, ServerLimits};
 use crate::disk::{execute, Fs};
 use crate::net::Transport;
-use crate::wire::{self, ClientMsg, FrameError, HandlerToPipe, PipeToHandler, ServerMsg, ServerStatus, WireError};
+use crate::wire::{
+    self, ClientMsg, FrameError, HandlerToPipe, PeerFrame, PipeToHandler, ServerMsg, ServerStatus, WireError,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -24,8 +32,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 use truba_engine::{
-    ClientId, DiskError, Engine, Handle, Input, Instant, IoId, IoOp, IoReply, Kind, Now, Output, Query, QueryReply,
-    Request, Seq, UnixMs,
+    ClientId, DiskError, Engine, Handle, Input, Instant, IoId, IoOp, IoReply, Kind, Message, Now, Output, Query,
+    QueryReply, ReplicaId, Request, Seq, UnixMs,
 };
 
 /// What the engine task hears about.
@@ -37,6 +45,7 @@ pub enum ToEngine {
     DeliveryFailed { handle: Handle },
     Opened { conn: u64, tx: mpsc::Sender<ServerMsg> },
     Closed { conn: u64 },
+    Message { from: ReplicaId, message: Message },
 }
 
 /// Where the server runs: its network, its disk worker, its wall clock and its entropy. The
@@ -133,6 +142,17 @@ pub async fn run<E: Env>(
     env.spawn_disk(fs.clone(), disk_rx, to_engine.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let connections = Arc::new(AtomicU32::new(0));
+    let peers = match config.peer_listen() {
+        Some(addr) => {
+            let listener = bind(&env.transport(), &addr).await?;
+            info!(peer_listen = addr, members = config.peers().len() + 1, "listening for cluster members");
+            let (_, voters) = config.membership();
+            let max = config.server.peer_frame_bytes_max;
+            let task = peer_accept_loop(env.transport(), listener, to_engine.clone(), voters, max, stop_rx.clone());
+            Some(tokio::spawn(task))
+        }
+        None => None,
+    };
     let accept = tokio::spawn(accept_loop(
         env.transport(),
         listener,
@@ -144,6 +164,9 @@ pub async fn run<E: Env>(
     let mut driver = Driver::new(config, env, fs.clone(), to_engine, disk_tx, connections);
     let result = driver.run(from_world, shutdown, stop_tx).await;
     accept.abort();
+    if let Some(p) = peers {
+        p.abort();
+    }
     // Dropping the driver closes the disk worker's queue and every connection writer's.
     drop(driver);
     // Let the writers send the last replies, and the disk worker let go of the directory (and
@@ -174,6 +197,8 @@ struct Driver<E: Env> {
     next_query: u64,
     connections: Arc<AtomicU32>,
     handlers: BTreeMap<Kind, String>,
+    /// Outgoing queues to the other members' writer tasks.
+    peers: BTreeMap<ReplicaId, mpsc::Sender<Message>>,
 }
 
 impl<E: Env> Driver<E> {
@@ -185,8 +210,15 @@ impl<E: Env> Driver<E> {
         disk: mpsc::UnboundedSender<(IoId, IoOp)>,
         connections: Arc<AtomicU32>,
     ) -> Driver<E> {
-        let engine = Engine::new(config.engine_config(), env.seed());
+        let (me, voters) = config.membership();
+        let engine = Engine::replica(config.engine_config(), me, voters, env.seed());
         let handlers = config.kinds.iter().filter_map(|(k, s)| Some((Kind(*k), s.handler.clone()?))).collect();
+        let mut peers = BTreeMap::new();
+        for (id, addr) in config.peers() {
+            let (tx, rx) = mpsc::channel(config.server.peer_queue_max as usize);
+            tokio::spawn(peer_writer(env.transport(), me, id, addr, rx));
+            peers.insert(id, tx);
+        }
         Driver {
             config,
             env,
@@ -201,6 +233,7 @@ impl<E: Env> Driver<E> {
             next_query: 0,
             connections,
             handlers,
+            peers,
         }
     }
 
@@ -286,6 +319,7 @@ impl<E: Env> Driver<E> {
                 self.conns.remove(&conn);
                 Ok(())
             }
+            ToEngine::Message { from, message } => self.feed(Input::Message { from, message }),
         }
     }
 
@@ -322,10 +356,10 @@ impl<E: Env> Driver<E> {
                         id: client_id,
                         status: ServerStatus {
                             version: env!("CARGO_PKG_VERSION").into(),
+                            role: role_text(&self.config, &engine),
                             engine,
                             disk_bytes: self.fs.usage(),
                             connections: self.connections.load(Ordering::Relaxed),
-                            role: "leader (single node)".into(),
                         },
                     },
                     (_, reply) => ServerMsg::QueryReply { id: client_id, reply },
@@ -350,11 +384,138 @@ impl<E: Env> Driver<E> {
                 error!(%fatal, "the engine stopped");
                 return Err(ServerError::Fatal(fatal.to_string()));
             }
-            Output::Role { role, term, .. } => info!(%role, term = term.0, "role"),
-            // The server runs a single-replica cluster, which never sends to peers.
-            Output::Send { to, .. } => warn!(%to, "dropping a message to a peer: this server has no peers"),
+            Output::Role { role, term, leader } => {
+                let leader = leader.map(|l| l.to_string()).unwrap_or_else(|| "none".into());
+                info!(%role, term = term.0, %leader, "role")
+            }
+            Output::Send { to, message } => {
+                // A full queue means the member is slow or gone; the message may be lost.
+                if let Some(tx) = self.peers.get(&to) {
+                    if tx.try_send(message).is_err() {
+                        debug!(%to, "peer queue full; a message is dropped");
+                    }
+                }
+            }
         }
         Ok(())
+    }
+}
+
+/// "leader of term 3", "follower of r1 in term 3": how the node sees itself.
+fn role_text(config: &Config, s: &truba_engine::StatusView) -> String {
+    if config.cluster.is_none() {
+        return "leader (single node)".into();
+    }
+    match (s.role, s.leader) {
+        (truba_engine::RoleName::Follower, Some(l)) => format!("follower of {l} in term {}", s.term.0),
+        (role, _) => format!("{role} in term {}", s.term.0),
+    }
+}
+
+/// Keeps a connection to one member and writes what the engine sends it, everything queued
+/// going out in one write. While the member is unreachable, queued messages are dropped: by the
+/// time it is back they are stale, and the protocol sends what is still needed.
+async fn peer_writer<N: Transport>(
+    net: N,
+    me: ReplicaId,
+    to: ReplicaId,
+    addr: String,
+    mut rx: mpsc::Receiver<Message>,
+) {
+    let mut backoff = PEER_BACKOFF_MIN;
+    loop {
+        let mut stream = match net.connect(&addr).await {
+            Ok(s) => {
+                info!(%to, %addr, "connected to a member");
+                backoff = PEER_BACKOFF_MIN;
+                s
+            }
+            Err(e) => {
+                debug!(%to, %addr, %e, "cannot reach a member; retrying");
+                while rx.try_recv().is_ok() {}
+                if rx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(PEER_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let mut buf = Vec::with_capacity(64 * 1024);
+        loop {
+            let Some(first) = rx.recv().await else { return };
+            buf.clear();
+            buf.extend_from_slice(&wire::encode(&PeerFrame { from: me, message: first }));
+            while buf.len() < WRITE_BATCH_BYTES_MAX {
+                let Ok(message) = rx.try_recv() else { break };
+                buf.extend_from_slice(&wire::encode(&PeerFrame { from: me, message }));
+            }
+            if let Err(e) = stream.write_all(&buf).await {
+                warn!(%to, %addr, %e, "lost the connection to a member");
+                break;
+            }
+        }
+    }
+}
+
+const PEER_BACKOFF_MIN: Duration = Duration::from_millis(20);
+const PEER_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+async fn peer_accept_loop<N: Transport>(
+    net: N,
+    listener: N::Listener,
+    to_engine: mpsc::UnboundedSender<ToEngine>,
+    members: Vec<ReplicaId>,
+    frame_bytes_max: u32,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = net.accept(&listener) => r,
+            _ = stop.changed() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let (tx, members) = (to_engine.clone(), members.clone());
+                tokio::spawn(peer_reader(stream, peer.to_string(), tx, members, frame_bytes_max));
+            }
+            Err(e) => {
+                warn!(%e, "accepting a member's connection failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Reads one member's messages into the engine. A frame that is damaged, or that claims to come
+/// from a replica outside the cluster, ends the connection (the member reconnects).
+async fn peer_reader<S>(
+    stream: S,
+    peer: String,
+    to_engine: mpsc::UnboundedSender<ToEngine>,
+    members: Vec<ReplicaId>,
+    frame_bytes_max: u32,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, stream);
+    loop {
+        match wire::read::<PeerFrame, _>(&mut reader, frame_bytes_max).await {
+            Ok(Some(PeerFrame { from, message })) if members.contains(&from) => {
+                if to_engine.send(ToEngine::Message { from, message }).is_err() {
+                    return;
+                }
+            }
+            Ok(Some(PeerFrame { from, .. })) => {
+                warn!(%peer, %from, "a connection claims a member id outside this cluster; closing it");
+                return;
+            }
+            Ok(None) | Err(FrameError::Io(_)) => return,
+            Err(FrameError::Wire(e)) => {
+                warn!(%peer, %e, "a member sent a bad frame; closing the connection");
+                return;
+            }
+        }
     }
 }
 

@@ -2,12 +2,15 @@
 //! `len u32 LE | crc32 u32 LE | payload`, where the crc covers the payload.
 //!
 //! Clients send [`ClientMsg`] and receive [`ServerMsg`]. The pipe pushes deliveries to handlers
-//! with [`PipeToHandler`] and hears back [`HandlerToPipe`]. A peer that sends a frame that is too
+//! with [`PipeToHandler`] and hears back [`HandlerToPipe`]. Members of a cluster exchange
+//! [`PeerFrame`]s. A peer that sends a frame that is too
 //! large, fails its checksum or does not decode gets an [`ServerMsg::Error`] and is disconnected.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use truba_engine::{ClientId, Handle, Kind, Outcome, Query, QueryReply, Request, Seq, StatusView, UnixSecs};
+use truba_engine::{
+    ClientId, Handle, Kind, Message, Outcome, Query, QueryReply, ReplicaId, Request, Seq, StatusView, UnixSecs,
+};
 
 pub const FRAME_HEADER_LEN: usize = 8;
 /// Default largest frame accepted (a 1 MiB record plus room for the envelope).
@@ -58,6 +61,14 @@ pub struct ServerStatus {
     pub disk_bytes: u64,
     pub connections: u32,
     pub role: String,
+}
+
+/// Replication traffic: one consensus message from member `from`. Members connect to each
+/// other's peer address; each direction of each pair has its own connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerFrame {
+    pub from: ReplicaId,
+    pub message: Message,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

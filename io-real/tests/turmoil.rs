@@ -331,6 +331,7 @@ fn config(kind: KindConfig) -> Config {
             inflight_per_connection_max: 256,
             handler_timeout_ms: 3_000,
             idle_timeout_ms: 10_000,
+            ..ServerLimits::default()
         },
         engine: Limits {
             segment_bytes_max: SEGMENT_BYTES_MAX,
@@ -340,6 +341,7 @@ fn config(kind: KindConfig) -> Config {
             ..Limits::default()
         },
         kinds,
+        ..Config::default()
     }
 }
 

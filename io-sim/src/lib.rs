@@ -17,6 +17,7 @@ pub mod bench;
 pub mod checkers;
 pub mod clock;
 pub mod disk;
+pub mod downtime;
 pub mod history;
 pub mod network;
 pub mod runner;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 use truba_engine::Mutations;
+use truba_sim::downtime::{self, TimeoutRange};
 use truba_sim::runner::{failure_report, run_seed, Summary};
 use truba_sim::scenario::Scenario;
 
@@ -62,6 +63,29 @@ enum Command {
         #[arg(long, value_parser = parse_range, default_value = "0..20")]
         seeds: Range<u64>,
     },
+    /// Measure the time without a leader after a leader crash, per election timeout range, with
+    /// and without pre-vote (Figure 16 of the Raft paper; see the `downtime` module).
+    ElectionDowntime {
+        /// Trials per row [default: 1000, and 100 for a range without spread].
+        #[arg(long)]
+        trials: Option<u32>,
+        /// Master seed; every trial's seed derives from it.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Election timeout ranges in ms, comma-separated, e.g. 150-150,150-300 [default: the
+        /// paper's ten].
+        #[arg(long, value_delimiter = ',')]
+        ranges: Vec<TimeoutRange>,
+        /// Only the rows with pre-vote.
+        #[arg(long, conflicts_with = "no_prevote_only")]
+        prevote_only: bool,
+        /// Only the rows without pre-vote.
+        #[arg(long)]
+        no_prevote_only: bool,
+        /// Print JSON instead of a markdown table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_range(s: &str) -> Result<Range<u64>, String> {
@@ -83,6 +107,14 @@ fn main() -> ExitCode {
         }
         Command::Bench { path, seeds } => bench(path, seeds),
         Command::BenchEngine { ops, clients, record_bytes, runs } => bench_engine(ops, clients, record_bytes, runs),
+        Command::ElectionDowntime { trials, seed, ranges, prevote_only, no_prevote_only, json } => {
+            let pre_vote: &[bool] = match (prevote_only, no_prevote_only) {
+                (true, _) => &[true],
+                (_, true) => &[false],
+                _ => &[true, false],
+            };
+            election_downtime(trials, seed, ranges, pre_vote, json)
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -202,5 +234,51 @@ fn bench_engine(ops: u64, clients: u32, record_bytes: u32, runs: u32) -> Result<
     }
     rates.sort_by(f64::total_cmp);
     println!("median: {:.0} ops/s", rates[rates.len() / 2]);
+    Ok(true)
+}
+
+fn election_downtime(
+    trials: Option<u32>,
+    seed: u64,
+    ranges: Vec<TimeoutRange>,
+    pre_vote: &[bool],
+    json: bool,
+) -> Result<bool, String> {
+    if trials == Some(0) {
+        return Err("--trials must be positive".into());
+    }
+    let ranges = if ranges.is_empty() { TimeoutRange::PAPER.to_vec() } else { ranges };
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    for range in ranges {
+        for &pre_vote in pre_vote {
+            let n = trials.unwrap_or_else(|| range.default_trials());
+            let row_started = Instant::now();
+            let row = downtime::run_row(range, pre_vote, n, seed);
+            eprintln!(
+                "[{range} ms, pre-vote {}] {n} trials in {:.1} s, {} not converged",
+                if pre_vote { "on" } else { "off" },
+                row_started.elapsed().as_secs_f64(),
+                row.not_converged
+            );
+            rows.push(row);
+        }
+    }
+    if json {
+        println!("{}", downtime::json(&rows, seed));
+    } else {
+        println!(
+            "{}\nseed {seed}; times in ms from the crash until all four survivors heard from the new leader, over \
+             the converged trials (nearest-rank percentiles)\n",
+            downtime::describe()
+        );
+        print!("{}", downtime::table(&rows));
+    }
+    for row in rows.iter().filter(|r| r.failed > 0) {
+        let first = row.first_failure.as_deref().unwrap_or("?");
+        let pre_vote = if row.pre_vote { "on" } else { "off" };
+        eprintln!("[{} ms, pre-vote {pre_vote}] {} trials failed; first: {first}", row.range, row.failed);
+    }
+    eprintln!("{} rows in {:.1} s", rows.len(), started.elapsed().as_secs_f64());
     Ok(true)
 }
