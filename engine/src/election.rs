@@ -149,7 +149,8 @@ impl Engine {
         self.repeater = Repeater::default();
         self.heartbeat_due = self.now.mono;
         self.report_role();
-        self.propose(Command::Noop);
+        self.term_start = self.propose(Command::Noop);
+        self.reads = Default::default();
         self.heartbeat();
     }
 
@@ -161,6 +162,7 @@ impl Engine {
         if newer {
             self.want_hard_state(HardState { term, vote: None });
             self.ack_upto = Index(0);
+            self.leader_round = 0;
         }
         let changed = newer || !matches!(self.role, Role::Follower) || self.leader != leader;
         if !matches!(self.role, Role::Follower) {
@@ -170,10 +172,12 @@ impl Engine {
             self.proposed.clear();
             self.waiting.clear();
             self.repeater = Repeater::default();
+            self.refuse_reads();
         }
         self.role = Role::Follower;
         if self.leader != leader {
             self.ack_upto = Index(0);
+            self.leader_round = 0;
         }
         self.leader = leader;
         if changed {
@@ -276,10 +280,12 @@ impl Engine {
             Message::PreVoteReply { term, granted } => self.on_pre_vote_reply(from, term, granted),
             Message::Vote { term, last_index, last_term } => self.on_vote(from, term, last_index, last_term),
             Message::VoteReply { term, granted } => self.on_vote_reply(from, term, granted),
-            Message::Append { term, prev_index, prev_term, commit, entries } => {
-                self.on_append(from, term, prev_index, prev_term, commit, entries)
+            Message::Append { term, prev_index, prev_term, commit, round, entries } => {
+                self.on_append(from, term, (prev_index, prev_term), commit, round, entries)
             }
-            Message::AppendReply { term, ok, matched, hint } => self.on_append_reply(from, term, ok, matched, hint),
+            Message::AppendReply { term, ok, matched, hint, round } => {
+                self.on_append_reply(from, term, (ok, matched, hint), round)
+            }
             Message::Snapshot { term, index, last_term, state } => {
                 self.on_snapshot(from, term, index, last_term, state)
             }

@@ -121,6 +121,11 @@ pub struct Engine {
     pub(crate) commit: Index,
     /// Follower: the log is known to match the current leader's through here.
     pub(crate) ack_upto: Index,
+    /// Follower: the newest confirmation round the current leader sent (echoed back).
+    pub(crate) leader_round: u64,
+    /// Leader: the index of its first entry (the no-op) in this term.
+    pub(crate) term_start: Index,
+    pub(crate) reads: crate::reads::Reads,
     batch: Option<Batch>,
     /// The written log must be cut back so that this index is written next.
     pub(crate) cut_from: Option<Index>,
@@ -181,6 +186,9 @@ impl Engine {
             durable: Index(0),
             commit: Index(0),
             ack_upto: Index(0),
+            leader_round: 0,
+            term_start: Index(0),
+            reads: Default::default(),
             batch: None,
             cut_from: None,
             cut: None,
@@ -509,7 +517,7 @@ impl Engine {
                 };
                 QueryReply::Session(Err(e))
             }
-            Query::Session(sid) => QueryReply::Session(self.state.session_view(sid)),
+            Query::Session(sid) => return self.on_read(id, sid),
             Query::Status => QueryReply::Status(self.status()),
         };
         self.outputs.push_back(Output::QueryReply { id, reply });
@@ -794,6 +802,9 @@ impl Engine {
                 let records = s.records.clone();
                 self.outputs.push_back(Output::Deliver { kind: s.kind, handle, due, taken_at, records });
             }
+        }
+        if self.reads.len() > 0 {
+            self.serve_reads();
         }
     }
 

@@ -32,6 +32,7 @@ pub mod io;
 mod log;
 pub mod message;
 pub mod op;
+mod reads;
 mod recovery;
 mod repeater;
 mod replication;

@@ -33,12 +33,15 @@ pub enum Message {
         granted: bool,
     },
     /// Entries following `prev_index` (whose term is `prev_term`), and the leader's commit index.
-    /// With no entries it is a heartbeat.
+    /// With no entries it is a heartbeat. `round` numbers the leader's confirmation rounds: a
+    /// follower echoes the highest it has seen, which proves to the leader that a majority still
+    /// followed it after a read arrived (see `reads.rs`).
     Append {
         term: Term,
         prev_index: Index,
         prev_term: Term,
         commit: Index,
+        round: u64,
         entries: Vec<Entry>,
     },
     /// `ok`: the follower's log matches the leader's through `matched`, and those entries are
@@ -50,6 +53,7 @@ pub enum Message {
         ok: bool,
         matched: Index,
         hint: Index,
+        round: u64,
     },
     /// The leader's applied state at `index` (whose entry has `last_term`), for a follower that
     /// needs entries the leader no longer keeps. Acknowledged with an `AppendReply`.

@@ -34,6 +34,8 @@ pub(crate) struct Progress {
     snapshot_sent_at: Option<Instant>,
     /// When the follower last answered (check-quorum).
     pub heard_at: Instant,
+    /// The highest confirmation round it echoed.
+    pub round: u64,
 }
 
 impl Progress {
@@ -46,6 +48,7 @@ impl Progress {
             probing: true,
             snapshot_sent_at: None,
             heard_at: now,
+            round: 0,
         }
     }
 
@@ -73,7 +76,7 @@ impl Engine {
 
     /// Sends `peer` whatever it lacks, within the pipelining caps.
     pub(crate) fn replicate(&mut self, peer: ReplicaId) {
-        let (term, commit, now) = (self.term(), self.commit, self.now.mono);
+        let (term, commit, now, round) = (self.term(), self.commit, self.now.mono, self.reads.round_sent);
         let c = self.cfg.consensus.clone();
         let snapshot_retry = Duration(c.election_timeout_ms_max * 10);
         let base = self.log.base;
@@ -103,7 +106,7 @@ impl Engine {
                     let last = entries.last().expect("slice of an existing entry is not empty").index;
                     let prev_index = p.next.prev();
                     let prev_term = log.term_at(prev_index).expect("prev is at or after the base");
-                    sends.push(Message::Append { term, prev_index, prev_term, commit, entries });
+                    sends.push(Message::Append { term, prev_index, prev_term, commit, round, entries });
                     p.inflight.push_back((last, bytes, now));
                     p.inflight_bytes += bytes;
                     p.next = last.next();
@@ -150,12 +153,13 @@ impl Engine {
         }
     }
 
-    fn send_heartbeat(&mut self, peer: ReplicaId) {
+    pub(crate) fn send_heartbeat(&mut self, peer: ReplicaId) {
         let Some(matched) = self.progress_mut(peer).map(|p| p.matched) else { return };
         let prev_index = matched.max(self.log.base);
         let Some(prev_term) = self.log.term_at(prev_index) else { return };
         let commit = self.commit.min(prev_index);
-        let m = Message::Append { term: self.term(), prev_index, prev_term, commit, entries: Vec::new() };
+        let round = self.reads.round_sent;
+        let m = Message::Append { term: self.term(), prev_index, prev_term, commit, round, entries: Vec::new() };
         self.send(peer, m);
     }
 
@@ -176,7 +180,9 @@ impl Engine {
         }
     }
 
-    pub(crate) fn on_append_reply(&mut self, from: ReplicaId, term: Term, ok: bool, matched: Index, hint: Index) {
+    /// `answer`: (ok, matched, hint) as in [`Message::AppendReply`].
+    pub(crate) fn on_append_reply(&mut self, from: ReplicaId, term: Term, answer: (bool, Index, Index), round: u64) {
+        let (ok, matched, hint) = answer;
         if term != self.term() {
             return;
         }
@@ -184,6 +190,8 @@ impl Engine {
         let last = self.log.last_index();
         let Some(p) = self.progress_mut(from) else { return };
         p.heard_at = now;
+        let confirms = round > p.round;
+        p.round = p.round.max(round);
         if ok {
             let matched = matched.min(last);
             if matched > p.matched {
@@ -200,6 +208,9 @@ impl Engine {
         } else if hint.next() < p.next || p.inflight.is_empty() {
             p.restart_from(hint.next());
         }
+        if confirms {
+            self.serve_reads();
+        }
         self.replicate(from);
     }
 
@@ -210,30 +221,35 @@ impl Engine {
             return;
         }
         let matched = self.durable.min(self.ack_upto);
-        let m = Message::AppendReply { term: self.term(), ok: true, matched, hint: Index(0) };
+        let round = self.leader_round;
+        let m = Message::AppendReply { term: self.term(), ok: true, matched, hint: Index(0), round };
         self.send(leader, m);
     }
 
     fn reject(&mut self, to: ReplicaId) {
         let hint = self.commit.min(self.log.last_index());
-        self.send(to, Message::AppendReply { term: self.term(), ok: false, matched: Index(0), hint });
+        let round = self.leader_round;
+        self.send(to, Message::AppendReply { term: self.term(), ok: false, matched: Index(0), hint, round });
     }
 
+    /// `prev`: the index and term of the entry the append follows.
     pub(crate) fn on_append(
         &mut self,
         from: ReplicaId,
         term: Term,
-        prev_index: Index,
-        prev_term: Term,
+        prev: (Index, Term),
         commit: Index,
+        round: u64,
         entries: Vec<Entry>,
     ) {
+        let (prev_index, prev_term) = prev;
         if term < self.term() {
             self.reject(from);
             return;
         }
         // A candidate of this term hears the term's leader: it lost.
         self.become_follower(term, Some(from));
+        self.leader_round = self.leader_round.max(round);
         self.leader_heard_at = Some(self.now.mono);
         self.reset_election_timer();
         if self.installing.is_some() {

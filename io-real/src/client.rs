@@ -675,7 +675,11 @@ impl<T: Transport> ConnTask<T> {
                 return self.drop_conn(format!("server error: {error}"));
             }
         };
-        let redirected = matches!(&msg, ServerMsg::Reply { outcome: Err(RequestError::NotLeader { .. }), .. });
+        let redirected = matches!(
+            &msg,
+            ServerMsg::Reply { outcome: Err(RequestError::NotLeader { .. }), .. }
+                | ServerMsg::QueryReply { reply: QueryReply::Session(Err(RequestError::NotLeader { .. })), .. }
+        );
         match self.pending.remove(&key) {
             Some(p) => {
                 let _ = p.reply.send(Answer::Msg(msg));

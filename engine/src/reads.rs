@@ -1,0 +1,98 @@
+//! Linearizable reads: Raft's read index (section 6.4 of Ongaro's thesis).
+//!
+//! A leader cannot answer a read from its applied state straight away: a newer leader may have
+//! been elected without it knowing, and then its state is stale. So a read waits for two things:
+//! a confirmation round started after the read arrived, which a majority (the leader included)
+//! answered within the leader's term, proving it still led at some moment after the read
+//! arrived; and the leader's applied index reaching its commit index as it was when the read
+//! arrived (and at least its own first entry, so that the commit index is its term's). Reads
+//! that arrive while a round is in flight share the next one, so a burst of reads costs one round.
+//!
+//! Check-quorum with leases would save the round, but only as long as clocks keep their rate;
+//! the round costs one network round trip and no fsync, so reads stay cheap without that risk.
+
+use crate::engine::Engine;
+use crate::error::RequestError;
+use crate::io::Output;
+use crate::op::QueryReply;
+use crate::types::{Index, SessionId};
+use std::collections::VecDeque;
+
+struct PendingRead {
+    id: u64,
+    session: SessionId,
+    index: Index,
+    round: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Reads {
+    /// The newest confirmation round sent to the followers.
+    pub round_sent: u64,
+    pending: VecDeque<PendingRead>,
+}
+
+impl Reads {
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+impl Engine {
+    /// A session query: answered once the leader has confirmed it still leads (see above).
+    pub(crate) fn on_read(&mut self, id: u64, session: SessionId) {
+        if !self.is_leader() {
+            let e = RequestError::NotLeader { leader: self.leader };
+            self.outputs.push_back(Output::QueryReply { id, reply: QueryReply::Session(Err(e)) });
+            return;
+        }
+        let max = self.cfg.limits.pending_requests_max;
+        if self.reads.len() >= max as usize {
+            let e = RequestError::Overloaded { max };
+            self.outputs.push_back(Output::QueryReply { id, reply: QueryReply::Session(Err(e)) });
+            return;
+        }
+        let index = self.commit.max(self.term_start);
+        let round = self.reads.round_sent + 1;
+        self.reads.pending.push_back(PendingRead { id, session, index, round });
+        self.serve_reads();
+    }
+
+    fn round_confirmed(&self, round: u64) -> bool {
+        let crate::engine::Role::Leader { progress } = &self.role else { return false };
+        progress.values().filter(|p| p.round >= round).count() + 1 >= self.majority()
+    }
+
+    /// Answers every read whose round is confirmed and whose index is applied, in arrival
+    /// order, and starts the next round if reads wait for one.
+    pub(crate) fn serve_reads(&mut self) {
+        while let Some(r) = self.reads.pending.front() {
+            if !self.round_confirmed(r.round) || self.state.applied() < r.index {
+                break;
+            }
+            let r = self.reads.pending.pop_front().expect("checked");
+            let reply = QueryReply::Session(self.state.session_view(r.session));
+            self.outputs.push_back(Output::QueryReply { id: r.id, reply });
+        }
+        let next = self.reads.pending.back().map(|r| r.round);
+        let in_flight = self.reads.round_sent > 0 && !self.round_confirmed(self.reads.round_sent);
+        if next.is_some_and(|n| n > self.reads.round_sent) && !in_flight {
+            self.reads.round_sent += 1;
+            for peer in self.peers() {
+                self.send_heartbeat(peer);
+            }
+            // Alone, a leader is its own majority: the round is confirmed at once.
+            if self.voters.len() == 1 {
+                self.serve_reads();
+            }
+        }
+    }
+
+    /// A leader that steps down cannot confirm anything: its waiting reads go elsewhere.
+    pub(crate) fn refuse_reads(&mut self) {
+        for r in std::mem::take(&mut self.reads.pending) {
+            let e = RequestError::NotLeader { leader: None };
+            self.outputs.push_back(Output::QueryReply { id: r.id, reply: QueryReply::Session(Err(e)) });
+        }
+    }
+}
