@@ -156,11 +156,13 @@ pub struct Mutations {
     pub skip_prev_term_check: bool,
     /// Followers run the repeater too and push due sessions to handlers.
     pub follower_runs_repeater: bool,
+    /// A member that cut a damaged range off its log votes and stands as if its log were whole.
+    pub vote_while_repairing: bool,
 }
 
 impl Mutations {
     /// Names accepted on the simulator's command line.
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 12] = [
         "ack-before-fsync",
         "truncate-mid-log",
         "apply-retry-twice",
@@ -172,6 +174,7 @@ impl Mutations {
         "follower-ack-before-fsync",
         "skip-prev-term-check",
         "follower-runs-repeater",
+        "vote-while-repairing",
     ];
 
     pub fn from_name(name: &str) -> Option<Mutations> {
@@ -188,6 +191,7 @@ impl Mutations {
             "follower-ack-before-fsync" => m.follower_ack_before_fsync = true,
             "skip-prev-term-check" => m.skip_prev_term_check = true,
             "follower-runs-repeater" => m.follower_runs_repeater = true,
+            "vote-while-repairing" => m.vote_while_repairing = true,
             _ => return None,
         }
         Some(m)

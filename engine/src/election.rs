@@ -18,7 +18,6 @@
 //!   vote requests (leader stickiness), so a healthy leader is not interrupted.
 
 use crate::engine::{Engine, Role};
-use crate::hardstate::HardState;
 use crate::io::Output;
 use crate::message::Message;
 use crate::op::Command;
@@ -65,7 +64,7 @@ impl Engine {
 
     fn on_election_timeout(&mut self) {
         self.reset_election_timer();
-        if self.installing.is_some() {
+        if self.installing.is_some() || self.abstains() {
             return;
         }
         if self.cfg.consensus.pre_vote {
@@ -94,7 +93,7 @@ impl Engine {
 
     fn campaign(&mut self) {
         let term = Term(self.term().0 + 1);
-        self.want_hard_state(HardState { term, vote: Some(self.me) });
+        self.want_hard_state(self.hard.wanted.with(term, Some(self.me)));
         // A full election timeout for the election itself, as for the pre-vote before it.
         self.reset_election_timer();
         self.role = Role::Candidate { granted: BTreeSet::from([self.me]) };
@@ -160,7 +159,7 @@ impl Engine {
     pub(crate) fn become_follower(&mut self, term: Term, leader: Option<ReplicaId>) {
         let newer = term > self.term();
         if newer {
-            self.want_hard_state(HardState { term, vote: None });
+            self.want_hard_state(self.hard.wanted.with(term, None));
             self.ack_upto = Index(0);
             self.leader_round = 0;
         }
@@ -172,7 +171,7 @@ impl Engine {
             self.proposed.clear();
             self.waiting.clear();
             self.repeater = Repeater::default();
-            self.refuse_reads();
+            self.refuse_reads(leader);
         }
         self.role = Role::Follower;
         if self.leader != leader {
@@ -222,7 +221,10 @@ impl Engine {
     }
 
     pub(crate) fn on_pre_vote(&mut self, from: ReplicaId, term: Term, last_index: Index, last_term: Term) {
-        let granted = term > self.term() && !self.leader_is_alive() && self.log_is_current(last_index, last_term);
+        let granted = term > self.term()
+            && !self.leader_is_alive()
+            && !self.abstains()
+            && self.log_is_current(last_index, last_term);
         let reply_term = if granted { term } else { self.term() };
         self.send(from, Message::PreVoteReply { term: reply_term, granted });
     }
@@ -243,9 +245,9 @@ impl Engine {
     pub(crate) fn on_vote(&mut self, from: ReplicaId, term: Term, last_index: Index, last_term: Term) {
         let vote = self.hard.wanted.vote;
         let free = vote.is_none() || vote == Some(from);
-        let granted = term == self.term() && free && self.log_is_current(last_index, last_term);
+        let granted = term == self.term() && free && !self.abstains() && self.log_is_current(last_index, last_term);
         if granted {
-            self.want_hard_state(HardState { term, vote: Some(from) });
+            self.want_hard_state(self.hard.wanted.with(term, Some(from)));
             self.reset_election_timer();
         }
         self.send(from, Message::VoteReply { term: self.term(), granted });

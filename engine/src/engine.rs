@@ -274,6 +274,18 @@ impl Engine {
         self.commit
     }
 
+    /// The replica is fetching back a log range it lost to damage, and until it has it neither
+    /// votes nor stands for election.
+    pub fn is_repairing(&self) -> bool {
+        self.hard.wanted.repair_upto.0 > 0
+    }
+
+    /// Whether the repair mark keeps this replica out of elections (always, except under the
+    /// `vote-while-repairing` mutation).
+    pub(crate) fn abstains(&self) -> bool {
+        self.is_repairing() && !self.cfg.mutation(|m| m.vote_while_repairing)
+    }
+
     /// The term of the entry at `index` in this replica's log, if it holds it (for checkers).
     pub fn log_term(&self, index: Index) -> Option<Term> {
         self.log.term_at(index)
@@ -336,7 +348,8 @@ impl Engine {
     fn boot(&mut self) {
         assert!(matches!(self.phase, Phase::Created), "Boot is the first input, and only once");
         let sync_recovered = !self.cfg.mutation(|m| m.skip_recovery_fsync);
-        let (recovery, step) = Recovery::start(self.cfg.limits.read_retries_max, sync_recovered);
+        let repair_from_peers = self.voters.len() > 1;
+        let (recovery, step) = Recovery::start(self.cfg.limits.read_retries_max, sync_recovered, repair_from_peers);
         self.phase = Phase::Recovering(Box::new(recovery));
         self.recovery_step(step);
     }
@@ -425,6 +438,11 @@ impl Engine {
     fn persist_hard_state(&mut self) {
         if !self.is_serving() {
             return;
+        }
+        let mark = self.hard.wanted.repair_upto;
+        if mark.0 > 0 && self.durable >= mark {
+            // The repaired log holds everything it may once have acknowledged: it votes again.
+            self.hard.wanted.repair_upto = Index(0);
         }
         if let HsStep::Io(op) = self.hard.want(self.hard.wanted) {
             self.issue(op, Purpose::HardState);

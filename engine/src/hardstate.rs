@@ -1,4 +1,5 @@
-//! The replica's hard state: its current term and whom it voted for in that term.
+//! The replica's hard state: its current term, whom it voted for in that term, and whether it
+//! is repairing its log (see `repair_upto`).
 //!
 //! Raft is only safe if a replica never forgets a term it acknowledged or a vote it cast, so the
 //! pair is made durable before any message that depends on it leaves (see `Engine::send`). It is
@@ -6,18 +7,29 @@
 //! one, fsync the directory. A crash at any step leaves either the old pair or the new one.
 
 use crate::io::{DiskError, IoOp, IoReply};
-use crate::types::{ReplicaId, Term};
+use crate::types::{Index, ReplicaId, Term};
 
 pub(crate) const HARD_STATE_FILE: &str = "hardstate";
 const HARD_STATE_TMP: &str = "hardstate.tmp";
-const MAGIC: &[u8; 8] = b"TRUBAhs1";
+const MAGIC: &[u8; 8] = b"TRUBAhs2";
 const NO_VOTE: u32 = u32::MAX;
-pub(crate) const HARD_STATE_LEN: usize = 24;
+pub(crate) const HARD_STATE_LEN: usize = 32;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct HardState {
     pub term: Term,
     pub vote: Option<ReplicaId>,
+    /// Non-zero while the replica repairs a log that lost a damaged range: its log once reached
+    /// this index, and entries up to it may have been acknowledged, so until it holds them again
+    /// (from a leader) it neither votes nor stands. Zero otherwise.
+    pub repair_upto: Index,
+}
+
+impl HardState {
+    /// The same repair mark in a new term or with a new vote.
+    pub fn with(self, term: Term, vote: Option<ReplicaId>) -> HardState {
+        HardState { term, vote, ..self }
+    }
 }
 
 pub(crate) fn encode(hs: HardState) -> Vec<u8> {
@@ -25,6 +37,7 @@ pub(crate) fn encode(hs: HardState) -> Vec<u8> {
     b.extend_from_slice(MAGIC);
     b.extend_from_slice(&hs.term.0.to_le_bytes());
     b.extend_from_slice(&hs.vote.map_or(NO_VOTE, |v| v.0).to_le_bytes());
+    b.extend_from_slice(&hs.repair_upto.0.to_le_bytes());
     let crc = crc32fast::hash(&b);
     b.extend_from_slice(&crc.to_le_bytes());
     b
@@ -34,13 +47,14 @@ pub(crate) fn decode(b: &[u8]) -> Result<HardState, String> {
     if b.len() != HARD_STATE_LEN || &b[..8] != MAGIC {
         return Err(format!("{} bytes, not a hard state record", b.len()));
     }
-    let crc = u32::from_le_bytes(b[20..24].try_into().expect("4 bytes"));
-    if crc32fast::hash(&b[..20]) != crc {
+    let crc = u32::from_le_bytes(b[28..32].try_into().expect("4 bytes"));
+    if crc32fast::hash(&b[..28]) != crc {
         return Err("checksum mismatch".into());
     }
     let term = Term(u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")));
     let vote = u32::from_le_bytes(b[16..20].try_into().expect("4 bytes"));
-    Ok(HardState { term, vote: (vote != NO_VOTE).then_some(ReplicaId(vote)) })
+    let repair_upto = Index(u64::from_le_bytes(b[20..28].try_into().expect("8 bytes")));
+    Ok(HardState { term, vote: (vote != NO_VOTE).then_some(ReplicaId(vote)), repair_upto })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,23 +133,23 @@ mod tests {
 
     #[test]
     fn round_trip_and_damage() {
-        let hs = HardState { term: Term(7), vote: Some(ReplicaId(2)) };
+        let hs = HardState { term: Term(7), vote: Some(ReplicaId(2)), repair_upto: Index(41) };
         assert_eq!(decode(&encode(hs)).unwrap(), hs);
-        let none = HardState { term: Term(9), vote: None };
+        let none = HardState { term: Term(9), vote: None, repair_upto: Index(0) };
         assert_eq!(decode(&encode(none)).unwrap(), none);
         for bit in 0..HARD_STATE_LEN * 8 {
             let mut b = encode(hs);
             b[bit / 8] ^= 1 << (bit % 8);
             assert!(decode(&b).is_err(), "flipping bit {bit} must be caught");
         }
-        assert!(decode(&encode(hs)[..20]).is_err());
+        assert!(decode(&encode(hs)[..28]).is_err());
     }
 
     #[test]
     fn writes_newest_wanted_after_the_one_under_way() {
         let mut w = HardStateWriter::default();
-        let a = HardState { term: Term(1), vote: None };
-        let b = HardState { term: Term(2), vote: Some(ReplicaId(1)) };
+        let a = HardState { term: Term(1), vote: None, repair_upto: Index(0) };
+        let b = HardState { term: Term(2), vote: Some(ReplicaId(1)), repair_upto: Index(0) };
         assert!(matches!(w.want(a), HsStep::Io(IoOp::Write { .. })));
         assert!(matches!(w.want(b), HsStep::Idle), "one replacement at a time");
         for _ in 0..3 {

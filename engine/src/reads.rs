@@ -88,10 +88,10 @@ impl Engine {
         }
     }
 
-    /// A leader that steps down cannot confirm anything: its waiting reads go elsewhere.
-    pub(crate) fn refuse_reads(&mut self) {
+    /// A leader that steps down cannot confirm anything: its waiting reads go to `leader`.
+    pub(crate) fn refuse_reads(&mut self, leader: Option<crate::types::ReplicaId>) {
         for r in std::mem::take(&mut self.reads.pending) {
-            let e = RequestError::NotLeader { leader: None };
+            let e = RequestError::NotLeader { leader };
             self.outputs.push_back(Output::QueryReply { id: r.id, reply: QueryReply::Session(Err(e)) });
         }
     }

@@ -10,7 +10,8 @@
 //! replica stops, and a restart reads again.
 
 use crate::codec::{
-    decode_snapshot, parse_segment_name, parse_snapshot_name, scan_segment, ScanEnd, SegmentScan, SEGMENT_HEADER_LEN,
+    decode_snapshot, parse_segment_name, parse_snapshot_name, scan_segment, ScanEnd, SegmentScan, RECORD_HEADER_LEN,
+    SEGMENT_HEADER_LEN,
 };
 use crate::error::Fatal;
 use crate::hardstate::{self, HardState, HARD_STATE_FILE};
@@ -59,6 +60,26 @@ pub(crate) struct Recovery {
     retries_max: u32,
     /// The final fsyncs of everything recovered have been queued.
     durable_queued: bool,
+    /// In a cluster a damaged range is cut off and fetched again from the leader instead of
+    /// stopping the replica (see [`Damage`]).
+    repair_from_peers: bool,
+    damage: Option<Damage>,
+}
+
+/// A confirmed damaged record in a cluster member's log. Everything from it on is dropped
+/// (a copy of the damaged segment's tail is kept) and the replica repairs from the leader;
+/// `bound` is an index its log certainly did not go beyond, which becomes the hard state's
+/// repair mark: until the replica holds entries through it again, it may have acknowledged
+/// entries it no longer has, so it neither votes nor stands.
+#[derive(Debug)]
+struct Damage {
+    file: String,
+    offset: u64,
+    bound: Index,
+    /// Later segments, read only to bound the log's end, then removed.
+    later: Vec<String>,
+    /// The damaged segment's bytes from the damage on, kept in a file for inspection.
+    tail: Vec<u8>,
 }
 
 /// What the scan of one segment says, before confirmation.
@@ -74,9 +95,12 @@ enum Verdict {
 impl Recovery {
     /// `sync_recovered`: fsync everything recovery builds on before serving (always, except
     /// under the `skip-recovery-fsync` mutation).
-    pub fn start(retries_max: u32, sync_recovered: bool) -> (Recovery, Step) {
+    /// `repair_from_peers`: a cluster member cuts a damaged range off and repairs it from the
+    /// leader; a lone replica stops instead (there is nowhere to repair from).
+    pub fn start(retries_max: u32, sync_recovered: bool, repair_from_peers: bool) -> (Recovery, Step) {
         let durable_queued = !sync_recovered;
-        (Recovery { retries_max, durable_queued, ..Default::default() }, Step::Io(IoOp::List))
+        let r = Recovery { retries_max, durable_queued, repair_from_peers, ..Default::default() };
+        (r, Step::Io(IoOp::List))
     }
 
     /// `mutant`: the `truncate-mid-log` mutation is on.
@@ -191,6 +215,7 @@ impl Recovery {
             Some((_, name)) => self.read(name.clone()),
             None => {
                 self.reading = None;
+                self.queue_damage_repair();
                 self.drop_log_behind_snapshot();
                 self.next_repair()
             }
@@ -212,6 +237,11 @@ impl Recovery {
     }
 
     fn segment_read(&mut self, file: String, bytes: Vec<u8>, mutant: bool) -> Step {
+        if self.damage.is_some() {
+            self.segments.pop_front();
+            self.bound_damaged_log(file, &bytes);
+            return self.next_segment();
+        }
         let last = self.segments.len() == 1;
         let mut verdict = self.verdict(&bytes, last);
         if mutant {
@@ -249,6 +279,7 @@ impl Recovery {
                 self.repairs.push_back(IoOp::Remove { file });
                 self.repairs.push_back(IoOp::SyncDir);
             }
+            Verdict::Corrupt(offset) if self.repair_from_peers => self.start_damage(file, &bytes, offset),
             Verdict::Corrupt(offset) => return Step::Fatal(Fatal::LogCorruption { file, offset }),
         }
         self.next_segment()
@@ -284,6 +315,64 @@ impl Recovery {
         Ok(())
     }
 
+    /// A confirmed damaged record in a cluster: the records before it are kept, and the log's
+    /// end before the damage is bounded (conservatively, by counting the smallest possible
+    /// records in the bytes that follow it).
+    fn start_damage(&mut self, file: String, bytes: &[u8], offset: u64) {
+        let scan = scan_segment(bytes);
+        let first = parse_segment_name(&file).unwrap_or(self.last_index.next());
+        let kept_last = scan.as_ref().and_then(|s| s.records.last()).map_or(first.prev(), |d| d.entry.index);
+        let rest = bytes.len().saturating_sub(offset as usize) as u64;
+        let bound = Index(kept_last.0 + rest / RECORD_HEADER_LEN as u64 + 1);
+        if let Some(s) = scan.filter(|_| offset >= SEGMENT_HEADER_LEN as u64) {
+            // Accepting cannot fail here: a failure would have been a gap, not damage.
+            let _ = self.accept(&file, s, offset);
+        }
+        let tail = bytes[offset as usize..].to_vec();
+        self.damage = Some(Damage { file, offset, bound, later: Vec::new(), tail });
+    }
+
+    /// A segment after the damage: it only raises the bound on where the log ended.
+    fn bound_damaged_log(&mut self, file: String, bytes: &[u8]) {
+        let d = self.damage.as_mut().expect("in damage mode");
+        let first = parse_segment_name(&file).unwrap_or(d.bound);
+        let by_size = first.0 + bytes.len() as u64 / RECORD_HEADER_LEN as u64 + 1;
+        let by_scan = scan_segment(bytes).and_then(|s| s.records.last().map(|r| r.entry.index.0)).unwrap_or(0);
+        d.bound = Index(d.bound.0.max(by_size).max(by_scan));
+        d.later.push(file);
+    }
+
+    /// The repair mark goes into the hard state durably before anything is cut, so that a
+    /// crash in between cannot leave a short log that votes as if it were whole.
+    fn queue_damage_repair(&mut self) {
+        let Some(d) = self.damage.take() else { return };
+        self.hard.repair_upto = self.hard.repair_upto.max(d.bound);
+        let mut writer = crate::hardstate::HardStateWriter::default();
+        if let crate::hardstate::HsStep::Io(op) = writer.want(self.hard) {
+            self.repairs.push_back(op);
+        }
+        // The writer's remaining steps do not depend on results: sync, rename, directory.
+        for _ in 0..3 {
+            if let Ok(crate::hardstate::HsStep::Io(op)) = writer.on_io(Ok(IoReply::Done)) {
+                self.repairs.push_back(op);
+            }
+        }
+        let copy = format!("damaged-{}-{}.bin", d.file, d.offset);
+        self.repairs.push_back(IoOp::Write { file: copy.clone(), offset: 0, data: d.tail });
+        self.repairs.push_back(IoOp::Sync { file: copy });
+        if d.offset >= SEGMENT_HEADER_LEN as u64 {
+            self.repairs.push_back(IoOp::Truncate { file: d.file.clone(), len: d.offset });
+            self.repairs.push_back(IoOp::Sync { file: d.file });
+        } else {
+            self.log.segments.retain(|(_, n)| *n != d.file);
+            self.repairs.push_back(IoOp::Remove { file: d.file });
+        }
+        for file in d.later {
+            self.repairs.push_back(IoOp::Remove { file });
+        }
+        self.repairs.push_back(IoOp::SyncDir);
+    }
+
     /// A snapshot installed from a leader can be ahead of every record on disk; if the crash
     /// came before the old segments' removal was durable, they are still here, wholly behind
     /// the snapshot. They are removed, and the log starts afresh after the snapshot (writing on
@@ -304,7 +393,7 @@ impl Recovery {
     /// (a vote is only sent once durable, so none was cast that the disk does not show).
     fn raise_term(&mut self, term: Term) {
         if term > self.hard.term {
-            self.hard = HardState { term, vote: None };
+            self.hard = self.hard.with(term, None);
         }
     }
 

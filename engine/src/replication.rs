@@ -188,6 +188,8 @@ impl Engine {
         }
         let now = self.now.mono;
         let last = self.log.last_index();
+        let base = self.log.base;
+        let resend_after = Duration(self.cfg.consensus.heartbeat_ms * 4);
         let Some(p) = self.progress_mut(from) else { return };
         p.heard_at = now;
         let confirms = round > p.round;
@@ -205,8 +207,16 @@ impl Engine {
             p.probing = false;
             p.snapshot_sent_at = None;
             self.advance_commit();
-        } else if hint.next() < p.next || p.inflight.is_empty() {
-            p.restart_from(hint.next());
+        } else {
+            // A follower that still lacks what the leader compacted away, answering well after
+            // a snapshot was sent, most likely lost it (it was down, say): send it again now
+            // rather than after the long resend interval.
+            if hint < base && p.snapshot_sent_at.is_some_and(|t| now.saturating_since(t) > resend_after) {
+                p.snapshot_sent_at = None;
+            }
+            if hint.next() < p.next || p.inflight.is_empty() {
+                p.restart_from(hint.next());
+            }
         }
         if confirms {
             self.serve_reads();

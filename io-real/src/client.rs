@@ -325,6 +325,13 @@ impl<T: Transport> Pipe<T> {
                 Ok(Err(())) => return Err(ClientError::Protocol("the pipe's connection task has stopped".into())),
                 Ok(Ok(Answer::Msg(m))) => match not_now(&m) {
                     None => return Ok(m),
+                    // The connection has moved on to the next member: try it at once, and
+                    // keep the pause short while an election finds a leader.
+                    Some(e @ RequestError::NotLeader { .. }) => {
+                        last_problem = format!("server answered: {e}");
+                        tokio::time::sleep(jittered(BACKOFF_MIN)).await;
+                        continue;
+                    }
                     Some(e) => last_problem = format!("server answered: {e}"),
                 },
                 Ok(Ok(Answer::Lost(reason))) => last_problem = reason,

@@ -48,6 +48,10 @@ pub struct DiskFaults {
     pub write_latency_us: u64,
     /// Base latency of `Sync`/`SyncDir` in microseconds (uniform in `[this/2, this]`).
     pub fsync_latency_us: u64,
+    /// Per crash of a cluster member: one bit of a log segment rots on the medium (persistent:
+    /// every later read sees it). The world only lets it happen where a good copy survives on
+    /// the other members.
+    pub rot_on_crash_prob: f64,
 }
 
 impl Default for DiskFaults {
@@ -60,6 +64,7 @@ impl Default for DiskFaults {
             latency_spike_ms: 0,
             write_latency_us: 50,
             fsync_latency_us: 2000,
+            rot_on_crash_prob: 0.0,
         }
     }
 }
@@ -347,6 +352,29 @@ impl SimDisk {
             summary.push_str(&format!(", tore {}: {}", tears.len(), tears.join(", ")));
         }
         summary
+    }
+
+    /// Silent rot at rest: flips one bit of a random log segment's stored bytes. Called right
+    /// after a crash, when nothing is pending, so the flip is on the durable medium. Returns a
+    /// description, or `None` if there is no segment to rot.
+    pub fn rot(&mut self, rng: &mut ChaCha8Rng) -> Option<String> {
+        let segments: Vec<(String, u64)> = self
+            .current
+            .iter()
+            .filter(|(name, ino)| name.starts_with("log-") && !self.inodes[*ino].data.is_empty())
+            .map(|(name, ino)| (name.clone(), *ino))
+            .collect();
+        if segments.is_empty() {
+            return None;
+        }
+        let (name, ino) = segments[rng.gen_range(0..segments.len())].clone();
+        let f = self.inodes.get_mut(&ino).expect("listed above");
+        let at = rng.gen_range(0..f.data.len());
+        let bit = rng.gen_range(0..8);
+        f.data[at] ^= 1 << bit;
+        // A crash already synced everything, so the durable view is the content itself.
+        debug_assert!(f.pending.is_empty());
+        Some(format!("bit {bit} of byte {at} of {name} rotted"))
     }
 
     /// Names in the durable directory (as of the last `SyncDir`), sorted: what a crash that

@@ -79,6 +79,7 @@ pub struct RunStats {
     pub elections: u64,
     pub messages: u64,
     pub partitions: u64,
+    pub rots: u64,
 }
 
 /// What a run leaves for the checkers.
@@ -707,11 +708,33 @@ impl World {
             self.replicas[r].scheduled_tick = None;
             self.applied_seen[r] = 0;
             self.history.push(self.now_us, Event::Crash { replica: r as u32, disk: summary });
+            self.maybe_rot(r);
             self.schedule_restart(r);
         }
         if let Some(range) = self.sc.faults.crash_every_ms {
             let t = self.after_ms(range);
             self.at(t, Ev::Crash);
+        }
+    }
+
+    /// Rot at rest on a crashed member, only while every other member serves with an intact log,
+    /// so that a good copy of every committed entry survives (the fault model's promise).
+    fn maybe_rot(&mut self, r: usize) {
+        let p = self.replicas[r].disk.faults().rot_on_crash_prob;
+        if self.replicas.len() < 3 || p <= 0.0 || !self.rng.gen_bool(p.min(1.0)) {
+            return;
+        }
+        let others_whole = self
+            .replicas
+            .iter()
+            .enumerate()
+            .all(|(i, rep)| i == r || rep.engine.as_ref().is_some_and(|e| e.is_serving() && !e.is_repairing()));
+        if !others_whole {
+            return;
+        }
+        if let Some(what) = self.replicas[r].disk.rot(&mut self.disk_rng) {
+            self.stats.rots += 1;
+            self.history.push(self.now_us, Event::Fault { what: format!("replica {r}: {what}") });
         }
     }
 

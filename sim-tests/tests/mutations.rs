@@ -92,6 +92,11 @@ fn accepting_an_append_whose_previous_term_differs_is_caught() {
 }
 
 #[test]
+fn a_repairing_member_that_votes_is_caught() {
+    caught_within("vote-while-repairing", "cluster-bit-rot", REPLICA_AGREEMENT, CONSENSUS_SEEDS_MAX);
+}
+
+#[test]
 fn a_follower_running_the_repeater_is_caught() {
     caught_within("follower-runs-repeater", "cluster-faults", &["fencing", "delete-is-final"], CONSENSUS_SEEDS_MAX);
 }

@@ -35,6 +35,7 @@ scenario_tests! {
     cluster_faults => "cluster-faults",
     cluster_five => "cluster-five",
     cluster_elections => "cluster-elections",
+    cluster_bit_rot => "cluster-bit-rot",
 }
 
 #[test]
