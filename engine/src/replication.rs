@@ -291,7 +291,11 @@ impl Engine {
         }
         self.flush();
         self.apply_committed();
-        self.acknowledge();
+        // Entries still to be made durable are acknowledged after their fsync; answering now as
+        // well would double the replies for nothing. A heartbeat or a repeat is answered at once.
+        if self.durable >= last_new {
+            self.acknowledge();
+        }
     }
 
     /// Entries at or below the snapshot are committed and already here (and match any
