@@ -116,22 +116,25 @@ impl Log {
     }
 
     /// Disk operations that cut the written log back so that `from` is the next index written:
-    /// truncate the segment holding `from` at its start, remove every later segment. The caller
-    /// makes this durable (file fsync, directory fsync) before anything is written after it.
+    /// remove every later segment, then truncate the segment holding `from` at its start, each
+    /// made durable before anything is written after it.
     pub fn cut_ops(&self, from: Index) -> Vec<IoOp> {
         assert!(from <= self.written && from > self.base, "only written, uncommitted entries are cut");
         let loc = self.locs[(from.0 - self.base.0 - 1) as usize];
+        // Later segments go first, durably: a crash after the truncation but before their
+        // removal would leave a gap between the cut segment's end and the next one's start.
+        // The other way round, a crash leaves the overridden entries whole, which is harmless.
         let mut ops = Vec::new();
         let file = self.segment_file(loc.segment);
-        ops.push(IoOp::Truncate { file: file.clone(), len: loc.offset });
         let later: Vec<_> = self.segments.iter().filter(|(first, _)| *first > loc.segment).collect();
         for (_, name) in &later {
             ops.push(IoOp::Remove { file: name.clone() });
         }
-        ops.push(IoOp::Sync { file });
         if !later.is_empty() {
             ops.push(IoOp::SyncDir);
         }
+        ops.push(IoOp::Truncate { file: file.clone(), len: loc.offset });
+        ops.push(IoOp::Sync { file });
         ops
     }
 
