@@ -372,8 +372,8 @@ impl SimDisk {
         let at = rng.gen_range(0..f.data.len());
         let bit = rng.gen_range(0..8);
         f.data[at] ^= 1 << bit;
-        // A crash already synced everything, so the durable view is the content itself.
-        debug_assert!(f.pending.is_empty());
+        // After a power loss nothing is pending, so the durable view is the content itself.
+        assert!(f.pending.is_empty(), "rot is applied right after a power loss");
         Some(format!("bit {bit} of byte {at} of {name} rotted"))
     }
 

@@ -699,7 +699,8 @@ impl World {
         if self.replicas[r].engine.take().is_some() {
             self.stats.crashes += 1;
             let share = self.sc.faults.process_crash_share;
-            let summary = if share > 0.0 && self.rng.gen_bool(share.min(1.0)) {
+            let process_only = share > 0.0 && self.rng.gen_bool(share.min(1.0));
+            let summary = if process_only {
                 "process only; the page cache survives".to_string()
             } else {
                 format!("power loss: {}", self.replicas[r].disk.crash(&mut self.disk_rng))
@@ -708,7 +709,10 @@ impl World {
             self.replicas[r].scheduled_tick = None;
             self.applied_seen[r] = 0;
             self.history.push(self.now_us, Event::Crash { replica: r as u32, disk: summary });
-            self.maybe_rot(r);
+            // Rot is applied to the medium as a power loss leaves it (nothing pending).
+            if !process_only {
+                self.maybe_rot(r);
+            }
             self.schedule_restart(r);
         }
         if let Some(range) = self.sc.faults.crash_every_ms {
