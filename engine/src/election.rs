@@ -18,6 +18,7 @@
 //!   vote requests (leader stickiness), so a healthy leader is not interrupted.
 
 use crate::engine::{Engine, Role};
+use crate::error::RequestError;
 use crate::io::Output;
 use crate::message::Message;
 use crate::op::Command;
@@ -168,7 +169,11 @@ impl Engine {
             self.reset_election_timer();
         }
         if self.is_leader() {
-            self.proposed.clear();
+            // Their clients learn at once to retry elsewhere, rather than after a timeout.
+            for (_, (client, seq)) in std::mem::take(&mut self.proposed) {
+                let e = RequestError::LeaderLost { leader };
+                self.outputs.push_back(Output::Reply { client, seq, outcome: Err(e) });
+            }
             self.waiting.clear();
             self.repeater = Repeater::default();
             self.refuse_reads(leader);

@@ -42,13 +42,24 @@ pub enum RequestError {
     /// replica this one last heard from as leader, if any: clients retry there.
     #[error("this replica is not the leader{}", leader.map(|l| format!("; try {l}")).unwrap_or_default())]
     NotLeader { leader: Option<ReplicaId> },
+    /// The replica stopped leading before the request committed. Unlike every other variant,
+    /// the outcome is unknown (the entry may still commit under the next leader): the client
+    /// must retry with the same client id and sequence, which the dedup table answers.
+    #[error("the leader stepped down before answering; the outcome is unknown, retry with the same sequence")]
+    LeaderLost { leader: Option<ReplicaId> },
 }
 
 impl RequestError {
     /// Whether the request certainly did not and never will take effect, so that a client may
     /// report failure instead of retrying. Overload and readiness errors are retried by clients.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, RequestError::Overloaded { .. } | RequestError::NotReady | RequestError::NotLeader { .. })
+        matches!(
+            self,
+            RequestError::Overloaded { .. }
+                | RequestError::NotReady
+                | RequestError::NotLeader { .. }
+                | RequestError::LeaderLost { .. }
+        )
     }
 }
 

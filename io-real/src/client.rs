@@ -21,7 +21,7 @@
 //!   breaks, is sent again with the same `(client, seq, request)` (over a new connection when the
 //!   old one went silent); the server answers a retry from its dedup table, so nothing is
 //!   applied twice. Refusals that mean "not now" (`NotReady`, `Overloaded`, `Stopped`,
-//!   `NotLeader`) are retried the same way after a short backoff; after `NotLeader` the
+//!   `NotLeader`, `LeaderLost`) are retried the same way after a short backoff; after the last two the
 //!   connection moves on to the next of the pipe's addresses, so a pipe given every member of a
 //!   cluster finds the leader and follows it when it changes. After [`ClientOptions::retry_for`] in total the
 //!   caller gets [`ClientError::Timeout`]: the outcome is then unknown. If the request never
@@ -327,7 +327,7 @@ impl<T: Transport> Pipe<T> {
                     None => return Ok(m),
                     // The connection has moved on to the next member: try it at once, and
                     // keep the pause short while an election finds a leader.
-                    Some(e @ RequestError::NotLeader { .. }) => {
+                    Some(e @ (RequestError::NotLeader { .. } | RequestError::LeaderLost { .. })) => {
                         last_problem = format!("server answered: {e}");
                         tokio::time::sleep(jittered(BACKOFF_MIN)).await;
                         continue;
@@ -357,6 +357,7 @@ fn not_now(msg: &ServerMsg) -> Option<&RequestError> {
             | RequestError::Overloaded { .. }
             | RequestError::Stopped(_)
             | RequestError::NotLeader { .. }
+            | RequestError::LeaderLost { .. }
     );
     not_now.then_some(e)
 }
@@ -684,7 +685,7 @@ impl<T: Transport> ConnTask<T> {
         };
         let redirected = matches!(
             &msg,
-            ServerMsg::Reply { outcome: Err(RequestError::NotLeader { .. }), .. }
+            ServerMsg::Reply { outcome: Err(RequestError::NotLeader { .. } | RequestError::LeaderLost { .. }), .. }
                 | ServerMsg::QueryReply { reply: QueryReply::Session(Err(RequestError::NotLeader { .. })), .. }
         );
         match self.pending.remove(&key) {

@@ -418,7 +418,7 @@ impl World {
     /// A reply reaches the client library: "not the leader" is followed, not shown to the agent.
     fn on_reply(&mut self, client: ClientId, seq: Seq, outcome: Outcome) {
         let Some(&i) = self.by_client.get(&client) else { return };
-        if let Err(RequestError::NotLeader { leader }) = &outcome {
+        if let Err(RequestError::NotLeader { leader } | RequestError::LeaderLost { leader }) = &outcome {
             let n = self.replicas.len();
             let current = self.leader_guess.get(&client).copied().unwrap_or(0);
             let next = leader.map_or((current + 1) % n, |l| l.0 as usize % n);
