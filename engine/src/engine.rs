@@ -94,6 +94,16 @@ pub(crate) struct Installing {
     pub index: Index,
     pub term: Term,
     pub state: Box<StateMachine>,
+    /// Entries the leader sent meanwhile, following the snapshot's entry without a gap; they
+    /// join the log once the snapshot is durable. Bounded by the leader's in-flight byte cap.
+    pub pending: Vec<Entry>,
+    pub pending_bytes: u64,
+    /// The pending entries through this index were checked against the log of the leader of
+    /// `pending_term` (what the follower may acknowledge, if the term is still current).
+    pub pending_term: Term,
+    pub pending_upto: Index,
+    /// The highest commit index the leader told meanwhile that covers held entries.
+    pub pending_commit: Index,
 }
 
 pub struct Engine {
@@ -885,6 +895,13 @@ impl Engine {
         let cutting = self.cut_from.is_some() || self.cut.is_some();
         assert!(self.log.written <= self.log.last_index() || cutting, "written entries are held unless being cut");
         assert!(self.commit <= self.log.last_index() || self.installing.is_some(), "committed entries are held");
+        if let Some(i) = &self.installing {
+            assert!(i.pending_bytes <= self.cfg.consensus.inflight_bytes_max, "entries kept during an install bounded");
+            assert!(
+                i.pending.iter().zip(1..).all(|(e, n)| e.index == Index(i.index.0 + n)),
+                "kept entries follow the snapshot"
+            );
+        }
         assert!(self.proposed.len() <= self.cfg.limits.pending_requests_max as usize, "pending requests bounded");
         assert!(self.waiting.len() <= self.proposed.len(), "waiting clients have pending requests");
         assert!(self.io_pending.len() <= IO_PENDING_MAX, "outstanding disk operations bounded");

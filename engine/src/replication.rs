@@ -18,6 +18,10 @@ use crate::snapshot::{decode_state, encode_state};
 use crate::types::{Duration, Index, Instant, ReplicaId, Term};
 use std::collections::VecDeque;
 
+fn entry_bytes(e: &Entry) -> u64 {
+    crate::codec::encoded_len(e.at, &e.command) as u64
+}
+
 /// What the leader knows about one follower.
 #[derive(Clone, Debug)]
 pub(crate) struct Progress {
@@ -90,7 +94,8 @@ impl Engine {
             }) else {
                 return;
             };
-            if p.snapshot_sent_at.is_some_and(|t| now.saturating_since(t) < snapshot_retry) {
+            let snapshot_recent = p.snapshot_sent_at.is_some_and(|t| now.saturating_since(t) < snapshot_retry);
+            if p.next <= base && snapshot_recent {
                 return;
             }
             if p.next <= base {
@@ -113,23 +118,33 @@ impl Engine {
                 }
             }
         }
-        if snapshot {
-            self.send_snapshot(peer);
-        }
         for m in sends {
             self.send(peer, m);
         }
+        if snapshot && self.send_snapshot(peer) {
+            // The follower keeps taking the entries after the snapshot while it installs it.
+            self.replicate(peer);
+        }
     }
 
-    fn send_snapshot(&mut self, peer: ReplicaId) {
+    /// Sends the leader's applied state; the appends that follow it are pipelined right after.
+    /// False if nothing was sent.
+    fn send_snapshot(&mut self, peer: ReplicaId) -> bool {
         let index = self.state.applied();
-        let Some(last_term) = self.log.term_at(index) else { return };
+        let Some(last_term) = self.log.term_at(index) else { return false };
+        if index < self.log.base {
+            return false;
+        }
         let state = encode_state(&self.state);
         let (term, now) = (self.term(), self.now.mono);
-        if let Some(p) = self.progress_mut(peer) {
-            p.snapshot_sent_at = Some(now);
-        }
+        let Some(p) = self.progress_mut(peer) else { return false };
+        p.snapshot_sent_at = Some(now);
+        p.inflight.clear();
+        p.inflight_bytes = 0;
+        p.next = index.next();
+        p.probing = false;
         self.send(peer, Message::Snapshot { term, index, last_term, state });
+        true
     }
 
     /// Every heartbeat interval: resend what seems lost, and let every follower hear from the
@@ -214,6 +229,13 @@ impl Engine {
             if hint < base && p.snapshot_sent_at.is_some_and(|t| now.saturating_since(t) > resend_after) {
                 p.snapshot_sent_at = None;
             }
+            // A follower that repaired a damaged log range has lost entries it once acknowledged:
+            // its hint is below what the leader thought it held. Without lowering `matched` the
+            // leader would resend from above the follower's end for ever. Lowering it is safe:
+            // the commit index never moves back, and a late reply only delays the next commit.
+            if hint < p.matched {
+                p.matched = hint;
+            }
             if hint.next() < p.next || p.inflight.is_empty() {
                 p.restart_from(hint.next());
             }
@@ -263,6 +285,7 @@ impl Engine {
         self.leader_heard_at = Some(self.now.mono);
         self.reset_election_timer();
         if self.installing.is_some() {
+            self.keep_during_install((prev_index, prev_term), commit, entries);
             return;
         }
         let Some((prev_index, prev_term, entries)) = self.skip_compacted(prev_index, prev_term, entries) else {
@@ -296,6 +319,53 @@ impl Engine {
         if self.durable >= last_new {
             self.acknowledge();
         }
+    }
+
+    /// While a snapshot install is under way the follower keeps taking the leader's new entries
+    /// (those after the snapshot's entry), in memory, so that it is current the moment the
+    /// snapshot is durable instead of a round trip behind. A gap or a mismatch is ignored rather
+    /// than rejected: the leader resends what stays unacknowledged.
+    fn keep_during_install(&mut self, prev: (Index, Term), commit: Index, mut entries: Vec<Entry>) {
+        let (term, bytes_max) = (self.term(), self.cfg.consensus.inflight_bytes_max);
+        let inst = self.installing.as_mut().expect("an install is under way");
+        let (mut prev_index, mut prev_term) = prev;
+        if prev_index < inst.index {
+            entries.retain(|e| e.index > inst.index);
+            (prev_index, prev_term) = (inst.index, inst.term);
+        }
+        let term_at = |inst: &Installing, i: Index| match i.0.checked_sub(inst.index.0) {
+            Some(0) => Some(inst.term),
+            Some(n) => inst.pending.get(n as usize - 1).map(|e| e.term),
+            None => None,
+        };
+        if term_at(inst, prev_index) != Some(prev_term) {
+            return;
+        }
+        let mut last_new = prev_index;
+        for e in entries {
+            match term_at(inst, e.index) {
+                Some(t) if t == e.term => {}
+                found => {
+                    if found.is_some() {
+                        inst.pending.truncate((e.index.0 - inst.index.0 - 1) as usize);
+                        inst.pending_bytes = inst.pending.iter().map(entry_bytes).sum();
+                        inst.pending_upto = inst.pending_upto.min(e.index.prev());
+                    }
+                    let bytes = entry_bytes(&e);
+                    if inst.pending_bytes + bytes > bytes_max {
+                        break;
+                    }
+                    inst.pending_bytes += bytes;
+                    inst.pending.push(e);
+                }
+            }
+            last_new = last_new.next();
+        }
+        if inst.pending_term != term {
+            (inst.pending_term, inst.pending_upto) = (term, inst.index);
+        }
+        inst.pending_upto = inst.pending_upto.max(last_new);
+        inst.pending_commit = inst.pending_commit.max(commit.min(last_new));
     }
 
     /// Entries at or below the snapshot are committed and already here (and match any
@@ -335,11 +405,29 @@ impl Engine {
             self.acknowledge();
             return;
         }
-        if self.installing.is_some() || self.snapshots.busy() || self.cut.is_some() || self.is_writing() {
+        if self.log.last_index() > index && !self.is_writing() && self.installing.is_none() {
+            // The entries after the snapshot's are on a branch the leader does not have (its
+            // entry at `index` differs), so none of them is committed. They are cut durably
+            // before the install: a crash between the snapshot's rename and the removal of the
+            // old segments must not leave recovery a log that continues past the snapshot on
+            // the wrong branch.
+            self.truncate_log(index.next());
+        }
+        let busy = self.cut.is_some() || self.cut_from.is_some() || self.is_writing();
+        if self.installing.is_some() || self.snapshots.busy() || busy {
             return; // The leader sends it again later.
         }
         let Ok(decoded) = decode_state(&state, index) else { return };
-        self.installing = Some(Installing { index, term: last_term, state: Box::new(decoded) });
+        self.installing = Some(Installing {
+            index,
+            term: last_term,
+            state: Box::new(decoded),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            pending_term: self.term(),
+            pending_upto: index,
+            pending_commit: index,
+        });
         let op = self.snapshots.start_encoded(index, last_term, &state);
         self.issue(op, crate::engine::Purpose::Snapshot);
     }
@@ -352,8 +440,12 @@ impl Engine {
         self.waiting.clear();
         let obsolete = self.log.reset(inst.index, inst.term);
         self.durable = inst.index;
-        self.commit = self.commit.max(inst.index);
-        self.ack_upto = self.ack_upto.max(inst.index);
+        for e in inst.pending {
+            self.log.append(e);
+        }
+        let checked = if inst.pending_term == self.term() { inst.pending_upto } else { inst.index };
+        self.commit = self.commit.max(inst.index).max(inst.pending_commit.min(self.log.last_index()));
+        self.ack_upto = self.ack_upto.max(checked);
         self.cut_from = None;
         // The old segments must be gone before a new one is written, or recovery would find
         // the old entries after the snapshot and take them for this log.

@@ -7,6 +7,8 @@
 //!   says so (`deliver_all`, `deliver_where`, or `run`, which delivers as time goes by);
 //! - a replica can be cut off (`isolate`): every message from or to it is dropped, both when it
 //!   is sent and when it would be delivered, until `heal`;
+//! - a replica's disk can be stalled (`stall_disk`): its operations wait, in order, until
+//!   `release_disk` completes them, which lets a test act while a write is in flight;
 //! - one manual clock in milliseconds; moving it feeds `Input::Tick` to each replica whose
 //!   `next_deadline` has passed, in replica-id order.
 //!
@@ -68,6 +70,8 @@ struct Replica {
     dir: Dir,
     /// Every output the engine emitted, in order (tests look at slices of it via marks).
     outputs: Vec<Output>,
+    /// Disk operations issued while the disk is stalled, in issue order.
+    stalled_io: Option<VecDeque<(truba_engine::IoId, IoOp)>>,
 }
 
 /// A message in flight: (from, to, message).
@@ -88,7 +92,10 @@ struct Cluster {
 impl Cluster {
     /// Three replicas (ids 1, 2, 3), booted on empty directories.
     fn new(seed: u64) -> Cluster {
-        let cfg = EngineConfig::default();
+        Cluster::with_config(seed, EngineConfig::default())
+    }
+
+    fn with_config(seed: u64, cfg: EngineConfig) -> Cluster {
         assert_eq!(cfg.consensus.heartbeat_ms, HEARTBEAT_MS);
         assert_eq!(cfg.consensus.election_timeout_ms_max, ELECTION_MAX_MS);
         assert!(cfg.consensus.pre_vote && cfg.consensus.check_quorum);
@@ -98,7 +105,7 @@ impl Cluster {
             .map(|&id| {
                 let engine =
                     Engine::replica(cfg.clone(), id, ids.to_vec(), seed.wrapping_mul(31).wrapping_add(id.0 as u64));
-                (id, Replica { engine, dir: Dir::new(), outputs: Vec::new() })
+                (id, Replica { engine, dir: Dir::new(), outputs: Vec::new(), stalled_io: None })
             })
             .collect();
         let mut c = Cluster {
@@ -155,9 +162,10 @@ impl Cluster {
             let mut done = VecDeque::new();
             loop {
                 while let Some(o) = rep.engine.poll() {
-                    match &o {
-                        Output::Io { id, op } => done.push_back((*id, exec(&mut rep.dir, op))),
-                        Output::Send { to, message } => sent.push((*to, message.clone())),
+                    match (&o, &mut rep.stalled_io) {
+                        (Output::Io { id, op }, Some(stalled)) => stalled.push_back((*id, op.clone())),
+                        (Output::Io { id, op }, None) => done.push_back((*id, exec(&mut rep.dir, op))),
+                        (Output::Send { to, message }, _) => sent.push((*to, message.clone())),
                         _ => {}
                     }
                     rep.outputs.push(o);
@@ -175,6 +183,23 @@ impl Cluster {
             }
         }
         mark
+    }
+
+    /// From now on `r`'s disk operations wait until `release_disk`.
+    fn stall_disk(&mut self, r: ReplicaId) {
+        self.replicas.get_mut(&r).expect("a replica").stalled_io = Some(VecDeque::new());
+    }
+
+    /// Completes `r`'s waiting disk operations in order, and everything they lead to, without
+    /// delivering any message. Returns how many waited.
+    fn release_disk(&mut self, r: ReplicaId) -> usize {
+        let waiting = self.replicas.get_mut(&r).expect("a replica").stalled_io.take().unwrap_or_default();
+        let n = waiting.len();
+        for (id, op) in waiting {
+            let result = exec(&mut self.replicas.get_mut(&r).expect("a replica").dir, &op);
+            self.input(r, Input::IoDone { id, result });
+        }
+        n
     }
 
     /// Delivers the oldest queued message (dropping it if either end is cut off).
@@ -779,4 +804,40 @@ fn the_harness_is_deterministic() {
     let a = trace(SEED);
     assert_eq!(a, trace(SEED));
     assert_ne!(a.4, trace(SEED + 1).4, "another seed gives another run");
+}
+
+#[test]
+fn a_follower_takes_new_entries_while_it_installs_a_snapshot() {
+    let mut cfg = EngineConfig::default();
+    cfg.limits.snapshot_every_entries = 10;
+    let mut c = Cluster::with_config(SEED, cfg);
+    let leader = c.elect();
+    let f = followers_of(&c, leader)[0];
+    c.isolate(f);
+    for client in 1..=40 {
+        assert!(matches!(c.call(leader, client, 1, new_session(b"before")), Ok(Reply::Created { .. })));
+    }
+    c.run(100);
+    let (leader_base, _) = c.engine(leader).log_range();
+    let (_, f_last) = c.engine(f).log_range();
+    assert!(leader_base > f_last, "the leader compacted past the follower's log ({leader_base:?} vs {f_last:?})");
+
+    // The follower comes back with a slow disk: the snapshot it is sent cannot be made durable yet.
+    c.stall_disk(f);
+    c.heal();
+    let snapshot_sent = |c: &Cluster| c.queued(leader, f).iter().any(|m| matches!(m, Message::Snapshot { .. }));
+    assert!(c.run_until_each(2_000, snapshot_sent), "the leader sends a snapshot");
+    c.deliver_all();
+    // New entries come while the install waits on the disk; the leader keeps sending them.
+    for client in 41..=45 {
+        assert!(matches!(c.call(leader, client, 1, new_session(b"during")), Ok(Reply::Created { .. })));
+    }
+    let leader_last = c.engine(leader).log_range().1;
+    assert!(c.engine(f).log_range().1 < leader_last, "nothing reaches the follower's log before the install");
+
+    // Once the disk catches up (and before any further message), the follower holds everything.
+    assert!(c.release_disk(f) > 0, "the install waited on the stalled disk");
+    assert_eq!(c.engine(f).log_range().1, leader_last, "entries sent during the install were kept");
+    c.run(500);
+    c.assert_converged();
 }

@@ -21,9 +21,15 @@ pub fn load(name: &str) -> Scenario {
 
 /// Runs seeds `0..n`, panicking with the full failure report at the first failing seed.
 pub fn run_clean(name: &str, n: u64) -> Summary {
+    run_clean_seeds(name, 0..n)
+}
+
+/// Runs the given seeds of a scenario with no mutation; panics with the failure report at the
+/// first violation.
+pub fn run_clean_seeds(name: &str, seeds: impl IntoIterator<Item = u64>) -> Summary {
     let scenario = load(name);
     let mut summary = Summary { scenario: name.into(), ..Default::default() };
-    for seed in 0..n {
+    for seed in seeds {
         let r = run_seed(&scenario, seed, Mutations::default());
         summary.add(&r);
         if !r.violations.is_empty() {

@@ -1,7 +1,7 @@
 //! Every scenario in `scenarios/` over its `ci_seeds` seeds, with every checker on. A scenario
 //! file added to the directory without a test here fails `every_scenario_file_is_tested`.
 
-use sim_tests::{load, run_clean, scenarios_dir};
+use sim_tests::{load, run_clean, run_clean_seeds, scenarios_dir};
 
 /// The checkers must have had something to check: a run that acknowledged nothing, delivered
 /// nothing, or (where the scenario crashes the replica) compared no recovered state would pass
@@ -48,4 +48,21 @@ fn every_scenario_file_is_tested() {
     let mut tested: Vec<String> = TESTED.iter().map(|s| s.to_string()).collect();
     tested.sort();
     assert_eq!(files, tested, "scenarios/ and the tests in sim-tests/tests/scenarios.rs differ");
+}
+
+/// Seeds beyond the CI ranges that once found a bug, kept so that the bug stays fixed (a
+/// change in timing may move a bug to other seeds, so these are a floor, not a proof).
+#[test]
+fn seeds_that_once_failed() {
+    let found: &[(&str, u64, &str)] = &[
+        ("bit-rot", 821, "checker: a dedup retry answered after the session was redelivered"),
+        ("bit-rot", 2980, "an fsynced delete in the last record cut as a torn tail"),
+        ("crash-loop", 820, "checker: a deleted answer while another delete was in flight"),
+        ("cluster-elections", 293, "a truncation durable before the removal of later segments"),
+        ("cluster-bit-rot", 220, "a leader kept resending above a repaired follower's end"),
+    ];
+    for &(name, seed, what) in found {
+        eprintln!("{name} seed {seed}: {what}");
+        run_clean_seeds(name, [seed]);
+    }
 }
