@@ -1,16 +1,26 @@
 //! On-disk formats: log records, segment headers, snapshot files.
 //!
 //! A record is `len u32 | crc u32 | prev_crc u32 | term u64 | index u64 | header_crc u32 |
-//! payload`, little endian, where `payload` is the postcard encoding of the entry's wall time and
-//! command, `crc` covers every field and the payload, and `header_crc` covers the 28 header bytes
-//! before it. Each record is therefore checkable on its own, and `prev_crc` (the crc of the
-//! record before it) chains the log, so a stale or misdirected write that is valid in itself
-//! still breaks the chain and is caught.
+//! payload | 0xFF`, little endian, where `payload` is the postcard encoding of the entry's wall
+//! time and command, `len` counts the payload and the end marker, `crc` covers every field, the
+//! payload and the marker, and `header_crc` covers the 28 header bytes before it. Each record is
+//! therefore checkable on its own, and `prev_crc` (the crc of the record before it) chains the
+//! log, so a stale or misdirected write that is valid in itself still breaks the chain and is
+//! caught.
+//!
+//! Segments are preallocated: the writer fills the space ahead of the log's end with zeros, so
+//! that appending overwrites allocated blocks and an fdatasync has no file size to journal (it
+//! about doubles the rate of small write+fsync pairs on ext4). The log ends where only zeros
+//! follow. No record can end in a zero byte (hence the marker), and no record header is all
+//! zeros, which is what makes the rules below sound.
 //!
 //! Torn versus corrupt is decided by shape, not by position. A torn write leaves a prefix of its
-//! sectors, so the file ends inside the record: that, and only that, is torn. A record that is
-//! all there but fails a checksum, or a valid one that breaks the chain, is corruption, wherever
-//! it is (bit rot in the last, fsynced record is corruption too, never a torn write to cut).
+//! sectors, so the record is cut short: the file ends inside it, or zeros run from inside it to
+//! the end of the file. That, and only that, is torn. A record that is all there but fails a
+//! checksum, or a valid one that breaks the chain, is corruption, wherever it is (bit rot in the
+//! last, fsynced record is corruption too, never a torn write to cut). Bytes after the log's end
+//! that begin with an all-zero header are not a record at all (a flip in the preallocated
+//! space): they are cut like a torn tail.
 
 use crate::op::{Command, Entry};
 use crate::types::{Index, Term, UnixMs};
@@ -18,11 +28,14 @@ use serde::{Deserialize, Serialize};
 
 pub const RECORD_HEADER_LEN: usize = 32;
 pub const SEGMENT_HEADER_LEN: usize = 28;
-const SEGMENT_MAGIC: &[u8; 8] = b"TRUBAlg1";
+const SEGMENT_MAGIC: &[u8; 8] = b"TRUBAlg2";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"TRUBAsn1";
 const SNAPSHOT_HEADER_LEN: usize = 36;
 /// No record payload is ever larger than this; a length field above it is damage.
 pub const PAYLOAD_BYTES_MAX: u32 = 64 * 1024 * 1024;
+/// The last byte of every record: never zero, so a record's end is never mistaken for the
+/// zeros of preallocated space.
+const RECORD_END_MARKER: u8 = 0xFF;
 
 #[derive(Deserialize)]
 struct Payload {
@@ -54,6 +67,7 @@ pub fn encode_record(prev_crc: u32, entry: &Entry, out: &mut Vec<u8>) -> u32 {
     out.resize(start + RECORD_HEADER_LEN, 0);
     let payload = PayloadRef { at: entry.at, command: &entry.command };
     *out = postcard::to_extend(&payload, std::mem::take(out)).expect("postcard encoding into memory cannot fail");
+    out.push(RECORD_END_MARKER);
     let len = out.len() - start - RECORD_HEADER_LEN;
     assert!(len as u64 <= PAYLOAD_BYTES_MAX as u64, "entry exceeds the payload limit");
     let crc = record_crc(prev_crc, entry.term.0, entry.index.0, &out[start + RECORD_HEADER_LEN..]);
@@ -70,7 +84,12 @@ pub fn encode_record(prev_crc: u32, entry: &Entry, out: &mut Vec<u8>) -> u32 {
 
 /// The encoded size of an entry with this clock reading and command, for batch accounting.
 pub fn encoded_len(at: UnixMs, command: &Command) -> usize {
-    RECORD_HEADER_LEN + postcard::experimental::serialized_size(&PayloadRef { at, command }).unwrap_or(0)
+    RECORD_HEADER_LEN + postcard::experimental::serialized_size(&PayloadRef { at, command }).unwrap_or(0) + 1
+}
+
+/// The offset just after the last non-zero byte: where a preallocated file's content ends.
+pub fn content_end(b: &[u8]) -> usize {
+    b.iter().rposition(|&x| x != 0).map_or(0, |p| p + 1)
 }
 
 pub fn encode_segment_header(first: Index, prev_crc: u32) -> Vec<u8> {
@@ -136,7 +155,7 @@ pub fn decode_record(b: &[u8], at: usize) -> Result<Decoded, Bad> {
         return Err(Bad::Damaged);
     }
     let len = u32_at(header, 0);
-    if len > PAYLOAD_BYTES_MAX {
+    if len == 0 || len > PAYLOAD_BYTES_MAX {
         return Err(Bad::Damaged);
     }
     let end = at + RECORD_HEADER_LEN + len as usize;
@@ -149,6 +168,10 @@ pub fn decode_record(b: &[u8], at: usize) -> Result<Decoded, Bad> {
     if record_crc(prev_crc, term, index, payload) != crc {
         return Err(Bad::Damaged);
     }
+    let (&marker, payload) = payload.split_last().expect("len is at least 1");
+    if marker != RECORD_END_MARKER {
+        return Err(Bad::Damaged);
+    }
     let p: Payload = postcard::from_bytes(payload).map_err(|_| Bad::Damaged)?;
     let entry = Entry { term: Term(term), index: Index(index), at: p.at, command: p.command };
     Ok(Decoded { entry, crc, prev_crc, end })
@@ -157,9 +180,10 @@ pub fn decode_record(b: &[u8], at: usize) -> Result<Decoded, Bad> {
 /// How a segment's scan ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScanEnd {
-    /// Every byte belonged to a valid record.
+    /// Every byte belonged to a valid record, or is preallocated zeros after the last one.
     Clean,
-    /// The file ends inside a record: a torn write, safe to cut at `offset`.
+    /// A record cut short (or junk that is no record after the log's end): a torn write,
+    /// safe to cut at `offset`.
     Torn { offset: u64 },
     /// A complete record that is damaged or out of chain: never cut.
     Corrupt { offset: u64 },
@@ -170,6 +194,8 @@ pub struct SegmentScan {
     pub header: SegmentHeader,
     pub records: Vec<Decoded>,
     pub end: ScanEnd,
+    /// Where the valid records end (the header's end if there are none).
+    pub valid_end: u64,
 }
 
 /// Reads a segment's records in order, checking the crc chain and that indexes follow one
@@ -180,7 +206,8 @@ pub fn scan_segment(b: &[u8]) -> Option<SegmentScan> {
     let mut at = SEGMENT_HEADER_LEN;
     let mut prev_crc = header.prev_crc;
     let mut next_index = header.first;
-    while at < b.len() {
+    let content_end = content_end(b);
+    while at < content_end {
         let end = match decode_record(b, at) {
             Ok(d) if d.prev_crc == prev_crc && d.entry.index == next_index => {
                 prev_crc = d.crc;
@@ -189,12 +216,34 @@ pub fn scan_segment(b: &[u8]) -> Option<SegmentScan> {
                 records.push(d);
                 continue;
             }
-            Ok(_) | Err(Bad::Damaged) => ScanEnd::Corrupt { offset: at as u64 },
-            Err(Bad::Incomplete) => ScanEnd::Torn { offset: at as u64 },
+            Ok(_) => ScanEnd::Corrupt { offset: at as u64 },
+            Err(_) if cut_short(b, at, content_end) => ScanEnd::Torn { offset: at as u64 },
+            Err(_) => ScanEnd::Corrupt { offset: at as u64 },
         };
-        return Some(SegmentScan { header, records, end });
+        return Some(SegmentScan { header, records, end, valid_end: at as u64 });
     }
-    Some(SegmentScan { header, records, end: ScanEnd::Clean })
+    Some(SegmentScan { header, records, end: ScanEnd::Clean, valid_end: at as u64 })
+}
+
+/// Whether the invalid record at `at` is the shape a torn write leaves: the file ends inside
+/// it, zeros run from inside it to the end of the file, or no record begins there at all.
+///
+/// A record header always has a non-zero length, term and index, and one flipped bit can zero
+/// at most one of them; preallocated zeros with a flipped bit have at most one of them set. So
+/// a header with fewer than two of them set was never written: junk after the log's end.
+fn cut_short(b: &[u8], at: usize, content_end: usize) -> bool {
+    let header = &b[at..b.len().min(at + RECORD_HEADER_LEN)];
+    if header.len() < RECORD_HEADER_LEN {
+        return true;
+    }
+    let fields_set = [u32_at(header, 0) != 0, u64_at(header, 12) != 0, u64_at(header, 20) != 0];
+    if fields_set.iter().filter(|&&set| set).count() < 2 {
+        return true;
+    }
+    let header_ok = crc32fast::hash(&header[..28]) == u32_at(header, 28);
+    let claimed_end =
+        if header_ok { at + RECORD_HEADER_LEN + u32_at(header, 0) as usize } else { at + RECORD_HEADER_LEN };
+    content_end < claimed_end
 }
 
 /// Frames a snapshot: magic, index, term, payload length, crc, payload.
@@ -307,6 +356,64 @@ mod tests {
                 let at = if byte < second_end { first_end } else { second_end };
                 assert_eq!(s.end, ScanEnd::Corrupt { offset: at as u64 }, "flip at byte {byte} bit {bit}");
             }
+        }
+    }
+
+    const PREALLOCATED: usize = 4096;
+
+    fn zero_padded(mut b: Vec<u8>) -> Vec<u8> {
+        b.resize(b.len() + PREALLOCATED, 0);
+        b
+    }
+
+    #[test]
+    fn preallocated_zeros_after_the_last_record_are_a_clean_end() {
+        let full = segment(3);
+        let s = scan_segment(&zero_padded(full.clone())).unwrap();
+        assert_eq!((s.end, s.records.len(), s.valid_end), (ScanEnd::Clean, 3, full.len() as u64));
+        let empty = scan_segment(&zero_padded(encode_segment_header(Index(1), 0))).unwrap();
+        assert_eq!((empty.end, empty.valid_end), (ScanEnd::Clean, SEGMENT_HEADER_LEN as u64));
+    }
+
+    #[test]
+    fn a_record_cut_short_by_zeros_is_torn_at_every_cut_point() {
+        let full = zero_padded(segment(3));
+        let two = scan_segment(&full).unwrap().records[1].end;
+        let three = scan_segment(&full).unwrap().records[2].end;
+        for cut in two + 1..three {
+            let mut b = full.clone();
+            b[cut..].fill(0);
+            let s = scan_segment(&b).unwrap();
+            assert_eq!(s.records.len(), 2, "cut at {cut}");
+            assert_eq!(s.end, ScanEnd::Torn { offset: two as u64 }, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_before_preallocated_zeros_is_still_corruption() {
+        let full = zero_padded(segment(3));
+        let scan = scan_segment(&full).unwrap();
+        let (first_end, second_end, third_end) = (scan.records[0].end, scan.records[1].end, scan.records[2].end);
+        for byte in first_end..third_end {
+            for bit in 0..8 {
+                let mut b = full.clone();
+                b[byte] ^= 1 << bit;
+                let s = scan_segment(&b).unwrap();
+                let at = if byte < second_end { first_end } else { second_end };
+                assert_eq!(s.end, ScanEnd::Corrupt { offset: at as u64 }, "flip at byte {byte} bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_in_preallocated_space_is_cut_not_corruption() {
+        let full = zero_padded(segment(2));
+        let end = scan_segment(&full).unwrap().valid_end as usize;
+        for byte in [end, end + 5, end + 31, end + 32, end + 1000, full.len() - 1] {
+            let mut b = full.clone();
+            b[byte] ^= 0x10;
+            let s = scan_segment(&b).unwrap();
+            assert_eq!((s.records.len(), s.end), (2, ScanEnd::Torn { offset: end as u64 }), "flip at {byte}");
         }
     }
 

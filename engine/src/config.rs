@@ -56,6 +56,9 @@ pub struct Limits {
     pub batch_bytes_max: u32,
     /// A log segment is closed and a new one started once it reaches this size.
     pub segment_bytes_max: u64,
+    /// The log's segment is filled with zeros this far ahead of its end (0: never), so that
+    /// appends overwrite allocated space and their fsyncs have no file size to journal.
+    pub preallocate_bytes: u64,
     /// A snapshot is taken once this many entries have been applied since the last one.
     pub snapshot_every_entries: u64,
     /// Clients remembered in the deduplication table; the least recently seen is forgotten first.
@@ -79,6 +82,7 @@ impl Default for Limits {
             batch_entries_max: 1024,
             batch_bytes_max: 4 * 1024 * 1024,
             segment_bytes_max: 64 * 1024 * 1024,
+            preallocate_bytes: 1024 * 1024,
             snapshot_every_entries: 100_000,
             dedup_clients_max: 100_000,
             tombstones_max: 100_000,

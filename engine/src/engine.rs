@@ -158,6 +158,8 @@ pub struct Engine {
     io_next: u64,
     io_pending: BTreeMap<IoId, Purpose>,
     pub(crate) outputs: VecDeque<Output>,
+    /// Entries were proposed since the last batch started; `poll` starts the next one.
+    flush_wanted: bool,
     next_tick: Instant,
 }
 
@@ -214,6 +216,7 @@ impl Engine {
             io_next: 0,
             io_pending: BTreeMap::new(),
             outputs: VecDeque::new(),
+            flush_wanted: false,
             next_tick: Instant(0),
         }
     }
@@ -236,7 +239,15 @@ impl Engine {
     }
 
     /// The next output, until there are none.
+    ///
+    /// New proposals are written when the driver comes to collect outputs rather than at once:
+    /// a driver that hands in every request it has received before polling gets them all in
+    /// one group-commit batch, instead of a batch of the first one and another of the rest.
     pub fn poll(&mut self) -> Option<Output> {
+        if self.outputs.is_empty() && std::mem::take(&mut self.flush_wanted) {
+            self.flush();
+            self.invariants();
+        }
         self.outputs.pop_front()
     }
 
@@ -627,7 +638,7 @@ impl Engine {
             return index;
         }
         self.log.append(Entry { term: self.term(), index, at: self.now.wall, command });
-        self.flush();
+        self.flush_wanted = true;
         index
     }
 
@@ -654,7 +665,7 @@ impl Engine {
             }
             last = last.next();
         }
-        let (placement, data) = self.log.place(last, limits.segment_bytes_max);
+        let (placement, data) = self.log.place(last, limits.segment_bytes_max, limits.preallocate_bytes);
         let op = IoOp::Write { file: placement.file.clone(), offset: placement.offset, data };
         self.batch = Some(Batch { first, last, valid_upto: last, placement, stage: BatchStage::Write });
         self.issue(op, Purpose::Batch);
@@ -726,6 +737,9 @@ impl Engine {
         let batch = self.batch.take().expect("a batch in flight");
         let p = &batch.placement;
         let len = if p.new_segment { 0 } else { p.offset };
+        if !p.new_segment {
+            self.log.zeroed_to = self.log.zeroed_to.min(len);
+        }
         self.repairing = true;
         self.issue(IoOp::Truncate { file: p.file.clone(), len }, Purpose::Repair);
         if self.voters.len() > 1 {

@@ -25,6 +25,8 @@ pub(crate) struct Log {
     pub segments: Vec<(Index, String)>,
     /// Length of the last segment's written content.
     pub end_offset: u64,
+    /// The last segment is known to hold zeros (or records) up to here: the file's length.
+    pub zeroed_to: u64,
     /// Crc of the last written record: the next record's `prev_crc`.
     pub last_crc: u32,
     /// Index of the last record written to disk (durable once the batch's fsync completed).
@@ -45,6 +47,8 @@ pub(crate) struct Placement {
     pub offset: u64,
     pub new_segment: bool,
     pub end_offset: u64,
+    /// The file's length once written: the records plus the zeros that preallocate after them.
+    pub zeroed_to: u64,
     pub last_crc: u32,
     pub locs: Vec<Loc>,
 }
@@ -145,6 +149,7 @@ impl Log {
         self.locs.truncate(k);
         self.segments.retain(|(first, _)| *first <= loc.segment);
         self.end_offset = loc.offset.max(SEGMENT_HEADER_LEN as u64);
+        self.zeroed_to = self.end_offset;
         self.last_crc = loc.prev_crc;
         self.written = from.prev();
     }
@@ -155,8 +160,9 @@ impl Log {
 
     /// Encodes the entries `written + 1 ..= last` (which must exist) and says where to write
     /// them. A new segment is started when the current one is full; it begins with a header that
-    /// carries the chain's crc across the file boundary.
-    pub fn place(&self, last: Index, segment_bytes_max: u64) -> (Placement, Vec<u8>) {
+    /// carries the chain's crc across the file boundary. When the records would pass the zeros
+    /// already there, zeros for `preallocate_bytes` more (within the segment's size) go with them.
+    pub fn place(&self, last: Index, segment_bytes_max: u64, preallocate_bytes: u64) -> (Placement, Vec<u8>) {
         let first = self.written.next();
         assert!(first <= last && last <= self.last_index(), "a batch is never empty and continues the log");
         let new_segment = self.segments.is_empty() || self.end_offset >= segment_bytes_max;
@@ -176,7 +182,13 @@ impl Log {
             i = i.next();
         }
         let end_offset = offset + data.len() as u64;
-        (Placement { file, offset, new_segment, end_offset, last_crc: crc, locs }, data)
+        let zeroed_before = if new_segment { 0 } else { self.zeroed_to };
+        let mut zeroed_to = zeroed_before.max(end_offset);
+        if preallocate_bytes > 0 && end_offset > zeroed_before {
+            zeroed_to = (end_offset + preallocate_bytes).min(segment_bytes_max).max(end_offset);
+            data.resize((zeroed_to - offset) as usize, 0);
+        }
+        (Placement { file, offset, new_segment, end_offset, zeroed_to, last_crc: crc, locs }, data)
     }
 
     /// Records that a placed batch is written (the engine decides when it counts as durable).
@@ -186,6 +198,7 @@ impl Log {
         }
         self.written = Index(self.written.0 + p.locs.len() as u64);
         self.end_offset = p.end_offset;
+        self.zeroed_to = if p.new_segment { p.zeroed_to } else { self.zeroed_to.max(p.zeroed_to) };
         self.last_crc = p.last_crc;
         self.locs.extend(p.locs);
     }

@@ -10,8 +10,8 @@
 //! replica stops, and a restart reads again.
 
 use crate::codec::{
-    decode_snapshot, parse_segment_name, parse_snapshot_name, scan_segment, ScanEnd, SegmentScan, RECORD_HEADER_LEN,
-    SEGMENT_HEADER_LEN,
+    content_end, decode_snapshot, parse_segment_name, parse_snapshot_name, scan_segment, ScanEnd, SegmentScan,
+    RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use crate::error::Fatal;
 use crate::hardstate::{self, HardState, HARD_STATE_FILE};
@@ -263,16 +263,19 @@ impl Recovery {
         self.segments.pop_front();
         match verdict {
             Verdict::Clean(scan) => {
-                let end = bytes.len() as u64;
+                // Zeros after the records are preallocated space: written to, not appended to.
+                let end = scan.valid_end;
                 if let Err(f) = self.accept(&file, scan, end) {
                     return Step::Fatal(f);
                 }
+                self.log.zeroed_to = bytes.len() as u64;
             }
             Verdict::CutAt(scan, offset) => {
                 if let Err(f) = self.accept(&file, scan, offset) {
                     return Step::Fatal(f);
                 }
                 self.cut(&file, &bytes, offset);
+                self.log.zeroed_to = offset.max(SEGMENT_HEADER_LEN as u64).min(bytes.len() as u64);
             }
             Verdict::DropFile => {
                 self.keep_torn_copy(&file, &bytes, 0);
@@ -322,13 +325,14 @@ impl Recovery {
         let scan = scan_segment(bytes);
         let first = parse_segment_name(&file).unwrap_or(self.last_index.next());
         let kept_last = scan.as_ref().and_then(|s| s.records.last()).map_or(first.prev(), |d| d.entry.index);
-        let rest = bytes.len().saturating_sub(offset as usize) as u64;
+        // Preallocated zeros at the end held no records.
+        let rest = content_end(bytes).saturating_sub(offset as usize) as u64;
         let bound = Index(kept_last.0 + rest / RECORD_HEADER_LEN as u64 + 1);
         if let Some(s) = scan.filter(|_| offset >= SEGMENT_HEADER_LEN as u64) {
             // Accepting cannot fail here: a failure would have been a gap, not damage.
             let _ = self.accept(&file, s, offset);
         }
-        let tail = bytes[offset as usize..].to_vec();
+        let tail = bytes[offset as usize..content_end(bytes).max(offset as usize)].to_vec();
         self.damage = Some(Damage { file, offset, bound, later: Vec::new(), tail });
     }
 
@@ -336,7 +340,7 @@ impl Recovery {
     fn bound_damaged_log(&mut self, file: String, bytes: &[u8]) {
         let d = self.damage.as_mut().expect("in damage mode");
         let first = parse_segment_name(&file).unwrap_or(d.bound);
-        let by_size = first.0 + bytes.len() as u64 / RECORD_HEADER_LEN as u64 + 1;
+        let by_size = first.0 + content_end(bytes) as u64 / RECORD_HEADER_LEN as u64 + 1;
         let by_scan = scan_segment(bytes).and_then(|s| s.records.last().map(|r| r.entry.index.0)).unwrap_or(0);
         d.bound = Index(d.bound.0.max(by_size).max(by_scan));
         d.later.push(file);
@@ -360,17 +364,24 @@ impl Recovery {
         let copy = format!("damaged-{}-{}.bin", d.file, d.offset);
         self.repairs.push_back(IoOp::Write { file: copy.clone(), offset: 0, data: d.tail });
         self.repairs.push_back(IoOp::Sync { file: copy });
-        if d.offset >= SEGMENT_HEADER_LEN as u64 {
-            self.repairs.push_back(IoOp::Truncate { file: d.file.clone(), len: d.offset });
-            self.repairs.push_back(IoOp::Sync { file: d.file });
-        } else {
-            self.log.segments.retain(|(_, n)| *n != d.file);
-            self.repairs.push_back(IoOp::Remove { file: d.file });
-        }
+        // Later segments go first, durably: a crash after the truncation but before their
+        // removal would leave a gap in the log that stops the replica at its next boot.
+        let later = !d.later.is_empty();
         for file in d.later {
             self.repairs.push_back(IoOp::Remove { file });
         }
-        self.repairs.push_back(IoOp::SyncDir);
+        if later {
+            self.repairs.push_back(IoOp::SyncDir);
+        }
+        if d.offset >= SEGMENT_HEADER_LEN as u64 {
+            self.repairs.push_back(IoOp::Truncate { file: d.file.clone(), len: d.offset });
+            self.repairs.push_back(IoOp::Sync { file: d.file });
+            self.log.zeroed_to = d.offset;
+        } else {
+            self.log.segments.retain(|(_, n)| *n != d.file);
+            self.repairs.push_back(IoOp::Remove { file: d.file });
+            self.repairs.push_back(IoOp::SyncDir);
+        }
     }
 
     /// A snapshot installed from a leader can be ahead of every record on disk; if the crash
@@ -398,7 +409,8 @@ impl Recovery {
     }
 
     fn keep_torn_copy(&mut self, file: &str, bytes: &[u8], offset: u64) {
-        let discarded = bytes[offset as usize..].to_vec();
+        // Preallocated zeros after the torn record are not worth keeping (or counting).
+        let discarded = bytes[offset as usize..content_end(bytes).max(offset as usize)].to_vec();
         self.torn_bytes += discarded.len() as u64;
         let copy = format!("torn-{file}-{offset}.bin");
         self.repairs.push_back(IoOp::Write { file: copy.clone(), offset: 0, data: discarded });

@@ -881,14 +881,16 @@ fn a_torn_tail_is_cut_and_kept_aside() {
     let st = d.status();
     let views = d.views();
     let last = d.segments().pop().unwrap();
-    let clean = d.dir[&last].clone();
-    let clean_len = clean.len();
+    // The segment is preallocated: its records end before the zeros that fill the rest.
+    let clean_len = scan_segment(&d.dir[&last]).unwrap().valid_end as usize;
+    assert!(d.dir[&last].len() > clean_len, "the segment is preallocated");
+    let clean = d.dir[&last][..clean_len].to_vec();
 
-    // A partial record: a plausible header whose payload never made it.
+    // A partial record: a plausible header whose payload never made it (zeros after it).
     let mut garbage = Vec::new();
     garbage.extend_from_slice(&40u32.to_le_bytes());
     garbage.extend_from_slice(&[0xAB; 17]);
-    d.dir.get_mut(&last).unwrap().extend_from_slice(&garbage);
+    d.dir.get_mut(&last).unwrap()[clean_len..clean_len + garbage.len()].copy_from_slice(&garbage);
 
     let mut r = d.restart(cfg.clone(), 11);
     let (applied, hash, torn) = r.recovered_since(0).expect("recovered");

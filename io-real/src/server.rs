@@ -252,7 +252,8 @@ impl<E: Env> Driver<E> {
         // Set once shutdown starts: from then on only requests already received and disk
         // completions are fed (no ticks, so the repeater proposes nothing new), until idle.
         let mut stopping: Option<tokio::time::Instant> = None;
-        self.feed(Input::Boot)?;
+        self.feed(Input::Boot);
+        self.drain()?;
         loop {
             let deadline = match (stopping, self.engine.next_deadline()) {
                 (Some(since), _) => since + DRAIN_TIME_MAX,
@@ -262,12 +263,14 @@ impl<E: Env> Driver<E> {
             tokio::select! {
                 msg = inbox.recv() => {
                     let Some(msg) = msg else { break };
-                    self.on_msg(msg, stopping.is_some())?;
-                    // Take whatever else is waiting before going round: one batch, not one each.
+                    self.on_msg(msg, stopping.is_some());
+                    // Take whatever else is waiting before collecting the engine's outputs, so
+                    // that everything received together goes into one group-commit batch.
                     for _ in 0..4096 {
                         let Ok(msg) = inbox.try_recv() else { break };
-                        self.on_msg(msg, stopping.is_some())?;
+                        self.on_msg(msg, stopping.is_some());
                     }
+                    self.drain()?;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     if stopping.is_some() {
@@ -275,7 +278,8 @@ impl<E: Env> Driver<E> {
                                request is durable)", DRAIN_TIME_MAX.as_secs());
                         return Ok(());
                     }
-                    self.feed(Input::Tick)?;
+                    self.feed(Input::Tick);
+                    self.drain()?;
                 }
                 _ = &mut shutdown, if stopping.is_none() => {
                     info!("shutting down: no new connections or requests; finishing work in flight");
@@ -291,10 +295,11 @@ impl<E: Env> Driver<E> {
         Ok(())
     }
 
-    fn on_msg(&mut self, msg: ToEngine, stopping: bool) -> Result<(), ServerError> {
+    /// Hands one message to the engine; its outputs wait for [`Driver::drain`].
+    fn on_msg(&mut self, msg: ToEngine, stopping: bool) {
         match msg {
             // A failed delivery during shutdown is left to the lease: it expires after restart.
-            ToEngine::DeliveryFailed { .. } if stopping => Ok(()),
+            ToEngine::DeliveryFailed { .. } if stopping => {}
             ToEngine::Request { conn, client, seq, request } => {
                 self.routes.insert((client, seq), conn);
                 self.feed(Input::Request { client, seq, request })
@@ -313,19 +318,21 @@ impl<E: Env> Driver<E> {
             ToEngine::DeliveryFailed { handle } => self.feed(Input::DeliveryFailed { handle }),
             ToEngine::Opened { conn, tx } => {
                 self.conns.insert(conn, tx);
-                Ok(())
             }
             ToEngine::Closed { conn } => {
                 self.conns.remove(&conn);
-                Ok(())
             }
             ToEngine::Message { from, message } => self.feed(Input::Message { from, message }),
         }
     }
 
-    fn feed(&mut self, input: Input) -> Result<(), ServerError> {
+    fn feed(&mut self, input: Input) {
         let now = self.now();
         self.engine.handle(now, input);
+    }
+
+    /// Carries out everything the engine has to say, until it has nothing more.
+    fn drain(&mut self) -> Result<(), ServerError> {
         while let Some(output) = self.engine.poll() {
             self.carry_out(output)?;
         }

@@ -299,6 +299,13 @@ impl Scenario {
         if rng.gen_bool(0.5) {
             s.faults.disk.torn_writes = !s.faults.disk.torn_writes || rng.gen_bool(0.5);
         }
+        // Segments not preallocated at all, preallocated in small odd steps, or as configured:
+        // each leaves a different shape on disk for recovery to read.
+        s.limits.preallocate_bytes = match rng.gen_range(0..3) {
+            0 => 0,
+            1 => rng.gen_range(1..5000),
+            _ => s.limits.preallocate_bytes,
+        };
         s
     }
 }

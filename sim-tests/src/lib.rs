@@ -40,9 +40,12 @@ pub fn run_clean_seeds(name: &str, seeds: impl IntoIterator<Item = u64>) -> Summ
     summary
 }
 
-/// Runs seeds `0..n` with a mutation on; returns the first failing run, if any.
-pub fn first_failure(name: &str, mutation: &str, n: u64) -> Option<SeedRun> {
+/// Runs seeds `0..n` with a mutation on; returns the first run in which one of `properties`
+/// fails (other properties may fail first, in it or in earlier seeds), if any.
+pub fn first_failure(name: &str, mutation: &str, n: u64, properties: &[&str]) -> Option<SeedRun> {
     let scenario = load(name);
     let m = Mutations::from_name(mutation).expect("known mutation");
-    (0..n).map(|seed| run_seed(&scenario, seed, m)).find(|r| !r.violations.is_empty())
+    (0..n)
+        .map(|seed| run_seed(&scenario, seed, m))
+        .find(|r| r.violations.iter().any(|v| properties.contains(&v.property)))
 }

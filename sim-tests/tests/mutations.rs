@@ -1,5 +1,6 @@
 //! Every checker is shown to catch something: each deliberate bug, switched on through the
-//! engine's `mutations` feature, must make the named property fail within 200 seeds of the
+//! engine's `mutations` feature, must make one of the named properties fail (whatever else
+//! fails as well, or first) within 200 seeds of the
 //! named scenario (500 for the consensus mutations, as the replication issue asks). A mutation
 //! that slips through means a checker (or a scenario) lost its teeth.
 
@@ -13,16 +14,11 @@ fn caught(mutation: &str, scenario: &str, properties: &[&str]) {
 }
 
 fn caught_within(mutation: &str, scenario: &str, properties: &[&str], seeds_max: u64) {
-    let Some(run) = first_failure(scenario, mutation, seeds_max) else {
-        panic!("mutation {mutation} survived {seeds_max} seeds of {scenario}");
+    let Some(run) = first_failure(scenario, mutation, seeds_max, properties) else {
+        panic!("mutation {mutation} survived {seeds_max} seeds of {scenario} as far as {properties:?} can tell");
     };
-    let first = &run.violations[0];
-    eprintln!("mutation {mutation}: caught in {scenario} seed {} by {}: {}", run.seed, first.property, first.detail);
-    assert!(
-        run.violations.iter().any(|v| properties.contains(&v.property)),
-        "mutation {mutation} was caught, but by {:?} rather than {properties:?}",
-        run.violations.iter().map(|v| v.property).collect::<Vec<_>>()
-    );
+    let v = run.violations.iter().find(|v| properties.contains(&v.property)).expect("found by property");
+    eprintln!("mutation {mutation}: caught in {scenario} seed {} by {}: {}", run.seed, v.property, v.detail);
 }
 
 #[test]
