@@ -46,9 +46,14 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// Blocks of the preallocated probe file, overwritten in turn.
+const PROBE_PREALLOCATED_BLOCKS: u64 = 4096;
+
 /// One 4 KiB write plus fdatasync at a time, for `secs` seconds: the rate a log that fsyncs
-/// every operation on its own could reach on this disk.
-pub fn raw_fsync_rate(dir: &std::path::Path, secs: u64) -> Result<(f64, u64), String> {
+/// every operation on its own could reach on this disk. Appending (each write grows the file,
+/// so each fdatasync also journals the new size), or with `preallocated`, overwriting a file
+/// filled with zeros beforehand (the way truba writes its log).
+pub fn raw_fsync_rate(dir: &std::path::Path, secs: u64, preallocated: bool) -> Result<(f64, u64), String> {
     use std::os::unix::fs::FileExt;
     let path = dir.join(format!(".truba-fsync-probe-{}", std::process::id()));
     let file = std::fs::OpenOptions::new()
@@ -59,12 +64,19 @@ pub fn raw_fsync_rate(dir: &std::path::Path, secs: u64) -> Result<(f64, u64), St
         .open(&path)
         .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
     let block = vec![0x5au8; 4096];
+    if preallocated {
+        let zeros = vec![0u8; (PROBE_PREALLOCATED_BLOCKS * 4096) as usize];
+        file.write_all_at(&zeros, 0).and_then(|_| file.sync_all()).map_err(|e| format!("probe preallocation: {e}"))?;
+    }
     let mut hist = Histogram::<u64>::new(3).expect("histogram");
     let started = Instant::now();
     let mut n = 0u64;
     while started.elapsed() < Duration::from_secs(secs) {
         let t = Instant::now();
-        file.write_all_at(&block, n * 4096).and_then(|_| file.sync_data()).map_err(|e| format!("probe write: {e}"))?;
+        let block_no = if preallocated { n % PROBE_PREALLOCATED_BLOCKS } else { n };
+        file.write_all_at(&block, block_no * 4096)
+            .and_then(|_| file.sync_data())
+            .map_err(|e| format!("probe write: {e}"))?;
         hist.record(t.elapsed().as_micros() as u64).ok();
         n += 1;
     }
@@ -77,20 +89,25 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     if args.clients == 0 || args.record_bytes == 0 {
         return Err("--clients and --record-bytes must be positive".into());
     }
-    let raw = if args.probe_s > 0 {
-        let (dir, secs) = (args.probe_dir.clone(), args.probe_s);
-        let r = tokio::task::spawn_blocking(move || raw_fsync_rate(&dir, secs)).await.map_err(|e| e.to_string())??;
+    let (raw, raw_prealloc) = if args.probe_s > 0 {
+        let probe = |preallocated: bool| {
+            let (dir, secs) = (args.probe_dir.clone(), args.probe_s);
+            tokio::task::spawn_blocking(move || raw_fsync_rate(&dir, secs, preallocated))
+        };
+        let r = probe(false).await.map_err(|e| e.to_string())??;
+        let p = probe(true).await.map_err(|e| e.to_string())??;
         if !args.json {
+            let dir = args.probe_dir.display();
+            println!("raw write+fsync (4 KiB, {dir}): appending {:.0} ops/s, p50 {:.2} ms", r.0, r.1 as f64 / 1000.0);
             println!(
-                "raw write+fsync (4 KiB, {}): {:.0} ops/s, p50 {:.2} ms",
-                args.probe_dir.display(),
-                r.0,
-                r.1 as f64 / 1000.0
+                "raw write+fsync (4 KiB, {dir}): into preallocated space {:.0} ops/s, p50 {:.2} ms",
+                p.0,
+                p.1 as f64 / 1000.0
             );
         }
-        Some(r)
+        (Some(r), Some(p))
     } else {
-        None
+        (None, None)
     };
     let deadline = Instant::now() + Duration::from_secs(args.duration_s);
     let per_client = args.ops.map(|n| n.div_ceil(args.clients as u64));
@@ -119,7 +136,8 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     if args.json {
         let v = serde_json::json!({"clients": args.clients, "connections": connections, "record_bytes": args.record_bytes, "seconds": secs,
             "ops": ops, "ops_per_s": rate, "mib_per_s": mib, "p50_ms": q(0.5), "p99_ms": q(0.99), "p999_ms": q(0.999),
-            "raw_fsync_per_s": raw.map(|r| r.0), "ratio_to_raw": raw.map(|r| rate / r.0)});
+            "raw_fsync_per_s": raw.map(|r| r.0), "ratio_to_raw": raw.map(|r| rate / r.0),
+            "raw_preallocated_fsync_per_s": raw_prealloc.map(|r| r.0), "ratio_to_raw_preallocated": raw_prealloc.map(|r| rate / r.0)});
         println!("{v}");
     } else {
         println!(
@@ -127,8 +145,12 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             args.clients, args.record_bytes
         );
         println!("latency: p50 {:.2} ms  p99 {:.2} ms  p999 {:.2} ms  max {:.2} ms", q(0.5), q(0.99), q(0.999), q(1.0));
-        if let Some((r, _)) = raw {
-            println!("ratio: {:.1}x the raw one-write-one-fsync rate", rate / r);
+        if let (Some((r, _)), Some((p, _))) = (raw, raw_prealloc) {
+            println!(
+                "ratio: {:.1}x the raw one-write-one-fsync rate appending, {:.1}x into preallocated space",
+                rate / r,
+                rate / p
+            );
         }
         let _ = std::io::stdout().flush();
     }

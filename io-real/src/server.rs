@@ -18,7 +18,7 @@
 //! incoming ones into the engine as messages.
 
 use crate::config::{Config, ServerLimits};
-use crate::disk::{execute, Fs};
+use crate::disk::Fs;
 use crate::net::Transport;
 use crate::wire::{
     self, ClientMsg, FrameError, HandlerToPipe, PeerFrame, PipeToHandler, ServerMsg, ServerStatus, WireError,
@@ -89,8 +89,9 @@ impl Env for RealEnv {
         std::thread::Builder::new()
             .name("truba-disk".into())
             .spawn(move || {
+                let mut executor = crate::disk::Executor::new(fs);
                 while let Some((id, op)) = ops.blocking_recv() {
-                    let result = execute(fs.as_ref(), &op);
+                    let result = executor.run(&op);
                     if done.send(ToEngine::IoDone { id, result }).is_err() {
                         break;
                     }
