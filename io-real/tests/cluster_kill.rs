@@ -5,10 +5,11 @@
 //! there and nothing else (read through the leader: followers refuse session reads), and the three
 //! members, asked one by one, must agree on their applied index and state hash.
 //!
-//! This is `sigkill.rs` for a cluster, and shares its ground truth: every operation ends
-//! acknowledged (it happened), refused or never sent (it did not happen), or timed out (it may
-//! or may not have happened; the session is then left alone and checked for "the known records,
-//! with or without that one operation").
+//! This is `sigkill.rs` for a cluster, and shares its ground truth (the load, the model of every
+//! session and the verification are in `common/mod.rs`): every operation ends acknowledged (it
+//! happened), refused or never sent (it did not happen), or timed out (it may or may not have
+//! happened; the session is then left alone and checked for "the known records, with or without
+//! that one operation").
 //!
 //! Unavailability after a leader kill is the time from the kill to the first acknowledgement a
 //! live member must have given: of a request sent after the killed process was reaped, or of any
@@ -22,18 +23,22 @@
 //!
 //! `cargo test -p truba --test cluster_kill -- --nocapture` shows the figures.
 
-use std::collections::{BTreeMap, HashSet};
+mod common;
+
+use common::{
+    assert_load_clean, assert_verified, connect, join_load, ms, Ledger, TaskReport, Verifier, XorShift, KIND,
+};
 use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use truba::client::{ClientError, ClientOptions, Pipe};
+use truba::client::{ClientOptions, Pipe};
 use truba::net::Tcp;
 use truba::wire::ServerStatus;
-use truba_engine::{ConsensusConfig, RequestError, RoleName, SessionId, SessionState};
+use truba_engine::{ConsensusConfig, RoleName};
 
 /// Members of the cluster.
 const NODES: usize = 3;
@@ -41,14 +46,11 @@ const NODES: usize = 3;
 const TASKS: usize = 16;
 /// SIGKILLs of the leader, then of a follower (`TRUBA_CLUSTER_KILLS` overrides both).
 const KILLS: usize = 4;
-/// Every record is this long (unique text, padded).
-const RECORD_LEN: usize = 100;
-/// The kind every session is opened with.
-const KIND: u32 = 1;
-/// A full scan of session ids (to find sessions nobody acknowledged) is done up to this index.
-const SCAN_MAX: u64 = 400_000;
-/// Session reads in flight at once during the verification.
+/// Session reads in flight at once during the verification (reads wait for a confirmation
+/// round, so many are kept in flight).
 const READERS: usize = 64;
+/// Reads back the sessions through a pipe to the members, which the leader answers.
+const VERIFIER: Verifier = Verifier { test: "cluster_kill", holder: "member", readers: READERS };
 const DEFAULT_SEED: u64 = 0xc1a5_7e55;
 /// A survivor must be elected within this long after the leader is killed.
 const ELECTION_MAX: Duration = Duration::from_secs(10);
@@ -59,37 +61,6 @@ const UNAVAILABLE_MAX: Duration = Duration::from_secs(8);
 const FOLLOWER_GAP_MAX: Duration = Duration::from_secs(2);
 /// A restarted member must be serving and caught up within this long.
 const SETTLE_MAX: Duration = Duration::from_secs(20);
-
-// ---------------------------------------------------------------------------------------------
-// A tiny reproducible generator (xorshift64*, as in sigkill.rs), so the test needs no `rand`.
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn new(seed: u64) -> XorShift {
-        // splitmix64 of the seed, so that nearby seeds give unrelated streams (and never 0).
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        XorShift((z ^ (z >> 31)) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.next() % 100 < p
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Ports.
@@ -150,20 +121,8 @@ impl Node {
     fn start(&mut self, bin: &Path) {
         assert!(self.child.is_none(), "node {} is already running", self.id);
         self.starts += 1;
-        let log = OpenOptions::new().create(true).append(true).open(&self.log).expect("opening the node's log");
-        let mut marker = log.try_clone().expect("cloning the log handle");
-        let _ = writeln!(marker, "===== test: starting node {} (start {}) =====", self.id, self.starts);
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("cloning the log handle"))
-            .stderr(log)
-            .spawn()
-            .expect("starting `truba serve`");
-        self.child = Some(child);
+        let marker = format!("starting node {} (start {})", self.id, self.starts);
+        self.child = Some(common::spawn_serve(bin, &self.config, &self.log, &marker));
     }
 
     /// SIGKILL, then reap the process.
@@ -178,32 +137,12 @@ impl Node {
 
     /// SIGTERM; the exit status if the process ends within `within`.
     async fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
-        let pid = self.child.as_ref().expect("the node is running").id();
-        let sent = Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("running kill");
-        assert!(sent.success(), "kill -TERM {pid} failed: {sent}");
-        let deadline = Instant::now() + within;
-        loop {
-            let child = self.child.as_mut().expect("the node is running");
-            if let Some(status) = child.try_wait().expect("polling the node") {
-                self.child = None;
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        common::terminate(&mut self.child, within).await
     }
 
     /// The exit status, if the process ended by itself.
     fn exited(&mut self) -> Option<ExitStatus> {
         self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(cannot read the log: {e})"));
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
     }
 }
 
@@ -412,7 +351,7 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             for n in &self.nodes {
                 eprintln!("----- last lines of node {}'s log ({}) -----", n.id, n.log.display());
-                eprintln!("{}", n.log_tail(60));
+                eprintln!("{}", common::log_tail(&n.log, 60));
             }
             eprintln!("----- end of the logs -----");
             if let Some(dir) = self.dir.take() {
@@ -472,78 +411,7 @@ fn show_statuses(sts: &[Option<ServerStatus>]) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The clients and their ground truth (as in sigkill.rs).
-
-fn options() -> ClientOptions {
-    ClientOptions { request_timeout: Duration::from_secs(1), retry_for: Duration::from_secs(20), ..Default::default() }
-}
-
-async fn connect(addrs: Vec<String>) -> Pipe<Tcp> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Pipe::connect_with(Tcp, addrs.clone(), options()).await {
-            Ok(p) => return p,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "cannot connect to {addrs:?}: {e}");
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
-    }
-}
-
-/// A unique record: its origin as text, padded to [`RECORD_LEN`] bytes.
-fn record(task: usize, session: u64, n: u64) -> Vec<u8> {
-    let mut r = format!("t{task:02}-s{session:05}-r{n:04}|").into_bytes();
-    let mut i = 0u8;
-    while r.len() < RECORD_LEN {
-        r.push(b'a' + i % 26);
-        i = i.wrapping_add(7);
-    }
-    r
-}
-
-fn show(r: &[u8]) -> String {
-    let s = String::from_utf8_lossy(r);
-    s.split('|').next().unwrap_or_default().to_string()
-}
-
-fn show_all(rs: &[Vec<u8>]) -> String {
-    format!("[{}]", rs.iter().map(|r| show(r)).collect::<Vec<_>>().join(", "))
-}
-
-/// The one operation of a session whose outcome is unknown.
-#[derive(Clone, Debug)]
-enum Uncertain {
-    Append(Vec<u8>),
-    Replace(Vec<u8>),
-    Delete,
-}
-
-/// What a session must hold.
-#[derive(Clone, Debug)]
-struct Model {
-    id: SessionId,
-    task: usize,
-    /// Acknowledged appends since the last acknowledged replace (or the creation), in order.
-    records: Vec<Vec<u8>>,
-    /// The delete was acknowledged.
-    deleted: bool,
-    /// An operation with no answer; the session was not used after it.
-    uncertain: Option<Uncertain>,
-}
-
-#[derive(Default)]
-struct TaskReport {
-    sessions: Vec<Model>,
-    /// First records of creations whose outcome is unknown (the session may exist, id unknown).
-    uncertain_creates: Vec<Vec<u8>>,
-    /// Every record this task generated, sent or not.
-    generated: Vec<Vec<u8>>,
-    not_sent: u64,
-    unknown: u64,
-    /// Refusals and other errors that this workload never provokes: each one is a violation.
-    violations: Vec<String>,
-}
+// What the load tasks share with the test (the load itself is in `common`).
 
 #[derive(Default)]
 struct Shared {
@@ -554,15 +422,21 @@ struct Shared {
 }
 
 impl Shared {
+    fn first_live_ack(&self, dead_at: Instant, stale_until: Instant) -> Option<Instant> {
+        first_live_ack(&self.acks.lock().unwrap(), dead_at, stale_until)
+    }
+}
+
+impl Ledger for Shared {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
     fn on_ack(&self, sent_at: Instant) {
         let mut acks = self.acks.lock().unwrap();
         // Taken under the lock, so the answer times are in order.
         acks.push((sent_at, Instant::now()));
         self.acked.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn first_live_ack(&self, dead_at: Instant, stale_until: Instant) -> Option<Instant> {
-        first_live_ack(&self.acks.lock().unwrap(), dead_at, stale_until)
     }
 }
 
@@ -588,303 +462,6 @@ fn max_gap(acks: &[(Instant, Instant)], from: Instant, to: Instant) -> Duration 
     }
     let last = acks.get(end).map_or(to, |&(_, at)| at);
     gap.max(last.saturating_duration_since(prev))
-}
-
-enum Outcome {
-    Acked,
-    /// Certainly not applied (a refusal, or never sent).
-    NotApplied,
-    /// May or may not have been applied.
-    Unknown,
-}
-
-fn classify<T>(
-    r: &Result<T, ClientError>,
-    what: &str,
-    sent_at: Instant,
-    shared: &Shared,
-    report: &mut TaskReport,
-) -> Outcome {
-    match r {
-        Ok(_) => {
-            shared.on_ack(sent_at);
-            Outcome::Acked
-        }
-        Err(ClientError::Refused(e)) => {
-            // Nothing in this workload should be refused: sessions are ours, limits are far.
-            report.violations.push(format!("{what} was refused: {e}"));
-            Outcome::NotApplied
-        }
-        Err(ClientError::Connect { .. }) => {
-            report.not_sent += 1;
-            Outcome::NotApplied
-        }
-        Err(ClientError::Timeout { .. }) => {
-            report.unknown += 1;
-            Outcome::Unknown
-        }
-        Err(e) => {
-            report.violations.push(format!("{what} failed: {e:?}"));
-            Outcome::Unknown
-        }
-    }
-}
-
-async fn load(task: usize, addrs: Vec<String>, seed: u64, shared: Arc<Shared>) -> TaskReport {
-    let pipe = connect(addrs).await;
-    let mut rng = XorShift::new(seed ^ (task as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    let mut report = TaskReport::default();
-    let mut session_no = 0u64;
-    while !shared.stop.load(Ordering::Relaxed) {
-        session_no += 1;
-        let mut n = 0u64;
-        let first = record(task, session_no, n);
-        report.generated.push(first.clone());
-        let sent_at = Instant::now();
-        let r = pipe.new_with(KIND, first.clone()).await;
-        let what = format!("t{task} new session {session_no}");
-        let mut session = match classify(&r, &what, sent_at, &shared, &mut report) {
-            Outcome::Acked => r.unwrap(),
-            Outcome::NotApplied => continue,
-            Outcome::Unknown => {
-                report.uncertain_creates.push(first);
-                continue;
-            }
-        };
-        let mut m = Model { id: session.id(), task, records: vec![first], deleted: false, uncertain: None };
-        let ops = rng.range(1, 30);
-        let mut usable = true;
-        for _ in 0..ops {
-            if shared.stop.load(Ordering::Relaxed) {
-                break;
-            }
-            n += 1;
-            let rec = record(task, session_no, n);
-            report.generated.push(rec.clone());
-            let replace = rng.percent(12);
-            let sent_at = Instant::now();
-            let r = if replace { session.replace(rec.clone()).await } else { session.append(rec.clone()).await };
-            let what = format!("t{task} {} on session {}", if replace { "replace" } else { "append" }, m.id.0);
-            match classify(&r, &what, sent_at, &shared, &mut report) {
-                Outcome::Acked if replace => m.records = vec![rec],
-                Outcome::Acked => m.records.push(rec),
-                Outcome::NotApplied => {}
-                Outcome::Unknown => {
-                    m.uncertain = Some(if replace { Uncertain::Replace(rec) } else { Uncertain::Append(rec) });
-                    usable = false;
-                    break;
-                }
-            }
-        }
-        if usable && rng.percent(40) {
-            let sent_at = Instant::now();
-            let r = session.delete().await;
-            let what = format!("t{task} delete of session {}", m.id.0);
-            match classify(&r, &what, sent_at, &shared, &mut report) {
-                Outcome::Acked => m.deleted = true,
-                Outcome::NotApplied => {}
-                Outcome::Unknown => m.uncertain = Some(Uncertain::Delete),
-            }
-        }
-        report.sessions.push(m);
-    }
-    report
-}
-
-// ---------------------------------------------------------------------------------------------
-// Verification (as in sigkill.rs, against one member at a time).
-
-/// What a `get` showed: the records, or that the session is deleted.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Seen {
-    Records(Vec<Vec<u8>>),
-    Deleted,
-    /// The server says the session does not exist.
-    Unknown,
-}
-
-/// Gets every id, [`READERS`] at a time over one pipe (reads wait for a confirmation round, so
-/// many are kept in flight). Errors other than "deleted" and "unknown" are
-/// returned as text.
-async fn get_all(pipe: &Pipe<Tcp>, ids: Vec<SessionId>) -> BTreeMap<SessionId, Result<Seen, String>> {
-    let ids = Arc::new(ids);
-    let next = Arc::new(AtomicU64::new(0));
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..READERS {
-        let (pipe, ids, next) = (pipe.clone(), ids.clone(), next.clone());
-        workers.spawn(async move {
-            let mut out = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let Some(&id) = ids.get(i) else { break };
-                let seen = match pipe.get(id).await {
-                    Ok(v) if v.kind.0 != KIND => Err(format!("kind {} instead of {KIND}", v.kind.0)),
-                    Ok(v) if !matches!(v.state, SessionState::Active { delivering: false, .. }) => {
-                        Err(format!("state {:?} instead of active", v.state))
-                    }
-                    Ok(v) => Ok(Seen::Records(v.records)),
-                    Err(ClientError::Refused(RequestError::SessionDeleted(_))) => Ok(Seen::Deleted),
-                    Err(ClientError::Refused(RequestError::SessionUnknown(_))) => Ok(Seen::Unknown),
-                    Err(e) => Err(e.to_string()),
-                };
-                out.push((id, seen));
-            }
-            out
-        });
-    }
-    let mut all = BTreeMap::new();
-    while let Some(r) = workers.join_next().await {
-        all.extend(r.expect("a verification worker panicked"));
-    }
-    all
-}
-
-#[derive(Default, Debug)]
-struct Verified {
-    sessions: usize,
-    deleted: usize,
-    uncertain: usize,
-    /// Uncertain operations found applied / not applied.
-    uncertain_applied: usize,
-    uncertain_not_applied: usize,
-    /// Sessions found that no acknowledgement names (creations whose outcome was unknown).
-    orphans_found: usize,
-    ids_scanned: u64,
-    records_checked: usize,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Judged {
-    /// Exactly the model (no operation with an unknown outcome).
-    AsModelled,
-    /// The known state plus the one operation whose outcome was unknown, which took effect.
-    UncertainApplied,
-    /// The known state; the operation whose outcome was unknown did not take effect.
-    UncertainNotApplied,
-    Wrong,
-}
-
-/// Whether what a session showed fits its model: an acknowledged delete means deleted; otherwise
-/// exactly the acknowledged records, or, after an operation with an unknown outcome, those
-/// records with that whole operation applied or not at all.
-fn judge(m: &Model, got: &Result<Seen, String>) -> Judged {
-    let known = if m.deleted { Seen::Deleted } else { Seen::Records(m.records.clone()) };
-    let Some(u) = &m.uncertain else {
-        return if *got == Ok(known) { Judged::AsModelled } else { Judged::Wrong };
-    };
-    let applied = match u {
-        Uncertain::Append(r) => Seen::Records(m.records.iter().chain([r]).cloned().collect()),
-        Uncertain::Replace(r) => Seen::Records(vec![r.clone()]),
-        Uncertain::Delete => Seen::Deleted,
-    };
-    if *got == Ok(applied) {
-        Judged::UncertainApplied
-    } else if *got == Ok(known) {
-        Judged::UncertainNotApplied
-    } else {
-        Judged::Wrong
-    }
-}
-
-/// Checks every modelled session, then that nothing else exists, on the member `pipe` is
-/// connected to. Returns the figures, what each session showed, and the violations.
-async fn verify(
-    pipe: &Pipe<Tcp>,
-    models: &[Model],
-    uncertain_creates: &[Vec<u8>],
-    generated: &HashSet<Vec<u8>>,
-) -> (Verified, BTreeMap<SessionId, Result<Seen, String>>, Vec<String>) {
-    let mut v = Verified::default();
-    let mut bad = Vec::new();
-    let seen = get_all(pipe, models.iter().map(|m| m.id).collect()).await;
-    let mut present = 0u64;
-    for m in models {
-        v.sessions += 1;
-        let got = &seen[&m.id];
-        let who = format!("session {} (task {})", m.id.0, m.task);
-        if let Ok(Seen::Records(rs)) = got {
-            present += 1;
-            v.records_checked += rs.len();
-            for r in rs {
-                if !generated.contains(r) {
-                    bad.push(format!("{who} holds a record nobody sent: {:?}", String::from_utf8_lossy(r)));
-                }
-            }
-        }
-        v.deleted += usize::from(m.deleted);
-        v.uncertain += usize::from(m.uncertain.is_some());
-        let ok = match judge(m, got) {
-            Judged::AsModelled => true,
-            Judged::UncertainApplied => {
-                v.uncertain_applied += 1;
-                true
-            }
-            Judged::UncertainNotApplied => {
-                v.uncertain_not_applied += 1;
-                true
-            }
-            Judged::Wrong => false,
-        };
-        if !ok {
-            let got = match got {
-                Ok(Seen::Records(rs)) => format!("records {}", show_all(rs)),
-                Ok(Seen::Deleted) => "deleted".to_string(),
-                Ok(Seen::Unknown) => "unknown (does not exist)".to_string(),
-                Err(e) => format!("error: {e}"),
-            };
-            let uncertain = match &m.uncertain {
-                None => String::new(),
-                Some(Uncertain::Append(r)) => format!(", or with {} appended (unknown outcome)", show(r)),
-                Some(Uncertain::Replace(r)) => format!(", or [{}] (replace with unknown outcome)", show(r)),
-                Some(Uncertain::Delete) => ", or deleted (delete with unknown outcome)".to_string(),
-            };
-            let want = if m.deleted { "deleted".to_string() } else { format!("records {}", show_all(&m.records)) };
-            bad.push(format!("{who}: expected {want}{uncertain}; found {got}"));
-        }
-    }
-
-    // Nothing else: the member's session count leaves room only for creations whose outcome is
-    // unknown, and a scan of every id shows that each extra session is one of those.
-    let status = pipe.status().await.expect("status");
-    let total = status.engine.sessions_active + status.engine.sessions_stored;
-    if status.engine.sessions_stored != 0 {
-        bad.push(format!("{} sessions are stored; nothing here stores any", status.engine.sessions_stored));
-    }
-    if total < present || total - present > uncertain_creates.len() as u64 {
-        bad.push(format!(
-            "the member holds {total} sessions; the clients know of {present}, plus at most {} creations with unknown outcome",
-            uncertain_creates.len()
-        ));
-    }
-    let applied = status.engine.applied.0;
-    if applied <= SCAN_MAX {
-        let known: HashSet<SessionId> = models.iter().map(|m| m.id).collect();
-        let others: Vec<SessionId> = (1..=applied).map(SessionId).filter(|id| !known.contains(id)).collect();
-        v.ids_scanned = applied;
-        let mut orphan_firsts: HashSet<&[u8]> = uncertain_creates.iter().map(|r| r.as_slice()).collect();
-        for (id, got) in get_all(pipe, others).await {
-            match got {
-                Ok(Seen::Unknown) => {}
-                Ok(Seen::Records(rs)) if rs.len() == 1 && orphan_firsts.remove(rs[0].as_slice()) => {
-                    v.orphans_found += 1;
-                }
-                Ok(Seen::Records(rs)) => {
-                    bad.push(format!("session {} exists and nobody created it: {}", id.0, show_all(&rs)))
-                }
-                Ok(Seen::Deleted) => bad.push(format!("session {} is deleted and nobody created it", id.0)),
-                Err(e) => bad.push(format!("session {}: {e}", id.0)),
-            }
-        }
-        if present + v.orphans_found as u64 != total {
-            bad.push(format!(
-                "the member counts {total} sessions, the scan found {present} known and {} orphans",
-                v.orphans_found
-            ));
-        }
-    } else {
-        eprintln!("cluster_kill: {applied} entries, too many to scan every id; relying on the session count");
-    }
-    (v, seen, bad)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -928,10 +505,6 @@ impl FollowerKill {
     fn leadership_changed(&self) -> bool {
         (self.leader_after, self.term_after) != (self.leader, self.term)
     }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{} ms", d.as_millis())
 }
 
 /// min / median / max.
@@ -978,8 +551,9 @@ async fn cluster_sigkill_of_leader_and_follower_loses_nothing_acknowledged() {
     );
 
     let shared = Arc::new(Shared::default());
-    let tasks: Vec<_> =
-        (0..TASKS).map(|t| tokio::spawn(load(t, cluster.addrs_from(t % NODES), seed, shared.clone()))).collect();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| tokio::spawn(common::load(t, cluster.addrs_from(t % NODES), seed, shared.clone())))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(10);
     while shared.acked.load(Ordering::Relaxed) < 200 {
         assert!(Instant::now() < deadline, "the load did not get going");
@@ -1097,11 +671,8 @@ async fn cluster_sigkill_of_leader_and_follower_loses_nothing_acknowledged() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(shared.acked.load(Ordering::Relaxed) > acked_now, "nothing was acknowledged after the last restart");
     shared.stop.store(true, Ordering::Relaxed);
-    let mut reports = Vec::new();
-    for t in tasks {
-        let r = tokio::time::timeout(Duration::from_secs(40), t).await;
-        reports.push(r.expect("a load task did not stop").expect("a load task panicked"));
-    }
+    let TaskReport { sessions: models, uncertain_creates, generated, not_sent, unknown, violations } =
+        join_load(tasks).await;
     let load_done = Instant::now();
 
     // Figures.
@@ -1109,16 +680,6 @@ async fn cluster_sigkill_of_leader_and_follower_loses_nothing_acknowledged() {
     let total_acked = acks.len() as u64;
     let follower_gaps: Vec<Duration> =
         follower_kills.iter().map(|f| max_gap(&acks, f.killed_at, f.settled_at)).collect();
-    let (mut models, mut uncertain_creates, mut generated) = (Vec::new(), Vec::new(), HashSet::new());
-    let (mut not_sent, mut unknown, mut violations) = (0, 0, Vec::new());
-    for r in reports {
-        models.extend(r.sessions);
-        uncertain_creates.extend(r.uncertain_creates);
-        generated.extend(r.generated);
-        not_sent += r.not_sent;
-        unknown += r.unknown;
-        violations.extend(r.violations);
-    }
     eprintln!(
         "cluster_kill: {total_acked} operations acknowledged, {unknown} with unknown outcome, {not_sent} never sent; \
          {} sessions opened, {} creations with unknown outcome; load ran {}",
@@ -1126,12 +687,7 @@ async fn cluster_sigkill_of_leader_and_follower_loses_nothing_acknowledged() {
         uncertain_creates.len(),
         ms(load_done - started)
     );
-    assert!(
-        violations.is_empty(),
-        "{} requests were refused or failed during the load (none should be):\n{}",
-        violations.len(),
-        violations.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
-    );
+    assert_load_clean(&violations);
     assert!(total_acked >= 500, "too little load to mean anything: {total_acked} operations acknowledged");
 
     // Every member converges on one state...
@@ -1149,26 +705,9 @@ async fn cluster_sigkill_of_leader_and_follower_loses_nothing_acknowledged() {
     // pipe to every member; that the followers hold the same state is the equal state hash above.
     let pipe = connect(cluster.addrs_from(0)).await;
     let t = Instant::now();
-    let (v, _, bad) = verify(&pipe, &models, &uncertain_creates, &generated).await;
-    eprintln!(
-        "cluster_kill: verified {} sessions ({} deleted, {} uncertain: {} applied, {} not), {} records, {} ids \
-         scanned, {} orphans of unknown creations, in {}",
-        v.sessions,
-        v.deleted,
-        v.uncertain,
-        v.uncertain_applied,
-        v.uncertain_not_applied,
-        v.records_checked,
-        v.ids_scanned,
-        v.orphans_found,
-        ms(t.elapsed())
-    );
-    assert!(
-        bad.is_empty(),
-        "{} violations after the kills:\n{}",
-        bad.len(),
-        bad.iter().take(30).cloned().collect::<Vec<_>>().join("\n")
-    );
+    let (v, _, bad) = VERIFIER.verify(&pipe, &models, &uncertain_creates, &generated).await;
+    eprintln!("cluster_kill: {v}, in {}", ms(t.elapsed()));
+    assert_verified(&bad, "after the kills");
     assert!(v.sessions > 0);
     drop(pipe);
     // Reads changed nothing: the members still agree, on the same index and state.
@@ -1256,31 +795,4 @@ fn unavailability_skips_stale_replies_and_gaps_span_the_window() {
     // From the last before the stall (291) to the first after it (701), past the window's end.
     assert_eq!(max_gap(&stalled, at(250), at(500)), Duration::from_millis(410));
     assert_eq!(max_gap(&[], at(0), at(100)), Duration::from_millis(100));
-}
-
-#[test]
-fn records_are_unique_and_padded() {
-    let a = record(3, 17, 5);
-    assert_eq!(a.len(), RECORD_LEN);
-    assert_eq!(show(&a), "t03-s00017-r0005");
-    let all: HashSet<Vec<u8>> =
-        (0..4).flat_map(|t| (0..20).flat_map(move |s| (0..20).map(move |n| record(t, s, n)))).collect();
-    assert_eq!(all.len(), 4 * 20 * 20);
-}
-
-#[test]
-fn uncertain_operations_count_as_all_or_nothing() {
-    let r = |n| record(0, 1, n);
-    let recs = |ns: &[u64]| Ok(Seen::Records(ns.iter().map(|n| r(*n)).collect()));
-    let m = |uncertain| Model { id: SessionId(7), task: 0, records: vec![r(0), r(1)], deleted: false, uncertain };
-    assert_eq!(judge(&m(None), &recs(&[0, 1])), Judged::AsModelled);
-    assert_eq!(judge(&m(None), &recs(&[0])), Judged::Wrong, "an acknowledged append lost");
-    assert_eq!(judge(&m(None), &recs(&[0, 1, 2])), Judged::Wrong, "a record nobody acknowledged");
-    let append = m(Some(Uncertain::Append(r(2))));
-    assert_eq!(judge(&append, &recs(&[0, 1, 2])), Judged::UncertainApplied);
-    assert_eq!(judge(&append, &recs(&[0, 1])), Judged::UncertainNotApplied);
-    assert_eq!(judge(&append, &recs(&[0, 1, 2, 2])), Judged::Wrong, "applied twice");
-    let deleted = Model { deleted: true, ..m(None) };
-    assert_eq!(judge(&deleted, &Ok(Seen::Deleted)), Judged::AsModelled);
-    assert_eq!(judge(&deleted, &recs(&[0, 1])), Judged::Wrong, "an acknowledged delete lost");
 }
