@@ -133,11 +133,12 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     // The server's engine, connections and handler pushes all run on one thread (disk work has a
     // thread of its own): every request and reply then stays on that thread instead of bouncing
-    // between runtime workers. The load generator wants every core it can get.
-    let runtime = if matches!(cli.command, Command::Bench(_)) {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    // between runtime workers. The load generator does the same unless told to use more threads.
+    let runtime = match &cli.command {
+        Command::Bench(b) if b.threads > 1 => {
+            tokio::runtime::Builder::new_multi_thread().worker_threads(b.threads).enable_all().build()
+        }
+        _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
     };
     let runtime = match runtime {
         Ok(r) => r,

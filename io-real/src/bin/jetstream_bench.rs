@@ -44,6 +44,10 @@ struct Args {
     /// Replicas of the stream.
     #[arg(long, default_value_t = 3)]
     replicas: usize,
+    /// Runtime threads for the load generator, as in `truba bench`: 1 runs every publisher on
+    /// one thread; more use a multi-threaded runtime.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
@@ -51,10 +55,18 @@ struct Args {
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args = Args::parse();
-    if let Err(e) = run(args).await {
+    let runtime = if args.threads > 1 {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    };
+    let runtime = runtime.unwrap_or_else(|e| {
+        eprintln!("jetstream-bench: cannot start the runtime: {e}");
+        std::process::exit(1);
+    });
+    if let Err(e) = runtime.block_on(run(args)) {
         eprintln!("jetstream-bench: {e}");
         std::process::exit(1);
     }
