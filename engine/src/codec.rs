@@ -417,6 +417,121 @@ mod tests {
         }
     }
 
+    /// Properties of the scanner over random segments: records of random sizes (payloads of
+    /// zeros as well as of other bytes, so that zeros inside records are exercised), followed
+    /// by random amounts of preallocated zeros.
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const SECTOR: usize = 512;
+
+        fn record_entry(i: u64, len: usize, byte: u8) -> Entry {
+            Entry {
+                term: Term(1 + i / 3),
+                index: Index(i),
+                at: UnixMs(1000 * i),
+                command: Command::Client {
+                    client: ClientId(7),
+                    seq: Seq(i),
+                    request: Request::New { kind: Kind(1), record: Some(vec![byte; len]) },
+                    due: None,
+                },
+            }
+        }
+
+        /// A segment of the given records (payload length, byte) and where each record ends.
+        fn build(records: &[(usize, u8)]) -> (Vec<u8>, Vec<usize>) {
+            let mut b = encode_segment_header(Index(1), 0);
+            let (mut crc, mut ends) = (0, Vec::new());
+            for (i, &(len, byte)) in records.iter().enumerate() {
+                crc = encode_record(crc, &record_entry(i as u64 + 1, len, byte), &mut b);
+                ends.push(b.len());
+            }
+            (b, ends)
+        }
+
+        fn records() -> impl Strategy<Value = Vec<(usize, u8)>> {
+            prop::collection::vec((0usize..700, prop_oneof![Just(0u8), Just(0xFFu8), any::<u8>()]), 1..8)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn whole_records_then_zeros_are_clean(recs in records(), pad in 0usize..5000) {
+                let (mut b, ends) = build(&recs);
+                b.resize(b.len() + pad, 0);
+                let s = scan_segment(&b).unwrap();
+                prop_assert_eq!(s.end, ScanEnd::Clean);
+                prop_assert_eq!(s.records.len(), recs.len());
+                prop_assert_eq!(s.valid_end as usize, *ends.last().unwrap());
+            }
+
+            /// A write torn at a sector boundary: the sectors after the tear keep the zeros
+            /// that were there (preallocated) or are not there at all (appended).
+            #[test]
+            fn a_tear_at_any_sector_is_torn_or_a_shorter_clean_log(
+                recs in records(), pad in 0usize..3000, tear in any::<prop::sample::Index>(), appended in any::<bool>()
+            ) {
+                let (mut b, ends) = build(&recs);
+                let end = b.len();
+                let first_sector = SEGMENT_HEADER_LEN.div_ceil(SECTOR);
+                let last_sector = end.div_ceil(SECTOR);
+                prop_assume!(last_sector > first_sector);
+                let t = (first_sector + tear.index(last_sector - first_sector)) * SECTOR;
+                let t = t.min(end);
+                if appended {
+                    b.truncate(t);
+                } else {
+                    b[t..].fill(0);
+                    b.resize(end + pad, 0);
+                }
+                let whole = ends.iter().filter(|&&e| e <= t).count();
+                let start = if whole == 0 { SEGMENT_HEADER_LEN } else { ends[whole - 1] };
+                let s = scan_segment(&b).unwrap();
+                prop_assert_eq!(s.records.len(), whole);
+                if start == t || whole == recs.len() {
+                    prop_assert_eq!(s.end, ScanEnd::Clean);
+                } else {
+                    prop_assert_eq!(s.end, ScanEnd::Torn { offset: start as u64 });
+                }
+            }
+
+            /// A flipped bit in any complete record, with or without zeros after the log, is
+            /// corruption at that record: never a torn tail to cut.
+            #[test]
+            fn a_flip_in_a_record_is_corruption(
+                recs in records(), pad in 0usize..3000, at in any::<prop::sample::Index>(), bit in 0u8..8
+            ) {
+                let (mut b, ends) = build(&recs);
+                let end = b.len();
+                b.resize(end + pad, 0);
+                let p = SEGMENT_HEADER_LEN + at.index(end - SEGMENT_HEADER_LEN);
+                b[p] ^= 1 << bit;
+                let k = ends.iter().filter(|&&e| e <= p).count();
+                let start = if k == 0 { SEGMENT_HEADER_LEN } else { ends[k - 1] };
+                let s = scan_segment(&b).unwrap();
+                prop_assert_eq!(s.records.len(), k);
+                prop_assert_eq!(s.end, ScanEnd::Corrupt { offset: start as u64 });
+            }
+
+            /// A flipped bit in the preallocated zeros after the log is cut, with every record kept.
+            #[test]
+            fn a_flip_in_the_zeros_after_the_log_is_cut(
+                recs in records(), pad in 1usize..3000, at in any::<prop::sample::Index>(), bit in 0u8..8
+            ) {
+                let (mut b, ends) = build(&recs);
+                let end = b.len();
+                b.resize(end + pad, 0);
+                b[end + at.index(pad)] ^= 1 << bit;
+                let s = scan_segment(&b).unwrap();
+                prop_assert_eq!(s.records.len(), recs.len());
+                prop_assert_eq!(s.end, ScanEnd::Torn { offset: *ends.last().unwrap() as u64 });
+            }
+        }
+    }
+
     #[test]
     fn a_valid_but_misplaced_record_breaks_the_chain() {
         let mut b = encode_segment_header(Index(1), 0);
