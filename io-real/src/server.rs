@@ -423,6 +423,12 @@ fn role_text(config: &Config, s: &truba_engine::StatusView) -> String {
 /// Keeps a connection to one member and writes what the engine sends it, everything queued
 /// going out in one write. While the member is unreachable, queued messages are dropped: by the
 /// time it is back they are stale, and the protocol sends what is still needed.
+/// Keeps a connection to one member and writes the engine's messages to it, batched. The
+/// connection is replaced when a connect or a write takes longer than [`PEER_IO_TIMEOUT`] (the
+/// member is down or its buffers are full: messages may be lost, and Raft resends what matters).
+/// When the other end closes it (an idle link, seen on the otherwise unused read half), the
+/// writer reconnects only once it has something to send, so that message is not written into a
+/// connection that is already gone.
 async fn peer_writer<N: Transport>(
     net: N,
     me: ReplicaId,
@@ -431,15 +437,26 @@ async fn peer_writer<N: Transport>(
     mut rx: mpsc::Receiver<Message>,
 ) {
     let mut backoff = PEER_BACKOFF_MIN;
+    let mut pending: Option<Message> = None;
+    let mut quiet_reconnect = false;
     loop {
-        let mut stream = match net.connect(&addr).await {
-            Ok(s) => {
-                info!(%to, %addr, "connected to a member");
+        let stream = match tokio::time::timeout(PEER_IO_TIMEOUT, net.connect(&addr)).await {
+            Ok(Ok(s)) => {
+                if quiet_reconnect {
+                    debug!(%to, %addr, "connected to a member again");
+                } else {
+                    info!(%to, %addr, "connected to a member");
+                }
                 backoff = PEER_BACKOFF_MIN;
                 s
             }
-            Err(e) => {
+            failed => {
+                let e = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".to_string(),
+                };
                 debug!(%to, %addr, %e, "cannot reach a member; retrying");
+                pending = None;
                 while rx.try_recv().is_ok() {}
                 if rx.is_closed() {
                     return;
@@ -449,18 +466,46 @@ async fn peer_writer<N: Transport>(
                 continue;
             }
         };
+        quiet_reconnect = false;
+        let (mut read_half, mut write_half) = tokio::io::split(stream);
         let mut buf = Vec::with_capacity(64 * 1024);
+        let mut probe = [0u8; 64];
         loop {
-            let Some(first) = rx.recv().await else { return };
+            let first = match pending.take() {
+                Some(m) => m,
+                None => tokio::select! {
+                    m = rx.recv() => match m {
+                        Some(m) => m,
+                        None => return,
+                    },
+                    // Members never write on a connection they accepted: a read that completes
+                    // is the other end closing (or resetting) it.
+                    _ = tokio::io::AsyncReadExt::read(&mut read_half, &mut probe) => {
+                        debug!(%to, %addr, "a member closed the connection; reconnecting when there is something to send");
+                        let Some(m) = rx.recv().await else { return };
+                        pending = Some(m);
+                        quiet_reconnect = true;
+                        break;
+                    }
+                },
+            };
             buf.clear();
             buf.extend_from_slice(&wire::encode(&PeerFrame { from: me, message: first }));
             while buf.len() < WRITE_BATCH_BYTES_MAX {
                 let Ok(message) = rx.try_recv() else { break };
                 buf.extend_from_slice(&wire::encode(&PeerFrame { from: me, message }));
             }
-            if let Err(e) = stream.write_all(&buf).await {
-                warn!(%to, %addr, %e, "lost the connection to a member");
-                break;
+            match tokio::time::timeout(PEER_IO_TIMEOUT, write_half.write_all(&buf)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(%to, %addr, %e, "lost the connection to a member");
+                    break;
+                }
+                Err(_) => {
+                    let timeout_ms = PEER_IO_TIMEOUT.as_millis() as u64;
+                    warn!(%to, %addr, timeout_ms, "a write to a member blocked; reconnecting");
+                    break;
+                }
             }
         }
     }
@@ -468,6 +513,15 @@ async fn peer_writer<N: Transport>(
 
 const PEER_BACKOFF_MIN: Duration = Duration::from_millis(20);
 const PEER_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A connect or a write to a member that takes longer than this gives up the connection.
+const PEER_IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// A connection from a member that brings nothing for this long is closed; its writer sees the
+/// close and reconnects when it next has something to say, so nothing is lost by closing an
+/// idle link. A link to or from the leader carries a heartbeat or its answer every heartbeat
+/// interval, so a silent one has most likely lost its other end without a word (a host that
+/// died, a network that dropped it), which TCP alone would notice only after minutes. A link
+/// between two followers is idle until the next election, and costs one connect then.
+const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn peer_accept_loop<N: Transport>(
     net: N,
@@ -508,7 +562,13 @@ async fn peer_reader<S>(
 {
     let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, stream);
     loop {
-        match wire::read::<PeerFrame, _>(&mut reader, frame_bytes_max).await {
+        let Ok(frame) =
+            tokio::time::timeout(PEER_IDLE_TIMEOUT, wire::read::<PeerFrame, _>(&mut reader, frame_bytes_max)).await
+        else {
+            debug!(%peer, idle_s = PEER_IDLE_TIMEOUT.as_secs(), "closing an idle connection from a member");
+            return;
+        };
+        match frame {
             Ok(Some(PeerFrame { from, message })) if members.contains(&from) => {
                 if to_engine.send(ToEngine::Message { from, message }).is_err() {
                     return;

@@ -1,7 +1,8 @@
 //! The real server, client and handler code under turmoil: simulated TCP (partitions, restarts)
 //! and a simulated filesystem (crashes that lose unsynced data and tear writes at 512-byte
 //! sectors). The server runs exactly as in production (`server::run`); only its `Env` (network,
-//! disk worker, wall clock, seed) and its data directory (`Fs`) are the simulated ones below.
+//! disk worker, wall clock, seed) and its data directory (`Fs`) are the simulated ones in
+//! `turmoil_common`, which `turmoil_cluster.rs` shares.
 //!
 //! Faults are injected from outside the simulation between steps (`sim.partition`,
 //! `sim.hold`, `sim.crash`, `sim.bounce`) at virtual times drawn from the seed, some only once a
@@ -17,486 +18,23 @@
 //! more seeds; `RUST_LOG=truba=info,simfs=debug ... -- --nocapture` shows the server's log and
 //! every disk operation.
 
+mod turmoil_common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io;
-use std::net::SocketAddr;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
-use truba::client::{ClientError, ClientOptions, Pipe};
-use truba::config::{Config, KindSection, ServerLimits};
-use truba::disk::{self, Fs};
+use truba::client::ClientError;
 use truba::handler::{self, Handler, RepeatData};
 use truba::net::Transport;
-use truba::server::{self, Env, ToEngine};
 use truba::wire::{self, ServerMsg, WireError};
-use truba_engine::{IoId, IoOp, KindConfig, Limits, SessionId, SessionState};
-use turmoil::fs::shim::std::fs as simfs;
-use turmoil::Sim;
-
-// ---------------------------------------------------------------------------------------------
-// The simulated environment.
-
-/// turmoil's TCP behind the server's and client's `Transport`.
-#[derive(Clone, Copy, Debug, Default)]
-struct SimNet;
-
-impl Transport for SimNet {
-    type Stream = turmoil::net::TcpStream;
-    type Listener = turmoil::net::TcpListener;
-
-    async fn bind(&self, addr: &str) -> io::Result<Self::Listener> {
-        turmoil::net::TcpListener::bind(addr).await
-    }
-
-    async fn accept(&self, listener: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
-        listener.accept().await
-    }
-
-    async fn connect(&self, addr: &str) -> io::Result<Self::Stream> {
-        turmoil::net::TcpStream::connect(addr).await
-    }
-
-    fn local_addr(&self, listener: &Self::Listener) -> io::Result<SocketAddr> {
-        listener.local_addr()
-    }
-}
-
-/// What the data directory saw, across every boot of one server (shared with the test).
-#[derive(Debug, Default)]
-struct FsStats {
-    /// Distinct segment files written to.
-    segments: Mutex<BTreeSet<String>>,
-    /// Snapshots made durable (`*.tmp` renamed to `snap-*`).
-    snapshots: AtomicUsize,
-    /// Files removed (segments covered by a snapshot, old snapshots).
-    removed: AtomicUsize,
-    /// Copies of torn tails written by recovery (`torn-*.bin`).
-    torn_copies: AtomicUsize,
-    /// Truncations (recovery cutting a torn tail).
-    truncations: AtomicUsize,
-    /// Writes of any kind.
-    writes: AtomicUsize,
-    /// Where each file's data ends (as far as writes went).
-    ends: Mutex<BTreeMap<String, u64>>,
-    /// Bytes written to each file since its last fsync (what a crash now would lose or tear).
-    unsynced: Mutex<BTreeMap<String, u64>>,
-    /// Files created (or renamed into place) since the last directory fsync: a crash now
-    /// drops them whole, so their writes cannot tear.
-    new_entries: Mutex<BTreeSet<String>>,
-}
-
-impl FsStats {
-    /// Most unsynced bytes in one file whose directory entry is durable: a crash now tears
-    /// them at sector boundaries.
-    fn tearable_bytes(&self) -> u64 {
-        let new_entries = self.new_entries.lock().unwrap();
-        let unsynced = self.unsynced.lock().unwrap();
-        unsynced.iter().filter(|(name, _)| !new_entries.contains(*name)).map(|(_, b)| *b).max().unwrap_or(0)
-    }
-
-    /// Whether a segment that is full (the next batch starts a new one) has unsynced data in
-    /// it under a durable name.
-    fn full_segment_unsynced(&self) -> bool {
-        let new_entries = self.new_entries.lock().unwrap();
-        let ends = self.ends.lock().unwrap();
-        self.unsynced.lock().unwrap().keys().any(|name| {
-            name.starts_with("log-")
-                && !new_entries.contains(name)
-                && ends.get(name).copied().unwrap_or(0) >= SEGMENT_BYTES_MAX
-        })
-    }
-
-    /// A power loss: nothing is pending any more (a process restart changes nothing here).
-    fn lost_power(&self) {
-        self.unsynced.lock().unwrap().clear();
-        self.new_entries.lock().unwrap().clear();
-    }
-
-    fn summary(&self) -> String {
-        format!(
-            "segments written {}, snapshots {}, files removed {}, torn tails cut {} (copies {})",
-            self.segments.lock().unwrap().len(),
-            self.snapshots.load(Ordering::Relaxed),
-            self.removed.load(Ordering::Relaxed),
-            self.truncations.load(Ordering::Relaxed),
-            self.torn_copies.load(Ordering::Relaxed),
-        )
-    }
-}
-
-/// The data directory on turmoil's per-host filesystem. Files are opened per operation, so no
-/// handle outlives a crash.
-struct SimFs {
-    dir: PathBuf,
-    stats: Arc<FsStats>,
-}
-
-fn not_found(name: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::NotFound, format!("{name}: no such file"))
-}
-
-impl SimFs {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    /// Opens an existing file for reading and writing (`NotFound` if it does not exist).
-    fn open(&self, name: &str) -> io::Result<simfs::File> {
-        simfs::OpenOptions::new().read(true).write(true).open(self.path(name))
-    }
-}
-
-impl Fs for SimFs {
-    fn list(&self) -> io::Result<Vec<String>> {
-        let mut names = Vec::new();
-        for entry in simfs::read_dir(&self.dir)? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                if let Ok(name) = entry.file_name().into_string() {
-                    names.push(name);
-                }
-            }
-        }
-        names.sort();
-        Ok(names)
-    }
-
-    fn read(&self, name: &str) -> io::Result<Vec<u8>> {
-        simfs::read(self.path(name))
-    }
-
-    fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        if name.starts_with("log-") {
-            self.stats.segments.lock().unwrap().insert(name.to_string());
-        }
-        if name.starts_with("torn-") {
-            self.stats.torn_copies.fetch_add(1, Ordering::Relaxed);
-        }
-        let path = self.path(name);
-        if !simfs::exists(&path) {
-            self.stats.new_entries.lock().unwrap().insert(name.to_string());
-        }
-        let file = simfs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-        file.write_all_at(data, offset)?;
-        *self.stats.unsynced.lock().unwrap().entry(name.to_string()).or_default() += data.len() as u64;
-        let mut ends = self.stats.ends.lock().unwrap();
-        let end = ends.entry(name.to_string()).or_default();
-        *end = (*end).max(offset + data.len() as u64);
-        Ok(())
-    }
-
-    fn sync(&self, name: &str) -> io::Result<()> {
-        self.open(name)?.sync_data()?;
-        self.stats.unsynced.lock().unwrap().remove(name);
-        Ok(())
-    }
-
-    fn sync_dir(&self) -> io::Result<()> {
-        simfs::sync_dir(&self.dir)?;
-        self.stats.new_entries.lock().unwrap().clear();
-        Ok(())
-    }
-
-    fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
-        self.stats.truncations.fetch_add(1, Ordering::Relaxed);
-        self.open(name)?.set_len(len)
-    }
-
-    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        // turmoil reports a missing source as a plain error; the engine expects NotFound.
-        if !simfs::exists(self.path(from)) {
-            return Err(not_found(from));
-        }
-        simfs::rename(self.path(from), self.path(to))?;
-        // turmoil tracks unsynced writes by the name they were made under.
-        self.stats.new_entries.lock().unwrap().insert(to.to_string());
-        if to.starts_with("snap-") {
-            self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    fn remove(&self, name: &str) -> io::Result<()> {
-        simfs::remove_file(self.path(name))?;
-        self.stats.removed.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn usage(&self) -> u64 {
-        let Ok(entries) = simfs::read_dir(&self.dir) else { return 0 };
-        entries.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
-    }
-}
-
-/// A fixed wall-clock epoch for every simulation: 2024-01-01T00:00:00Z.
-const EPOCH_SECS: u64 = 1_704_067_200;
-/// How long an fsync takes. Writes are instant; the delay before each sync leaves a window in
-/// which a crash finds written but unsynced data (to lose or tear).
-const FSYNC_LATENCY: Duration = Duration::from_millis(2);
-
-/// One disk operation, without its data (for `RUST_LOG=simfs=debug`).
-fn describe(op: &IoOp) -> String {
-    match op {
-        IoOp::Write { file, offset, data } => format!("write {file} @{offset} +{}", data.len()),
-        IoOp::Truncate { file, len } => format!("truncate {file} to {len}"),
-        other => format!("{other:?}"),
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct SimEnv {
-    seed: u64,
-}
-
-impl Env for SimEnv {
-    type Net = SimNet;
-
-    fn transport(&self) -> SimNet {
-        SimNet
-    }
-
-    /// A task on the host's runtime, not a thread: turmoil's filesystem belongs to the host
-    /// whose software is running, and a crash must stop the worker with the rest of the host.
-    fn spawn_disk(
-        &self,
-        fs: Arc<dyn Fs>,
-        mut ops: mpsc::UnboundedReceiver<(IoId, IoOp)>,
-        done: mpsc::UnboundedSender<ToEngine>,
-    ) {
-        tokio::spawn(async move {
-            while let Some((id, op)) = ops.recv().await {
-                if matches!(op, IoOp::Sync { .. } | IoOp::SyncDir) {
-                    tokio::time::sleep(FSYNC_LATENCY).await;
-                }
-                let result = disk::execute(fs.as_ref(), &op);
-                tracing::debug!(target: "simfs", at = ?turmoil::sim_elapsed().unwrap_or_default(), op = %describe(&op), ok = result.is_ok());
-                if done.send(ToEngine::IoDone { id, result }).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-
-    fn wall_ms(&self) -> u64 {
-        let since_epoch = turmoil::since_epoch().expect("called on a simulated host");
-        since_epoch.as_millis() as u64
-    }
-
-    fn seed(&self) -> u64 {
-        self.seed
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Hosts, configuration, the fault schedule.
-
-const SERVER: &str = "server:7400";
-const DATA_DIR: &str = "/data";
-/// Small segments, so that they roll every few dozen batches.
-const SEGMENT_BYTES_MAX: u64 = 32 * 1024;
-
-fn kind_config() -> KindConfig {
-    KindConfig {
-        default_delay_s: 1,
-        jitter_window_s: 1,
-        record_bytes_max: 1024,
-        session_bytes_max: 256 * 1024,
-        session_records_max: 1000,
-        // Long: in these tests only the handler test wants leases to run out.
-        lease_ms: 600_000,
-        handler_slots: 4,
-        store_timeout_s_max: 3600,
-    }
-}
-
-/// The server's configuration: small segments and frequent snapshots so that both happen
-/// within a few seconds of load.
-fn config(kind: KindConfig) -> Config {
-    let mut kinds = BTreeMap::new();
-    kinds.insert(1, KindSection { handler: Some("handler:7500".into()), config: kind });
-    Config {
-        data_dir: DATA_DIR.into(),
-        listen: "0.0.0.0:7400".into(),
-        advertise: Some(vec![SERVER.into()]),
-        server: ServerLimits {
-            connections_max: 64,
-            frame_bytes_max: 64 * 1024,
-            inflight_per_connection_max: 256,
-            handler_timeout_ms: 3_000,
-            idle_timeout_ms: 10_000,
-            ..ServerLimits::default()
-        },
-        engine: Limits {
-            segment_bytes_max: SEGMENT_BYTES_MAX,
-            snapshot_every_entries: 64,
-            repeater_tick_ms: 50,
-            batch_entries_max: 64,
-            ..Limits::default()
-        },
-        kinds,
-        ..Config::default()
-    }
-}
-
-fn builder(seed: u64, duration_s: u64) -> turmoil::Builder {
-    let mut b = turmoil::Builder::new();
-    b.rng_seed(seed)
-        .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_SECS))
-        .simulation_duration(Duration::from_secs(duration_s))
-        .max_message_latency(Duration::from_millis(5));
-    b
-}
-
-/// Adds the server host; returns its boot counter.
-fn server_host(sim: &mut Sim<'_>, config: Config, stats: Arc<FsStats>) -> Arc<AtomicUsize> {
-    let boots = Arc::new(AtomicUsize::new(0));
-    let boots2 = boots.clone();
-    sim.host("server", move || {
-        let (config, stats, boots) = (config.clone(), stats.clone(), boots2.clone());
-        async move {
-            let boot = boots.fetch_add(1, Ordering::Relaxed) as u64;
-            simfs::create_dir_all(DATA_DIR)?;
-            simfs::sync_dir("/")?;
-            let fs = Arc::new(SimFs { dir: DATA_DIR.into(), stats });
-            let listener = server::bind(&SimNet, &config.listen).await?;
-            server::run(config, SimEnv { seed: 0x7275_6261 + boot }, fs, listener, std::future::pending()).await?;
-            Ok(())
-        }
-    });
-    boots
-}
-
-/// Power loss on the server: `sim.crash` drops (or tears) whatever was not fsynced.
-fn power_loss(sim: &mut Sim<'_>, stats: &FsStats) {
-    stats.lost_power();
-    sim.crash("server");
-}
-
-/// A fault injected from outside the simulation, between steps.
-struct Fault {
-    /// When: milliseconds after the start, or after the previous fault if `relative`.
-    ms: u64,
-    relative: bool,
-    /// ... and, from then on, at the first step at which this holds.
-    when: Option<Box<dyn Fn() -> bool>>,
-    what: &'static str,
-    inject: Box<dyn FnOnce(&mut Sim<'_>)>,
-}
-
-fn at(ms: u64, what: &'static str, inject: impl FnOnce(&mut Sim<'_>) + 'static) -> Fault {
-    Fault { ms, relative: false, when: None, what, inject: Box::new(inject) }
-}
-
-fn after(ms: u64, what: &'static str, inject: impl FnOnce(&mut Sim<'_>) + 'static) -> Fault {
-    Fault { relative: true, ..at(ms, what, inject) }
-}
-
-impl Fault {
-    fn when(self, condition: impl Fn() -> bool + 'static) -> Fault {
-        Fault { when: Some(Box::new(condition)), ..self }
-    }
-}
-
-/// How long a fault may wait for its condition before the test gives up.
-const CONDITION_WAIT_MAX: Duration = Duration::from_secs(5);
-
-/// Steps the simulation, injecting the faults in order, each once its time has come (and its
-/// condition holds), then runs it to the end (all clients done). Fails if the clients finish
-/// before every fault was injected, or if a condition never holds.
-fn run_with_faults(sim: &mut Sim<'_>, faults: Vec<Fault>) -> turmoil::Result {
-    let mut previous = Duration::ZERO;
-    for fault in faults {
-        let due = Duration::from_millis(fault.ms) + if fault.relative { previous } else { Duration::ZERO };
-        loop {
-            let now = sim.elapsed();
-            if now >= due && fault.when.as_ref().is_none_or(|c| c()) {
-                break;
-            }
-            if now > due + CONDITION_WAIT_MAX {
-                return Err(format!("the condition for `{}` never held from {due:?} to {now:?}", fault.what).into());
-            }
-            if sim.step()? {
-                return Err(format!("the clients finished at {now:?}, before `{}` (due at {due:?})", fault.what).into());
-            }
-        }
-        previous = sim.elapsed();
-        eprintln!("  {:>7.3} s  {}", previous.as_secs_f64(), fault.what);
-        (fault.inject)(sim);
-    }
-    sim.run()
-}
-
-fn options(request_timeout_ms: u64, retry_for_ms: u64) -> ClientOptions {
-    ClientOptions {
-        request_timeout: Duration::from_millis(request_timeout_ms),
-        retry_for: Duration::from_millis(retry_for_ms),
-        ..ClientOptions::default()
-    }
-}
-
-/// Connects a pipe, waiting for the server to listen.
-async fn connect(options: ClientOptions) -> Result<Pipe<SimNet>, ClientError> {
-    let mut tries = 0;
-    loop {
-        match Pipe::connect_with(SimNet, vec![SERVER.to_string()], options.clone()).await {
-            Ok(pipe) => return Ok(pipe),
-            Err(e) if tries < 100 => {
-                tries += 1;
-                tracing::debug!(%e, "not connected yet");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// A record for session task `task`, number `n`: unique, 200-1000 bytes.
-fn record(task: usize, n: usize) -> Vec<u8> {
-    let mut r = format!("t{task}-r{n}-").into_bytes();
-    let len = 200 + (n * 137 + task * 61) % 800;
-    r.resize(len, b'a' + (n % 26) as u8);
-    r
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-/// Runs `scenario` for each seed: `default`, or those in `TRUBA_TURMOIL_SEEDS` ("0..100" or
-/// "3,17") for a deeper run.
-fn for_seeds(default: &[u64], scenario: impl Fn(u64) -> turmoil::Result) -> turmoil::Result {
-    init_tracing();
-    let seeds: Vec<u64> = match std::env::var("TRUBA_TURMOIL_SEEDS") {
-        Err(_) => default.to_vec(),
-        Ok(spec) => match spec.split_once("..") {
-            Some((a, b)) => (a.trim().parse()?..b.trim().parse()?).collect(),
-            None => spec.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?,
-        },
-    };
-    for seed in seeds {
-        eprintln!("seed {seed}");
-        scenario(seed).map_err(|e| format!("seed {seed}: {e}"))?;
-    }
-    Ok(())
-}
-
-fn check(cond: bool, msg: impl FnOnce() -> String) -> turmoil::Result {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg().into())
-    }
-}
+use truba_engine::{KindConfig, SessionId, SessionState};
+use turmoil_common::{
+    after, at, builder, check, config, connect, for_seeds, init_tracing, kind_config, options, power_loss, record,
+    run_with_faults, server_host, FsStats, SimNet, SERVER,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Tests.
@@ -522,7 +60,7 @@ fn partitions_and_bounce(seed: u64) -> turmoil::Result {
     let slowest2 = slowest.clone();
 
     sim.client("client", async move {
-        let pipe = connect(options(500, 60_000)).await?;
+        let pipe = connect(&[SERVER], options(500, 60_000)).await?;
         let mut tasks = Vec::new();
         for task in 0..TASKS {
             let (pipe, slowest) = (pipe.clone(), slowest2.clone());
@@ -572,7 +110,7 @@ fn partitions_and_bounce(seed: u64) -> turmoil::Result {
             // applied once, whether the crash kept, tore or lost the original.
             after(300 + seed * 113 % 1_000, "crash server (power loss) with unsynced writes", {
                 let stats = stats.clone();
-                move |sim| power_loss(sim, &stats)
+                move |sim| power_loss(sim, "server", &stats)
             })
             .when({
                 let stats = stats.clone();
@@ -640,7 +178,7 @@ fn crash_mid_load(seed: u64) -> turmoil::Result<bool> {
 
         sim.client("client", async move {
             // A request in flight at the crash gives up after 1 s, while the server is still down.
-            let pipe = connect(options(250, 1_000)).await?;
+            let pipe = connect(&[SERVER], options(250, 1_000)).await?;
             let mut tasks = Vec::new();
             for task in 0..TASKS {
                 let pipe = pipe.clone();
@@ -670,7 +208,7 @@ fn crash_mid_load(seed: u64) -> turmoil::Result<bool> {
                 outcomes2.lock().unwrap().push(out);
             }
             // Wait for the restart, then read every session back.
-            let verify = connect(options(500, 20_000)).await?;
+            let verify = connect(&[SERVER], options(500, 20_000)).await?;
             let until = tokio::time::Instant::now() + Duration::from_secs(10);
             let outcomes: Vec<Outcome> = std::mem::take(&mut *outcomes2.lock().unwrap());
             for (task, out) in outcomes.iter().enumerate() {
@@ -721,7 +259,7 @@ fn crash_mid_load(seed: u64) -> turmoil::Result<bool> {
                     let stats = stats.clone();
                     move |sim| {
                         eprintln!("    {} unsynced bytes in one file", stats.tearable_bytes());
-                        power_loss(sim, &stats)
+                        power_loss(sim, "server", &stats)
                     }
                 })
                 .when({
@@ -790,7 +328,7 @@ fn stored_sessions_across_crashes(seed: u64) -> turmoil::Result {
 
     let seen2 = seen.clone();
     sim.client("client", async move {
-        let pipe = connect(options(500, 30_000)).await?;
+        let pipe = connect(&[SERVER], options(500, 30_000)).await?;
         let mut stored: BTreeMap<SessionId, Vec<Vec<u8>>> = BTreeMap::new();
         for i in 0..SESSIONS {
             let mut session = pipe.new_with(1, record(i, 0)).await?;
@@ -842,13 +380,13 @@ fn stored_sessions_across_crashes(seed: u64) -> turmoil::Result {
             // The seed moves the faults around (seed 11: crash at 1.1 s, down for 0.5 s).
             at(500 + seed * 600 % 1_500, "crash server (power loss)", {
                 let stats = stats.clone();
-                move |sim| power_loss(sim, &stats)
+                move |sim| power_loss(sim, "server", &stats)
             }),
             after(200 + seed * 300 % 1_000, "restart server", |sim| sim.bounce("server")),
             // While the handler works on a delivery: its delete meets a dead server.
             after(300, "crash server (power loss) during a delivery", {
                 let stats = stats.clone();
-                move |sim| power_loss(sim, &stats)
+                move |sim| power_loss(sim, "server", &stats)
             })
             .when(move || active.load(Ordering::Relaxed) > 0),
             after(200 + seed * 700 % 1_000, "restart server", |sim| sim.bounce("server")),
@@ -915,7 +453,7 @@ fn garbage_and_a_good_client(seed: u64) -> turmoil::Result {
     let attacks_done2 = attacks_done.clone();
 
     sim.client("good", async move {
-        let pipe = connect(options(500, 10_000)).await?;
+        let pipe = connect(&[SERVER], options(500, 10_000)).await?;
         let mut session = pipe.new(1).await?;
         for n in 0..APPENDS {
             let started = tokio::time::Instant::now();
@@ -1004,7 +542,7 @@ fn a_connect_error_means_the_request_was_not_applied() -> turmoil::Result {
     sim.client("client", async move {
         let start = tokio::time::Instant::now();
         // Retries give up after 400 ms; one connection attempt may take up to 2 s.
-        let pipe = connect(options(2_000, 400)).await?;
+        let pipe = connect(&[SERVER], options(2_000, 400)).await?;
         let mut session = pipe.new(1).await?;
         session.append(record(0, 0)).await?;
         // The server restarts (closing this connection) and the link then holds every packet:
@@ -1057,7 +595,7 @@ fn vanished_clients_do_not_use_up_connection_slots() -> turmoil::Result {
     sim.client("client", async move {
         tokio::time::sleep(Duration::from_secs(2)).await;
         // Until twice the idle timeout for the server to notice that the flaky host is gone.
-        let pipe = connect(options(1_000, 2 * idle.as_millis() as u64)).await?;
+        let pipe = connect(&[SERVER], options(1_000, 2 * idle.as_millis() as u64)).await?;
         let refused = |e: ClientError| format!("still refused {idle:?} after the flaky host vanished: {e}");
         let mut session = pipe.new(1).await.map_err(refused)?;
         session.append(record(0, 0)).await?;
@@ -1100,7 +638,7 @@ fn restart_then_power_loss(seed: u64) -> turmoil::Result {
     let stats = Arc::new(FsStats::default());
     server_host(&mut sim, config(kind_config()), stats.clone());
     sim.client("client", async move {
-        let pipe = connect(options(500, 60_000)).await?;
+        let pipe = connect(&[SERVER], options(500, 60_000)).await?;
         let mut tasks = Vec::new();
         for task in 0..TASKS {
             let pipe = pipe.clone();
@@ -1149,7 +687,7 @@ fn restart_then_power_loss(seed: u64) -> turmoil::Result {
             // that nothing else it does (next segment, snapshot) fsyncs the directory first.
             after(0, "crash server (power loss)", {
                 let stats = stats.clone();
-                move |sim| power_loss(sim, &stats)
+                move |sim| power_loss(sim, "server", &stats)
             })
             .when({
                 let (stats, mark) = (stats.clone(), writes_at_bounce.clone());
