@@ -92,6 +92,8 @@ struct Checker<'a> {
     last_request: BTreeMap<Actor, (u64, u64)>,
     /// First records of sessions whose creation has an unknown outcome.
     orphans: BTreeSet<Vec<u8>>,
+    /// Sessions delivered while their creation was still unanswered.
+    adopted: BTreeSet<u64>,
     storm_dues: Vec<u64>,
     violations: Vec<Violation>,
 }
@@ -104,6 +106,7 @@ pub fn check(run: &RunOutput) -> Vec<Violation> {
         inflight: BTreeMap::new(),
         last_request: BTreeMap::new(),
         orphans: BTreeSet::new(),
+        adopted: BTreeSet::new(),
         storm_dues: Vec::new(),
         violations: run.violations.clone(),
     };
@@ -169,6 +172,9 @@ impl Checker<'_> {
         if let Request::New { record, .. } = request {
             if let Ok(Reply::Created { handle }) = outcome {
                 let id = handle.session.0;
+                if self.adopted.remove(&id) {
+                    return; // Delivered before its creation was answered: modelled since then.
+                }
                 if self.sessions.contains_key(&id) {
                     self.violate("unique-session-ids", t, Some(id), format!("session id {id} handed out twice"));
                 }
@@ -257,8 +263,17 @@ impl Checker<'_> {
             self.violate("exactly-once", t, Some(id), "the same record appears twice in one session".into());
         }
         if !self.sessions.contains_key(&id) {
+            // A creation still unanswered may have been applied, its lease run out and the
+            // session stored and delivered while the client was retrying.
+            let creating = records.first().is_some_and(|first| {
+                self.inflight.values().any(|(r, _)| matches!(r, Request::New { record: Some(x), .. } if x == first))
+            });
             match records.first() {
                 Some(first) if self.orphans.remove(first) => {
+                    self.sessions.insert(id, SessionModel::new(records.clone()));
+                }
+                Some(_) if creating => {
+                    self.adopted.insert(id);
                     self.sessions.insert(id, SessionModel::new(records.clone()));
                 }
                 _ => {
@@ -268,7 +283,21 @@ impl Checker<'_> {
             }
         }
         let clock_error_us = self.run.scenario.checks.clock_error_ms * 1000;
+        // Requests on the attempt this delivery ends, still unanswered, may have been applied
+        // before the session was taken (a lease can run out while a retry is under way): the
+        // delivered records may include them. Their late answers are then superseded.
+        let unanswered: Vec<Request> = self
+            .inflight
+            .values()
+            .map(|(r, _)| r)
+            .filter(|r| r.handle().is_some_and(|h| h.session.0 == id))
+            .cloned()
+            .collect();
         let m = self.sessions.get_mut(&id).expect("inserted above");
+        let current = m.attempt;
+        for r in unanswered.iter().filter(|r| r.handle().is_some_and(|h| h.attempt.0 == current)) {
+            m.apply(r, false);
+        }
         let mut found = Vec::new();
         if m.deleted {
             found.push(("delete-is-final", "a session whose delete was acknowledged was delivered".to_string()));

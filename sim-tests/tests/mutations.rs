@@ -75,9 +75,12 @@ fn committing_without_a_majority_is_caught() {
     caught_within("commit-without-majority", "cluster-elections", REPLICA_AGREEMENT, CONSENSUS_SEEDS_MAX);
 }
 
+/// `cluster-votes` aims its power losses at the window between a vote and its fsync; in
+/// `cluster-elections` the mutation was caught by 1 seed in 500 or so, which any change of
+/// timing could push out of range.
 #[test]
 fn granting_a_vote_before_it_is_durable_is_caught() {
-    caught_within("vote-before-persist", "cluster-elections", REPLICA_AGREEMENT, CONSENSUS_SEEDS_MAX);
+    caught_within("vote-before-persist", "cluster-votes", &["one-leader-per-term"], CONSENSUS_SEEDS_MAX);
 }
 
 #[test]

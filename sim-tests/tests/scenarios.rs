@@ -36,6 +36,7 @@ scenario_tests! {
     cluster_five => "cluster-five",
     cluster_elections => "cluster-elections",
     cluster_bit_rot => "cluster-bit-rot",
+    cluster_votes => "cluster-votes",
 }
 
 #[test]
