@@ -72,8 +72,12 @@ pub fn failure_report(path: &Path, run: &SeedRun, mutation: Option<&str>) -> Str
     let _ = writeln!(out, "  property: {}", v.property);
     let _ = writeln!(out, "  at {:.3} s: {}", v.at_us as f64 / 1e6, v.detail);
     if run.violations.len() > 1 {
-        let mut others: Vec<&str> = run.violations[1..].iter().map(|v| v.property).collect();
-        others.dedup();
+        let mut others: Vec<&str> = Vec::new();
+        for v in &run.violations[1..] {
+            if !others.contains(&v.property) {
+                others.push(v.property);
+            }
+        }
         let _ = writeln!(out, "  ({} further violations: {})", run.violations.len() - 1, others.join(", "));
     }
     let lines = run.output.history.condensed();
