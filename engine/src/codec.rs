@@ -29,6 +29,8 @@ use serde::{Deserialize, Serialize};
 pub const RECORD_HEADER_LEN: usize = 32;
 pub const SEGMENT_HEADER_LEN: usize = 28;
 const SEGMENT_MAGIC: &[u8; 8] = b"TRUBAlg2";
+/// The segment format this version writes and reads (the digit of [`SEGMENT_MAGIC`]).
+pub const SEGMENT_FORMAT: u32 = 2;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"TRUBAsn1";
 const SNAPSHOT_HEADER_LEN: usize = 36;
 /// No record payload is ever larger than this; a length field above it is damage.
@@ -114,6 +116,19 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 pub struct SegmentHeader {
     pub first: Index,
     pub prev_crc: u32,
+}
+
+/// The format of a segment written by another version of truba, if that is what `b` starts
+/// with: the same magic with another digit, and a header whose checksum holds (so a flipped bit
+/// in this version's magic is damage, not another format).
+pub fn other_segment_format(b: &[u8]) -> Option<u32> {
+    let digit = *b.get(7)?;
+    let other = b.len() >= SEGMENT_HEADER_LEN
+        && b.starts_with(&SEGMENT_MAGIC[..7])
+        && digit.is_ascii_digit()
+        && b[..8] != SEGMENT_MAGIC[..]
+        && crc32fast::hash(&b[..24]) == u32_at(b, 24);
+    other.then(|| (digit - b'0') as u32)
 }
 
 pub fn decode_segment_header(b: &[u8]) -> Option<SegmentHeader> {
@@ -321,6 +336,19 @@ mod tests {
             crc = encode_record(crc, &entry(i), &mut b);
         }
         b
+    }
+
+    #[test]
+    fn a_segment_of_another_format_is_recognised_but_a_flipped_magic_is_not() {
+        let mut b = segment(1);
+        assert_eq!(other_segment_format(&b), None);
+        b[7] ^= 1; // '2' becomes '3': a flipped bit, the header checksum no longer holds
+        assert_eq!(other_segment_format(&b), None);
+        b[7] = b'1';
+        let crc = crc32fast::hash(&b[..24]);
+        b[24..28].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(other_segment_format(&b), Some(1), "a whole format-1 header");
+        assert_eq!(other_segment_format(b"TRUBAsn1"), None, "a snapshot is not a segment");
     }
 
     #[test]

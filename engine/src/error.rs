@@ -80,4 +80,9 @@ pub enum Fatal {
     ReadFailed { file: String, attempts: u32 },
     #[error("disk operation on {file} failed: {reason}")]
     DiskFailed { file: String, reason: String },
+    #[error(
+        "{file} is in log format {found} of an older truba; this version reads format {supported} only \
+         (start from an empty data directory)"
+    )]
+    UnsupportedFormat { file: String, found: u32, supported: u32 },
 }

@@ -242,6 +242,12 @@ impl Recovery {
             self.bound_damaged_log(file, &bytes);
             return self.next_segment();
         }
+        if let Some(found) = crate::codec::other_segment_format(&bytes) {
+            // Not damage: a data directory from another version, which nothing here may cut or
+            // repair. The operator learns why the replica will not start.
+            let supported = crate::codec::SEGMENT_FORMAT;
+            return Step::Fatal(Fatal::UnsupportedFormat { file, found, supported });
+        }
         let last = self.segments.len() == 1;
         let mut verdict = self.verdict(&bytes, last);
         if mutant {

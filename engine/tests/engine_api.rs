@@ -1151,3 +1151,34 @@ fn a_snapshot_covering_many_segments_stays_within_the_io_bound() {
     let r = d.restart(cfg, 18);
     assert_eq!(r.recovered_since(0), Some((st.applied, st.state_hash, 0)));
 }
+
+#[test]
+fn a_log_of_an_older_format_stops_the_replica_with_a_clear_error_and_is_left_alone() {
+    let cfg = EngineConfig::default();
+    let mut d = Driver::booted(cfg.clone(), 13);
+    workload(&mut d, 10);
+    let file = d.segments().pop().unwrap();
+    let mut old = d.dir.clone();
+    // "TRUBAlg1" with a whole header: what the previous version wrote.
+    let seg = old.get_mut(&file).unwrap();
+    seg[7] = b'1';
+    let crc = crc32fast::hash(&seg[..24]);
+    seg[24..28].copy_from_slice(&crc.to_le_bytes());
+    let before = old.clone();
+
+    let mut r = Driver::on_dir(cfg, 13, old, d.t);
+    r.input(Input::Boot);
+    let stopped: Vec<_> = r.since(0).iter().filter(|o| matches!(o, Output::Stopped(_))).collect();
+    assert_eq!(
+        stopped,
+        vec![&Output::Stopped(Fatal::UnsupportedFormat { file: file.clone(), found: 1, supported: 2 })]
+    );
+    let ios = r.ios_since(0);
+    assert!(
+        !ios.iter().any(|op| matches!(op, IoOp::Truncate { .. } | IoOp::Remove { .. } | IoOp::Write { .. })),
+        "{ios:?}"
+    );
+    assert_eq!(r.dir, before, "nothing in the directory is changed");
+    let message = Fatal::UnsupportedFormat { file, found: 1, supported: 2 }.to_string();
+    assert!(message.contains("format 1") && message.contains("empty data directory"), "{message}");
+}
