@@ -479,6 +479,12 @@ mod tests {
             (b, ends)
         }
 
+        /// How many records end at or before `offset`, and where the record holding it starts.
+        fn record_at(ends: &[usize], offset: usize) -> (usize, usize) {
+            let whole = ends.iter().filter(|&&e| e <= offset).count();
+            (whole, if whole == 0 { SEGMENT_HEADER_LEN } else { ends[whole - 1] })
+        }
+
         fn records() -> impl Strategy<Value = Vec<(usize, u8)>> {
             prop::collection::vec((0usize..700, prop_oneof![Just(0u8), Just(0xFFu8), any::<u8>()]), 1..8)
         }
@@ -515,8 +521,7 @@ mod tests {
                     b[t..].fill(0);
                     b.resize(end + pad, 0);
                 }
-                let whole = ends.iter().filter(|&&e| e <= t).count();
-                let start = if whole == 0 { SEGMENT_HEADER_LEN } else { ends[whole - 1] };
+                let (whole, start) = record_at(&ends, t);
                 let s = scan_segment(&b).unwrap();
                 prop_assert_eq!(s.records.len(), whole);
                 if start == t || whole == recs.len() {
@@ -537,8 +542,7 @@ mod tests {
                 b.resize(end + pad, 0);
                 let p = SEGMENT_HEADER_LEN + at.index(end - SEGMENT_HEADER_LEN);
                 b[p] ^= 1 << bit;
-                let k = ends.iter().filter(|&&e| e <= p).count();
-                let start = if k == 0 { SEGMENT_HEADER_LEN } else { ends[k - 1] };
+                let (k, start) = record_at(&ends, p);
                 let s = scan_segment(&b).unwrap();
                 prop_assert_eq!(s.records.len(), k);
                 prop_assert_eq!(s.end, ScanEnd::Corrupt { offset: start as u64 });

@@ -106,6 +106,16 @@ pub(crate) struct Installing {
     pub pending_commit: Index,
 }
 
+impl Installing {
+    /// The term of the entry at `index` among the snapshot's and the kept ones, if held.
+    pub fn term_at(&self, index: Index) -> Option<Term> {
+        match index.0.checked_sub(self.index.0)? {
+            0 => Some(self.term),
+            n => self.pending.get(n as usize - 1).map(|e| e.term),
+        }
+    }
+}
+
 pub struct Engine {
     pub(crate) cfg: EngineConfig,
     pub(crate) rng: ChaCha8Rng,

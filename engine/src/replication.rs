@@ -333,17 +333,12 @@ impl Engine {
             entries.retain(|e| e.index > inst.index);
             (prev_index, prev_term) = (inst.index, inst.term);
         }
-        let term_at = |inst: &Installing, i: Index| match i.0.checked_sub(inst.index.0) {
-            Some(0) => Some(inst.term),
-            Some(n) => inst.pending.get(n as usize - 1).map(|e| e.term),
-            None => None,
-        };
-        if term_at(inst, prev_index) != Some(prev_term) {
+        if inst.term_at(prev_index) != Some(prev_term) {
             return;
         }
         let mut last_new = prev_index;
         for e in entries {
-            match term_at(inst, e.index) {
+            match inst.term_at(e.index) {
                 Some(t) if t == e.term => {}
                 found => {
                     if found.is_some() {

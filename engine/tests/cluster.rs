@@ -16,8 +16,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use truba_engine::{
-    ClientId, DiskError, Engine, EngineConfig, Handle, Index, Input, IoOp, IoReply, Kind, Message, Outcome, Output,
-    Query, QueryReply, ReplicaId, Reply, Request, RequestError, RoleName, Seq, SessionView, Term,
+    ClientId, Engine, EngineConfig, Handle, Index, Input, IoOp, Kind, Message, Outcome, Output, Query, QueryReply,
+    ReplicaId, Reply, Request, RequestError, RoleName, Seq, SessionView, Term,
 };
 use truba_engine::{Instant, Now, UnixMs};
 
@@ -28,42 +28,9 @@ const SEED: u64 = 0x7275_6261;
 const HEARTBEAT_MS: u64 = 50;
 const ELECTION_MAX_MS: u64 = 300;
 
-type Dir = BTreeMap<String, Vec<u8>>;
+mod common;
 
-/// Executes one disk operation against an in-memory directory (a disk that never fails).
-fn exec(dir: &mut Dir, op: &IoOp) -> Result<IoReply, DiskError> {
-    match op {
-        IoOp::List => Ok(IoReply::Listed(dir.keys().cloned().collect())),
-        IoOp::Read { file } => dir.get(file).cloned().map(IoReply::Data).ok_or(DiskError::NotFound),
-        IoOp::Write { file, offset, data } => {
-            let f = dir.entry(file.clone()).or_default();
-            let start = *offset as usize;
-            let end = start + data.len();
-            if f.len() < end {
-                f.resize(end, 0);
-            }
-            f[start..end].copy_from_slice(data);
-            Ok(IoReply::Done)
-        }
-        IoOp::Sync { file } => dir.get(file).map(|_| IoReply::Done).ok_or(DiskError::NotFound),
-        IoOp::SyncDir => Ok(IoReply::Done),
-        IoOp::Truncate { file, len } => match dir.get_mut(file) {
-            Some(f) => {
-                f.resize(*len as usize, 0);
-                Ok(IoReply::Done)
-            }
-            None => Err(DiskError::NotFound),
-        },
-        IoOp::Rename { from, to } => match dir.remove(from) {
-            Some(d) => {
-                dir.insert(to.clone(), d);
-                Ok(IoReply::Done)
-            }
-            None => Err(DiskError::NotFound),
-        },
-        IoOp::Remove { file } => dir.remove(file).map(|_| IoReply::Done).ok_or(DiskError::NotFound),
-    }
-}
+use common::{exec, Dir};
 
 struct Replica {
     engine: Engine,

@@ -5,6 +5,9 @@
 //! keep it back; held operations are executed and completed only when released, so tests can
 //! observe what the engine does (and does not do) while a write or an fsync is outstanding.
 
+mod common;
+
+use common::{exec, Dir};
 use std::collections::{BTreeMap, VecDeque};
 use truba_engine::codec::{decode_record, scan_segment, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 use truba_engine::{
@@ -17,43 +20,7 @@ use truba_engine::{Instant, Now, ReplicaId, RoleName, Term, UnixMs};
 /// Wall clock at t = 0 (mono 0).
 const WALL0: u64 = 1_700_000_000_000;
 
-type Dir = BTreeMap<String, Vec<u8>>;
 type Hold = Box<dyn Fn(&IoOp) -> bool>;
-
-/// Executes one disk operation against the in-memory directory.
-fn exec(dir: &mut Dir, op: &IoOp) -> Result<IoReply, DiskError> {
-    match op {
-        IoOp::List => Ok(IoReply::Listed(dir.keys().cloned().collect())),
-        IoOp::Read { file } => dir.get(file).cloned().map(IoReply::Data).ok_or(DiskError::NotFound),
-        IoOp::Write { file, offset, data } => {
-            let f = dir.entry(file.clone()).or_default();
-            let start = *offset as usize;
-            let end = start + data.len();
-            if f.len() < end {
-                f.resize(end, 0);
-            }
-            f[start..end].copy_from_slice(data);
-            Ok(IoReply::Done)
-        }
-        IoOp::Sync { file } => dir.get(file).map(|_| IoReply::Done).ok_or(DiskError::NotFound),
-        IoOp::SyncDir => Ok(IoReply::Done),
-        IoOp::Truncate { file, len } => match dir.get_mut(file) {
-            Some(f) => {
-                f.resize(*len as usize, 0);
-                Ok(IoReply::Done)
-            }
-            None => Err(DiskError::NotFound),
-        },
-        IoOp::Rename { from, to } => match dir.remove(from) {
-            Some(d) => {
-                dir.insert(to.clone(), d);
-                Ok(IoReply::Done)
-            }
-            None => Err(DiskError::NotFound),
-        },
-        IoOp::Remove { file } => dir.remove(file).map(|_| IoReply::Done).ok_or(DiskError::NotFound),
-    }
-}
 
 struct Driver {
     engine: Engine,
