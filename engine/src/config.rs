@@ -25,6 +25,30 @@ pub struct KindConfig {
     pub handler_slots: u32,
     /// Largest timeout a store may ask for.
     pub store_timeout_s_max: u32,
+    /// After a failed delivery (the handler answered with an error, could not be reached, or
+    /// let its lease run out) the session is stored again for `backoff_base_s * 2^(n-1)` seconds,
+    /// `n` being the failures in a row, at most `backoff_cap_s`, plus the kind's jitter.
+    pub backoff_base_s: u32,
+    pub backoff_cap_s: u32,
+    /// A session whose deliveries fail this many times in a row goes to the kind's dead-letter
+    /// set instead of being stored again (0: never). A handler that stores the session (it is
+    /// unfinished, not failed) or an operator's redrive starts the count again.
+    pub max_attempts: u32,
+}
+
+impl KindConfig {
+    /// Seconds before the next delivery after `failures` failed ones in a row (at least one),
+    /// before jitter: the base doubled per further failure, at most the cap.
+    pub fn backoff_s(&self, failures: u32) -> u32 {
+        let doublings = failures.saturating_sub(1).min(31);
+        let delay = (self.backoff_base_s as u64) << doublings;
+        delay.min(self.backoff_cap_s as u64) as u32
+    }
+
+    /// Whether `failures` failed deliveries in a row send a session to the dead-letter set.
+    pub fn is_dead_after(&self, failures: u32) -> bool {
+        self.max_attempts > 0 && failures >= self.max_attempts
+    }
 }
 
 impl Default for KindConfig {
@@ -38,6 +62,9 @@ impl Default for KindConfig {
             lease_ms: 30_000,
             handler_slots: 64,
             store_timeout_s_max: 30 * 24 * 3600,
+            backoff_base_s: 1,
+            backoff_cap_s: 600,
+            max_attempts: 10,
         }
     }
 }
@@ -72,6 +99,13 @@ pub struct Limits {
     pub read_retries_max: u32,
     /// Sessions taken for delivery (or expired) in one replicated operation.
     pub take_batch_max: u32,
+    /// Dead sessions one redrive of a whole kind moves back to the stored set; the client
+    /// repeats the redrive until none remain.
+    pub redrive_batch_max: u32,
+    /// Dead sessions one listing returns at most.
+    pub list_max: u32,
+    /// Longest failure reason kept with a session (longer ones are cut at a character boundary).
+    pub failure_reason_bytes_max: u32,
 }
 
 impl Default for Limits {
@@ -89,6 +123,9 @@ impl Default for Limits {
             repeater_tick_ms: 100,
             read_retries_max: 3,
             take_batch_max: 256,
+            redrive_batch_max: 1024,
+            list_max: 1000,
+            failure_reason_bytes_max: 256,
         }
     }
 }
@@ -162,11 +199,19 @@ pub struct Mutations {
     pub follower_runs_repeater: bool,
     /// A member that cut a damaged range off its log votes and stands as if its log were whole.
     pub vote_while_repairing: bool,
+    /// A failed delivery is stored again for redelivery at once, without backoff.
+    pub no_backoff: bool,
+    /// Sessions go to the dead-letter set one failed delivery before the kind's max attempts.
+    pub dead_letter_early: bool,
+    /// A keep-alive is answered but does not renew the lease.
+    pub ignore_keepalive: bool,
+    /// The repeater takes due sessions newest-stored first (and replicas do not check the order).
+    pub take_out_of_order: bool,
 }
 
 impl Mutations {
     /// Names accepted on the simulator's command line.
-    pub const NAMES: [&'static str; 12] = [
+    pub const NAMES: [&'static str; 16] = [
         "ack-before-fsync",
         "truncate-mid-log",
         "apply-retry-twice",
@@ -179,6 +224,10 @@ impl Mutations {
         "skip-prev-term-check",
         "follower-runs-repeater",
         "vote-while-repairing",
+        "no-backoff",
+        "dead-letter-early",
+        "ignore-keepalive",
+        "take-out-of-order",
     ];
 
     pub fn from_name(name: &str) -> Option<Mutations> {
@@ -196,6 +245,10 @@ impl Mutations {
             "skip-prev-term-check" => m.skip_prev_term_check = true,
             "follower-runs-repeater" => m.follower_runs_repeater = true,
             "vote-while-repairing" => m.vote_while_repairing = true,
+            "no-backoff" => m.no_backoff = true,
+            "dead-letter-early" => m.dead_letter_early = true,
+            "ignore-keepalive" => m.ignore_keepalive = true,
+            "take-out-of-order" => m.take_out_of_order = true,
             _ => return None,
         }
         Some(m)

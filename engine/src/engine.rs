@@ -14,9 +14,10 @@ use crate::hardstate::{HardState, HardStateWriter, HsStep};
 use crate::io::{DiskError, Input, IoId, IoOp, IoReply, Output, RoleName};
 use crate::log::{Log, Placement};
 use crate::message::Message;
-use crate::op::{Command, Entry, Query, QueryReply, Request, StatusView};
+use crate::op::{Command, Entry, FailureReason, Query, QueryReply, Request, StatusView};
+use crate::reads::ReadQuery;
 use crate::recovery::{Recovery, Step};
-use crate::repeater::{draw_due, Repeater};
+use crate::repeater::{draw_due, draw_retry_due, Repeater};
 use crate::replication::Progress;
 use crate::sessions::{MutationEnv, StateMachine};
 use crate::snapshot::{SnapStep, Snapshotter};
@@ -240,7 +241,7 @@ impl Engine {
             Input::Request { client, seq, request } => self.on_request(client, seq, request),
             Input::Query { id, query } => self.on_query(id, query),
             Input::IoDone { id, result } => self.on_io(id, result),
-            Input::DeliveryFailed { handle } => self.on_delivery_failed(handle),
+            Input::DeliveryFailed { handle, reason } => self.on_delivery_failed(handle, reason),
             Input::Tick => self.on_tick(),
             Input::Message { from, message } => self.on_message(from, message),
         }
@@ -566,14 +567,19 @@ impl Engine {
                 };
                 QueryReply::Session(Err(e))
             }
-            Query::Session(sid) => return self.on_read(id, sid),
+            Query::Dead { .. } if !self.is_serving() => QueryReply::Dead(Err(RequestError::NotReady)),
+            Query::Session(sid) => return self.on_read(id, ReadQuery::Session(sid)),
+            Query::Dead { kind, after, limit } => {
+                let limit = limit.min(self.cfg.limits.list_max);
+                return self.on_read(id, ReadQuery::Dead { kind, after, limit });
+            }
             Query::Status => QueryReply::Status(self.status()),
         };
         self.outputs.push_back(Output::QueryReply { id, reply });
     }
 
     pub fn status(&self) -> StatusView {
-        let (active, stored) = self.state.sessions_count();
+        let (active, stored, dead) = self.state.sessions_count();
         StatusView {
             serving: self.is_serving(),
             replica: self.me,
@@ -586,6 +592,7 @@ impl Engine {
             last_index: self.log.last_index(),
             sessions_active: active,
             sessions_stored: stored,
+            sessions_dead: dead,
             state_hash: self.state.state_hash(),
         }
     }
@@ -595,17 +602,16 @@ impl Engine {
         self.log.last_index().0 - self.commit.0 >= self.cfg.limits.pending_requests_max as u64
     }
 
-    fn on_delivery_failed(&mut self, handle: Handle) {
+    fn on_delivery_failed(&mut self, handle: Handle, reason: FailureReason) {
         // Off the leader, or with the log full, the report is dropped: the delivery's lease
         // runs out and the session is stored all the same, only later.
         if !self.is_serving() || !self.is_leader() || self.uncommitted_full() {
             return;
         }
         let Some(session) = self.state.session(handle.session) else { return };
-        let kc = self.cfg.kind(session.kind).cloned();
-        let delay = kc.as_ref().map_or(60, |k| k.default_delay_s);
-        let due = draw_due(self.now.wall, delay, kc.as_ref(), &mut self.rng);
-        self.propose(Command::DeliveryFailed { handle, due });
+        let due = draw_retry_due(self.now.wall, session, &self.cfg, &mut self.rng);
+        let reason = reason.truncated(self.cfg.limits.failure_reason_bytes_max as usize);
+        self.propose(Command::DeliveryFailed { handle, due, reason });
     }
 
     fn tick(&self) -> Duration {
@@ -852,7 +858,8 @@ impl Engine {
             for (handle, due, taken_at) in applied.deliveries {
                 let s = self.state.session(handle.session).expect("a taken session exists");
                 let records = s.records.clone();
-                self.outputs.push_back(Output::Deliver { kind: s.kind, handle, due, taken_at, records });
+                let (kind, take_index) = (s.kind, index);
+                self.outputs.push_back(Output::Deliver { kind, handle, due, taken_at, take_index, records });
             }
         }
         if self.reads.len() > 0 {

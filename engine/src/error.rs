@@ -26,6 +26,10 @@ pub enum RequestError {
     SessionDeleted(SessionId),
     #[error("session {0} is stored and waits for redelivery; no one holds it")]
     SessionStored(SessionId),
+    #[error("session {0} is in its kind's dead-letter set; an operator may redrive it")]
+    SessionDead(SessionId),
+    #[error("session {0} is not in a dead-letter set")]
+    NotDead(SessionId),
     #[error("handle {handle} is stale: the session is at attempt {}", current.0)]
     StaleAttempt { handle: Handle, current: Attempt },
     #[error("request sequence {seq} is older than the last one seen from this client ({last})")]

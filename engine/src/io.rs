@@ -90,7 +90,7 @@ pub enum Input {
     /// A disk operation finished.
     IoDone { id: IoId, result: Result<IoReply, DiskError> },
     /// A delivery could not be completed: the handler is unreachable, failed, or refused it.
-    DeliveryFailed { handle: Handle },
+    DeliveryFailed { handle: Handle, reason: crate::op::FailureReason },
     /// A deadline given by [`crate::Engine::next_deadline`] has passed.
     Tick,
     /// A message from another replica. The network may lose, repeat, delay or reorder them.
@@ -115,12 +115,14 @@ pub enum Output {
         reply: QueryReply,
     },
     /// Push this session to its kind's handler. `due` is the repeat time it was taken for and
-    /// `taken_at` the proposer's wall clock when it decided the take (never before `due`).
+    /// `taken_at` the proposer's wall clock when it decided the take (never before `due`);
+    /// `take_index` is the take's log entry, so deliveries can be put in the order they were taken.
     Deliver {
         kind: Kind,
         handle: Handle,
         due: UnixSecs,
         taken_at: UnixMs,
+        take_index: Index,
         records: Vec<Vec<u8>>,
     },
     /// Recovery finished; the engine serves from `applied` on.

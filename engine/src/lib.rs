@@ -46,7 +46,8 @@ pub use error::{Fatal, RequestError};
 pub use io::{DiskError, Input, IoId, IoOp, IoReply, Output, RoleName};
 pub use message::Message;
 pub use op::{
-    Command, Entry, Outcome, Query, QueryReply, Reply, Request, SessionState, SessionView, StatusView, UnixSecs,
+    Command, DeadPage, DeadView, Entry, FailureReason, Outcome, Query, QueryReply, RedriveTarget, Reply, Request,
+    SessionState, SessionView, StatusView, UnixSecs,
 };
 pub use sessions::StateMachine;
 pub use types::{

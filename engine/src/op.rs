@@ -48,6 +48,61 @@ pub enum Request {
     Store { handle: Handle, timeout_s: u32 },
     /// Renew the lease without changing anything else.
     KeepAlive { handle: Handle },
+    /// Operator: move dead sessions back to the stored set, due at once (the kind's handler
+    /// slots pace them), with their failure count cleared.
+    Redrive { target: RedriveTarget },
+}
+
+/// What a redrive moves back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RedriveTarget {
+    /// This one dead session.
+    Session(SessionId),
+    /// The oldest dead sessions of this kind, at most `limits.redrive_batch_max` per request.
+    Kind(Kind),
+}
+
+/// Why a delivery failed, as kept with the session for operators.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureReason {
+    /// The handler answered with an error.
+    Handler(String),
+    /// The handler could not be reached (or the connection broke before it answered).
+    Unreachable(String),
+    /// The handler's lease ran out before it finished, stored or deleted the session.
+    LeaseExpired,
+}
+
+impl FailureReason {
+    /// Cuts a long message at a character boundary, so that a handler cannot make the replicated
+    /// state grow without bound.
+    pub fn truncated(self, bytes_max: usize) -> FailureReason {
+        let cut = |mut s: String| {
+            if s.len() > bytes_max {
+                let mut end = bytes_max;
+                while !s.is_char_boundary(end) {
+                    end -= 1;
+                }
+                s.truncate(end);
+            }
+            s
+        };
+        match self {
+            FailureReason::Handler(m) => FailureReason::Handler(cut(m)),
+            FailureReason::Unreachable(m) => FailureReason::Unreachable(cut(m)),
+            FailureReason::LeaseExpired => FailureReason::LeaseExpired,
+        }
+    }
+}
+
+impl std::fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FailureReason::Handler(m) => write!(f, "the handler failed: {m}"),
+            FailureReason::Unreachable(m) => write!(f, "the handler could not be reached: {m}"),
+            FailureReason::LeaseExpired => write!(f, "the handler's lease ran out"),
+        }
+    }
 }
 
 impl Request {
@@ -59,6 +114,7 @@ impl Request {
             | Request::Delete { handle }
             | Request::Store { handle, .. }
             | Request::KeepAlive { handle } => Some(*handle),
+            Request::Redrive { .. } => None,
         }
     }
 
@@ -77,6 +133,8 @@ pub enum Reply {
     Created { handle: Handle },
     Done,
     Stored { due: UnixSecs },
+    /// A redrive moved `count` dead sessions back; `remaining` are still dead in that kind.
+    Redriven { count: u32, remaining: u64 },
 }
 
 pub type Outcome = Result<Reply, RequestError>;
@@ -91,8 +149,9 @@ pub enum Command {
     Take { sessions: Vec<SessionId> },
     /// These sessions' leases ran out; store each with its kind's default delay (due given).
     Expire { sessions: Vec<(Handle, UnixSecs)> },
-    /// The handler for this delivery failed or could not be reached; store it again.
-    DeliveryFailed { handle: Handle, due: UnixSecs },
+    /// The handler for this delivery failed or could not be reached: store it again at `due`
+    /// (drawn with the kind's backoff), or dead-letter it after the kind's max attempts.
+    DeliveryFailed { handle: Handle, due: UnixSecs, reason: FailureReason },
     /// A new leader's first entry. Committing an entry of its own term is how a leader learns
     /// which earlier entries are committed (Raft commits older terms only indirectly).
     Noop,
@@ -112,6 +171,8 @@ pub struct Entry {
 pub enum Query {
     Session(SessionId),
     Status,
+    /// A kind's dead-letter set, oldest first, starting after `after` (for paging).
+    Dead { kind: Kind, after: Option<SessionId>, limit: u32 },
 }
 
 /// Where a session stands, as a query sees it.
@@ -119,6 +180,8 @@ pub enum Query {
 pub enum SessionState {
     Active { lease_until: UnixMs, delivering: bool },
     Stored { due: UnixSecs },
+    /// In the kind's dead-letter set since the entry at `since`; only a redrive brings it back.
+    Dead { since: Index },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +190,11 @@ pub struct SessionView {
     pub kind: Kind,
     pub handle: Handle,
     pub state: SessionState,
+    /// Times the session was handed to a handler (its attempt number).
+    pub deliveries: u32,
+    /// Failed deliveries in a row, and why the last one failed.
+    pub failures: u32,
+    pub last_failure: Option<FailureReason>,
     #[serde(with = "crate::op::records_serde")]
     pub records: Vec<Vec<u8>>,
     pub bytes: u64,
@@ -148,6 +216,7 @@ pub struct StatusView {
     pub last_index: Index,
     pub sessions_active: u64,
     pub sessions_stored: u64,
+    pub sessions_dead: u64,
     pub state_hash: u64,
 }
 
@@ -155,6 +224,27 @@ pub struct StatusView {
 pub enum QueryReply {
     Session(Result<SessionView, RequestError>),
     Status(StatusView),
+    Dead(Result<DeadPage, RequestError>),
+}
+
+/// One dead session in a listing (records are left out; `Query::Session` shows them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadView {
+    pub id: SessionId,
+    pub since: Index,
+    pub deliveries: u32,
+    pub failures: u32,
+    pub last_failure: Option<FailureReason>,
+    pub records: u32,
+    pub bytes: u64,
+}
+
+/// A page of a kind's dead-letter set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadPage {
+    pub sessions: Vec<DeadView>,
+    /// Dead sessions of the kind in all.
+    pub total: u64,
 }
 
 /// A list of records encoded as byte strings (postcard writes a plain `Vec<u8>` one element at a

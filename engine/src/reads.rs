@@ -15,12 +15,28 @@ use crate::engine::Engine;
 use crate::error::RequestError;
 use crate::io::Output;
 use crate::op::QueryReply;
-use crate::types::{Index, SessionId};
+use crate::types::{Index, Kind, SessionId};
 use std::collections::VecDeque;
+
+/// A query answered from the replicated state, and so only once the leader knows it leads.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ReadQuery {
+    Session(SessionId),
+    Dead { kind: Kind, after: Option<SessionId>, limit: u32 },
+}
+
+impl ReadQuery {
+    fn refused(self, e: RequestError) -> QueryReply {
+        match self {
+            ReadQuery::Session(_) => QueryReply::Session(Err(e)),
+            ReadQuery::Dead { .. } => QueryReply::Dead(Err(e)),
+        }
+    }
+}
 
 struct PendingRead {
     id: u64,
-    session: SessionId,
+    query: ReadQuery,
     index: Index,
     round: u64,
 }
@@ -39,22 +55,22 @@ impl Reads {
 }
 
 impl Engine {
-    /// A session query: answered once the leader has confirmed it still leads (see above).
-    pub(crate) fn on_read(&mut self, id: u64, session: SessionId) {
+    /// A state query: answered once the leader has confirmed it still leads (see above).
+    pub(crate) fn on_read(&mut self, id: u64, query: ReadQuery) {
         if !self.is_leader() {
             let e = RequestError::NotLeader { leader: self.leader };
-            self.outputs.push_back(Output::QueryReply { id, reply: QueryReply::Session(Err(e)) });
+            self.outputs.push_back(Output::QueryReply { id, reply: query.refused(e) });
             return;
         }
         let max = self.cfg.limits.pending_requests_max;
         if self.reads.len() >= max as usize {
             let e = RequestError::Overloaded { max };
-            self.outputs.push_back(Output::QueryReply { id, reply: QueryReply::Session(Err(e)) });
+            self.outputs.push_back(Output::QueryReply { id, reply: query.refused(e) });
             return;
         }
         let index = self.commit.max(self.term_start);
         let round = self.reads.round_sent + 1;
-        self.reads.pending.push_back(PendingRead { id, session, index, round });
+        self.reads.pending.push_back(PendingRead { id, query, index, round });
         self.serve_reads();
     }
 
@@ -71,7 +87,10 @@ impl Engine {
                 break;
             }
             let r = self.reads.pending.pop_front().expect("checked");
-            let reply = QueryReply::Session(self.state.session_view(r.session));
+            let reply = match r.query {
+                ReadQuery::Session(session) => QueryReply::Session(self.state.session_view(session)),
+                ReadQuery::Dead { kind, after, limit } => QueryReply::Dead(Ok(self.state.dead_page(kind, after, limit))),
+            };
             self.outputs.push_back(Output::QueryReply { id: r.id, reply });
         }
         let next = self.reads.pending.back().map(|r| r.round);
@@ -92,7 +111,7 @@ impl Engine {
     pub(crate) fn refuse_reads(&mut self, leader: Option<crate::types::ReplicaId>) {
         for r in std::mem::take(&mut self.reads.pending) {
             let e = RequestError::NotLeader { leader };
-            self.outputs.push_back(Output::QueryReply { id: r.id, reply: QueryReply::Session(Err(e)) });
+            self.outputs.push_back(Output::QueryReply { id: r.id, reply: r.query.refused(e) });
         }
     }
 }

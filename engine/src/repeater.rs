@@ -4,7 +4,7 @@
 
 use crate::config::{EngineConfig, KindConfig};
 use crate::op::{Command, UnixSecs};
-use crate::sessions::{StateMachine, Status};
+use crate::sessions::{Session, StateMachine, Status};
 use crate::types::{Handle, Kind, SessionId, UnixMs};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -15,6 +15,17 @@ pub(crate) fn draw_due(wall: UnixMs, timeout_s: u32, kind: Option<&KindConfig>, 
     let window = kind.map_or(0, |k| k.jitter_window_s);
     let jitter = if window == 0 { 0 } else { rng.gen_range(0..=window as u64) };
     UnixSecs(wall.as_secs().0 + timeout_s as u64 + jitter)
+}
+
+/// Repeat time after a failed delivery: the kind's backoff for the session's failures in a row
+/// (this one included), plus the jitter.
+pub(crate) fn draw_retry_due(wall: UnixMs, session: &Session, cfg: &EngineConfig, rng: &mut ChaCha8Rng) -> UnixSecs {
+    let kc = cfg.kind(session.kind);
+    let mut delay = kc.map_or(60, |k| k.backoff_s(session.failures + 1));
+    if cfg.mutation(|m| m.no_backoff) {
+        delay = 0;
+    }
+    draw_due(wall, delay, kc, rng)
 }
 
 /// Leader-only, volatile: what has been proposed but not yet applied, so a tick does not
@@ -54,10 +65,14 @@ impl Repeater {
             let due = state
                 .stored_in_order(*kind)
                 .take_while(|(due, _, _)| *due <= horizon)
-                .filter(|(_, _, id)| !self.taking.contains(id))
-                .take(free)
-                .map(|(_, _, id)| id);
-            taken.extend(due);
+                .filter(|(_, _, id)| !self.taking.contains(id));
+            if cfg.mutation(|m| m.take_out_of_order) {
+                let mut due: Vec<_> = due.map(|(_, _, id)| id).collect();
+                due.reverse();
+                taken.extend(due.into_iter().take(free));
+            } else {
+                taken.extend(due.take(free).map(|(_, _, id)| id));
+            }
         }
         if taken.is_empty() {
             return None;
@@ -87,10 +102,13 @@ impl Repeater {
                 continue;
             }
             let s = state.session(id).expect("leased session exists");
-            debug_assert!(matches!(s.status, Status::Active { .. }));
-            let kc = cfg.kind(s.kind);
-            let delay = kc.map_or(60, |k| k.default_delay_s);
-            let due = draw_due(wall, delay, kc, rng);
+            let Status::Active { delivering, .. } = s.status else { panic!("a leased session is active") };
+            let due = if delivering {
+                draw_retry_due(wall, s, cfg, rng)
+            } else {
+                let kc = cfg.kind(s.kind);
+                draw_due(wall, kc.map_or(60, |k| k.default_delay_s), kc, rng)
+            };
             expired.push((Handle { session: id, attempt: s.attempt }, due));
         }
         if expired.is_empty() {

@@ -8,7 +8,10 @@
 use crate::config::EngineConfig;
 use crate::error::RequestError;
 use crate::hash::{digest, StateHash};
-use crate::op::{Command, Entry, Outcome, Reply, Request, SessionState, SessionView, UnixSecs};
+use crate::op::{
+    Command, DeadPage, DeadView, Entry, FailureReason, Outcome, RedriveTarget, Reply, Request, SessionState,
+    SessionView, UnixSecs,
+};
 use crate::types::{Attempt, ClientId, Handle, Index, Kind, Seq, SessionId, UnixMs};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,6 +22,9 @@ pub(crate) enum Status {
     Active { lease_until: UnixMs, delivering: bool },
     /// Waiting for redelivery; `stored_at` (the store's index) orders sessions due in one second.
     Stored { due: UnixSecs, stored_at: Index },
+    /// In the kind's dead-letter set since the entry at `since`: its deliveries failed the kind's
+    /// max attempts in a row. Nothing happens to it until an operator redrives it.
+    Dead { since: Index },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +35,9 @@ pub(crate) struct Session {
     pub records: Vec<Vec<u8>>,
     pub bytes: u64,
     pub status: Status,
+    /// Failed deliveries in a row (cleared when a handler stores the session or it is redriven).
+    pub failures: u32,
+    pub last_failure: Option<FailureReason>,
     /// Chained hash of the records since the last replace, so the state hash is O(1) to update.
     pub records_hash: u64,
 }
@@ -77,6 +86,9 @@ pub struct StateMachine {
     pub(crate) stored: BTreeSet<(Kind, UnixSecs, Index, SessionId)>,
     #[serde(skip)]
     pub(crate) leases: BTreeSet<(UnixMs, SessionId)>,
+    /// Dead-letter sets: (kind, since, id), oldest first within a kind.
+    #[serde(skip)]
+    pub(crate) dead: BTreeSet<(Kind, Index, SessionId)>,
     #[serde(skip)]
     pub(crate) delivering: BTreeMap<Kind, u32>,
     #[serde(skip)]
@@ -89,7 +101,8 @@ pub struct StateMachine {
 
 impl Session {
     fn digest(&self, id: SessionId) -> u64 {
-        digest(1, &(id, self.kind, self.attempt, self.bytes, self.records.len(), self.records_hash, &self.status))
+        let failures = (self.failures, &self.last_failure);
+        digest(1, &(id, self.kind, self.attempt, self.bytes, self.records.len(), self.records_hash, &self.status, failures))
     }
 
     fn push(&mut self, record: Vec<u8>) {
@@ -106,7 +119,11 @@ impl Session {
             state: match self.status {
                 Status::Active { lease_until, delivering } => SessionState::Active { lease_until, delivering },
                 Status::Stored { due, .. } => SessionState::Stored { due },
+                Status::Dead { since } => SessionState::Dead { since },
             },
+            deliveries: self.attempt.0,
+            failures: self.failures,
+            last_failure: self.last_failure.clone(),
             records: self.records.clone(),
             bytes: self.bytes,
         }
@@ -130,9 +147,43 @@ impl StateMachine {
         self.repeat_index.get(&kind).map_or(UnixSecs(0), |r| r.0)
     }
 
-    pub fn sessions_count(&self) -> (u64, u64) {
-        let stored = self.stored.len() as u64;
-        (self.sessions.len() as u64 - stored, stored)
+    /// Sessions (active, stored, dead).
+    pub fn sessions_count(&self) -> (u64, u64, u64) {
+        (self.leases.len() as u64, self.stored.len() as u64, self.dead.len() as u64)
+    }
+
+    /// A page of a kind's dead-letter set, oldest first, after session `after` if given.
+    pub fn dead_page(&self, kind: Kind, after: Option<SessionId>, limit: u32) -> DeadPage {
+        let from = match after.and_then(|id| self.sessions.get(&id).map(|s| (id, s))) {
+            Some((id, Session { status: Status::Dead { since }, .. })) => {
+                std::ops::Bound::Excluded((kind, *since, id))
+            }
+            _ => std::ops::Bound::Included((kind, Index(0), SessionId(0))),
+        };
+        let to = std::ops::Bound::Included((kind, Index(u64::MAX), SessionId(u64::MAX)));
+        let sessions = self
+            .dead
+            .range((from, to))
+            .take(limit as usize)
+            .map(|(_, since, id)| {
+                let s = &self.sessions[id];
+                DeadView {
+                    id: *id,
+                    since: *since,
+                    deliveries: s.attempt.0,
+                    failures: s.failures,
+                    last_failure: s.last_failure.clone(),
+                    records: s.records.len() as u32,
+                    bytes: s.bytes,
+                }
+            })
+            .collect();
+        DeadPage { sessions, total: self.dead_of(kind).count() as u64 }
+    }
+
+    fn dead_of(&self, kind: Kind) -> impl Iterator<Item = SessionId> + '_ {
+        let from = (kind, Index(0), SessionId(0));
+        self.dead.range(from..).take_while(move |k| k.0 == kind).map(|k| k.2)
     }
 
     pub fn session_view(&self, id: SessionId) -> Result<SessionView, RequestError> {
@@ -215,14 +266,16 @@ impl StateMachine {
             }
             Command::Expire { sessions } => {
                 for (handle, due) in sessions {
-                    self.expire(*handle, *due, entry);
+                    self.expire(*handle, *due, entry, cfg);
                 }
             }
             Command::Noop => {}
-            Command::DeliveryFailed { handle, due } => {
-                let active = self.check_handle(*handle).is_ok_and(|s| matches!(s.status, Status::Active { .. }));
-                if active {
-                    self.store(handle.session, *due, entry.index);
+            Command::DeliveryFailed { handle, due, reason } => {
+                let delivering = self
+                    .check_handle(*handle)
+                    .is_ok_and(|s| matches!(s.status, Status::Active { delivering: true, .. }));
+                if delivering {
+                    self.fail(handle.session, *due, reason.clone(), entry.index, cfg);
                 }
             }
         }
@@ -238,7 +291,10 @@ impl StateMachine {
         cfg: &EngineConfig,
         env: MutationEnv<'_>,
     ) -> UnixSecs {
-        let Request::Store { handle, timeout_s } = request else { return UnixSecs(0) };
+        let Request::Store { handle, timeout_s } = request else {
+            // A redrive is due when the leader proposed it.
+            return due.unwrap_or_else(|| entry.at.as_secs());
+        };
         if cfg.mutation(|m| m.recompute_jitter_on_apply) {
             let kind = self.sessions.get(&handle.session).map_or(Kind(0), |s| s.kind);
             crate::repeater::draw_due(env.wall, *timeout_s, cfg.kind(kind), env.rng)
@@ -282,14 +338,61 @@ impl StateMachine {
                 if *timeout_s > max_s {
                     return Err(RequestError::TimeoutTooLong { timeout_s: *timeout_s, max_s });
                 }
+                // A handler that stores the session has handled it (it is unfinished, not failed).
+                self.change(handle.session, |s| s.failures = 0);
                 let due = self.store(handle.session, due, entry.index);
                 Ok(Reply::Stored { due })
             }
             Request::KeepAlive { handle } => {
                 self.check_handle_active(*handle)?;
-                self.renew(handle.session, entry.at, cfg);
+                if !cfg.mutation(|m| m.ignore_keepalive) {
+                    self.renew(handle.session, entry.at, cfg);
+                }
                 Ok(Reply::Done)
             }
+            Request::Redrive { target } => self.redrive(*target, due, entry.index, cfg),
+        }
+    }
+
+    /// Moves dead sessions back to the stored set with their failure count cleared.
+    fn redrive(&mut self, target: RedriveTarget, due: UnixSecs, at: Index, cfg: &EngineConfig) -> Outcome {
+        let (kind, ids): (Kind, Vec<SessionId>) = match target {
+            RedriveTarget::Session(id) => {
+                let s = self.sessions.get(&id).ok_or_else(|| self.missing(id))?;
+                if !matches!(s.status, Status::Dead { .. }) {
+                    return Err(RequestError::NotDead(id));
+                }
+                (s.kind, vec![id])
+            }
+            RedriveTarget::Kind(kind) => {
+                cfg.kind(kind).ok_or(RequestError::UnknownKind(kind))?;
+                (kind, self.dead_of(kind).take(cfg.limits.redrive_batch_max as usize).collect())
+            }
+        };
+        for id in &ids {
+            self.change(*id, |s| s.failures = 0);
+            self.store(*id, due, at);
+        }
+        let remaining = self.dead_of(kind).count() as u64;
+        Ok(Reply::Redriven { count: ids.len() as u32, remaining })
+    }
+
+    /// A delivery failed: the session is stored again at `due` (the leader drew it with the
+    /// kind's backoff), or goes to the dead-letter set once its failures reach max attempts.
+    fn fail(&mut self, id: SessionId, due: UnixSecs, reason: FailureReason, at: Index, cfg: &EngineConfig) {
+        let kind = self.sessions[&id].kind;
+        let failures = self.sessions[&id].failures + 1;
+        let early = cfg.mutation(|m| m.dead_letter_early) as u32;
+        let dead = cfg.kind(kind).is_some_and(|k| k.is_dead_after(failures + early));
+        self.change(id, |s| {
+            s.failures = failures;
+            s.last_failure = Some(reason);
+            if dead {
+                s.status = Status::Dead { since: at };
+            }
+        });
+        if !dead {
+            self.store(id, due, at);
         }
     }
 
@@ -319,6 +422,8 @@ impl StateMachine {
             bytes: 0,
             status: Status::Active { lease_until, delivering: false },
             records_hash: 0,
+            failures: 0,
+            last_failure: None,
         };
         if let Some(r) = record {
             s.push(r);
@@ -341,6 +446,7 @@ impl StateMachine {
         match self.check_handle(handle)?.status {
             Status::Active { .. } => Ok(()),
             Status::Stored { .. } => Err(RequestError::SessionStored(handle.session)),
+            Status::Dead { .. } => Err(RequestError::SessionDead(handle.session)),
         }
     }
 
@@ -388,6 +494,9 @@ impl StateMachine {
             Status::Stored { due, stored_at } => {
                 assert!(self.stored.remove(&(kind, *due, *stored_at, id)), "stored index holds every stored session");
             }
+            Status::Dead { since } => {
+                assert!(self.dead.remove(&(kind, *since, id)), "dead index holds every dead session");
+            }
         }
         match after {
             Some(Status::Active { lease_until, delivering }) => {
@@ -398,6 +507,9 @@ impl StateMachine {
             }
             Some(Status::Stored { due, stored_at }) => {
                 self.stored.insert((kind, *due, *stored_at, id));
+            }
+            Some(Status::Dead { since }) => {
+                self.dead.insert((kind, *since, id));
             }
             None => {}
         }
@@ -447,7 +559,13 @@ impl StateMachine {
         // already does this; checking it here makes it hold on every replica even when an
         // earlier take was lost (say, its write failed on a full disk).
         let first = self.stored_in_order(s.kind).next().map(|(_, _, first)| first);
-        if first != Some(id) {
+        if first != Some(id) && !cfg.mutation(|m| m.take_out_of_order) {
+            return None;
+        }
+        // A kind never has more deliveries out than handler slots, on every replica, whatever
+        // the proposer planned (a new leader may not yet know of its predecessor's last take).
+        let slots = cfg.kind(s.kind).map_or(0, |k| k.handler_slots);
+        if self.delivering(s.kind) >= slots {
             return None;
         }
         let (kind, lease_until) = (s.kind, at.saturating_add_ms(cfg.lease(s.kind).0));
@@ -461,12 +579,18 @@ impl StateMachine {
         Some(due)
     }
 
-    fn expire(&mut self, handle: Handle, due: UnixSecs, entry: &Entry) {
+    /// A lease ran out. A session its owner left is stored; a delivery whose handler let the
+    /// lease run out has failed (the leader drew `due` with the kind's backoff).
+    fn expire(&mut self, handle: Handle, due: UnixSecs, entry: &Entry, cfg: &EngineConfig) {
         let Ok(s) = self.check_handle(handle) else { return };
-        if let Status::Active { lease_until, .. } = s.status {
-            if lease_until <= entry.at {
-                self.store(handle.session, due, entry.index);
-            }
+        let Status::Active { lease_until, delivering } = s.status else { return };
+        if lease_until > entry.at {
+            return;
+        }
+        if delivering {
+            self.fail(handle.session, due, FailureReason::LeaseExpired, entry.index, cfg);
+        } else {
+            self.store(handle.session, due, entry.index);
         }
     }
 
@@ -490,6 +614,7 @@ impl StateMachine {
         let mut hash = StateHash::default();
         self.stored.clear();
         self.leases.clear();
+        self.dead.clear();
         self.delivering.clear();
         self.dedup_lru.clear();
         self.tombstone_order.clear();
@@ -504,6 +629,9 @@ impl StateMachine {
                 }
                 Status::Stored { due, stored_at } => {
                     self.stored.insert((s.kind, due, stored_at, *id));
+                }
+                Status::Dead { since } => {
+                    self.dead.insert((s.kind, since, *id));
                 }
             }
         }
@@ -520,7 +648,11 @@ impl StateMachine {
 
     /// Cheap structural invariants, checked after every step.
     pub(crate) fn invariants(&self) {
-        assert_eq!(self.sessions.len(), self.stored.len() + self.leases.len(), "every session is in exactly one index");
+        assert_eq!(
+            self.sessions.len(),
+            self.stored.len() + self.leases.len() + self.dead.len(),
+            "every session is in exactly one index"
+        );
         assert_eq!(self.dedup.len(), self.dedup_lru.len(), "dedup lru mirrors the table");
         assert_eq!(self.tombstones.len(), self.tombstone_order.len(), "tombstone order mirrors the tombstones");
         if let Some((_, _, _, id)) = self.stored.first() {
@@ -538,6 +670,7 @@ impl StateMachine {
         copy.rebuild_indexes();
         assert_eq!(copy.stored, self.stored, "stored index matches session statuses");
         assert_eq!(copy.leases, self.leases, "lease index matches session statuses");
+        assert_eq!(copy.dead, self.dead, "dead index matches session statuses");
         let nonzero: BTreeMap<_, _> = self.delivering.iter().filter(|(_, n)| **n > 0).collect();
         let expect: BTreeMap<_, _> = copy.delivering.iter().collect();
         assert_eq!(nonzero, expect, "delivering counts match session statuses");

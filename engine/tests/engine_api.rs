@@ -15,7 +15,7 @@ use truba_engine::{
     Kind, KindConfig, Outcome, Output, Query, QueryReply, Reply, Request, RequestError, Seq, SessionId, SessionState,
     SessionView, StatusView, UnixSecs,
 };
-use truba_engine::{Instant, Now, ReplicaId, RoleName, Term, UnixMs};
+use truba_engine::{FailureReason, Instant, Now, ReplicaId, RoleName, Term, UnixMs};
 
 /// Wall clock at t = 0 (mono 0).
 const WALL0: u64 = 1_700_000_000_000;
@@ -288,8 +288,15 @@ fn quick_kind() -> KindConfig {
         jitter_window_s: 0,
         lease_ms: 1_000,
         store_timeout_s_max: 3_600,
+        backoff_base_s: 2,
+        backoff_cap_s: 8,
+        max_attempts: 3,
         ..KindConfig::default()
     }
+}
+
+fn failed() -> FailureReason {
+    FailureReason::Handler("it broke".into())
 }
 
 fn cfg_with(kind: u32, kc: KindConfig) -> EngineConfig {
@@ -710,9 +717,9 @@ fn redelivery_fences_the_old_handle() {
     assert_eq!(d.req(2, append(h1, b"three")), Ok(Reply::Done));
     assert_eq!(d.session(h0.session).unwrap().records, recs(&[b"one", b"two", b"three"]));
 
-    // A failed delivery stores it again with the default delay; the next delivery fences h1.
+    // A failed delivery stores it again after the backoff base; the next delivery fences h1.
     let wall_s = d.wall_ms() / 1000;
-    d.input(Input::DeliveryFailed { handle: h1 });
+    d.input(Input::DeliveryFailed { handle: h1, reason: failed() });
     assert_eq!(d.session(h0.session).unwrap().state, SessionState::Stored { due: UnixSecs(wall_s + 2) });
     d.t = (wall_s + 2) * 1000 - WALL0;
     let mark = d.tick();
@@ -948,7 +955,7 @@ fn scripted_run(seed: u64) -> (Vec<String>, Dir) {
         let mark = d.tick();
         for (i, (_, h, _, _)) in d.deliveries_since(mark).into_iter().enumerate() {
             if i % 2 == 0 {
-                d.input(Input::DeliveryFailed { handle: h });
+                d.input(Input::DeliveryFailed { handle: h, reason: failed() });
             }
         }
     }
@@ -1024,7 +1031,7 @@ fn delivery_failures_with_a_full_queue_stay_bounded() {
     assert_eq!(d.replies_since(mark)[0].2, Err(RequestError::Overloaded { max: 8 }));
     // The handlers report their failures.
     for h in &hs {
-        d.input(Input::DeliveryFailed { handle: *h });
+        d.input(Input::DeliveryFailed { handle: *h, reason: failed() });
     }
     d.release();
     for h in &hs {

@@ -318,6 +318,7 @@ async fn get(conn: &Conn, session: u64) -> CliResult {
             ("active", serde_json::json!({"lease_until_unix_ms": lease_until.0, "delivering": delivering}))
         }
         SessionState::Stored { due } => ("stored", serde_json::json!({"due_unix_s": due.0})),
+        SessionState::Dead { since } => ("dead", serde_json::json!({"dead_since_index": since.0})),
     };
     if conn.json {
         let records: Vec<String> = v.records.iter().map(|r| String::from_utf8_lossy(r).into_owned()).collect();

@@ -31,7 +31,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
-use truba_engine::{
+use truba_engine::{FailureReason, 
     ClientId, DiskError, Engine, Handle, Input, Instant, IoId, IoOp, IoReply, Kind, Message, Now, Output, Query,
     QueryReply, ReplicaId, Request, Seq, UnixMs,
 };
@@ -42,7 +42,7 @@ pub enum ToEngine {
     Query { conn: u64, id: u64, query: Query },
     Status { conn: u64, id: u64 },
     IoDone { id: IoId, result: Result<IoReply, DiskError> },
-    DeliveryFailed { handle: Handle },
+    DeliveryFailed { handle: Handle, reason: FailureReason },
     Opened { conn: u64, tx: mpsc::Sender<ServerMsg> },
     Closed { conn: u64 },
     Message { from: ReplicaId, message: Message },
@@ -316,7 +316,7 @@ impl<E: Env> Driver<E> {
                 self.feed(Input::Query { id: self.next_query, query: Query::Status })
             }
             ToEngine::IoDone { id, result } => self.feed(Input::IoDone { id, result }),
-            ToEngine::DeliveryFailed { handle } => self.feed(Input::DeliveryFailed { handle }),
+            ToEngine::DeliveryFailed { handle, reason } => self.feed(Input::DeliveryFailed { handle, reason }),
             ToEngine::Opened { conn, tx } => {
                 self.conns.insert(conn, tx);
             }
@@ -599,10 +599,10 @@ async fn deliver<N: Transport>(
     tx: mpsc::UnboundedSender<ToEngine>,
 ) {
     let result = match &addr {
-        None => Err("no handler is configured for this kind".to_string()),
+        None => Err(FailureReason::Unreachable("no handler is configured for this kind".to_string())),
         Some(addr) => match tokio::time::timeout(timeout, push(&net, addr, &msg, handle, frame_bytes_max)).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no acknowledgement within {} ms", timeout.as_millis())),
+            Err(_) => Err(FailureReason::Handler(format!("no acknowledgement within {} ms", timeout.as_millis()))),
         },
     };
     match result {
@@ -612,24 +612,31 @@ async fn deliver<N: Transport>(
                 session = handle.session.0,
                 attempt = handle.attempt.0,
                 handler = addr.unwrap_or_default(),
-                reason,
-                "delivery failed; the session will be stored again"
+                %reason,
+                "delivery failed; the session will be stored again with backoff (or dead-lettered)"
             );
-            let _ = tx.send(ToEngine::DeliveryFailed { handle });
+            let _ = tx.send(ToEngine::DeliveryFailed { handle, reason });
         }
     }
 }
 
-async fn push<N: Transport>(net: &N, addr: &str, msg: &PipeToHandler, handle: Handle, max: u32) -> Result<(), String> {
-    let mut stream = net.connect(addr).await.map_err(|e| format!("cannot connect: {e}"))?;
-    wire::write(&mut stream, msg).await.map_err(|e| e.to_string())?;
+/// Pushes a delivery and waits for its acknowledgement. A handler that answers with an error
+/// failed; one that cannot be reached or breaks the exchange is unreachable.
+async fn push<N: Transport>(
+    net: &N,
+    addr: &str,
+    msg: &PipeToHandler,
+    handle: Handle,
+    max: u32,
+) -> Result<(), FailureReason> {
+    let unreachable = FailureReason::Unreachable;
+    let mut stream = net.connect(addr).await.map_err(|e| unreachable(format!("cannot connect: {e}")))?;
+    wire::write(&mut stream, msg).await.map_err(|e| unreachable(e.to_string()))?;
     match wire::read::<HandlerToPipe, _>(&mut stream, max).await {
-        Ok(Some(HandlerToPipe::Ack { handle: h, result })) if h == handle => {
-            result.map_err(|e| format!("handler failed: {e}"))
-        }
-        Ok(Some(other)) => Err(format!("unexpected answer {other:?}")),
-        Ok(None) => Err("the handler closed the connection".into()),
-        Err(e) => Err(e.to_string()),
+        Ok(Some(HandlerToPipe::Ack { handle: h, result })) if h == handle => result.map_err(FailureReason::Handler),
+        Ok(Some(other)) => Err(unreachable(format!("unexpected answer {other:?}"))),
+        Ok(None) => Err(unreachable("the handler closed the connection".into())),
+        Err(e) => Err(unreachable(e.to_string())),
     }
 }
 

@@ -3,7 +3,7 @@
 //! real-time figures) is what snapshot tests compare.
 
 use std::fmt::Write as _;
-use truba_engine::{Handle, Kind, Outcome, Reply, Request, UnixSecs};
+use truba_engine::{FailureReason, Handle, Kind, Outcome, RedriveTarget, Reply, Request, UnixSecs};
 
 /// Who issued a request: a workload client or a handler working on a delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -44,9 +44,12 @@ pub enum Event {
         due: UnixSecs,
         records: Vec<Vec<u8>>,
         taken_at_ms: u64,
+        /// The log index of the take: deliveries in take order are in this order.
+        take_index: u64,
     },
     DeliveryFailed {
         handle: Handle,
+        reason: FailureReason,
     },
     Crash {
         replica: u32,
@@ -119,6 +122,8 @@ pub fn describe_request(r: &Request) -> String {
         Request::Delete { handle } => format!("delete {handle}"),
         Request::Store { handle, timeout_s } => format!("store {handle} {timeout_s}s"),
         Request::KeepAlive { handle } => format!("keepalive {handle}"),
+        Request::Redrive { target: RedriveTarget::Session(id) } => format!("redrive {id}"),
+        Request::Redrive { target: RedriveTarget::Kind(kind) } => format!("redrive k{}", kind.0),
     }
 }
 
@@ -129,6 +134,9 @@ fn describe(e: &Event) -> String {
             Ok(Reply::Created { handle }) => format!("{actor:?}#{seq} < created {handle}"),
             Ok(Reply::Done) => format!("{actor:?}#{seq} < ok"),
             Ok(Reply::Stored { due }) => format!("{actor:?}#{seq} < stored, due {}", due.0),
+            Ok(Reply::Redriven { count, remaining }) => {
+                format!("{actor:?}#{seq} < redrove {count}, {remaining} still dead")
+            }
             Err(e) => format!("{actor:?}#{seq} < error: {e}"),
         },
         Event::GiveUp { actor, seq, .. } => format!("{actor:?}#{seq} gave up"),
@@ -136,7 +144,10 @@ fn describe(e: &Event) -> String {
         Event::Deliver { kind, handle, due, records, .. } => {
             format!("deliver k{} {handle} due {} [{}]", kind.0, due.0, ids(records))
         }
-        Event::DeliveryFailed { handle } => format!("handler failed {handle}"),
+        Event::DeliveryFailed { handle, reason } => match reason {
+            FailureReason::Unreachable(_) => format!("handler unreachable {handle}"),
+            _ => format!("handler failed {handle}"),
+        },
         Event::Crash { replica, disk } => format!("replica {replica} crash ({disk})"),
         Event::Restart { replica, boot } => format!("replica {replica} restart, boot {boot}"),
         Event::Recovered { replica, applied, state_hash, torn_bytes } => {

@@ -9,7 +9,7 @@ use crate::scenario::{HandlerSetup, Workload};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::VecDeque;
-use truba_engine::{ClientId, Handle, Kind, KindConfig, Outcome, Reply, Request, RequestError, Seq};
+use truba_engine::{ClientId, FailureReason, Handle, Kind, KindConfig, Outcome, Reply, Request, RequestError, Seq};
 
 /// One step of a session plan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +42,7 @@ pub enum Action {
         token: u64,
     },
     Record(Event),
-    DeliveryFailed(Handle),
+    DeliveryFailed(Handle, FailureReason),
 }
 
 #[derive(Debug)]
@@ -237,7 +237,7 @@ impl Agent {
             Step::Store(timeout_s) => Request::Store { handle, timeout_s },
             Step::Fail => {
                 self.handle = None;
-                let mut out = vec![Action::DeliveryFailed(handle)];
+                let mut out = vec![Action::DeliveryFailed(handle, FailureReason::Handler("simulated failure".into()))];
                 out.extend(self.think(now_us, ctx));
                 return out;
             }

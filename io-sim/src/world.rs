@@ -31,7 +31,7 @@ enum Ev {
     Io { r: usize, boot: u32, id: IoId, op: IoOp },
     Tick { r: usize, boot: u32 },
     Deliver { kind: Kind, handle: Handle },
-    DeliveryFailed { handle: Handle },
+    DeliveryFailed { handle: Handle, reason: truba_engine::FailureReason },
     Message { from: usize, to: usize, message: Message },
     Crash,
     Restart { r: usize },
@@ -370,9 +370,9 @@ impl World {
                 }
                 self.dispatch(kind);
             }
-            Ev::DeliveryFailed { handle } => {
+            Ev::DeliveryFailed { handle, reason } => {
                 let r = self.delivered_by.get(&handle).copied().unwrap_or(0);
-                self.feed(r, Input::DeliveryFailed { handle });
+                self.feed(r, Input::DeliveryFailed { handle, reason });
             }
             Ev::Message { from, to, message } => {
                 let from = ReplicaId(from as u32);
@@ -453,10 +453,10 @@ impl World {
                 }
                 Action::Wake { at_us, token } => self.at(at_us, Ev::Wake { agent, token }),
                 Action::Record(e) => self.history.push(self.now_us, e),
-                Action::DeliveryFailed(handle) => {
-                    self.history.push(self.now_us, Event::DeliveryFailed { handle });
+                Action::DeliveryFailed(handle, reason) => {
+                    self.history.push(self.now_us, Event::DeliveryFailed { handle, reason: reason.clone() });
                     let t = self.net_delay();
-                    self.at(t, Ev::DeliveryFailed { handle });
+                    self.at(t, Ev::DeliveryFailed { handle, reason });
                 }
             }
         }
@@ -577,7 +577,7 @@ impl World {
                 let t = self.net_delay();
                 self.at(t, Ev::Reply { client, seq, outcome });
             }
-            Output::Deliver { kind, handle, due, taken_at, records } => {
+            Output::Deliver { kind, handle, due, taken_at, take_index, records } => {
                 if !self.wall_readings.contains(&taken_at.0) {
                     self.violations.push(Violation {
                         property: "no-early-redelivery",
@@ -591,7 +591,9 @@ impl World {
                 }
                 let taken_at_ms = taken_at.0;
                 self.delivered_by.insert(handle, r);
-                self.history.push(self.now_us, Event::Deliver { kind, handle, due, records, taken_at_ms });
+                let take_index = take_index.0;
+                let event = Event::Deliver { kind, handle, due, records, taken_at_ms, take_index };
+                self.history.push(self.now_us, event);
                 let t = self.net_delay();
                 self.at(t, Ev::Deliver { kind, handle });
             }
