@@ -300,6 +300,10 @@ pub fn kind_config() -> KindConfig {
         lease_ms: 600_000,
         handler_slots: 4,
         store_timeout_s_max: 3600,
+        backoff_base_s: 1,
+        backoff_cap_s: 2,
+        // Handler failures here are faults of the network, not of the sessions: never give up.
+        max_attempts: 0,
     }
 }
 
