@@ -130,11 +130,18 @@ impl Request {
 /// A successful answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
-    Created { handle: Handle },
+    Created {
+        handle: Handle,
+    },
     Done,
-    Stored { due: UnixSecs },
+    Stored {
+        due: UnixSecs,
+    },
     /// A redrive moved `count` dead sessions back; `remaining` are still dead in that kind.
-    Redriven { count: u32, remaining: u64 },
+    Redriven {
+        count: u32,
+        remaining: u64,
+    },
 }
 
 pub type Outcome = Result<Reply, RequestError>;
@@ -172,16 +179,27 @@ pub enum Query {
     Session(SessionId),
     Status,
     /// A kind's dead-letter set, oldest first, starting after `after` (for paging).
-    Dead { kind: Kind, after: Option<SessionId>, limit: u32 },
+    Dead {
+        kind: Kind,
+        after: Option<SessionId>,
+        limit: u32,
+    },
 }
 
 /// Where a session stands, as a query sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SessionState {
-    Active { lease_until: UnixMs, delivering: bool },
-    Stored { due: UnixSecs },
+    Active {
+        lease_until: UnixMs,
+        delivering: bool,
+    },
+    Stored {
+        due: UnixSecs,
+    },
     /// In the kind's dead-letter set since the entry at `since`; only a redrive brings it back.
-    Dead { since: Index },
+    Dead {
+        since: Index,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

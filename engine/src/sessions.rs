@@ -102,7 +102,10 @@ pub struct StateMachine {
 impl Session {
     fn digest(&self, id: SessionId) -> u64 {
         let failures = (self.failures, &self.last_failure);
-        digest(1, &(id, self.kind, self.attempt, self.bytes, self.records.len(), self.records_hash, &self.status, failures))
+        digest(
+            1,
+            &(id, self.kind, self.attempt, self.bytes, self.records.len(), self.records_hash, &self.status, failures),
+        )
     }
 
     fn push(&mut self, record: Vec<u8>) {
@@ -155,9 +158,7 @@ impl StateMachine {
     /// A page of a kind's dead-letter set, oldest first, after session `after` if given.
     pub fn dead_page(&self, kind: Kind, after: Option<SessionId>, limit: u32) -> DeadPage {
         let from = match after.and_then(|id| self.sessions.get(&id).map(|s| (id, s))) {
-            Some((id, Session { status: Status::Dead { since }, .. })) => {
-                std::ops::Bound::Excluded((kind, *since, id))
-            }
+            Some((id, Session { status: Status::Dead { since }, .. })) => std::ops::Bound::Excluded((kind, *since, id)),
             _ => std::ops::Bound::Included((kind, Index(0), SessionId(0))),
         };
         let to = std::ops::Bound::Included((kind, Index(u64::MAX), SessionId(u64::MAX)));

@@ -779,6 +779,10 @@ pub(crate) mod tests {
             ClientMsg::Query { id, query: Query::Session(sid) } => {
                 ServerMsg::QueryReply { id: *id, reply: QueryReply::Session(Err(RequestError::SessionUnknown(*sid))) }
             }
+            ClientMsg::Query { id, query: Query::Dead { .. } } => ServerMsg::QueryReply {
+                id: *id,
+                reply: QueryReply::Dead(Ok(truba_engine::DeadPage { sessions: vec![], total: 0 })),
+            },
             ClientMsg::Query { id, query: Query::Status } => ServerMsg::QueryReply {
                 id: *id,
                 reply: QueryReply::Status(StatusView {
@@ -793,6 +797,7 @@ pub(crate) mod tests {
                     last_index: Default::default(),
                     sessions_active: 0,
                     sessions_stored: 0,
+                    sessions_dead: 0,
                     state_hash: 0,
                 }),
             },
@@ -812,6 +817,7 @@ pub(crate) mod tests {
                         last_index: Default::default(),
                         sessions_active: 3,
                         sessions_stored: 4,
+                        sessions_dead: 0,
                         state_hash: 5,
                     },
                     disk_bytes: 6,

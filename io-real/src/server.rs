@@ -31,9 +31,9 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
-use truba_engine::{FailureReason, 
-    ClientId, DiskError, Engine, Handle, Input, Instant, IoId, IoOp, IoReply, Kind, Message, Now, Output, Query,
-    QueryReply, ReplicaId, Request, Seq, UnixMs,
+use truba_engine::{
+    ClientId, DiskError, Engine, FailureReason, Handle, Input, Instant, IoId, IoOp, IoReply, Kind, Message, Now,
+    Output, Query, QueryReply, ReplicaId, Request, Seq, UnixMs,
 };
 
 /// What the engine task hears about.
