@@ -731,6 +731,171 @@ fn redelivery_fences_the_old_handle() {
     assert_eq!(d.session(h0.session), Err(RequestError::SessionDeleted(h0.session)));
 }
 
+/// Fails every delivery of `id` that comes due, `n` times, checking each backoff, and returns the
+/// handle of the last delivery (already failed).
+fn fail_deliveries(d: &mut Driver, id: SessionId, n: u32, expect_backoff_s: &[u64]) -> Handle {
+    let mut last = None;
+    let before = d.session(id).unwrap().failures;
+    for i in 0..n {
+        let due = match d.session(id).unwrap().state {
+            SessionState::Stored { due } => due,
+            other => panic!("failure {i}: not stored but {other:?}"),
+        };
+        d.t = due.0 * 1000 - WALL0;
+        let mark = d.tick();
+        let dl = d.deliveries_since(mark);
+        assert_eq!(dl.len(), 1, "failure {i}: one delivery");
+        let h = dl[0].1;
+        let wall_s = d.wall_ms() / 1000;
+        d.input(Input::DeliveryFailed { handle: h, reason: failed() });
+        let v = d.session(id).unwrap();
+        assert_eq!(v.failures, before + i + 1);
+        assert_eq!(v.deliveries, h.attempt.0);
+        assert_eq!(v.last_failure, Some(failed()));
+        if let Some(backoff) = expect_backoff_s.get(i as usize) {
+            assert_eq!(v.state, SessionState::Stored { due: UnixSecs(wall_s + backoff) }, "failure {i}");
+        }
+        last = Some(h);
+    }
+    last.expect("n > 0")
+}
+
+fn dead_page(d: &mut Driver, kind: u32) -> truba_engine::DeadPage {
+    match d.query(Query::Dead { kind: Kind(kind), after: None, limit: 100 }) {
+        QueryReply::Dead(Ok(page)) => page,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn failed_deliveries_back_off_exponentially_up_to_the_cap_and_then_go_to_the_dead_letter_set() {
+    let kc = KindConfig { backoff_base_s: 2, backoff_cap_s: 5, max_attempts: 4, ..quick_kind() };
+    let mut d = Driver::booted(cfg_with(3, kc), 7);
+    let h0 = created(d.req(1, new(3, Some(b"one"))));
+    d.req(1, Request::Store { handle: h0, timeout_s: 0 }).unwrap();
+    // 2 s, 4 s, then capped at 5 s; the fourth failure is the last attempt.
+    let last = fail_deliveries(&mut d, h0.session, 3, &[2, 4, 5]);
+    assert_eq!(last.attempt, Attempt(3));
+    let h4 = fail_deliveries(&mut d, h0.session, 1, &[]);
+    let v = d.session(h0.session).unwrap();
+    let SessionState::Dead { since } = v.state else { panic!("not dead after max attempts: {:?}", v.state) };
+    assert_eq!((v.deliveries, v.failures), (4, 4));
+    assert_eq!(d.status().sessions_dead, 1);
+
+    // Dead sessions are never taken, however long one waits, and refuse their handle.
+    d.advance(3_600_000);
+    let mark = d.tick();
+    assert!(d.deliveries_since(mark).is_empty());
+    assert_eq!(d.req(2, append(h4, b"x")), Err(RequestError::SessionDead(h0.session)));
+    let page = dead_page(&mut d, 3);
+    assert_eq!(page.total, 1);
+    assert_eq!(page.sessions[0].id, h0.session);
+    assert_eq!(page.sessions[0].since, since);
+    assert_eq!((page.sessions[0].records, page.sessions[0].bytes), (1, 3));
+
+    // A redrive stores it due now with a fresh count; the next failure backs off from the base.
+    let redrive = |id| Request::Redrive { target: truba_engine::RedriveTarget::Session(id) };
+    assert_eq!(d.req(3, redrive(h0.session)), Ok(Reply::Redriven { count: 1, remaining: 0 }));
+    assert_eq!(d.req(3, redrive(h0.session)), Err(RequestError::NotDead(h0.session)));
+    assert_eq!(d.req(3, redrive(SessionId(999))), Err(RequestError::SessionUnknown(SessionId(999))));
+    assert_eq!(d.session(h0.session).unwrap().failures, 0);
+    assert_eq!(dead_page(&mut d, 3).total, 0);
+    let h5 = fail_deliveries(&mut d, h0.session, 1, &[2]);
+    assert_eq!(h5.attempt, Attempt(5));
+
+    // A handler that stores the session has handled it: the count starts again.
+    d.t = match d.session(h0.session).unwrap().state {
+        SessionState::Stored { due } => due.0 * 1000 - WALL0,
+        other => panic!("{other:?}"),
+    };
+    let mark = d.tick();
+    let h6 = d.deliveries_since(mark)[0].1;
+    d.req(4, Request::Store { handle: h6, timeout_s: 0 }).unwrap();
+    assert_eq!(d.session(h0.session).unwrap().failures, 0);
+    fail_deliveries(&mut d, h0.session, 1, &[2]);
+    d.engine.state().full_invariants();
+}
+
+#[test]
+fn a_delivery_whose_lease_runs_out_counts_as_a_failure() {
+    let kc = KindConfig { max_attempts: 2, ..quick_kind() };
+    let mut d = Driver::booted(cfg_with(3, kc), 7);
+    let h0 = created(d.req(1, new(3, Some(b"one"))));
+    d.req(1, Request::Store { handle: h0, timeout_s: 0 }).unwrap();
+    for round in 1..=2 {
+        let mark = d.tick();
+        assert_eq!(d.deliveries_since(mark).len(), 1, "round {round}");
+        // The handler goes silent: its lease (1 s) runs out.
+        d.advance(1_000);
+        d.tick();
+        let v = d.session(h0.session).unwrap();
+        assert_eq!(v.failures, round);
+        assert_eq!(v.last_failure, Some(FailureReason::LeaseExpired));
+        if let SessionState::Stored { due } = v.state {
+            d.t = due.0 * 1000 - WALL0;
+        }
+    }
+    assert!(matches!(d.session(h0.session).unwrap().state, SessionState::Dead { .. }));
+}
+
+#[test]
+fn a_redrive_of_a_kind_moves_a_bounded_batch_oldest_first() {
+    let kc = KindConfig { max_attempts: 1, ..quick_kind() };
+    let mut cfg = cfg_with(3, kc);
+    cfg.limits.redrive_batch_max = 2;
+    let mut d = Driver::booted(cfg, 7);
+    let mut ids = Vec::new();
+    for c in 0..5 {
+        let h = created(d.req(10 + c, new(3, Some(b"r"))));
+        d.req(10 + c, Request::Store { handle: h, timeout_s: 0 }).unwrap();
+        ids.push(h.session);
+    }
+    let mark = d.tick();
+    for (_, h, _, _) in d.deliveries_since(mark) {
+        d.input(Input::DeliveryFailed { handle: h, reason: FailureReason::Unreachable("refused".into()) });
+    }
+    let page = dead_page(&mut d, 3);
+    assert_eq!(page.total, 5);
+    assert_eq!(page.sessions.iter().map(|v| v.id).collect::<Vec<_>>(), ids, "oldest first");
+    // Paging goes on after the given session.
+    match d.query(Query::Dead { kind: Kind(3), after: Some(ids[1]), limit: 2 }) {
+        QueryReply::Dead(Ok(p)) => assert_eq!(p.sessions.iter().map(|v| v.id).collect::<Vec<_>>(), ids[2..4]),
+        other => panic!("{other:?}"),
+    }
+    let by_kind = Request::Redrive { target: truba_engine::RedriveTarget::Kind(Kind(3)) };
+    assert_eq!(d.req(1, by_kind.clone()), Ok(Reply::Redriven { count: 2, remaining: 3 }));
+    assert_eq!(dead_page(&mut d, 3).sessions[0].id, ids[2]);
+    assert_eq!(d.req(1, by_kind.clone()), Ok(Reply::Redriven { count: 2, remaining: 1 }));
+    assert_eq!(d.req(1, by_kind.clone()), Ok(Reply::Redriven { count: 1, remaining: 0 }));
+    assert_eq!(d.req(1, by_kind), Ok(Reply::Redriven { count: 0, remaining: 0 }));
+    let unknown = Request::Redrive { target: truba_engine::RedriveTarget::Kind(Kind(9)) };
+    assert_eq!(d.req(1, unknown), Err(RequestError::UnknownKind(Kind(9))));
+    assert_eq!(d.status().sessions_stored, 5);
+}
+
+#[test]
+fn a_kind_never_has_more_deliveries_out_than_handler_slots() {
+    let kc = KindConfig { handler_slots: 2, ..quick_kind() };
+    let mut d = Driver::booted(cfg_with(3, kc), 7);
+    for c in 0..5 {
+        let h = created(d.req(10 + c, new(3, Some(b"r"))));
+        d.req(10 + c, Request::Store { handle: h, timeout_s: 0 }).unwrap();
+    }
+    let mark = d.tick();
+    let first = d.deliveries_since(mark);
+    assert_eq!(first.len(), 2);
+    d.advance(100);
+    let mark = d.tick();
+    assert!(d.deliveries_since(mark).is_empty(), "no free slot");
+    // One handler finishes: one more goes out, the next in order.
+    d.req(30, Request::Delete { handle: first[0].1 }).unwrap();
+    d.advance(100);
+    let mark = d.tick();
+    let next = d.deliveries_since(mark);
+    assert_eq!(next.len(), 1);
+    assert!(next[0].1.session > first[1].1.session);
+}
+
 // ---- 8. lease expiry ------------------------------------------------------------------------------
 
 #[test]
@@ -1145,7 +1310,11 @@ fn a_log_of_an_older_format_stops_the_replica_with_a_clear_error_and_is_left_alo
     let stopped: Vec<_> = r.since(0).iter().filter(|o| matches!(o, Output::Stopped(_))).collect();
     assert_eq!(
         stopped,
-        vec![&Output::Stopped(Fatal::UnsupportedFormat { file: file.clone(), found: 1, supported: 2 })]
+        vec![&Output::Stopped(Fatal::UnsupportedFormat {
+            file: file.clone(),
+            found: 1,
+            supported: truba_engine::codec::SEGMENT_FORMAT
+        })]
     );
     let ios = r.ios_since(0);
     assert!(
