@@ -569,6 +569,9 @@ impl Engine {
             }
             Query::Dead { .. } if !self.is_serving() => QueryReply::Dead(Err(RequestError::NotReady)),
             Query::Session(sid) => return self.on_read(id, ReadQuery::Session(sid)),
+            Query::Dead { kind, .. } if self.cfg.kind(kind).is_none() => {
+                QueryReply::Dead(Err(RequestError::UnknownKind(kind)))
+            }
             Query::Dead { kind, after, limit } => {
                 let limit = limit.min(self.cfg.limits.list_max);
                 return self.on_read(id, ReadQuery::Dead { kind, after, limit });

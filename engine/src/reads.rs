@@ -89,9 +89,7 @@ impl Engine {
             let r = self.reads.pending.pop_front().expect("checked");
             let reply = match r.query {
                 ReadQuery::Session(session) => QueryReply::Session(self.state.session_view(session)),
-                ReadQuery::Dead { kind, after, limit } => {
-                    QueryReply::Dead(Ok(self.state.dead_page(kind, after, limit)))
-                }
+                ReadQuery::Dead { kind, after, limit } => QueryReply::Dead(self.state.dead_page(kind, after, limit)),
             };
             self.outputs.push_back(Output::QueryReply { id: r.id, reply });
         }

@@ -90,6 +90,8 @@ pub struct StateMachine {
     #[serde(skip)]
     pub(crate) dead: BTreeSet<(Kind, Index, SessionId)>,
     #[serde(skip)]
+    pub(crate) dead_counts: BTreeMap<Kind, u64>,
+    #[serde(skip)]
     pub(crate) delivering: BTreeMap<Kind, u32>,
     #[serde(skip)]
     pub(crate) dedup_lru: BTreeSet<(Index, ClientId)>,
@@ -155,11 +157,18 @@ impl StateMachine {
         (self.leases.len() as u64, self.stored.len() as u64, self.dead.len() as u64)
     }
 
-    /// A page of a kind's dead-letter set, oldest first, after session `after` if given.
-    pub fn dead_page(&self, kind: Kind, after: Option<SessionId>, limit: u32) -> DeadPage {
-        let from = match after.and_then(|id| self.sessions.get(&id).map(|s| (id, s))) {
-            Some((id, Session { status: Status::Dead { since }, .. })) => std::ops::Bound::Excluded((kind, *since, id)),
-            _ => std::ops::Bound::Included((kind, Index(0), SessionId(0))),
+    /// A page of a kind's dead-letter set, oldest first, after session `after` if given (which
+    /// must still be dead there: a page cannot go on from a session that was redriven meanwhile).
+    pub fn dead_page(&self, kind: Kind, after: Option<SessionId>, limit: u32) -> Result<DeadPage, RequestError> {
+        let from = match after {
+            None => std::ops::Bound::Included((kind, Index(0), SessionId(0))),
+            Some(id) => match self.sessions.get(&id) {
+                Some(Session { status: Status::Dead { since }, kind: k, .. }) if *k == kind => {
+                    std::ops::Bound::Excluded((kind, *since, id))
+                }
+                Some(_) => return Err(RequestError::NotDead(id)),
+                None => return Err(self.missing(id)),
+            },
         };
         let to = std::ops::Bound::Included((kind, Index(u64::MAX), SessionId(u64::MAX)));
         let sessions = self
@@ -179,7 +188,11 @@ impl StateMachine {
                 }
             })
             .collect();
-        DeadPage { sessions, total: self.dead_of(kind).count() as u64 }
+        Ok(DeadPage { sessions, total: self.dead_count(kind) })
+    }
+
+    fn dead_count(&self, kind: Kind) -> u64 {
+        self.dead_counts.get(&kind).copied().unwrap_or(0)
     }
 
     fn dead_of(&self, kind: Kind) -> impl Iterator<Item = SessionId> + '_ {
@@ -374,7 +387,7 @@ impl StateMachine {
             self.change(*id, |s| s.failures = 0);
             self.store(*id, due, at);
         }
-        let remaining = self.dead_of(kind).count() as u64;
+        let remaining = self.dead_count(kind);
         Ok(Reply::Redriven { count: ids.len() as u32, remaining })
     }
 
@@ -497,6 +510,7 @@ impl StateMachine {
             }
             Status::Dead { since } => {
                 assert!(self.dead.remove(&(kind, *since, id)), "dead index holds every dead session");
+                *self.dead_counts.get_mut(&kind).expect("dead count exists") -= 1;
             }
         }
         match after {
@@ -511,6 +525,7 @@ impl StateMachine {
             }
             Some(Status::Dead { since }) => {
                 self.dead.insert((kind, *since, id));
+                *self.dead_counts.entry(kind).or_insert(0) += 1;
             }
             None => {}
         }
@@ -616,6 +631,7 @@ impl StateMachine {
         self.stored.clear();
         self.leases.clear();
         self.dead.clear();
+        self.dead_counts.clear();
         self.delivering.clear();
         self.dedup_lru.clear();
         self.tombstone_order.clear();
@@ -633,6 +649,7 @@ impl StateMachine {
                 }
                 Status::Dead { since } => {
                     self.dead.insert((s.kind, since, *id));
+                    *self.dead_counts.entry(s.kind).or_insert(0) += 1;
                 }
             }
         }
@@ -672,6 +689,8 @@ impl StateMachine {
         assert_eq!(copy.stored, self.stored, "stored index matches session statuses");
         assert_eq!(copy.leases, self.leases, "lease index matches session statuses");
         assert_eq!(copy.dead, self.dead, "dead index matches session statuses");
+        let nonzero: BTreeMap<_, _> = self.dead_counts.iter().filter(|(_, n)| **n > 0).collect();
+        assert_eq!(nonzero, copy.dead_counts.iter().collect(), "dead counts match the dead index");
         let nonzero: BTreeMap<_, _> = self.delivering.iter().filter(|(_, n)| **n > 0).collect();
         let expect: BTreeMap<_, _> = copy.delivering.iter().collect();
         assert_eq!(nonzero, expect, "delivering counts match session statuses");

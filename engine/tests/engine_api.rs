@@ -868,6 +868,11 @@ fn a_redrive_of_a_kind_moves_a_bounded_batch_oldest_first() {
     assert_eq!(d.req(1, by_kind.clone()), Ok(Reply::Redriven { count: 2, remaining: 1 }));
     assert_eq!(d.req(1, by_kind.clone()), Ok(Reply::Redriven { count: 1, remaining: 0 }));
     assert_eq!(d.req(1, by_kind), Ok(Reply::Redriven { count: 0, remaining: 0 }));
+    // A page cannot go on from a session that is no longer dead, nor list a kind that does not exist.
+    let after_redriven = Query::Dead { kind: Kind(3), after: Some(ids[0]), limit: 2 };
+    assert_eq!(d.query(after_redriven), QueryReply::Dead(Err(RequestError::NotDead(ids[0]))));
+    let unknown_kind = Query::Dead { kind: Kind(9), after: None, limit: 2 };
+    assert_eq!(d.query(unknown_kind), QueryReply::Dead(Err(RequestError::UnknownKind(Kind(9)))));
     let unknown = Request::Redrive { target: truba_engine::RedriveTarget::Kind(Kind(9)) };
     assert_eq!(d.req(1, unknown), Err(RequestError::UnknownKind(Kind(9))));
     assert_eq!(d.status().sessions_stored, 5);

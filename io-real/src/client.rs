@@ -47,7 +47,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use truba_engine::{
-    ClientId, Handle, Kind, Query, QueryReply, Reply, Request, RequestError, Seq, SessionId, SessionView, UnixSecs,
+    ClientId, DeadPage, Handle, Kind, Query, QueryReply, RedriveTarget, Reply, Request, RequestError, Seq, SessionId,
+    SessionView, UnixSecs,
 };
 
 /// Default largest frame a client accepts from the server. Larger than the server's request
@@ -129,6 +130,12 @@ impl ClientError {
         matches!(self.refusal(), Some(RequestError::StaleAttempt { .. }))
     }
 
+    /// The session is in its kind's dead-letter set: its deliveries failed the kind's maximum
+    /// attempts in a row, and nothing happens to it until an operator redrives it.
+    pub fn is_dead(&self) -> bool {
+        matches!(self.refusal(), Some(RequestError::SessionDead(_)))
+    }
+
     /// A configured limit refused the request (record, session or store timeout too large, or
     /// too many records or sessions).
     pub fn is_limit(&self) -> bool {
@@ -143,6 +150,14 @@ impl ClientError {
             )
         )
     }
+}
+
+/// What one redrive did: `count` dead sessions went back to the stored set (due at once; the
+/// kind's handler slots pace them), and `remaining` sessions of that kind are still dead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Redriven {
+    pub count: u32,
+    pub remaining: u64,
 }
 
 /// A connection to a truba server, shared by every clone (one background task owns it).
@@ -270,6 +285,43 @@ impl<T: Transport> Pipe<T> {
         }
     }
 
+    /// A page of `kind`'s dead-letter set, oldest first: at most `limit` sessions (the server
+    /// caps it at its `list_max`, 1000 by default) after `after`, the last id of the previous
+    /// page (`None` for the first), and how many sessions of the kind are dead in all. Answered
+    /// by the leader, like [`Pipe::get`].
+    pub async fn dead_page(&self, kind: u32, after: Option<SessionId>, limit: u32) -> Result<DeadPage, ClientError> {
+        let qid = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
+        let msg = ClientMsg::Query { id: qid, query: Query::Dead { kind: Kind(kind), after, limit } };
+        match self.call(Key::Query(qid), &msg).await? {
+            ServerMsg::QueryReply { reply: QueryReply::Dead(Ok(page)), .. } => Ok(page),
+            ServerMsg::QueryReply { reply: QueryReply::Dead(Err(e)), .. } => Err(ClientError::Refused(e)),
+            other => Err(ClientError::Unexpected(format!("{other:?} to a dead-letter query"))),
+        }
+    }
+
+    /// Moves one dead session back to the stored set, due at once, with its failure count
+    /// cleared. Refused with `NotDead` if it is not in a dead-letter set.
+    pub async fn redrive_session(&self, id: SessionId) -> Result<Redriven, ClientError> {
+        self.redrive(RedriveTarget::Session(id)).await
+    }
+
+    /// Moves the oldest dead sessions of `kind` back to the stored set, at most the server's
+    /// `redrive_batch_max` (1024 by default) per call: repeat it until `remaining` is 0 (or a
+    /// call moves none).
+    pub async fn redrive_kind(&self, kind: u32) -> Result<Redriven, ClientError> {
+        self.redrive(RedriveTarget::Kind(Kind(kind))).await
+    }
+
+    /// A redrive is a replicated request like any other: a client id of its own, sequence 1,
+    /// retried with both unchanged, so a retry never moves a second batch.
+    async fn redrive(&self, target: RedriveTarget) -> Result<Redriven, ClientError> {
+        let client = self.fresh_client();
+        match self.request(client, Seq(1), Request::Redrive { target }).await? {
+            Reply::Redriven { count, remaining } => Ok(Redriven { count, remaining }),
+            other => Err(ClientError::Unexpected(format!("{other:?} to a redrive request"))),
+        }
+    }
+
     /// The server's status (engine state, disk use, connections).
     pub async fn status(&self) -> Result<ServerStatus, ClientError> {
         let id = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
@@ -344,13 +396,18 @@ impl<T: Transport> Pipe<T> {
     }
 }
 
+/// The refusal an answer carries, if it is one.
+fn refusal_in(msg: &ServerMsg) -> Option<&RequestError> {
+    match msg {
+        ServerMsg::Reply { outcome: Err(e), .. }
+        | ServerMsg::QueryReply { reply: QueryReply::Session(Err(e)) | QueryReply::Dead(Err(e)), .. } => Some(e),
+        _ => None,
+    }
+}
+
 /// A refusal that means "try again shortly".
 fn not_now(msg: &ServerMsg) -> Option<&RequestError> {
-    let e = match msg {
-        ServerMsg::Reply { outcome: Err(e), .. } => e,
-        ServerMsg::QueryReply { reply: QueryReply::Session(Err(e)), .. } => e,
-        _ => return None,
-    };
+    let e = refusal_in(msg)?;
     let not_now = matches!(
         e,
         RequestError::NotReady
@@ -683,11 +740,8 @@ impl<T: Transport> ConnTask<T> {
                 return self.drop_conn(format!("server error: {error}"));
             }
         };
-        let redirected = matches!(
-            &msg,
-            ServerMsg::Reply { outcome: Err(RequestError::NotLeader { .. } | RequestError::LeaderLost { .. }), .. }
-                | ServerMsg::QueryReply { reply: QueryReply::Session(Err(RequestError::NotLeader { .. })), .. }
-        );
+        let redirected =
+            matches!(refusal_in(&msg), Some(RequestError::NotLeader { .. } | RequestError::LeaderLost { .. }));
         match self.pending.remove(&key) {
             Some(p) => {
                 let _ = p.reply.send(Answer::Msg(msg));
@@ -735,7 +789,7 @@ async fn read_loop<S: tokio::io::AsyncRead>(
 pub(crate) mod tests {
     use super::*;
     use std::sync::Mutex;
-    use truba_engine::{Attempt, Outcome, ReplicaId, RoleName, StatusView};
+    use truba_engine::{Attempt, DeadView, FailureReason, Index, Outcome, ReplicaId, RoleName, StatusView};
 
     /// What the fake server does with one message.
     pub(crate) enum Act {
@@ -763,6 +817,9 @@ pub(crate) mod tests {
         }
     }
 
+    /// The dead sessions of kind 1 in the fake's world (no other kind has any).
+    pub(crate) const FAKE_DEAD: [u64; 3] = [7, 8, 9];
+
     /// The ordinary answer to each message: sessions are created as `next_id@0`.
     pub(crate) fn ordinary(msg: &ClientMsg) -> ServerMsg {
         match msg {
@@ -772,6 +829,15 @@ pub(crate) mod tests {
                         Ok(Reply::Created { handle: Handle { session: SessionId(seq.0 + 100), attempt: Attempt(0) } })
                     }
                     Request::Store { timeout_s, .. } => Ok(Reply::Stored { due: UnixSecs(1_000 + *timeout_s as u64) }),
+                    // A stateless fake: redrives answer as if every dead session were still there.
+                    Request::Redrive { target: RedriveTarget::Session(sid) } if FAKE_DEAD.contains(&sid.0) => {
+                        Ok(Reply::Redriven { count: 1, remaining: FAKE_DEAD.len() as u64 - 1 })
+                    }
+                    Request::Redrive { target: RedriveTarget::Session(sid) } => Err(RequestError::NotDead(*sid)),
+                    Request::Redrive { target: RedriveTarget::Kind(Kind(1)) } => {
+                        Ok(Reply::Redriven { count: 2, remaining: FAKE_DEAD.len() as u64 - 2 })
+                    }
+                    Request::Redrive { target: RedriveTarget::Kind(kind) } => Err(RequestError::UnknownKind(*kind)),
                     _ => Ok(Reply::Done),
                 };
                 ServerMsg::Reply { client: *client, seq: *seq, outcome }
@@ -779,10 +845,27 @@ pub(crate) mod tests {
             ClientMsg::Query { id, query: Query::Session(sid) } => {
                 ServerMsg::QueryReply { id: *id, reply: QueryReply::Session(Err(RequestError::SessionUnknown(*sid))) }
             }
-            ClientMsg::Query { id, query: Query::Dead { .. } } => ServerMsg::QueryReply {
-                id: *id,
-                reply: QueryReply::Dead(Ok(truba_engine::DeadPage { sessions: vec![], total: 0 })),
-            },
+            ClientMsg::Query { id, query: Query::Dead { kind, after, limit } } => {
+                let dead: &[u64] = if *kind == Kind(1) { &FAKE_DEAD } else { &[] };
+                let sessions = dead
+                    .iter()
+                    .filter(|&&sid| !after.is_some_and(|a| sid <= a.0))
+                    .take(*limit as usize)
+                    .map(|&sid| DeadView {
+                        id: SessionId(sid),
+                        since: Index(sid * 10),
+                        deliveries: 3,
+                        failures: 3,
+                        last_failure: Some(FailureReason::Handler("boom".into())),
+                        records: 1,
+                        bytes: 4,
+                    })
+                    .collect();
+                ServerMsg::QueryReply {
+                    id: *id,
+                    reply: QueryReply::Dead(Ok(DeadPage { sessions, total: dead.len() as u64 })),
+                }
+            }
             ClientMsg::Query { id, query: Query::Status } => ServerMsg::QueryReply {
                 id: *id,
                 reply: QueryReply::Status(StatusView {
@@ -1050,6 +1133,100 @@ pub(crate) mod tests {
         let pipe = pipe(&server, fast()).await;
         let st = pipe.status().await.unwrap();
         assert_eq!((st.engine.sessions_active, st.disk_bytes, st.role.as_str()), (3, 6, "leader"));
+    }
+
+    #[tokio::test]
+    async fn dead_pages_and_redrives() {
+        let server = FakeServer::start(|msg, _| Act::Answer(ordinary(msg))).await;
+        let pipe = pipe(&server, fast()).await;
+        let ids = |p: &DeadPage| p.sessions.iter().map(|v| v.id.0).collect::<Vec<_>>();
+        let first = pipe.dead_page(1, None, 2).await.unwrap();
+        assert_eq!((ids(&first), first.total), (vec![7, 8], 3));
+        assert_eq!(first.sessions[0].last_failure, Some(FailureReason::Handler("boom".into())));
+        let next = pipe.dead_page(1, first.sessions.last().map(|v| v.id), 2).await.unwrap();
+        assert_eq!((ids(&next), next.total), (vec![9], 3));
+        let none = pipe.dead_page(5, None, 100).await.unwrap();
+        assert_eq!((ids(&none), none.total), (vec![], 0));
+
+        assert_eq!(pipe.redrive_session(SessionId(7)).await.unwrap(), Redriven { count: 1, remaining: 2 });
+        assert_eq!(pipe.redrive_kind(1).await.unwrap(), Redriven { count: 2, remaining: 1 });
+        let e = pipe.redrive_session(SessionId(5)).await.unwrap_err();
+        assert_eq!(e, ClientError::Refused(RequestError::NotDead(SessionId(5))));
+        assert_eq!(e.to_string(), "refused: session 5 is not in a dead-letter set");
+        let e = pipe.redrive_kind(4).await.unwrap_err();
+        assert_eq!(e, ClientError::Refused(RequestError::UnknownKind(Kind(4))));
+
+        let reqs = server.requests();
+        assert_eq!(
+            reqs.iter().map(|r| r.2.clone()).collect::<Vec<_>>(),
+            vec![
+                Request::Redrive { target: RedriveTarget::Session(SessionId(7)) },
+                Request::Redrive { target: RedriveTarget::Kind(Kind(1)) },
+                Request::Redrive { target: RedriveTarget::Session(SessionId(5)) },
+                Request::Redrive { target: RedriveTarget::Kind(Kind(4)) },
+            ],
+            "refusals are not retried"
+        );
+        assert!(reqs.iter().all(|r| r.1 == Seq(1)), "each redrive is the first request of its client");
+        let clients: std::collections::HashSet<_> = reqs.iter().map(|r| r.0).collect();
+        assert_eq!(clients.len(), 4, "each redrive has a client id of its own");
+    }
+
+    #[tokio::test]
+    async fn a_redrive_is_retried_with_the_same_client_and_seq() {
+        let is_redrive = |msg: &ClientMsg| matches!(msg, ClientMsg::Request { request: Request::Redrive { .. }, .. });
+        let server =
+            FakeServer::start(
+                move |msg, seen| {
+                    if is_redrive(msg) && seen == 0 {
+                        Act::Drop
+                    } else {
+                        Act::Answer(ordinary(msg))
+                    }
+                },
+            )
+            .await;
+        let pipe = pipe(&server, fast()).await;
+        assert_eq!(pipe.redrive_kind(1).await.unwrap(), Redriven { count: 2, remaining: 1 });
+        let reqs = server.requests();
+        assert_eq!(reqs.len(), 2, "{reqs:?}");
+        assert_eq!(reqs[0], reqs[1], "the retry repeats client, seq and request, so it moves no second batch");
+        assert_eq!(server.connections.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn dead_queries_and_redrives_follow_the_leader_and_wait_while_it_recovers() {
+        let follower = FakeServer::start(|msg, _| {
+            let not_leader = RequestError::NotLeader { leader: Some(ReplicaId(2)) };
+            Act::Answer(match msg {
+                ClientMsg::Request { client, seq, .. } => {
+                    ServerMsg::Reply { client: *client, seq: *seq, outcome: Err(not_leader) }
+                }
+                ClientMsg::Query { id, query: Query::Dead { .. } } => {
+                    ServerMsg::QueryReply { id: *id, reply: QueryReply::Dead(Err(not_leader)) }
+                }
+                _ => ordinary(msg),
+            })
+        })
+        .await;
+        let leader = FakeServer::start(|msg, seen| match msg {
+            ClientMsg::Query { id, query: Query::Dead { .. } } if seen == 0 => {
+                Act::Answer(ServerMsg::QueryReply { id: *id, reply: QueryReply::Dead(Err(RequestError::NotReady)) })
+            }
+            _ => Act::Answer(ordinary(msg)),
+        })
+        .await;
+        let options = fast();
+        let pipe = Pipe::connect_with(Tcp, vec![format!("{},{}", follower.addr, leader.addr)], options).await.unwrap();
+        assert_eq!(pipe.dead_page(1, None, 10).await.unwrap().total, 3);
+        assert_eq!(pipe.redrive_session(SessionId(8)).await.unwrap(), Redriven { count: 1, remaining: 2 });
+
+        let dead_queries =
+            |s: &FakeServer| s.log.lock().unwrap().iter().filter(|m| matches!(m, ClientMsg::Query { .. })).count();
+        assert_eq!(dead_queries(&follower), 1, "the follower's refusal sends the pipe on to the next member");
+        assert!(follower.requests().is_empty(), "and it stays with the leader");
+        assert_eq!(dead_queries(&leader), 2, "NotReady is retried");
+        assert_eq!(leader.requests().len(), 1);
     }
 
     #[tokio::test]

@@ -169,6 +169,17 @@ impl Config {
             if k.config.handler_slots == 0 {
                 return Err(format!("kinds.{n}.handler_slots must be at least 1"));
             }
+            // A zero base would redeliver a failing session at once, over and over: the backoff
+            // exists to give a failing handler time to recover.
+            if k.config.backoff_base_s == 0 {
+                return Err(format!("kinds.{n}.backoff_base_s must be at least 1"));
+            }
+            if k.config.backoff_cap_s < k.config.backoff_base_s {
+                return Err(format!(
+                    "kinds.{n}.backoff_cap_s ({}) must be at least backoff_base_s ({})",
+                    k.config.backoff_cap_s, k.config.backoff_base_s
+                ));
+            }
         }
         if self.engine.batch_entries_max == 0 || self.engine.pending_requests_max == 0 {
             return Err("engine.batch_entries_max and engine.pending_requests_max must be positive".into());
@@ -273,6 +284,29 @@ mod tests {
         assert!(e.contains("default_dely_s"), "{e}");
         let bad_kind = "[kinds.one]\n";
         assert!(Config::parse(bad_kind, Path::new("t.toml")).unwrap_err().to_string().contains("not a number"));
+    }
+
+    #[test]
+    fn backoff_and_max_attempts_are_read_and_checked() {
+        let text = "[kinds.2]\nbackoff_base_s = 5\nbackoff_cap_s = 300\nmax_attempts = 0\n";
+        let c = Config::parse(text, Path::new("t.toml")).unwrap();
+        let k = &c.kinds[&2].config;
+        assert_eq!((k.backoff_base_s, k.backoff_cap_s, k.max_attempts), (5, 300, 0));
+        let defaults = &Config::parse("[kinds.2]\n", Path::new("t.toml")).unwrap().kinds[&2].config;
+        let d = KindConfig::default();
+        assert_eq!(
+            (defaults.backoff_base_s, defaults.backoff_cap_s, defaults.max_attempts),
+            (d.backoff_base_s, d.backoff_cap_s, d.max_attempts)
+        );
+
+        let zero = "[kinds.2]\nbackoff_base_s = 0\n";
+        let e = Config::parse(zero, Path::new("t.toml")).unwrap_err().to_string();
+        assert_eq!(e, "config t.toml: kinds.2.backoff_base_s must be at least 1");
+        let inverted = "[kinds.2]\nbackoff_base_s = 60\nbackoff_cap_s = 30\n";
+        let e = Config::parse(inverted, Path::new("t.toml")).unwrap_err().to_string();
+        assert_eq!(e, "config t.toml: kinds.2.backoff_cap_s (30) must be at least backoff_base_s (60)");
+        let e = Config::parse("[kinds.2]\nmax_attempts = -1\n", Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("kinds.2"), "{e}");
     }
 
     #[test]

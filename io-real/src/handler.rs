@@ -55,7 +55,8 @@ pub struct RepeatData<T: Transport = Tcp> {
 /// Works on delivered sessions. `T` is the transport to the servers (real TCP by default).
 pub trait Handler<T: Transport = Tcp>: Send + Sync + 'static {
     /// Work on a delivered session: finish it (`session.delete()`) or store it again. An `Err`
-    /// (or a panic) makes the pipe store the session again for a later attempt.
+    /// (or a panic) makes the pipe store the session again for a later attempt, with backoff;
+    /// after the kind's `max_attempts` failures in a row it goes to the dead-letter set.
     fn handle(&self, data: RepeatData<T>) -> impl Future<Output = Result<(), String>> + Send;
 }
 

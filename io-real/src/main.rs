@@ -1,16 +1,16 @@
 //! `truba`: the server, and a command line for sessions, inspection, a demo handler and a
 //! benchmark.
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use truba::client::{ClientError, ClientOptions, Pipe, Session};
+use truba::client::{ClientError, ClientOptions, Pipe, Redriven, Session};
 use truba::config::Config;
 use truba::server::{self, Env as _, RealEnv};
 use truba::wire::ServerStatus;
-use truba_engine::{Attempt, Handle, SessionId, SessionState};
+use truba_engine::{Attempt, FailureReason, Handle, SessionId, SessionState, SessionView};
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +60,7 @@ enum Command {
     },
     /// Open a session of a kind; prints its handle (SESSION@ATTEMPT).
     New {
+        /// The session's kind (a `[kinds.N]` section of the server's configuration).
         #[arg(long)]
         kind: u32,
         /// Optional first record, as text.
@@ -82,6 +83,7 @@ enum Command {
     },
     /// Drop all of a session's records and keep this one.
     Replace {
+        /// SESSION or SESSION@ATTEMPT (without the attempt, the current one is looked up).
         session: String,
         #[command(flatten)]
         data: Data,
@@ -90,12 +92,14 @@ enum Command {
     },
     /// Finish a session: it is never redelivered.
     Delete {
+        /// SESSION or SESSION@ATTEMPT (without the attempt, the current one is looked up).
         session: String,
         #[command(flatten)]
         conn: Conn,
     },
     /// Leave a session unfinished: redeliver it to its kind's handler after the timeout.
     Store {
+        /// SESSION or SESSION@ATTEMPT (without the attempt, the current one is looked up).
         session: String,
         /// Seconds until redelivery (the kind's jitter is added).
         #[arg(long)]
@@ -103,8 +107,9 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Show a session's state and records.
+    /// Show a session's state, deliveries, failures and records.
     Get {
+        /// The session id.
         session: u64,
         #[command(flatten)]
         conn: Conn,
@@ -114,14 +119,55 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Sessions whose deliveries failed their kind's max_attempts in a row: list, inspect, redrive.
+    #[command(subcommand)]
+    Dead(DeadCommand),
     /// A demo handler: prints every delivery and deletes the session.
     HandlerEcho {
+        /// Address to listen on for the pipe's deliveries (the kind's `handler` address).
         #[arg(long, default_value = "127.0.0.1:7500")]
         listen: String,
     },
     /// Closed-loop appends from concurrent sessions; prints throughput and latency percentiles
     /// beside this machine's raw write+fsync rate.
     Bench(truba::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum DeadCommand {
+    /// List a kind's dead sessions, oldest first, one line each.
+    List {
+        /// The kind whose dead-letter set to list.
+        #[arg(long)]
+        kind: u32,
+        /// Start after this session id (the last one of the previous page).
+        #[arg(long, value_name = "SESSION")]
+        after: Option<u64>,
+        /// Most sessions to list (the server caps it at its engine.list_max, 1000 by default).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show a dead session like `truba get`; fails if the session is not dead.
+    Show {
+        /// The session id.
+        session: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Move dead sessions back to the stored set, due at once, with their failure count cleared.
+    #[command(group(ArgGroup::new("target").required(true).args(["session", "kind"])))]
+    Redrive {
+        /// The dead session to redrive.
+        session: Option<u64>,
+        /// Redrive every session of this kind that is dead when the command starts, in batches
+        /// (progress on standard error).
+        #[arg(long)]
+        kind: Option<u32>,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 fn main() -> ExitCode {
@@ -211,6 +257,15 @@ async fn run(command: Command) -> CliResult {
         }
         Command::Get { session, conn } => get(&conn, session).await,
         Command::Status { conn } => status(&conn).await,
+        Command::Dead(DeadCommand::List { kind, after, limit, conn }) => dead_list(&conn, kind, after, limit).await,
+        Command::Dead(DeadCommand::Show { session, conn }) => dead_show(&conn, session).await,
+        Command::Dead(DeadCommand::Redrive { session: Some(session), kind: None, conn }) => {
+            redrive_session(&conn, session).await
+        }
+        Command::Dead(DeadCommand::Redrive { session: None, kind: Some(kind), conn }) => {
+            redrive_kind(&conn, kind).await
+        }
+        Command::Dead(DeadCommand::Redrive { .. }) => Err("give either a SESSION or --kind, not both".into()),
         Command::HandlerEcho { listen } => truba::handler::serve(&listen, Echo).await.map_err(|e| e.to_string()),
         Command::Bench(args) => truba::bench::run(args).await,
     }
@@ -313,27 +368,170 @@ fn show_record(r: &[u8]) -> String {
 async fn get(conn: &Conn, session: u64) -> CliResult {
     let pipe = connect(conn).await?;
     let v = pipe.get(SessionId(session)).await.map_err(err)?;
-    let (state, detail) = match v.state {
+    print_view(conn, &v);
+    Ok(())
+}
+
+/// A session's state by name, and its details as JSON.
+fn state_of(state: &SessionState) -> (&'static str, serde_json::Value) {
+    match state {
         SessionState::Active { lease_until, delivering } => {
             ("active", serde_json::json!({"lease_until_unix_ms": lease_until.0, "delivering": delivering}))
         }
         SessionState::Stored { due } => ("stored", serde_json::json!({"due_unix_s": due.0})),
         SessionState::Dead { since } => ("dead", serde_json::json!({"dead_since_index": since.0})),
-    };
+    }
+}
+
+/// A failure reason for JSON output: its type and the handler's or the connection's message.
+fn failure_json(reason: &Option<FailureReason>) -> serde_json::Value {
+    match reason {
+        None => serde_json::Value::Null,
+        Some(FailureReason::Handler(m)) => serde_json::json!({"type": "handler", "message": m}),
+        Some(FailureReason::Unreachable(m)) => serde_json::json!({"type": "unreachable", "message": m}),
+        Some(FailureReason::LeaseExpired) => serde_json::json!({"type": "lease_expired", "message": null}),
+    }
+}
+
+fn failure_text(reason: &Option<FailureReason>) -> String {
+    reason.as_ref().map_or_else(|| "-".to_string(), |r| r.to_string())
+}
+
+fn print_view(conn: &Conn, v: &SessionView) {
+    let (state, detail) = state_of(&v.state);
     if conn.json {
         let records: Vec<String> = v.records.iter().map(|r| String::from_utf8_lossy(r).into_owned()).collect();
         println!(
             "{}",
             serde_json::json!({"session": v.id.0, "kind": v.kind.0, "attempt": v.handle.attempt.0, "state": state,
-                "detail": detail, "bytes": v.bytes, "records": records})
+                "detail": detail, "deliveries": v.deliveries, "failures": v.failures,
+                "last_failure": failure_json(&v.last_failure), "bytes": v.bytes, "records": records})
         );
     } else {
         println!("session {}  kind {}  attempt {}  {state} {detail}", v.id.0, v.kind.0, v.handle.attempt.0);
+        println!(
+            "deliveries {}  failures in a row {}  last failure: {}",
+            v.deliveries,
+            v.failures,
+            failure_text(&v.last_failure)
+        );
         println!("{} records, {} bytes", v.records.len(), v.bytes);
         for (i, r) in v.records.iter().enumerate() {
             println!("  [{i}] {}", show_record(r));
         }
     }
+}
+
+async fn dead_list(conn: &Conn, kind: u32, after: Option<u64>, limit: u32) -> CliResult {
+    let pipe = connect(conn).await?;
+    let page = pipe.dead_page(kind, after.map(SessionId), limit).await.map_err(err)?;
+    // Whether more follow (the server may have capped the page below `limit`, and `total`
+    // counts the pages before this one too): one more session after the last says so.
+    let next = match page.sessions.last() {
+        Some(last) if page.total > page.sessions.len() as u64 => {
+            let more = pipe.dead_page(kind, Some(last.id), 1).await.map_err(err)?;
+            (!more.sessions.is_empty()).then_some(last.id.0)
+        }
+        _ => None,
+    };
+    if conn.json {
+        let sessions: Vec<_> = page
+            .sessions
+            .iter()
+            .map(|d| {
+                serde_json::json!({"session": d.id.0, "dead_since_index": d.since.0, "deliveries": d.deliveries,
+                    "failures": d.failures, "records": d.records, "bytes": d.bytes,
+                    "last_failure": failure_json(&d.last_failure)})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"kind": kind, "total": page.total, "sessions": sessions, "next_after": next})
+        );
+        return Ok(());
+    }
+    if !page.sessions.is_empty() {
+        println!(
+            "{:>12} {:>12} {:>10} {:>8} {:>8} {:>10}  last failure",
+            "session", "since index", "deliveries", "failures", "records", "bytes"
+        );
+    }
+    for d in &page.sessions {
+        println!(
+            "{:>12} {:>12} {:>10} {:>8} {:>8} {:>10}  {}",
+            d.id.0,
+            d.since.0,
+            d.deliveries,
+            d.failures,
+            d.records,
+            d.bytes,
+            failure_text(&d.last_failure)
+        );
+    }
+    let more = next.map(|n| format!(" (next page: --after {n})")).unwrap_or_default();
+    println!("{} of {} dead sessions of kind {kind}{more}", page.sessions.len(), page.total);
+    Ok(())
+}
+
+async fn dead_show(conn: &Conn, session: u64) -> CliResult {
+    let pipe = connect(conn).await?;
+    let v = pipe.get(SessionId(session)).await.map_err(err)?;
+    match &v.state {
+        SessionState::Dead { .. } => {
+            print_view(conn, &v);
+            Ok(())
+        }
+        SessionState::Active { delivering: true, .. } => Err(format!(
+            "session {session} is not dead: it is active, being delivered (attempt {})",
+            v.handle.attempt.0
+        )),
+        SessionState::Active { .. } => Err(format!("session {session} is not dead: it is active")),
+        SessionState::Stored { due } => {
+            Err(format!("session {session} is not dead: it is stored, due at {} (unix seconds)", due.0))
+        }
+    }
+}
+
+async fn redrive_session(conn: &Conn, session: u64) -> CliResult {
+    let pipe = connect(conn).await?;
+    let r = pipe.redrive_session(SessionId(session)).await.map_err(err)?;
+    print(
+        conn,
+        &format!("redriven session {session}; {} sessions of its kind still dead", r.remaining),
+        serde_json::json!({"session": session, "redriven": r.count, "remaining": r.remaining}),
+    );
+    Ok(())
+}
+
+/// Redrives a whole kind one batch (the server's `redrive_batch_max`) per request. It stops when
+/// none remain, when a batch moves none, or once it has moved as many as were dead when it
+/// started: sessions that fail again and die while it runs are left for the next run instead of
+/// being chased for ever.
+async fn redrive_kind(conn: &Conn, kind: u32) -> CliResult {
+    let pipe = connect(conn).await?;
+    let mut total = 0u64;
+    let mut budget = None;
+    let last = loop {
+        let r: Redriven = pipe.redrive_kind(kind).await.map_err(|e| {
+            if total == 0 {
+                err(e)
+            } else {
+                format!("after redriving {total} sessions of kind {kind}: {e}")
+            }
+        })?;
+        total += r.count as u64;
+        let budget = *budget.get_or_insert(r.count as u64 + r.remaining);
+        eprintln!("redriven {}, {} still dead", r.count, r.remaining);
+        if r.remaining == 0 || r.count == 0 || total >= budget {
+            break r;
+        }
+    };
+    let still = if last.remaining > 0 { format!("; {} still dead", last.remaining) } else { String::new() };
+    print(
+        conn,
+        &format!("redriven {total} sessions of kind {kind}{still}"),
+        serde_json::json!({"kind": kind, "redriven": total, "remaining": last.remaining}),
+    );
     Ok(())
 }
 
@@ -371,7 +569,10 @@ fn print_one(s: &ServerStatus, json: bool) {
     let phase = if s.engine.serving { "serving" } else { "recovering" };
     println!("truba {}  {}  {phase}", s.version, s.role);
     println!("index    applied {}  commit {}  durable {}", s.engine.applied.0, s.engine.commit.0, s.engine.durable.0);
-    println!("sessions active {}  stored {}", s.engine.sessions_active, s.engine.sessions_stored);
+    println!(
+        "sessions active {}  stored {}  dead {}",
+        s.engine.sessions_active, s.engine.sessions_stored, s.engine.sessions_dead
+    );
     println!("disk     {} bytes   connections {}", s.disk_bytes, s.connections);
     println!("state    hash {:016x}", s.engine.state_hash);
 }
@@ -381,7 +582,7 @@ fn status_json(s: &ServerStatus) -> serde_json::Value {
     serde_json::json!({"version": s.version, "replica": e.replica.0, "role": e.role.to_string(), "term": e.term.0,
         "leader": e.leader.map(|l| l.0), "serving": e.serving, "applied": e.applied.0, "commit": e.commit.0,
         "durable": e.durable.0, "last_index": e.last_index.0, "sessions_active": e.sessions_active,
-        "sessions_stored": e.sessions_stored, "disk_bytes": s.disk_bytes, "connections": s.connections,
+        "sessions_stored": e.sessions_stored, "sessions_dead": e.sessions_dead, "disk_bytes": s.disk_bytes, "connections": s.connections,
         "state_hash": format!("{:016x}", e.state_hash)})
 }
 

@@ -1,17 +1,18 @@
 //! The real server in-process (real TCP on loopback, real files in a temporary directory),
 //! driven through the client library and raw sockets.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
-use truba::client::{ClientError, ClientOptions, Pipe};
+use truba::client::{ClientError, ClientOptions, Pipe, Redriven};
 use truba::config::{Config, KindSection};
 use truba::handler::{self, RepeatData};
 use truba::net::{Tcp, Transport};
 use truba::server::{self, RealEnv};
 use truba::wire::{self, ClientMsg, ServerMsg, WireError};
-use truba_engine::{KindConfig, Query, RequestError, SessionId, SessionState};
+use truba_engine::{FailureReason, Kind, KindConfig, Query, RequestError, SessionId, SessionState, SessionView};
 
 struct Running {
     addr: String,
@@ -126,7 +127,7 @@ async fn an_unreachable_handler_never_loses_the_session() {
     s.append(b"work".to_vec()).await.unwrap();
     let id = s.id();
     s.store(0).await.unwrap();
-    // Each failed push stores it again (default delay 1 s): the attempt climbs, the records stay.
+    // Each failed push stores it again (backoff of 1 s): the attempt climbs, the records stay.
     let redelivered = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let v = p.get(id).await.unwrap();
@@ -256,5 +257,354 @@ async fn a_restart_on_the_same_directory_keeps_everything_acknowledged() {
     wire::write(&mut raw, &ClientMsg::Query { id: 5, query: Query::Status }).await.unwrap();
     let reply: Option<ServerMsg> = wire::read(&mut raw, 1 << 20).await.unwrap();
     assert!(matches!(reply, Some(ServerMsg::QueryReply { id: 5, .. })), "{reply:?}");
+    server.stop().await;
+}
+
+/// Fails every delivery with "boom" until `ok` is set; then deletes each session it gets.
+struct Switch {
+    ok: Arc<AtomicBool>,
+    seen: mpsc::UnboundedSender<(u64, u32)>,
+}
+
+impl handler::Handler for Switch {
+    async fn handle(&self, data: RepeatData) -> Result<(), String> {
+        let h = data.session.handle();
+        let _ = self.seen.send((h.session.0, h.attempt.0));
+        if !self.ok.load(Ordering::SeqCst) {
+            return Err("boom".into());
+        }
+        data.session.delete().await.map_err(|e| e.to_string())
+    }
+}
+
+/// A `Switch` handler on a port of its own: its address, its switch and what it was handed.
+async fn switch_handler() -> (String, Arc<AtomicBool>, mpsc::UnboundedReceiver<(u64, u32)>) {
+    let listener = Tcp.bind("127.0.0.1:0").await.unwrap();
+    let addr = Tcp.local_addr(&listener).unwrap().to_string();
+    let ok = Arc::new(AtomicBool::new(false));
+    let (seen, rx) = mpsc::unbounded_channel();
+    tokio::spawn(handler::serve_with(Tcp, listener, Switch { ok: ok.clone(), seen }));
+    (addr, ok, rx)
+}
+
+/// Kind 1 gives up after `max_attempts` failed deliveries, 1 s apart, without jitter.
+fn dead_letter_config(dir: &std::path::Path, handler: Option<String>, max_attempts: u32) -> Config {
+    let mut c = config(dir, handler);
+    let kind = &mut c.kinds.get_mut(&1).unwrap().config;
+    kind.max_attempts = max_attempts;
+    kind.backoff_base_s = 1;
+    kind.backoff_cap_s = 1;
+    kind.jitter_window_s = 0;
+    c
+}
+
+/// An address nothing listens on.
+async fn nobody() -> String {
+    let l = Tcp.bind("127.0.0.1:0").await.unwrap();
+    Tcp.local_addr(&l).unwrap().to_string()
+}
+
+/// Polls the session until `done` says so, for at most 20 s.
+async fn wait_for(p: &Pipe, id: SessionId, what: &str, done: impl Fn(&Result<SessionView, ClientError>) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = p.get(id).await;
+        if done(&r) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "session {id}: still not {what} after 20 s: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn is_dead(r: &Result<SessionView, ClientError>) -> bool {
+    matches!(r, Ok(SessionView { state: SessionState::Dead { .. }, .. }))
+}
+
+fn is_deleted(r: &Result<SessionView, ClientError>) -> bool {
+    matches!(r, Err(e) if e.is_deleted())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_handler_dead_letters_the_session_and_a_redrive_brings_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (handler_addr, ok, mut seen) = switch_handler().await;
+    let server = start(dead_letter_config(dir.path(), Some(handler_addr), 3)).await;
+    let p = pipe(&server.addr).await;
+
+    let mut s = p.new_with(1, b"step 1".to_vec()).await.unwrap();
+    let id = s.id();
+    let old = s.handle();
+    p.session(old).store(0).await.unwrap();
+    wait_for(&p, id, "dead", is_dead).await;
+
+    let v = p.get(id).await.unwrap();
+    assert_eq!((v.deliveries, v.failures, v.handle.attempt.0), (3, 3, 3));
+    match &v.last_failure {
+        Some(FailureReason::Handler(m)) => assert!(m.contains("boom"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(v.records, vec![b"step 1".to_vec()]);
+    let attempts: Vec<(u64, u32)> = std::iter::from_fn(|| seen.try_recv().ok()).collect();
+    assert_eq!(attempts, vec![(id.0, 1), (id.0, 2), (id.0, 3)], "three deliveries, then no more");
+
+    let page = p.dead_page(1, None, 100).await.unwrap();
+    assert_eq!(page.total, 1);
+    assert_eq!(page.sessions.len(), 1);
+    let d = &page.sessions[0];
+    assert_eq!((d.id, d.deliveries, d.failures, d.records, d.bytes), (id, 3, 3, 1, 6));
+    assert_eq!(d.last_failure, v.last_failure);
+    assert_eq!(p.status().await.unwrap().engine.sessions_dead, 1);
+
+    // Neither the creator's handle nor the last delivery's moves a dead session.
+    let e = s.append(b"late".to_vec()).await.unwrap_err();
+    assert!(e.is_dead() || e.is_stale(), "{e}");
+    let mut current = p.session(v.handle);
+    let e = current.append(b"late".to_vec()).await.unwrap_err();
+    assert!(e.is_dead(), "{e}");
+    assert_eq!(p.get(id).await.unwrap().records, vec![b"step 1".to_vec()], "refusals change nothing");
+
+    // A redrive of anything but a dead session is refused.
+    let live = p.new(1).await.unwrap();
+    let e = p.redrive_session(live.id()).await.unwrap_err();
+    assert_eq!(e, ClientError::Refused(RequestError::NotDead(live.id())));
+    assert!(p.redrive_session(SessionId(1_000_000)).await.unwrap_err().is_unknown());
+    assert_eq!(
+        p.redrive_kind(9).await.unwrap_err(),
+        ClientError::Refused(RequestError::UnknownKind(truba_engine::Kind(9)))
+    );
+
+    // The handler recovers; the redriven session goes out at once and is finished.
+    ok.store(true, Ordering::SeqCst);
+    assert_eq!(p.redrive_session(id).await.unwrap(), Redriven { count: 1, remaining: 0 });
+    wait_for(&p, id, "deleted", is_deleted).await;
+    let next = tokio::time::timeout(Duration::from_secs(1), seen.recv()).await.unwrap().unwrap();
+    assert_eq!(next, (id.0, 4), "one more delivery, at the next attempt");
+    assert_eq!(p.dead_page(1, None, 100).await.unwrap().total, 0);
+    assert_eq!(p.status().await.unwrap().engine.sessions_dead, 0);
+    assert!(p.redrive_session(id).await.unwrap_err().is_deleted());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_or_missing_handler_is_recorded_as_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = dead_letter_config(dir.path(), Some(nobody().await), 1);
+    // Kind 2 has no handler at all.
+    let no_handler = c.kinds[&1].config.clone();
+    c.kinds.insert(2, KindSection { handler: None, config: no_handler });
+    let server = start(c).await;
+    let p = pipe(&server.addr).await;
+
+    let mut ids = Vec::new();
+    for kind in [1, 2] {
+        let s = p.new_with(kind, b"work".to_vec()).await.unwrap();
+        ids.push(s.id());
+        s.store(0).await.unwrap();
+    }
+    for (kind, id) in [1, 2].into_iter().zip(ids) {
+        wait_for(&p, id, "dead", is_dead).await;
+        let v = p.get(id).await.unwrap();
+        assert_eq!((v.deliveries, v.failures), (1, 1), "max_attempts = 1: one failed delivery is enough");
+        match &v.last_failure {
+            Some(FailureReason::Unreachable(m)) if kind == 2 => assert!(m.contains("no handler"), "{m}"),
+            Some(FailureReason::Unreachable(m)) => assert!(m.contains("connect"), "{m}"),
+            other => panic!("kind {kind}: {other:?}"),
+        }
+        let page = p.dead_page(kind, None, 10).await.unwrap();
+        assert_eq!(page.sessions.iter().map(|d| d.id).collect::<Vec<_>>(), vec![id]);
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_is_listed_page_by_page_and_redriven_batch_by_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (handler_addr, ok, _seen) = switch_handler().await;
+    let mut c = dead_letter_config(dir.path(), Some(handler_addr), 1);
+    c.engine.redrive_batch_max = 2;
+    let server = start(c).await;
+    let p = pipe(&server.addr).await;
+
+    let mut ids = Vec::new();
+    for i in 0..5u8 {
+        let s = p.new_with(1, vec![b'a' + i]).await.unwrap();
+        ids.push(s.id());
+        s.store(0).await.unwrap();
+    }
+    for id in &ids {
+        wait_for(&p, *id, "dead", is_dead).await;
+    }
+    assert_eq!(p.status().await.unwrap().engine.sessions_dead, 5);
+
+    // Pages of two, oldest first, each starting after the last id of the one before.
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let page = p.dead_page(1, after, 2).await.unwrap();
+        assert_eq!(page.total, 5);
+        assert!(page.sessions.len() <= 2);
+        let Some(last) = page.sessions.last() else { break };
+        after = Some(last.id);
+        listed.extend(page.sessions.iter().map(|d| d.id));
+    }
+    let all = p.dead_page(1, None, 100).await.unwrap();
+    let oldest_first: Vec<SessionId> = all.sessions.iter().map(|d| d.id).collect();
+    assert!(all.sessions.windows(2).all(|w| (w[0].since, w[0].id) < (w[1].since, w[1].id)), "oldest first");
+    assert_eq!(listed, oldest_first);
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(sorted, ids, "every dead session once");
+    match p.dead_page(2, None, 10).await {
+        Err(ClientError::Refused(RequestError::UnknownKind(k))) => assert_eq!(k, Kind(2)),
+        other => panic!("listing an unconfigured kind: {other:?}"),
+    }
+    // A page cannot go on from a session that is no longer dead (here: one that never was).
+    let alive = p.new(1).await.unwrap().id();
+    match p.dead_page(1, Some(alive), 10).await {
+        Err(ClientError::Refused(RequestError::NotDead(id))) => assert_eq!(id, alive),
+        other => panic!("paging after a live session: {other:?}"),
+    }
+
+    ok.store(true, Ordering::SeqCst);
+    let mut batches = Vec::new();
+    loop {
+        let r = p.redrive_kind(1).await.unwrap();
+        batches.push(r);
+        if r.remaining == 0 || r.count == 0 {
+            break;
+        }
+    }
+    assert_eq!(
+        batches,
+        vec![
+            Redriven { count: 2, remaining: 3 },
+            Redriven { count: 2, remaining: 1 },
+            Redriven { count: 1, remaining: 0 }
+        ]
+    );
+    for id in &ids {
+        wait_for(&p, *id, "deleted", is_deleted).await;
+    }
+    assert_eq!(p.dead_page(1, None, 100).await.unwrap().total, 0);
+    assert_eq!(p.redrive_kind(1).await.unwrap(), Redriven { count: 0, remaining: 0 });
+    server.stop().await;
+}
+
+/// Runs the `truba` binary against `addr`: exit status, standard output, standard error.
+async fn truba(addr: &str, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_truba"))
+        .args(args)
+        .args(["--addr", addr])
+        .env_remove("RUST_LOG")
+        .env_remove("TRUBA_ADDR")
+        .output()
+        .await
+        .expect("running truba");
+    let text = |b: Vec<u8>| String::from_utf8(b).expect("utf-8 output");
+    (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_lists_shows_and_redrives_dead_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (handler_addr, ok, _seen) = switch_handler().await;
+    let mut c = dead_letter_config(dir.path(), Some(handler_addr), 1);
+    c.engine.redrive_batch_max = 1;
+    let server = start(c).await;
+    let addr = server.addr.as_str();
+    let p = pipe(addr).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let s = p.new_with(1, b"job".to_vec()).await.unwrap();
+        ids.push(s.id().0);
+        s.store(0).await.unwrap();
+    }
+    for id in &ids {
+        wait_for(&p, SessionId(*id), "dead", is_dead).await;
+    }
+    let live = p.new(1).await.unwrap();
+
+    // Oldest death first: the sessions' deliveries run concurrently, so that is not id order.
+    let (rc, out, _) = truba(addr, &["dead", "list", "--kind", "1", "--json"]).await;
+    assert_eq!(rc, 0);
+    let v = json(&out);
+    assert_eq!(v["total"], 3);
+    assert_eq!(v["next_after"], serde_json::Value::Null);
+    let order: Vec<u64> = v["sessions"].as_array().unwrap().iter().map(|d| d["session"].as_u64().unwrap()).collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, ids);
+    assert_eq!(v["sessions"][0]["last_failure"], serde_json::json!({"type": "handler", "message": "boom"}));
+
+    let (rc, out, err) = truba(addr, &["dead", "list", "--kind", "1"]).await;
+    assert_eq!(rc, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 5, "header, three sessions, footer: {out}");
+    for (line, id) in lines[1..4].iter().zip(&order) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(fields[0], id.to_string(), "{line}");
+        assert_eq!(&fields[2..6], &["1", "1", "1", "3"], "deliveries, failures, records, bytes: {line}");
+        assert!(line.ends_with("the handler failed: boom"), "{line}");
+    }
+    assert_eq!(lines[4], "3 of 3 dead sessions of kind 1");
+    let (rc, out, _) = truba(addr, &["dead", "list", "--kind", "1", "--limit", "2"]).await;
+    assert_eq!(rc, 0);
+    assert!(out.ends_with(&format!("2 of 3 dead sessions of kind 1 (next page: --after {})\n", order[1])), "{out}");
+    let (_, out, _) = truba(addr, &["dead", "list", "--kind", "1", "--after", &order[1].to_string()]).await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[1].trim_start().starts_with(&format!("{} ", order[2])), "{out}");
+
+    // `get` and `status` show the failures and the dead count.
+    let (rc, out, _) = truba(addr, &["get", &ids[0].to_string(), "--json"]).await;
+    assert_eq!(rc, 0);
+    let v = json(&out);
+    assert_eq!(
+        (v["state"].as_str(), v["deliveries"].as_u64(), v["failures"].as_u64()),
+        (Some("dead"), Some(1), Some(1))
+    );
+    assert_eq!(v["last_failure"]["type"], "handler");
+    let (_, out, _) = truba(addr, &["get", &ids[0].to_string()]).await;
+    assert!(out.contains("deliveries 1  failures in a row 1  last failure: the handler failed: boom"), "{out}");
+    let (_, out, _) = truba(addr, &["status"]).await;
+    assert!(out.contains("dead 3"), "{out}");
+    let (_, out, _) = truba(addr, &["status", "--json"]).await;
+    assert_eq!(json(&out)["sessions_dead"], 3);
+
+    // `dead show` shows dead sessions only.
+    let (rc, out, _) = truba(addr, &["dead", "show", &ids[0].to_string()]).await;
+    assert_eq!(rc, 0);
+    assert!(out.starts_with(&format!("session {}  kind 1  attempt 1  dead", ids[0])), "{out}");
+    let (rc, out, err) = truba(addr, &["dead", "show", &live.id().0.to_string()]).await;
+    assert_eq!((rc, out.as_str()), (1, ""));
+    assert_eq!(err, format!("truba: session {} is not dead: it is active\n", live.id().0));
+
+    // Redrive one, then the rest of the kind a batch (of one) at a time.
+    ok.store(true, Ordering::SeqCst);
+    let (rc, out, err) = truba(addr, &["dead", "redrive", &ids[0].to_string()]).await;
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(out, format!("redriven session {}; 2 sessions of its kind still dead\n", ids[0]));
+    let (rc, out, err) = truba(addr, &["dead", "redrive", "--kind", "1"]).await;
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(err, "redriven 1, 1 still dead\nredriven 1, 0 still dead\n");
+    assert_eq!(out, "redriven 2 sessions of kind 1\n");
+    for id in &ids {
+        wait_for(&p, SessionId(*id), "deleted", is_deleted).await;
+    }
+    let (_, out, _) = truba(addr, &["dead", "list", "--kind", "1"]).await;
+    assert_eq!(out, "0 of 0 dead sessions of kind 1\n");
+
+    // Errors: one line, non-zero exit.
+    let (rc, _, err) = truba(addr, &["dead", "redrive", &live.id().0.to_string()]).await;
+    assert_eq!((rc, err), (1, format!("truba: refused: session {} is not in a dead-letter set\n", live.id().0)));
+    let (rc, _, err) = truba(addr, &["dead", "redrive", "--kind", "7"]).await;
+    assert_eq!((rc, err.as_str()), (1, "truba: refused: unknown kind 7\n"));
+    let (rc, _, err) = truba(addr, &["dead", "redrive"]).await;
+    assert_eq!(rc, 2, "neither a session nor a kind: {err}");
     server.stop().await;
 }

@@ -23,6 +23,15 @@ impl SeedRun {
     pub fn deliveries(&self) -> u64 {
         self.output.history.events.iter().filter(|(_, e)| matches!(e, Event::Deliver { .. })).count() as u64
     }
+    /// Delivery failures handlers reported (unreachable or failed).
+    pub fn failed_deliveries(&self) -> u64 {
+        self.output.history.events.iter().filter(|(_, e)| matches!(e, Event::DeliveryFailed { .. })).count() as u64
+    }
+    /// Sessions in a dead-letter set at the end.
+    pub fn dead(&self) -> u64 {
+        let finals = self.output.final_sessions.iter().flatten();
+        finals.filter(|v| matches!(v.state, truba_engine::SessionState::Dead { .. })).count() as u64
+    }
 }
 
 /// Runs one seed. An engine assertion that fails (the engines check their invariants after
@@ -106,6 +115,8 @@ pub struct Summary {
     pub events: u64,
     pub acked_ops: u64,
     pub deliveries: u64,
+    pub failed_deliveries: u64,
+    pub dead: u64,
     pub crashes: u64,
     pub hash_checks: u64,
     pub virtual_s: f64,
@@ -121,6 +132,8 @@ impl Summary {
         self.events += r.output.stats.events;
         self.acked_ops += r.acked_ops();
         self.deliveries += r.deliveries();
+        self.failed_deliveries += r.failed_deliveries();
+        self.dead += r.dead();
         self.crashes += r.output.stats.crashes;
         self.hash_checks += r.output.stats.hash_checks;
         self.virtual_s += r.output.stats.virtual_us as f64 / 1e6;
@@ -130,14 +143,23 @@ impl Summary {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>8}",
-            "scenario", "seeds", "failed", "events", "acked ops", "delivered", "crashes", "hash ok"
+            "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8}",
+            "scenario", "seeds", "failed", "events", "acked ops", "delivered", "h-failed", "dead", "crashes", "hash ok"
         );
         for r in rows {
             let _ = writeln!(
                 out,
-                "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>8}",
-                r.scenario, r.seeds, r.failed, r.events, r.acked_ops, r.deliveries, r.crashes, r.hash_checks
+                "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8}",
+                r.scenario,
+                r.seeds,
+                r.failed,
+                r.events,
+                r.acked_ops,
+                r.deliveries,
+                r.failed_deliveries,
+                r.dead,
+                r.crashes,
+                r.hash_checks
             );
         }
         out

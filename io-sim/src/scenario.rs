@@ -100,6 +100,16 @@ pub struct Workload {
     pub net_delay_us: (u64, u64),
     /// A burst of sessions created and stored at the same moment.
     pub storm: Option<Storm>,
+    /// A share of the clients all crash in the same second, leaving their sessions to the lease.
+    pub crash_storm: Option<CrashStorm>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrashStorm {
+    pub at_s: u64,
+    /// Share of the clients holding a session at that moment that crash.
+    pub share: f64,
 }
 
 impl Default for Workload {
@@ -118,6 +128,7 @@ impl Default for Workload {
             give_up_after_ms: 20_000,
             net_delay_us: (50, 500),
             storm: None,
+            crash_storm: None,
         }
     }
 }
@@ -149,11 +160,28 @@ pub struct HandlerSetup {
     pub restore_share: f64,
     /// Share of deliveries the handler stalls on for longer than the lease (it gets fenced off).
     pub stall_share: f64,
+    /// Share of deliveries that are long jobs: the handler works for 2.5 leases, renewing its
+    /// lease with a keep-alive every third of one, and then deletes the session.
+    pub long_share: f64,
+    /// Stretches of the run, `[from_s, to_s)` in true seconds, in which the handler cannot be
+    /// reached: every delivery then fails as unreachable.
+    pub down_s: Vec<(u64, u64)>,
+    /// The handler flaps: up for a random time in the first range (ms), then down for one in the
+    /// second, over and over, until the liveness phase.
+    pub flap_ms: Option<((u64, u64), (u64, u64))>,
 }
 
 impl Default for HandlerSetup {
     fn default() -> Self {
-        HandlerSetup { work_ms: (1, 50), fail_share: 0.05, restore_share: 0.1, stall_share: 0.02 }
+        HandlerSetup {
+            work_ms: (1, 50),
+            fail_share: 0.05,
+            restore_share: 0.1,
+            stall_share: 0.02,
+            long_share: 0.0,
+            down_s: Vec::new(),
+            flap_ms: None,
+        }
     }
 }
 
@@ -306,6 +334,17 @@ impl Scenario {
             1 => rng.gen_range(1..5000),
             _ => s.limits.preallocate_bytes,
         };
+        // Redelivery under failure: dead letters after a few failures or never, backoff from
+        // immediate-ish to slow, and sometimes long jobs that renew their lease.
+        for k in s.kinds.values_mut() {
+            let c = &mut k.config;
+            c.max_attempts = [0, 1, 2, 3, 5, c.max_attempts][rng.gen_range(0..6)];
+            c.backoff_base_s = rng.gen_range(1..=3);
+            c.backoff_cap_s = c.backoff_base_s * rng.gen_range(1..=16);
+            if rng.gen_bool(0.3) {
+                k.handler.long_share = rng.gen_range(0.05..0.3);
+            }
+        }
         s
     }
 }

@@ -24,8 +24,10 @@ pub enum Step {
     CrashAfterNext,
     /// Tell the pipe this delivery failed.
     Fail,
-    /// Do nothing for this long (ms): a handler that stalls past its lease.
+    /// Do nothing for this long (ms): a handler that stalls past its lease, or works on a long job.
     Stall(u64),
+    /// Renew the lease.
+    KeepAlive,
 }
 
 /// What an agent wants the world to do.
@@ -150,7 +152,14 @@ impl Agent {
         } else if !ctx.liveness && roll < hs.fail_share + hs.stall_share {
             self.plan.push_back(Step::Stall(kc.lease_ms * 2));
             self.plan.push_back(Step::Delete);
-        } else if !ctx.liveness && roll < hs.fail_share + hs.stall_share + hs.restore_share {
+        } else if !ctx.liveness && roll < hs.fail_share + hs.stall_share + hs.long_share {
+            // A long job: 2.5 leases of work, a keep-alive every third of a lease.
+            for _ in 0..7 {
+                self.plan.push_back(Step::Stall(kc.lease_ms / 3));
+                self.plan.push_back(Step::KeepAlive);
+            }
+            self.plan.push_back(Step::Delete);
+        } else if !ctx.liveness && roll < hs.fail_share + hs.stall_share + hs.long_share + hs.restore_share {
             let len = self.rng.gen_range(ctx.workload.record_bytes.0..=ctx.workload.record_bytes.1);
             self.plan.push_back(Step::Append(len));
             let (a, b) = ctx.workload.store_timeout_s;
@@ -242,6 +251,7 @@ impl Agent {
                 return out;
             }
             Step::Stall(ms) => return self.wake_after(now_us, ms * 1000),
+            Step::KeepAlive => Request::KeepAlive { handle },
             Step::CrashAfterNext => unreachable!("consumed above"),
         };
         let mut out = self.send(now_us, request, ctx);
@@ -308,6 +318,14 @@ impl Agent {
         ];
         out.extend(self.wake_after(now_us, ctx.workload.retry_after_ms * 1000));
         out
+    }
+
+    /// Crashes this client now if it is a workload client holding a session (a crash storm).
+    pub fn crash_if_holding(&mut self, now_us: u64, ctx: &Ctx) -> Vec<Action> {
+        if !self.opens_sessions || self.one_shot.is_some() || self.crashed || self.handle.is_none() {
+            return vec![];
+        }
+        self.crash(now_us, ctx)
     }
 
     /// The process dies: its in-flight request's outcome is unknown and its session dangles

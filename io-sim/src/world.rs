@@ -40,6 +40,7 @@ enum Ev {
     Partition { start: bool },
     Clog,
     Storm,
+    CrashStorm,
     Liveness,
     End,
 }
@@ -124,6 +125,8 @@ pub struct World {
     liveness_commit: u64,
     pools: BTreeMap<Kind, (Vec<usize>, VecDeque<Handle>)>,
     kinds: Vec<(Kind, KindConfig, HandlerSetup)>,
+    /// Per kind, the stretches of true time (µs) in which its handler cannot be reached.
+    outages: BTreeMap<Kind, Vec<(u64, u64)>>,
     history: History,
     hashes: BTreeMap<u64, u64>,
     /// Every wall-clock reading handed to the replica, to check the readings it reports.
@@ -148,6 +151,7 @@ const STREAM_DISK: u64 = 2;
 const STREAM_SWARM: u64 = 3;
 const STREAM_ENGINE: u64 = 4;
 const STREAM_NET: u64 = 5;
+const STREAM_OUTAGES: u64 = 6;
 const STREAM_AGENTS: u64 = 1000;
 
 impl World {
@@ -199,6 +203,7 @@ impl World {
             applied_seen: vec![0; n],
             liveness_commit: 0,
             pools: BTreeMap::new(),
+            outages: BTreeMap::new(),
             kinds,
             history: History::default(),
             hashes: BTreeMap::new(),
@@ -211,7 +216,30 @@ impl World {
             sc,
         };
         w.populate();
+        w.outages = w.draw_outages();
         w
+    }
+
+    /// The handlers' outages: the fixed ones, and for a flapping handler alternating up and down
+    /// stretches drawn until the liveness phase.
+    fn draw_outages(&self) -> BTreeMap<Kind, Vec<(u64, u64)>> {
+        let mut rng = sub_rng(self.seed, STREAM_OUTAGES);
+        let end_us = self.sc.duration_s * 1_000_000;
+        let mut out = BTreeMap::new();
+        for (kind, _, hs) in &self.kinds {
+            let mut o: Vec<(u64, u64)> = hs.down_s.iter().map(|(a, b)| (a * 1_000_000, b * 1_000_000)).collect();
+            if let Some((up, down)) = hs.flap_ms {
+                let mut t = 0;
+                while t < end_us {
+                    t += rng.gen_range(up.0..=up.1.max(up.0)) * 1000;
+                    let d = rng.gen_range(down.0..=down.1.max(down.0)) * 1000;
+                    o.push((t, t + d));
+                    t += d;
+                }
+            }
+            out.insert(*kind, o);
+        }
+        out
     }
 
     fn populate(&mut self) {
@@ -282,6 +310,9 @@ impl World {
         }
         if let Some(s) = &self.sc.workload.storm {
             self.at(s.at_s * 1_000_000, Ev::Storm);
+        }
+        if let Some(s) = &self.sc.workload.crash_storm {
+            self.at(s.at_s * 1_000_000, Ev::CrashStorm);
         }
         self.at(safety_end, Ev::Liveness);
         self.at(end, Ev::End);
@@ -364,6 +395,12 @@ impl World {
                     self.feed(r, Input::Tick);
                 }
             }
+            Ev::Deliver { kind, handle } if self.handler_down(kind) => {
+                let reason = truba_engine::FailureReason::Unreachable("connection refused".into());
+                self.history.push(self.now_us, Event::DeliveryFailed { handle, reason: reason.clone() });
+                let t = self.net_delay();
+                self.at(t, Ev::DeliveryFailed { handle, reason });
+            }
             Ev::Deliver { kind, handle } => {
                 if let Some(pool) = self.pools.get_mut(&kind) {
                     pool.1.push_back(handle);
@@ -385,6 +422,7 @@ impl World {
             Ev::Partition { start } => self.partition(start),
             Ev::Clog => self.clog(),
             Ev::Storm => self.storm(),
+            Ev::CrashStorm => self.crash_storm(),
             Ev::Liveness => self.heal(),
             Ev::End => unreachable!("handled by the loop"),
         }
@@ -892,6 +930,27 @@ impl World {
             self.agents.push(a);
             self.apply_actions(idx, actions);
         }
+    }
+
+    /// A share of the clients holding a session crash together, within one second.
+    fn crash_storm(&mut self) {
+        let s = self.sc.workload.crash_storm.clone().expect("crash storm configured");
+        self.history.push(self.now_us, Event::Fault { what: format!("{:.0}% of clients crash", s.share * 100.0) });
+        for i in 0..self.agents.len() {
+            if !self.rng.gen_bool(s.share) {
+                continue;
+            }
+            let at = self.now_us + self.rng.gen_range(0..1_000_000);
+            let ctx = self.ctx_owned();
+            let actions = self.agents[i].crash_if_holding(at, &ctx.as_ctx());
+            self.apply_actions(i, actions);
+        }
+    }
+
+    /// Whether `kind`'s handler is unreachable now (never in the liveness phase).
+    fn handler_down(&self, kind: Kind) -> bool {
+        !self.liveness
+            && self.outages.get(&kind).is_some_and(|o| o.iter().any(|(a, b)| (*a..*b).contains(&self.now_us)))
     }
 
     /// The liveness phase: every fault healed, every replica up, no new sessions.

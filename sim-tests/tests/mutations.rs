@@ -46,6 +46,26 @@ fn recomputing_jitter_on_apply_is_caught() {
     caught("recompute-jitter", "crash-loop", &["state-hash"]);
 }
 
+#[test]
+fn retrying_a_failed_delivery_without_backoff_is_caught() {
+    caught("no-backoff", "handler-flapping", &["backoff"]);
+}
+
+#[test]
+fn dead_lettering_before_max_attempts_is_caught() {
+    caught("dead-letter-early", "handler-flapping", &["dead-letter-after-max-attempts"]);
+}
+
+#[test]
+fn a_keep_alive_that_does_not_renew_the_lease_is_caught() {
+    caught("ignore-keepalive", "handler-flapping", &["lease-respected"]);
+}
+
+#[test]
+fn taking_due_sessions_out_of_order_is_caught() {
+    caught("take-out-of-order", "redelivery-storm", &["due-order"]);
+}
+
 // `skip-recovery-fsync` is not tested here any more: since a replica's first entry as leader
 // (a no-op) is written and fsynced to the segment recovery read, that fsync covers what the
 // recovery fsync was for in every scenario, and the mutation survives 600 seeds of crash-loop,

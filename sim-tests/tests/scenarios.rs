@@ -11,6 +11,16 @@ fn scenario(name: &str) {
     let summary = run_clean(name, s.ci_seeds);
     assert!(summary.acked_ops > summary.seeds * 20, "{name}: too few acknowledged operations to mean anything");
     assert!(summary.deliveries > 0, "{name}: nothing was ever delivered");
+    let handlers_fail = s.kinds.values().any(|k| !k.handler.down_s.is_empty() || k.handler.flap_ms.is_some());
+    if handlers_fail {
+        assert!(summary.failed_deliveries > 0, "{name}: handler outages were configured but no delivery failed");
+    }
+    if s.kinds.values().any(|k| k.config.max_attempts > 0) && handlers_fail {
+        assert!(
+            summary.dead > 0,
+            "{name}: nothing reached a dead-letter set, so the dead-letter rule was not exercised"
+        );
+    }
     if s.faults.crash_every_ms.is_some() {
         assert!(summary.crashes > 0 && summary.hash_checks > 0, "{name}: crashes were configured but not exercised");
     }
@@ -37,6 +47,11 @@ scenario_tests! {
     cluster_elections => "cluster-elections",
     cluster_bit_rot => "cluster-bit-rot",
     cluster_votes => "cluster-votes",
+    handler_flapping => "handler-flapping",
+    handler_outage => "handler-outage",
+    crash_storm => "crash-storm",
+    cluster_delivery => "cluster-delivery",
+    cluster_clock_steps => "cluster-clock-steps",
 }
 
 #[test]

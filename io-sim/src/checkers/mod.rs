@@ -7,9 +7,12 @@
 //! shows a session's records (a delivery, or the final state), they must be one of the
 //! possibilities, and the set collapses to what was shown.
 
+mod redelivery;
+
 use crate::history::{describe_request, record_id, Actor, Event};
 use crate::workload::record_is_genuine;
 use crate::world::{RunOutput, Violation};
+use redelivery::RedeliveryChecker;
 use std::collections::{BTreeMap, BTreeSet};
 use truba_engine::{Reply, Request, RequestError, SessionState, UnixSecs};
 
@@ -95,6 +98,7 @@ struct Checker<'a> {
     /// Sessions delivered while their creation was still unanswered.
     adopted: BTreeSet<u64>,
     storm_dues: Vec<u64>,
+    redelivery: RedeliveryChecker<'a>,
     violations: Vec<Violation>,
 }
 
@@ -108,6 +112,7 @@ pub fn check(run: &RunOutput) -> Vec<Violation> {
         orphans: BTreeSet::new(),
         adopted: BTreeSet::new(),
         storm_dues: Vec::new(),
+        redelivery: RedeliveryChecker::new(run),
         violations: run.violations.clone(),
     };
     for (t, e) in &run.history.events {
@@ -119,6 +124,8 @@ pub fn check(run: &RunOutput) -> Vec<Violation> {
     }
     c.final_state();
     c.storm_spread();
+    c.redelivery.finish(run.end_us, run.final_sessions.as_ref());
+    c.violations.append(&mut c.redelivery.violations);
     c.violations.sort_by_key(|v| v.at_us);
     c.violations
 }
@@ -132,6 +139,7 @@ impl Checker<'_> {
         match e {
             Event::Invoke { actor, client, seq, request } => {
                 self.deletes_in_flight(request, 1);
+                self.redelivery.invoked(request);
                 self.inflight.insert((*client, *seq), (request.clone(), t));
                 self.last_request.insert(*actor, (*client, *seq));
             }
@@ -139,6 +147,7 @@ impl Checker<'_> {
                 let Some((request, invoked)) = self.inflight.remove(&(*client, *seq)) else { return };
                 self.deletes_in_flight(&request, -1);
                 self.complete(t, *actor, &request, invoked, outcome);
+                self.redelivery.complete(t, *actor, &request, invoked, outcome);
             }
             Event::GiveUp { client, seq, .. } => {
                 if let Some((request, _)) = self.inflight.remove(&(*client, *seq)) {
@@ -153,9 +162,11 @@ impl Checker<'_> {
                     self.unknown_outcome(&request);
                 }
             }
-            Event::Deliver { handle, due, records, taken_at_ms, .. } => {
-                self.delivered(t, handle.session.0, handle.attempt.0, *due, records, *taken_at_ms)
+            Event::Deliver { kind, handle, due, records, taken_at_ms, take_index } => {
+                self.delivered(t, handle.session.0, handle.attempt.0, *due, records, *taken_at_ms);
+                self.redelivery.delivered(t, kind.0, *handle, *due, *taken_at_ms, *take_index);
             }
+            Event::DeliveryFailed { handle, .. } => self.redelivery.failure_reported(t, *handle),
             _ => {}
         }
     }
@@ -169,9 +180,10 @@ impl Checker<'_> {
     }
 
     fn complete(&mut self, t: u64, actor: Actor, request: &Request, invoked_us: u64, outcome: &truba_engine::Outcome) {
-        if let Request::New { record, .. } = request {
+        if let Request::New { record, kind } = request {
             if let Ok(Reply::Created { handle }) = outcome {
                 let id = handle.session.0;
+                self.redelivery.created(id, kind.0);
                 if self.adopted.remove(&id) {
                     return; // Delivered before its creation was answered: modelled since then.
                 }
@@ -225,6 +237,7 @@ impl Checker<'_> {
     }
 
     fn unknown_outcome(&mut self, request: &Request) {
+        self.redelivery.unknown(request);
         match request {
             Request::New { record: Some(r), .. } => {
                 self.orphans.insert(r.clone());
