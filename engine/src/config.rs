@@ -207,11 +207,13 @@ pub struct Mutations {
     pub ignore_keepalive: bool,
     /// The repeater takes due sessions newest-stored first (and replicas do not check the order).
     pub take_out_of_order: bool,
+    /// Leases are treated as running out halfway: a delivery is taken from its handler early.
+    pub expire_early: bool,
 }
 
 impl Mutations {
     /// Names accepted on the simulator's command line.
-    pub const NAMES: [&'static str; 16] = [
+    pub const NAMES: [&'static str; 17] = [
         "ack-before-fsync",
         "truncate-mid-log",
         "apply-retry-twice",
@@ -228,6 +230,7 @@ impl Mutations {
         "dead-letter-early",
         "ignore-keepalive",
         "take-out-of-order",
+        "expire-early",
     ];
 
     pub fn from_name(name: &str) -> Option<Mutations> {
@@ -249,6 +252,7 @@ impl Mutations {
             "dead-letter-early" => m.dead_letter_early = true,
             "ignore-keepalive" => m.ignore_keepalive = true,
             "take-out-of-order" => m.take_out_of_order = true,
+            "expire-early" => m.expire_early = true,
             _ => return None,
         }
         Some(m)
@@ -289,6 +293,15 @@ impl EngineConfig {
     #[inline]
     pub(crate) fn mutation(&self, pick: impl Fn(&Mutations) -> bool) -> bool {
         cfg!(feature = "mutations") && pick(&self.mutations)
+    }
+
+    /// The clock reading from which a lease ending at `lease_until` counts as run out.
+    pub(crate) fn lease_end(&self, kind: Kind, lease_until: crate::types::UnixMs) -> crate::types::UnixMs {
+        if self.mutation(|m| m.expire_early) {
+            crate::types::UnixMs(lease_until.0.saturating_sub(self.lease(kind).0 / 2))
+        } else {
+            lease_until
+        }
     }
 
     pub(crate) fn lease(&self, kind: Kind) -> Duration {

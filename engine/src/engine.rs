@@ -611,7 +611,9 @@ impl Engine {
         if !self.is_serving() || !self.is_leader() || self.uncommitted_full() {
             return;
         }
-        let Some(session) = self.state.session(handle.session) else { return };
+        let Some(session) = self.state.session(handle.session).filter(|s| s.attempt == handle.attempt) else {
+            return; // a report about a delivery already superseded changes nothing
+        };
         let due = draw_retry_due(self.now.wall, session, &self.cfg, &mut self.rng);
         let reason = reason.truncated(self.cfg.limits.failure_reason_bytes_max as usize);
         self.propose(Command::DeliveryFailed { handle, due, reason });

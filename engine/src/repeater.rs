@@ -95,7 +95,16 @@ impl Repeater {
     ) -> Option<Command> {
         let mut expired = Vec::new();
         for &(lease_until, id) in state.leases_in_order() {
-            if lease_until > wall || expired.len() >= cfg.limits.take_batch_max as usize {
+            let kind = state.session(id).expect("leased session exists").kind;
+            if cfg.lease_end(kind, lease_until) > wall {
+                // Leases are in order of their end; under the expire-early mutation a later one
+                // of a shorter-leased kind may still be due, so only that build looks on.
+                if cfg.mutation(|m| m.expire_early) {
+                    continue;
+                }
+                break;
+            }
+            if expired.len() >= cfg.limits.take_batch_max as usize {
                 break;
             }
             if self.expiring.contains(&id) {

@@ -600,7 +600,7 @@ impl StateMachine {
     fn expire(&mut self, handle: Handle, due: UnixSecs, entry: &Entry, cfg: &EngineConfig) {
         let Ok(s) = self.check_handle(handle) else { return };
         let Status::Active { lease_until, delivering } = s.status else { return };
-        if lease_until > entry.at {
+        if cfg.lease_end(s.kind, lease_until) > entry.at {
             return;
         }
         if delivering {

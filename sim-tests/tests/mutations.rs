@@ -61,6 +61,13 @@ fn a_keep_alive_that_does_not_renew_the_lease_is_caught() {
     caught("ignore-keepalive", "handler-flapping", &["lease-respected"]);
 }
 
+/// At most one live attempt per session: a delivery's lease (from its take, or renewed since)
+/// must have run out before the session goes to another handler.
+#[test]
+fn taking_a_delivery_away_before_its_lease_runs_out_is_caught() {
+    caught("expire-early", "handler-flapping", &["lease-respected"]);
+}
+
 #[test]
 fn taking_due_sessions_out_of_order_is_caught() {
     caught("take-out-of-order", "redelivery-storm", &["due-order"]);

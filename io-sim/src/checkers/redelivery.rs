@@ -26,7 +26,7 @@ struct Session {
     reset_attempt: u32,
     /// After a failure report: the earliest repeat time (wall ms) the next delivery may carry.
     backoff_floor_ms: Option<(u64, u32)>,
-    /// The latest acknowledged lease renewal: (attempt, true time it was sent).
+    /// The latest lease start or acknowledged renewal: (attempt, true time it was sent).
     renewed: Option<(u32, u64)>,
     /// Attempts whose holder ended them itself (stored, deleted, reported failure).
     ended: BTreeSet<u32>,
@@ -144,7 +144,11 @@ impl<'a> RedeliveryChecker<'a> {
             if due.0 * 1000 < floor {
                 found.push((
                     "backoff",
-                    format!("redelivered for repeat time {} s after {n} failure(s) in a row; the kind's backoff allows {} s at the earliest", due.0, floor / 1000),
+                    format!(
+                        "redelivered for repeat time {} s after {n} failure(s) in a row; the kind's backoff allows {:.3} s at the earliest",
+                        due.0,
+                        floor as f64 / 1000.0
+                    ),
                 ));
             }
         }
@@ -166,6 +170,12 @@ impl<'a> RedeliveryChecker<'a> {
         self.taken.entry(kind).or_default().push((take_index, order, due, store, id));
         s.attempt = handle.attempt.0;
         s.taken_at_ms = taken_at_ms;
+        // The take itself starts the new attempt's lease, at its clock reading: no other attempt
+        // may go out before it can have run out (at most one live attempt per session).
+        let take_us = taken_at_ms.saturating_sub(EPOCH_MS) * 1000;
+        if s.renewed.is_none_or(|(a, sent)| (handle.attempt.0, take_us) > (a, sent)) {
+            s.renewed = Some((handle.attempt.0, take_us));
+        }
         for (p, d) in found {
             self.violate(p, t, id, d);
         }
