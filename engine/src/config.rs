@@ -308,3 +308,28 @@ impl EngineConfig {
         Duration(self.kinds.get(&kind).map_or(30_000, |k| k.lease_ms))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::KindConfig;
+
+    #[test]
+    fn backoff_doubles_from_the_base_and_stops_at_the_cap_without_overflowing() {
+        let k = KindConfig { backoff_base_s: 3, backoff_cap_s: 50, ..KindConfig::default() };
+        let delays: Vec<u32> = (1..=6).map(|n| k.backoff_s(n)).collect();
+        assert_eq!(delays, [3, 6, 12, 24, 48, 50]);
+        assert_eq!(k.backoff_s(0), 3, "the first failure waits the base");
+        assert_eq!(k.backoff_s(u32::MAX), 50);
+        let huge = KindConfig { backoff_base_s: u32::MAX, backoff_cap_s: u32::MAX, ..KindConfig::default() };
+        assert_eq!(huge.backoff_s(40), u32::MAX);
+    }
+
+    #[test]
+    fn dead_after_max_attempts_and_never_without_a_limit() {
+        let k = KindConfig { max_attempts: 3, ..KindConfig::default() };
+        assert!(!k.is_dead_after(2));
+        assert!(k.is_dead_after(3));
+        let unlimited = KindConfig { max_attempts: 0, ..KindConfig::default() };
+        assert!(!unlimited.is_dead_after(u32::MAX));
+    }
+}
