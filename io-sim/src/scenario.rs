@@ -213,6 +213,9 @@ pub struct ClockFaults {
     /// Wall-clock steps: time between them and their size (either sign).
     pub step_every_ms: Option<(u64, u64)>,
     pub step_ms: (i64, i64),
+    /// Step the leader's clock (when there is one) rather than a replica drawn at random: the
+    /// leader's clock is the one repeat times and lease ends are read on.
+    pub step_leader: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -871,13 +871,18 @@ impl World {
         }
         let (a, b) = self.sc.faults.clock.step_ms;
         let step = self.rng.gen_range(a..=b);
-        let r = self.rng.gen_range(0..self.replicas.len());
+        let mut r = self.rng.gen_range(0..self.replicas.len());
+        if self.sc.faults.clock.step_leader {
+            let leading = |rep: &Replica| rep.engine.as_ref().is_some_and(|e| e.is_leader());
+            r = self.replicas.iter().position(leading).unwrap_or(r);
+        }
         self.replicas[r].clock.steps_ms += step;
         self.stats.clock_steps += 1;
         let what = if self.replicas.len() == 1 {
             format!("wall clock stepped {step:+} ms")
         } else {
-            format!("replica {r} wall clock stepped {step:+} ms")
+            let leader = self.replicas[r].engine.as_ref().is_some_and(|e| e.is_leader());
+            format!("replica {r}{} wall clock stepped {step:+} ms", if leader { " (leader)" } else { "" })
         };
         self.history.push(self.now_us, Event::Fault { what });
         if let Some(range) = self.sc.faults.clock.step_every_ms {
