@@ -12,8 +12,10 @@
 //! - [`client`]: `Pipe` and `Session`, with retries that are never applied twice.
 //! - [`handler`]: `handler::serve` and the `Handler` trait for the pipe's deliveries.
 //! - [`bench`]: `truba bench`.
+//! - [`bench_stored`]: `truba bench-stored`.
 
 pub mod bench;
+pub mod bench_stored;
 pub mod client;
 pub mod config;
 pub mod disk;

@@ -131,6 +131,9 @@ enum Command {
     /// Closed-loop appends from concurrent sessions; prints throughput and latency percentiles
     /// beside this machine's raw write+fsync rate.
     Bench(truba::bench::BenchArgs),
+    /// Many stored sessions of one record each, all due at once, then redelivered to an echo
+    /// handler this command serves: store rate, then deliveries per second.
+    BenchStored(truba::bench_stored::BenchStoredArgs),
 }
 
 #[derive(Subcommand)]
@@ -268,6 +271,7 @@ async fn run(command: Command) -> CliResult {
         Command::Dead(DeadCommand::Redrive { .. }) => Err("give either a SESSION or --kind, not both".into()),
         Command::HandlerEcho { listen } => truba::handler::serve(&listen, Echo).await.map_err(|e| e.to_string()),
         Command::Bench(args) => truba::bench::run(args).await,
+        Command::BenchStored(args) => truba::bench_stored::run(args).await,
     }
 }
 
