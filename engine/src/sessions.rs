@@ -378,6 +378,14 @@ impl StateMachine {
                 Ok(Reply::Done)
             }
             Request::Redrive { target } => self.redrive(*target, due, entry.index, cfg),
+            Request::DropDead { session } => {
+                let s = self.sessions.get(session).ok_or_else(|| self.missing(*session))?;
+                if !matches!(s.status, Status::Dead { .. }) {
+                    return Err(RequestError::NotDead(*session));
+                }
+                self.delete(*session, entry.index, cfg);
+                Ok(Reply::Done)
+            }
         }
     }
 
