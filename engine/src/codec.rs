@@ -32,7 +32,7 @@ const SEGMENT_MAGIC: &[u8; 8] = b"TRUBAlg3";
 /// The segment format this version writes and reads (the digit of [`SEGMENT_MAGIC`]).
 pub const SEGMENT_FORMAT: u32 = 3;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"TRUBAsn2";
-const SNAPSHOT_HEADER_LEN: usize = 36;
+pub(crate) const SNAPSHOT_HEADER_LEN: usize = 36;
 /// No record payload is ever larger than this; a length field above it is damage.
 pub const PAYLOAD_BYTES_MAX: u32 = 64 * 1024 * 1024;
 /// The last byte of every record: never zero, so a record's end is never mistaken for the
@@ -264,16 +264,25 @@ fn cut_short(b: &[u8], at: usize, content_end: usize) -> bool {
 /// Frames a snapshot: magic, index, term, payload length, crc, payload.
 pub fn encode_snapshot(index: Index, term: Term, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(SNAPSHOT_HEADER_LEN + payload.len());
-    out.extend_from_slice(SNAPSHOT_MAGIC);
-    out.extend_from_slice(&index.0.to_le_bytes());
-    out.extend_from_slice(&term.0.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    let mut h = crc32fast::Hasher::new();
-    h.update(&out[8..32]);
-    h.update(payload);
-    out.extend_from_slice(&h.finalize().to_le_bytes());
+    out.resize(SNAPSHOT_HEADER_LEN, 0);
     out.extend_from_slice(payload);
+    seal_snapshot(index, term, &mut out);
     out
+}
+
+/// Fills in the header of a snapshot file whose payload already follows `SNAPSHOT_HEADER_LEN`
+/// bytes of room.
+pub fn seal_snapshot(index: Index, term: Term, file: &mut [u8]) {
+    let len = (file.len() - SNAPSHOT_HEADER_LEN) as u64;
+    file[..8].copy_from_slice(SNAPSHOT_MAGIC);
+    file[8..16].copy_from_slice(&index.0.to_le_bytes());
+    file[16..24].copy_from_slice(&term.0.to_le_bytes());
+    file[24..32].copy_from_slice(&len.to_le_bytes());
+    let mut h = crc32fast::Hasher::new();
+    h.update(&file[8..32]);
+    h.update(&file[SNAPSHOT_HEADER_LEN..]);
+    let crc = h.finalize();
+    file[32..36].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Returns (index, term, payload) if the snapshot is whole and its checksum holds.

@@ -51,6 +51,8 @@ pub enum Request {
     /// Operator: move dead sessions back to the stored set, due at once (the kind's handler
     /// slots pace them), with their failure count cleared.
     Redrive { target: RedriveTarget },
+    /// Operator: delete a dead session without delivering it (it is never delivered again).
+    DropDead { session: SessionId },
 }
 
 /// What a redrive moves back.
@@ -114,7 +116,7 @@ impl Request {
             | Request::Delete { handle }
             | Request::Store { handle, .. }
             | Request::KeepAlive { handle } => Some(*handle),
-            Request::Redrive { .. } => None,
+            Request::Redrive { .. } | Request::DropDead { .. } => None,
         }
     }
 

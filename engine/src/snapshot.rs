@@ -2,10 +2,11 @@
 //! log keeps taking appends. Once the snapshot is durable (temp file fsynced, renamed, directory
 //! fsynced), older snapshots and the segments it covers are removed.
 //!
-//! The state is encoded in one step when the snapshot starts; only the disk work overlaps with
-//! appends. For very large states this encoding is a pause proportional to the state's size.
+//! The state is encoded in one step when the snapshot starts (straight into the file's buffer);
+//! only the disk work overlaps with appends. For very large states this encoding is a pause
+//! proportional to the state's size.
 
-use crate::codec::{encode_snapshot, snapshot_name};
+use crate::codec::{encode_snapshot, seal_snapshot, snapshot_name, SNAPSHOT_HEADER_LEN};
 use crate::io::{DiskError, IoOp, IoReply};
 use crate::sessions::StateMachine;
 use crate::types::{Index, Term};
@@ -50,6 +51,15 @@ pub(crate) fn encode_state(state: &StateMachine) -> Vec<u8> {
     postcard::to_allocvec(state).expect("postcard encoding into memory cannot fail")
 }
 
+/// A whole snapshot file: the state is encoded straight after room for the header, which is
+/// filled in afterwards, so a large state is held once in memory rather than twice.
+fn snapshot_file(state: &StateMachine, term: Term) -> Vec<u8> {
+    let room = vec![0; SNAPSHOT_HEADER_LEN];
+    let mut file = postcard::to_extend(state, room).expect("postcard encoding into memory cannot fail");
+    seal_snapshot(state.applied(), term, &mut file);
+    file
+}
+
 /// Decodes a state sent by a leader or read from disk, and checks it before it is trusted.
 pub(crate) fn decode_state(payload: &[u8], index: Index) -> Result<StateMachine, String> {
     let mut state: StateMachine = postcard::from_bytes(payload).map_err(|e| format!("undecodable state: {e}"))?;
@@ -57,7 +67,7 @@ pub(crate) fn decode_state(payload: &[u8], index: Index) -> Result<StateMachine,
         return Err(format!("state is at index {} but the header says {index}", state.applied));
     }
     state.rebuild_indexes();
-    state.full_invariants();
+    state.loaded_invariants();
     Ok(state)
 }
 
@@ -80,8 +90,11 @@ impl Snapshotter {
 
     /// Starts writing a snapshot of `state`; `term` is the term of its last applied entry.
     pub fn start(&mut self, state: &StateMachine, term: Term) -> IoOp {
-        let payload = encode_state(state);
-        self.start_encoded(state.applied(), term, &payload)
+        assert!(!self.busy(), "one snapshot at a time");
+        let index = state.applied();
+        let data = snapshot_file(state, term);
+        self.job = Some(Job { index, stage: Stage::Write });
+        IoOp::Write { file: tmp_name(index), offset: 0, data }
     }
 
     /// Starts writing a snapshot whose state is already encoded (one a leader sent).

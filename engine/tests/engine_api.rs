@@ -879,6 +879,31 @@ fn a_redrive_of_a_kind_moves_a_bounded_batch_oldest_first() {
 }
 
 #[test]
+fn an_operator_drops_a_dead_session_and_only_a_dead_one() {
+    let kc = KindConfig { max_attempts: 1, ..quick_kind() };
+    let mut d = Driver::booted(cfg_with(3, kc), 7);
+    let dead = created(d.req(10, new(3, Some(b"poison"))));
+    d.req(10, Request::Store { handle: dead, timeout_s: 0 }).unwrap();
+    let alive = created(d.req(11, new(3, Some(b"fine"))));
+    let mark = d.tick();
+    let h = d.deliveries_since(mark)[0].1;
+    d.input(Input::DeliveryFailed { handle: h, reason: failed() });
+    assert!(matches!(d.session(dead.session).unwrap().state, SessionState::Dead { .. }));
+
+    let drop = |session| Request::DropDead { session };
+    assert_eq!(d.req(1, drop(alive.session)), Err(RequestError::NotDead(alive.session)));
+    assert_eq!(d.req(1, drop(dead.session)), Ok(Reply::Done));
+    assert_eq!(d.session(dead.session), Err(RequestError::SessionDeleted(dead.session)));
+    assert_eq!(d.req(1, drop(dead.session)), Err(RequestError::SessionDeleted(dead.session)));
+    assert_eq!(d.status().sessions_dead, 0);
+    assert_eq!(dead_page(&mut d, 3).total, 0);
+    d.advance(60_000);
+    let mark = d.tick();
+    assert!(d.deliveries_since(mark).iter().all(|(_, h, _, _)| h.session != dead.session));
+    d.engine.state().full_invariants();
+}
+
+#[test]
 fn a_kind_never_has_more_deliveries_out_than_handler_slots() {
     let kc = KindConfig { handler_slots: 2, ..quick_kind() };
     let mut d = Driver::booted(cfg_with(3, kc), 7);

@@ -124,6 +124,7 @@ pub fn describe_request(r: &Request) -> String {
         Request::KeepAlive { handle } => format!("keepalive {handle}"),
         Request::Redrive { target: RedriveTarget::Session(id) } => format!("redrive {id}"),
         Request::Redrive { target: RedriveTarget::Kind(kind) } => format!("redrive k{}", kind.0),
+        Request::DropDead { session } => format!("drop dead {session}"),
     }
 }
 
