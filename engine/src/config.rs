@@ -86,7 +86,9 @@ pub struct Limits {
     /// The log's segment is filled with zeros this far ahead of its end (0: never), so that
     /// appends overwrite allocated space and their fsyncs have no file size to journal.
     pub preallocate_bytes: u64,
-    /// A snapshot is taken once this many entries have been applied since the last one.
+    /// A snapshot is taken once this many entries have been applied since the last one, and the
+    /// log has grown by at least the last snapshot's size since it was taken (so that a large
+    /// state is not rewritten whole every this-many entries).
     pub snapshot_every_entries: u64,
     /// Clients remembered in the deduplication table; the least recently seen is forgotten first.
     pub dedup_clients_max: u32,

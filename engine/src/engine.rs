@@ -687,6 +687,7 @@ impl Engine {
             last = last.next();
         }
         let (placement, data) = self.log.place(last, limits.segment_bytes_max, limits.preallocate_bytes);
+        self.snapshots.log_bytes += placement.end_offset - placement.offset;
         let op = IoOp::Write { file: placement.file.clone(), offset: placement.offset, data };
         self.batch = Some(Batch { first, last, valid_upto: last, placement, stage: BatchStage::Write });
         self.issue(op, Purpose::Batch);

@@ -45,6 +45,12 @@ pub(crate) struct Snapshotter {
     /// File names of durable snapshots still on disk.
     files: Vec<String>,
     job: Option<Job>,
+    /// Size of the last snapshot written, and log bytes written since it started: a snapshot
+    /// waits until the log has grown by as much as the last one, so that for a large state the
+    /// bytes written for snapshots stay in proportion to the log's (not one whole state per
+    /// `snapshot_every_entries`, whatever its size).
+    pub last_bytes: u64,
+    pub log_bytes: u64,
 }
 
 pub(crate) fn encode_state(state: &StateMachine) -> Vec<u8> {
@@ -77,7 +83,7 @@ fn tmp_name(index: Index) -> String {
 
 impl Snapshotter {
     pub fn recovered(last: Index, files: Vec<String>) -> Snapshotter {
-        Snapshotter { last, files, job: None }
+        Snapshotter { last, files, job: None, last_bytes: 0, log_bytes: 0 }
     }
 
     pub fn busy(&self) -> bool {
@@ -85,7 +91,7 @@ impl Snapshotter {
     }
 
     pub fn due(&self, applied: Index, every: u64) -> bool {
-        !self.busy() && applied.0 >= self.last.0 + every
+        !self.busy() && applied.0 >= self.last.0 + every && self.log_bytes >= self.last_bytes
     }
 
     /// Starts writing a snapshot of `state`; `term` is the term of its last applied entry.
@@ -93,6 +99,7 @@ impl Snapshotter {
         assert!(!self.busy(), "one snapshot at a time");
         let index = state.applied();
         let data = snapshot_file(state, term);
+        (self.last_bytes, self.log_bytes) = (data.len() as u64, 0);
         self.job = Some(Job { index, stage: Stage::Write });
         IoOp::Write { file: tmp_name(index), offset: 0, data }
     }

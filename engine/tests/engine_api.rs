@@ -1000,6 +1000,45 @@ fn restart_recovers_the_same_state() {
     assert_eq!(r.replies_since(mark)[0].2, before.unwrap());
 }
 
+/// Snapshot file writes (their sizes) among the outputs since `mark`.
+fn snapshot_writes(d: &Driver, mark: usize) -> Vec<usize> {
+    d.since(mark)
+        .iter()
+        .filter_map(|o| match o {
+            Output::Io { op: IoOp::Write { file, data, .. }, .. } if file.starts_with("snap-") => Some(data.len()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_large_state_is_snapshotted_again_only_once_the_log_has_grown_by_its_size() {
+    let mut cfg = cfg_with(3, KindConfig { record_bytes_max: 8192, ..quick_kind() });
+    cfg.limits.snapshot_every_entries = 10;
+    let mut d = Driver::booted(cfg, 10);
+    // 40 sessions of 8 KiB each: a state of some 320 KiB.
+    for c in 0..40 {
+        created(d.req(100 + c, new(3, Some(&[b'x'; 8000]))));
+    }
+    let sizes = snapshot_writes(&d, 0);
+    let last = *sizes.last().expect("snapshots were taken");
+    // Small appends: many more than 10 entries, but far fewer bytes than the last snapshot.
+    let h = created(d.req(1, new(3, Some(b"small"))));
+    let mark = d.mark();
+    let mut appended = 0;
+    while appended < last / 4 {
+        d.req(1, append(h, &[b'y'; 100])).unwrap();
+        appended += 100;
+    }
+    assert!(snapshot_writes(&d, mark).is_empty(), "a {last}-byte state rewritten after {appended} bytes of log");
+    // Once the log has grown past the last snapshot's size, the next one is taken.
+    while snapshot_writes(&d, mark).is_empty() {
+        d.req(1, Request::Replace { handle: h, record: vec![b'z'; 4000] }).unwrap();
+        appended += 4000;
+        assert!(appended < 3 * last, "no snapshot after {appended} bytes of log (last snapshot {last} bytes)");
+    }
+}
+
 #[test]
 fn restart_after_snapshots_and_segment_rolls() {
     let mut cfg = EngineConfig::default();

@@ -26,8 +26,9 @@ struct Session {
     reset_attempt: u32,
     /// After a failure report: the earliest repeat time (wall ms) the next delivery may carry.
     backoff_floor_ms: Option<(u64, u32)>,
-    /// The latest lease start or acknowledged renewal: (attempt, true time it was sent).
-    renewed: Option<(u32, u64)>,
+    /// The latest lease start or acknowledged renewal: (attempt, the earliest true time in µs
+    /// at which that lease can have run out on any leader's clock, which may lie in the past).
+    renewed: Option<(u32, i64)>,
     /// Attempts whose holder ended them itself (stored, deleted, reported failure).
     ended: BTreeSet<u32>,
     /// An acknowledged store not yet followed by a delivery: (due, sent, acknowledged).
@@ -69,7 +70,14 @@ impl<'a> RedeliveryChecker<'a> {
     pub fn complete(&mut self, t: u64, actor: Actor, request: &Request, sent_us: u64, outcome: &Outcome) {
         let Some(handle) = request.handle() else { return };
         self.owner_acts(handle, request);
-        let Some(s) = self.sessions.get_mut(&handle.session.0) else { return };
+        let ce_us = self.clock_error_ms() as i64 * 1000;
+        let lease_us = |kind| self.kind(kind).map_or(0, |k| k.lease_ms as i64 * 1000);
+        let Some(kind) = self.sessions.get(&handle.session.0).map(|s| s.kind) else { return };
+        // A renewal applied at its proposer's clock (at most `ce` behind true time when it was
+        // sent) runs until that reading plus the lease, which another leader's clock (at most
+        // `ce` ahead) reads as run out `2 ce` early.
+        let floor_us = sent_us as i64 + lease_us(kind) - 2 * ce_us;
+        let s = self.sessions.get_mut(&handle.session.0).expect("checked");
         match (request, outcome) {
             (Request::Store { .. }, Ok(Reply::Stored { due })) => {
                 s.reported_failures.clear();
@@ -79,9 +87,9 @@ impl<'a> RedeliveryChecker<'a> {
                 s.store = Some((*due, sent_us, t));
             }
             (Request::Append { .. } | Request::Replace { .. } | Request::KeepAlive { .. }, Ok(_))
-                if s.renewed.is_none_or(|(a, sent)| (handle.attempt.0, sent_us) > (a, sent)) =>
+                if s.renewed.is_none_or(|r| (handle.attempt.0, floor_us) > r) =>
             {
-                s.renewed = Some((handle.attempt.0, sent_us));
+                s.renewed = Some((handle.attempt.0, floor_us));
             }
             _ => {}
         }
@@ -152,15 +160,14 @@ impl<'a> RedeliveryChecker<'a> {
                 ));
             }
         }
-        if let Some((attempt, sent_us)) = s.renewed.filter(|(a, _)| *a < handle.attempt.0 && !s.ended.contains(a)) {
-            let until_us = sent_us + lease_ms.saturating_sub(2 * ce) * 1000;
-            if t < until_us {
+        if let Some((attempt, until_us)) = s.renewed.filter(|(a, _)| *a < handle.attempt.0 && !s.ended.contains(a)) {
+            if (t as i64) < until_us {
                 found.push((
                     "lease-respected",
                     format!(
-                        "attempt {} delivered {} ms before the lease that attempt {attempt}'s holder renewed could run out",
+                        "attempt {} delivered {} ms before the lease attempt {attempt} held (from its take or a renewal) could run out",
                         handle.attempt.0,
-                        (until_us - t) / 1000
+                        (until_us - t as i64) / 1000
                     ),
                 ));
             }
@@ -172,9 +179,11 @@ impl<'a> RedeliveryChecker<'a> {
         s.taken_at_ms = taken_at_ms;
         // The take itself starts the new attempt's lease, at its clock reading: no other attempt
         // may go out before it can have run out (at most one live attempt per session).
-        let take_us = taken_at_ms.saturating_sub(EPOCH_MS) * 1000;
-        if s.renewed.is_none_or(|(a, sent)| (handle.attempt.0, take_us) > (a, sent)) {
-            s.renewed = Some((handle.attempt.0, take_us));
+        // The lease runs to the take's reading plus the lease, which another leader's clock (at
+        // most `ce` ahead) reads as run out `ce` early.
+        let floor_us = (taken_at_ms as i64 - EPOCH_MS as i64 + lease_ms as i64 - ce as i64) * 1000;
+        if s.renewed.is_none_or(|r| (handle.attempt.0, floor_us) > r) {
+            s.renewed = Some((handle.attempt.0, floor_us));
         }
         for (p, d) in found {
             self.violate(p, t, id, d);
