@@ -312,6 +312,15 @@ impl<T: Transport> Pipe<T> {
         self.redrive(RedriveTarget::Kind(Kind(kind))).await
     }
 
+    /// Deletes a dead session without delivering it. Refused with `NotDead` for any other.
+    pub async fn drop_dead(&self, id: SessionId) -> Result<(), ClientError> {
+        let client = self.fresh_client();
+        match self.request(client, Seq(1), Request::DropDead { session: id }).await? {
+            Reply::Done => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?} to a drop request"))),
+        }
+    }
+
     /// A redrive is a replicated request like any other: a client id of its own, sequence 1,
     /// retried with both unchanged, so a retry never moves a second batch.
     async fn redrive(&self, target: RedriveTarget) -> Result<Redriven, ClientError> {

@@ -171,6 +171,14 @@ enum DeadCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Delete a dead session without delivering it (a poison message). It is never delivered
+    /// again; refused for a session that is not dead.
+    Drop {
+        /// The dead session to delete.
+        session: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 fn main() -> ExitCode {
@@ -269,6 +277,7 @@ async fn run(command: Command) -> CliResult {
             redrive_kind(&conn, kind).await
         }
         Command::Dead(DeadCommand::Redrive { .. }) => Err("give either a SESSION or --kind, not both".into()),
+        Command::Dead(DeadCommand::Drop { session, conn }) => drop_dead(&conn, session).await,
         Command::HandlerEcho { listen } => truba::handler::serve(&listen, Echo).await.map_err(|e| e.to_string()),
         Command::Bench(args) => truba::bench::run(args).await,
         Command::BenchStored(args) => truba::bench_stored::run(args).await,
@@ -504,6 +513,13 @@ async fn redrive_session(conn: &Conn, session: u64) -> CliResult {
         &format!("redriven session {session}; {} sessions of its kind still dead", r.remaining),
         serde_json::json!({"session": session, "redriven": r.count, "remaining": r.remaining}),
     );
+    Ok(())
+}
+
+async fn drop_dead(conn: &Conn, session: u64) -> CliResult {
+    let pipe = connect(conn).await?;
+    pipe.drop_dead(SessionId(session)).await.map_err(err)?;
+    print(conn, &format!("dropped dead session {session}"), serde_json::json!({"session": session, "dropped": true}));
     Ok(())
 }
 

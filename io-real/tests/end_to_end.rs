@@ -606,5 +606,17 @@ async fn the_command_line_lists_shows_and_redrives_dead_sessions() {
     assert_eq!((rc, err.as_str()), (1, "truba: refused: unknown kind 7\n"));
     let (rc, _, err) = truba(addr, &["dead", "redrive"]).await;
     assert_eq!(rc, 2, "neither a session nor a kind: {err}");
+
+    // A poison session is dropped, never delivered again; a live one cannot be.
+    ok.store(false, Ordering::SeqCst);
+    let poison = p.new_with(1, b"poison".to_vec()).await.unwrap();
+    let poison_id = poison.id();
+    poison.store(0).await.unwrap();
+    wait_for(&p, poison_id, "dead", is_dead).await;
+    let (rc, out, err) = truba(addr, &["dead", "drop", &poison_id.0.to_string()]).await;
+    assert_eq!((rc, out), (0, format!("dropped dead session {}\n", poison_id.0)), "{err}");
+    assert!(is_deleted(&p.get(poison_id).await));
+    let (rc, _, err) = truba(addr, &["dead", "drop", &live.id().0.to_string()]).await;
+    assert_eq!((rc, err), (1, format!("truba: refused: session {} is not in a dead-letter set\n", live.id().0)));
     server.stop().await;
 }
