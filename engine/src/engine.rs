@@ -644,9 +644,7 @@ impl Engine {
         if let Some(c) = self.repeater.plan_expire(&self.state, wall, &self.cfg, &mut self.rng) {
             self.propose(c);
         }
-        if let Some(c) = self.repeater.plan_take(&self.state, wall, &self.cfg) {
-            self.propose(c);
-        }
+        self.take_due();
     }
 
     // ---- the log: group commit -------------------------------------------------------------
@@ -839,6 +837,7 @@ impl Engine {
     /// requests it proposed, and pushes taken sessions to their handlers.
     pub(crate) fn apply_committed(&mut self) {
         let upto = self.commit.min(self.durable);
+        let mut slots_finished = false;
         while self.state.applied() < upto {
             let index = self.state.applied().next();
             let entry = self.log.entry(index).expect("an uncompacted entry is held");
@@ -849,7 +848,10 @@ impl Engine {
                 entry.term == self.term() && self.runs_repeater() || self.cfg.mutation(|m| m.follower_runs_repeater);
             self.repeater.settle(&entry.command);
             let env = MutationEnv { rng: &mut self.rng, wall: self.now.wall };
+            let delivering_before = self.state.delivering_total();
+            let finished_by_handler = matches!(entry.command, Command::Client { .. });
             let applied = self.state.apply(entry, &self.cfg, env);
+            slots_finished |= finished_by_handler && self.state.delivering_total() < delivering_before;
             if let Some((client, seq, outcome)) = applied.reply {
                 if self.proposed.remove(&index) == Some((client, seq)) {
                     if self.waiting.get(&client) == Some(&seq) {
@@ -870,6 +872,25 @@ impl Engine {
         }
         if self.reads.len() > 0 {
             self.serve_reads();
+        }
+        // Handlers finished deliveries (deleted or stored their sessions): fill the slots now
+        // rather than at the next repeater tick, so that a kind with due sessions waiting keeps
+        // its handlers busy. Slots freed by failures wait for the tick: a handler that is down
+        // fails in microseconds, and refilling at once would run the whole due queue into
+        // backoff (and the dead-letter set) in a burst instead of at the tick's pace.
+        if slots_finished {
+            self.take_due();
+        }
+    }
+
+    /// Proposes a take of due sessions for the free handler slots, if this replica leads and
+    /// the log has room.
+    fn take_due(&mut self) {
+        if !self.is_serving() || !self.runs_repeater() || self.uncommitted_full() {
+            return;
+        }
+        if let Some(c) = self.repeater.plan_take(&self.state, self.now.wall, &self.cfg) {
+            self.propose(c);
         }
     }
 

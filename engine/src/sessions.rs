@@ -252,6 +252,11 @@ impl StateMachine {
         self.sessions.get(&id)
     }
 
+    /// Deliveries out, over all kinds.
+    pub(crate) fn delivering_total(&self) -> u32 {
+        self.delivering.values().sum()
+    }
+
     pub(crate) fn delivering(&self, kind: Kind) -> u32 {
         self.delivering.get(&kind).copied().unwrap_or(0)
     }
