@@ -49,6 +49,7 @@ scenario_tests! {
     cluster_votes => "cluster-votes",
     handler_flapping => "handler-flapping",
     handler_outage => "handler-outage",
+    handler_outage_hour => "handler-outage-hour",
     crash_storm => "crash-storm",
     cluster_delivery => "cluster-delivery",
     cluster_clock_steps => "cluster-clock-steps",
