@@ -97,6 +97,13 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Renew a session's lease without changing it (a long job keeps its session this way).
+    KeepAlive {
+        /// SESSION or SESSION@ATTEMPT (without the attempt, the current one is looked up).
+        session: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Leave a session unfinished: redeliver it to its kind's handler after the timeout.
     Store {
         /// SESSION or SESSION@ATTEMPT (without the attempt, the current one is looked up).
@@ -253,6 +260,11 @@ async fn run(command: Command) -> CliResult {
             let h = s.handle();
             s.delete().await.map_err(err)?;
             done(&conn, &pipe, h)
+        }
+        Command::KeepAlive { session, conn } => {
+            let (pipe, mut s) = open(&conn, &session).await?;
+            s.keep_alive().await.map_err(err)?;
+            done(&conn, &pipe, s.handle())
         }
         Command::Store { session, timeout, conn } => {
             let (_, s) = open(&conn, &session).await?;

@@ -607,12 +607,22 @@ async fn the_command_line_lists_shows_and_redrives_dead_sessions() {
     let (rc, _, err) = truba(addr, &["dead", "redrive"]).await;
     assert_eq!(rc, 2, "neither a session nor a kind: {err}");
 
+    // keep-alive renews a live session's lease; a dead session refuses it.
+    let (rc, out, err) = truba(addr, &["keep-alive", &live.id().0.to_string()]).await;
+    assert_eq!((rc, out.as_str()), (0, "ok\n"), "{err}");
+
     // A poison session is dropped, never delivered again; a live one cannot be.
     ok.store(false, Ordering::SeqCst);
     let poison = p.new_with(1, b"poison".to_vec()).await.unwrap();
     let poison_id = poison.id();
     poison.store(0).await.unwrap();
     wait_for(&p, poison_id, "dead", is_dead).await;
+    let (rc, _, err) = truba(addr, &["keep-alive", &format!("{}@1", poison_id.0)]).await;
+    let refusal = format!(
+        "truba: refused: session {} is in its kind's dead-letter set; an operator may redrive it\n",
+        poison_id.0
+    );
+    assert_eq!((rc, err), (1, refusal));
     let (rc, out, err) = truba(addr, &["dead", "drop", &poison_id.0.to_string()]).await;
     assert_eq!((rc, out), (0, format!("dropped dead session {}\n", poison_id.0)), "{err}");
     assert!(is_deleted(&p.get(poison_id).await));
