@@ -37,6 +37,8 @@ mod recovery;
 mod repeater;
 mod replication;
 mod sessions;
+#[cfg(test)]
+mod sessions_props;
 mod snapshot;
 pub mod types;
 
