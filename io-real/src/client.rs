@@ -506,6 +506,47 @@ impl<T: Transport> Session<T> {
     pub async fn keep_alive(&mut self) -> Result<(), ClientError> {
         self.expect_done(Request::KeepAlive { handle: self.handle }).await
     }
+
+    /// Renews the lease every `every` in the background until the returned guard is dropped, so
+    /// that a job longer than the kind's lease is not redelivered under its feet. Pick `every`
+    /// well under the lease (a third of it, say). The renewals use a client id of their own, so
+    /// they do not disturb this session's own requests. They stop by themselves once the handle
+    /// is refused (stale, stored, deleted, dead): the session is no longer this holder's.
+    pub fn keep_alive_every(&self, every: Duration) -> KeepAliveGuard {
+        let mut renewer = self.pipe.session(self.handle);
+        let task = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                match renewer.keep_alive().await {
+                    Ok(()) => {}
+                    Err(ClientError::Refused(e)) => {
+                        tracing::warn!(handle = %renewer.handle, error = %e, "lease renewal refused; no longer renewing");
+                        return;
+                    }
+                    // Unanswered: the next tick tries again (a renewal is idempotent).
+                    Err(e) => {
+                        tracing::debug!(handle = %renewer.handle, error = %e, "lease renewal not answered");
+                        renewer = renewer.pipe.session(renewer.handle);
+                    }
+                }
+            }
+        });
+        KeepAliveGuard { task }
+    }
+}
+
+/// Renews a session's lease in the background while it lives ([`Session::keep_alive_every`]).
+#[must_use = "the renewals stop when the guard is dropped"]
+pub struct KeepAliveGuard {
+    task: JoinHandle<()>,
+}
+
+impl Drop for KeepAliveGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -587,8 +587,11 @@ async fn peer_reader<S>(
     }
 }
 
-/// Pushes one delivery to its kind's handler; anything but a successful acknowledgement is
-/// reported back so the engine stores the session again.
+/// Pushes one delivery to its kind's handler. An error answer or an unreachable handler is
+/// reported back so the engine stores the session again (with backoff). A handler that is still
+/// working when `timeout` runs out is not failed: the pipe stops waiting for its acknowledgement
+/// and leaves the session's lease to decide, so a long job that renews its lease keeps its
+/// session, and one that hangs without renewing fails when the lease runs out.
 async fn deliver<N: Transport>(
     net: N,
     addr: Option<String>,
@@ -602,7 +605,16 @@ async fn deliver<N: Transport>(
         None => Err(FailureReason::Unreachable("no handler is configured for this kind".to_string())),
         Some(addr) => match tokio::time::timeout(timeout, push(&net, addr, &msg, handle, frame_bytes_max)).await {
             Ok(r) => r,
-            Err(_) => Err(FailureReason::Handler(format!("no acknowledgement within {} ms", timeout.as_millis()))),
+            Err(_) => {
+                let waited_ms = timeout.as_millis() as u64;
+                debug!(
+                    session = handle.session.0,
+                    attempt = handle.attempt.0,
+                    waited_ms,
+                    "no acknowledgement yet; the session's lease decides"
+                );
+                return;
+            }
         },
     };
     match result {

@@ -630,3 +630,54 @@ async fn the_command_line_lists_shows_and_redrives_dead_sessions() {
     assert_eq!((rc, err), (1, format!("truba: refused: session {} is not in a dead-letter set\n", live.id().0)));
     server.stop().await;
 }
+
+/// Works for 2 s on each delivery, longer than the kind's 700 ms lease, renewing the lease every
+/// 200 ms if `renew`; then deletes the session and reports the attempt and how that went.
+struct LongJob {
+    renew: bool,
+    seen: mpsc::UnboundedSender<(u32, Result<(), String>)>,
+}
+
+impl handler::Handler for LongJob {
+    async fn handle(&self, data: RepeatData) -> Result<(), String> {
+        let lease = self.renew.then(|| data.session.keep_alive_every(Duration::from_millis(200)));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(lease);
+        let attempt = data.session.handle().attempt.0;
+        let result = data.session.delete().await.map_err(|e| e.to_string());
+        let _ = self.seen.send((attempt, result.clone()));
+        result
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_job_that_renews_its_lease_is_not_redelivered_under_its_feet() {
+    for renew in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = Tcp.bind("127.0.0.1:0").await.unwrap();
+        let handler_addr = Tcp.local_addr(&listener).unwrap().to_string();
+        let (seen, mut done) = mpsc::unbounded_channel();
+        let handler = tokio::spawn(handler::serve_with(Tcp, listener, LongJob { renew, seen }));
+        let mut c = dead_letter_config(dir.path(), Some(handler_addr), 0);
+        c.kinds.get_mut(&1).unwrap().config.lease_ms = 700;
+        let server = start(c).await;
+        let p = pipe(&server.addr).await;
+        let s = p.new_with(1, b"long job".to_vec()).await.unwrap();
+        let id = s.id();
+        s.store(0).await.unwrap();
+        let (attempt, result) = tokio::time::timeout(Duration::from_secs(10), done.recv()).await.unwrap().unwrap();
+        if renew {
+            assert_eq!((attempt, result), (1, Ok(())), "renewed: the first delivery finishes the job");
+            wait_for(&p, id, "deleted", is_deleted).await;
+        } else {
+            assert_eq!(attempt, 1);
+            let refused = result.expect_err("without renewals the lease runs out mid-job and the delete is fenced");
+            assert!(refused.contains("stale") || refused.contains("stored"), "{refused}");
+            let v = p.get(id).await.unwrap();
+            assert!(v.deliveries >= 2, "redelivered meanwhile: {v:?}");
+            assert_eq!(v.last_failure, Some(FailureReason::LeaseExpired));
+        }
+        server.stop().await;
+        handler.abort();
+    }
+}
