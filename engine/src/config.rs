@@ -88,8 +88,11 @@ pub struct Limits {
     pub preallocate_bytes: u64,
     /// A snapshot is taken once this many entries have been applied since the last one, and the
     /// log has grown by at least the last snapshot's size since it was taken (so that a large
-    /// state is not rewritten whole every this-many entries).
+    /// state is not rewritten whole every this-many entries) ...
     pub snapshot_every_entries: u64,
+    /// ... or by this much, whatever the state's size: the log since the last snapshot is held in
+    /// memory, so this bounds it (at the cost of rewriting a state larger than it more often).
+    pub snapshot_log_bytes_max: u64,
     /// Clients remembered in the deduplication table; the least recently seen is forgotten first.
     pub dedup_clients_max: u32,
     /// Deleted session ids remembered to answer "deleted" rather than "unknown".
@@ -120,6 +123,7 @@ impl Default for Limits {
             segment_bytes_max: 64 * 1024 * 1024,
             preallocate_bytes: 1024 * 1024,
             snapshot_every_entries: 100_000,
+            snapshot_log_bytes_max: 512 * 1024 * 1024,
             dedup_clients_max: 100_000,
             tombstones_max: 100_000,
             repeater_tick_ms: 100,

@@ -898,7 +898,8 @@ impl Engine {
 
     fn maybe_snapshot(&mut self) {
         let applied = self.state.applied();
-        let due = self.snapshots.due(applied, self.cfg.limits.snapshot_every_entries);
+        let limits = &self.cfg.limits;
+        let due = self.snapshots.due(applied, limits.snapshot_every_entries, limits.snapshot_log_bytes_max);
         if due && self.installing.is_none() && applied <= self.log.written {
             let term = self.log.term_at(applied).expect("the applied entry is held");
             let op = self.snapshots.start(&self.state, term);

@@ -90,8 +90,9 @@ impl Snapshotter {
         self.job.is_some()
     }
 
-    pub fn due(&self, applied: Index, every: u64) -> bool {
-        !self.busy() && applied.0 >= self.last.0 + every && self.log_bytes >= self.last_bytes
+    pub fn due(&self, applied: Index, every: u64, log_bytes_max: u64) -> bool {
+        let grown = self.log_bytes >= self.last_bytes.min(log_bytes_max);
+        !self.busy() && applied.0 >= self.last.0 + every && grown
     }
 
     /// Starts writing a snapshot of `state`; `term` is the term of its last applied entry.

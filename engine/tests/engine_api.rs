@@ -1014,6 +1014,21 @@ fn a_large_state_is_snapshotted_again_only_once_the_log_has_grown_by_its_size() 
         appended += 4000;
         assert!(appended < 3 * last, "no snapshot after {appended} bytes of log (last snapshot {last} bytes)");
     }
+
+    // With the log capped below the state's size, the cap decides.
+    let mut cfg = cfg_with(3, KindConfig { record_bytes_max: 8192, ..quick_kind() });
+    cfg.limits.snapshot_every_entries = 10;
+    cfg.limits.snapshot_log_bytes_max = 20_000;
+    let mut d = Driver::booted(cfg, 10);
+    for c in 0..40 {
+        created(d.req(100 + c, new(3, Some(&[b'x'; 8000]))));
+    }
+    let h = created(d.req(1, new(3, Some(b"small"))));
+    let mark = d.mark();
+    for _ in 0..400 {
+        d.req(1, append(h, &[b'y'; 100])).unwrap();
+    }
+    assert!(!snapshot_writes(&d, mark).is_empty(), "40 KB of log passed the 20 KB cap without a snapshot");
 }
 
 #[test]
