@@ -215,11 +215,13 @@ pub struct Mutations {
     pub take_out_of_order: bool,
     /// Leases are treated as running out halfway: a delivery is taken from its handler early.
     pub expire_early: bool,
+    /// Client requests are not fenced: a handle of an older attempt is accepted.
+    pub accept_stale_attempt: bool,
 }
 
 impl Mutations {
     /// Names accepted on the simulator's command line.
-    pub const NAMES: [&'static str; 17] = [
+    pub const NAMES: [&'static str; 18] = [
         "ack-before-fsync",
         "truncate-mid-log",
         "apply-retry-twice",
@@ -237,6 +239,7 @@ impl Mutations {
         "ignore-keepalive",
         "take-out-of-order",
         "expire-early",
+        "accept-stale-attempt",
     ];
 
     pub fn from_name(name: &str) -> Option<Mutations> {
@@ -259,6 +262,7 @@ impl Mutations {
             "ignore-keepalive" => m.ignore_keepalive = true,
             "take-out-of-order" => m.take_out_of_order = true,
             "expire-early" => m.expire_early = true,
+            "accept-stale-attempt" => m.accept_stale_attempt = true,
             _ => return None,
         }
         Some(m)

@@ -340,14 +340,14 @@ impl StateMachine {
         match request {
             Request::New { kind, record } => self.create(entry, *kind, record.clone(), cfg),
             Request::Append { handle, record } => {
-                self.check_handle_active(*handle)?;
+                self.check_handle_active(*handle, cfg)?;
                 self.check_room(handle.session, record.len() as u64, false, cfg)?;
                 self.change(handle.session, |s| s.push(record.clone()));
                 self.renew(handle.session, entry.at, cfg);
                 Ok(Reply::Done)
             }
             Request::Replace { handle, record } => {
-                self.check_handle_active(*handle)?;
+                self.check_handle_active(*handle, cfg)?;
                 self.check_room(handle.session, record.len() as u64, true, cfg)?;
                 self.change(handle.session, |s| {
                     s.records.clear();
@@ -359,12 +359,12 @@ impl StateMachine {
                 Ok(Reply::Done)
             }
             Request::Delete { handle } => {
-                self.check_handle_active(*handle)?;
+                self.check_handle_active(*handle, cfg)?;
                 self.delete(handle.session, entry.index, cfg);
                 Ok(Reply::Done)
             }
             Request::Store { handle, timeout_s } => {
-                self.check_handle_active(*handle)?;
+                self.check_handle_active(*handle, cfg)?;
                 let kind = self.sessions[&handle.session].kind;
                 let max_s = cfg.kind(kind).map_or(0, |k| k.store_timeout_s_max);
                 if *timeout_s > max_s {
@@ -376,7 +376,7 @@ impl StateMachine {
                 Ok(Reply::Stored { due })
             }
             Request::KeepAlive { handle } => {
-                self.check_handle_active(*handle)?;
+                self.check_handle_active(*handle, cfg)?;
                 if !cfg.mutation(|m| m.ignore_keepalive) {
                     self.renew(handle.session, entry.at, cfg);
                 }
@@ -482,8 +482,13 @@ impl StateMachine {
         Ok(s)
     }
 
-    fn check_handle_active(&self, handle: Handle) -> Result<(), RequestError> {
-        match self.check_handle(handle)?.status {
+    fn check_handle_active(&self, handle: Handle, cfg: &EngineConfig) -> Result<(), RequestError> {
+        let checked = if cfg.mutation(|m| m.accept_stale_attempt) {
+            self.sessions.get(&handle.session).ok_or_else(|| self.missing(handle.session))
+        } else {
+            self.check_handle(handle)
+        };
+        match checked?.status {
             Status::Active { .. } => Ok(()),
             Status::Stored { .. } => Err(RequestError::SessionStored(handle.session)),
             Status::Dead { .. } => Err(RequestError::SessionDead(handle.session)),

@@ -68,6 +68,12 @@ fn taking_a_delivery_away_before_its_lease_runs_out_is_caught() {
     caught("expire-early", "handler-flapping", &["lease-respected"]);
 }
 
+/// No operation is accepted from a superseded attempt.
+#[test]
+fn accepting_a_stale_handle_is_caught() {
+    caught("accept-stale-attempt", "handler-flapping", &["stale-attempt-refused"]);
+}
+
 #[test]
 fn taking_due_sessions_out_of_order_is_caught() {
     caught("take-out-of-order", "redelivery-storm", &["due-order"]);

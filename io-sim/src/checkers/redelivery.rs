@@ -33,6 +33,8 @@ struct Session {
     ended: BTreeSet<u32>,
     /// An acknowledged store not yet followed by a delivery: (due, sent, acknowledged).
     store: Option<(UnixSecs, u64, u64)>,
+    /// Each delivery seen: (attempt, true time).
+    delivered_at: Vec<(u32, u64)>,
 }
 
 /// One delivery, for the order check: (take index, order seen, due, store sent and acknowledged).
@@ -78,6 +80,24 @@ impl<'a> RedeliveryChecker<'a> {
         // `ce` ahead) reads as run out `2 ce` early.
         let floor_us = sent_us as i64 + lease_us(kind) - 2 * ce_us;
         let s = self.sessions.get_mut(&handle.session.0).expect("checked");
+        // Fencing: a request sent after a later attempt was delivered reaches the log after that
+        // attempt's take, so it must be refused, whatever it is.
+        let superseded = s.delivered_at.iter().find(|(a, t)| *a > handle.attempt.0 && *t < sent_us).copied();
+        if let (Some((later, at)), Ok(_)) = (superseded, outcome) {
+            let detail = format!(
+                "{} on attempt {} was accepted, though sent {} ms after attempt {later} was delivered",
+                crate::history::describe_request(request),
+                handle.attempt.0,
+                (sent_us - at) / 1000
+            );
+            self.violations.push(Violation {
+                property: "stale-attempt-refused",
+                at_us: t,
+                detail,
+                session: Some(handle.session.0),
+            });
+            return;
+        }
         match (request, outcome) {
             (Request::Store { .. }, Ok(Reply::Stored { due })) => {
                 s.reported_failures.clear();
@@ -177,6 +197,7 @@ impl<'a> RedeliveryChecker<'a> {
         self.taken.entry(kind).or_default().push((take_index, order, due, store, id));
         s.attempt = handle.attempt.0;
         s.taken_at_ms = taken_at_ms;
+        s.delivered_at.push((handle.attempt.0, t));
         // The take itself starts the new attempt's lease, at its clock reading: no other attempt
         // may go out before it can have run out (at most one live attempt per session).
         // The lease runs to the take's reading plus the lease, which another leader's clock (at
