@@ -217,11 +217,13 @@ pub struct Mutations {
     pub expire_early: bool,
     /// Client requests are not fenced: a handle of an older attempt is accepted.
     pub accept_stale_attempt: bool,
+    /// A redrive moves a dead session back without clearing its failure count.
+    pub redrive_keeps_count: bool,
 }
 
 impl Mutations {
     /// Names accepted on the simulator's command line.
-    pub const NAMES: [&'static str; 18] = [
+    pub const NAMES: [&'static str; 19] = [
         "ack-before-fsync",
         "truncate-mid-log",
         "apply-retry-twice",
@@ -240,6 +242,7 @@ impl Mutations {
         "take-out-of-order",
         "expire-early",
         "accept-stale-attempt",
+        "redrive-keeps-count",
     ];
 
     pub fn from_name(name: &str) -> Option<Mutations> {
@@ -263,6 +266,7 @@ impl Mutations {
             "take-out-of-order" => m.take_out_of_order = true,
             "expire-early" => m.expire_early = true,
             "accept-stale-attempt" => m.accept_stale_attempt = true,
+            "redrive-keeps-count" => m.redrive_keeps_count = true,
             _ => return None,
         }
         Some(m)

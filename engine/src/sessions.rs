@@ -410,7 +410,9 @@ impl StateMachine {
             }
         };
         for id in &ids {
-            self.change(*id, |s| s.failures = 0);
+            if !cfg.mutation(|m| m.redrive_keeps_count) {
+                self.change(*id, |s| s.failures = 0);
+            }
             self.store(*id, due, at);
         }
         let remaining = self.dead_count(kind);

@@ -102,6 +102,10 @@ pub struct Workload {
     pub storm: Option<Storm>,
     /// A share of the clients all crash in the same second, leaving their sessions to the lease.
     pub crash_storm: Option<CrashStorm>,
+    /// An operator who, this often, picks a session in a dead-letter set and redrives it, or
+    /// (with `operator_drop_share`) drops it.
+    pub operator_every_ms: Option<(u64, u64)>,
+    pub operator_drop_share: f64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -129,6 +133,8 @@ impl Default for Workload {
             net_delay_us: (50, 500),
             storm: None,
             crash_storm: None,
+            operator_every_ms: None,
+            operator_drop_share: 0.3,
         }
     }
 }

@@ -111,6 +111,20 @@ impl Agent {
         Agent::new(Actor::Client(index), base, rng, true, Some((kind, timeout_s)))
     }
 
+    /// An operator: sends the redrives and drops the world picks, one at a time.
+    pub fn operator(index: u32, rng: ChaCha8Rng) -> Agent {
+        let base = 1 + index as u64 * 1_000_000;
+        Agent::new(Actor::Client(index), base, rng, false, None)
+    }
+
+    /// The operator sends `request` unless it still waits for its previous one.
+    pub fn operate(&mut self, now_us: u64, request: Request, ctx: &Ctx) -> Vec<Action> {
+        if self.inflight.is_some() {
+            return vec![];
+        }
+        self.send(now_us, request, ctx)
+    }
+
     pub fn handler(kind: Kind, slot: u32, rng: ChaCha8Rng) -> Agent {
         let base = 1_000_000_000_000 + kind.0 as u64 * 1_000_000_000 + slot as u64 * 1_000_000;
         Agent::new(Actor::Handler(kind.0, slot), base, rng, false, None)

@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use truba_engine::{
     ClientId, Engine, EngineConfig, Handle, Index, Input, IoId, IoOp, Kind, KindConfig, Message, Mutations, Outcome,
-    Output, ReplicaId, Request, RequestError, RoleName, Seq, SessionView,
+    Output, RedriveTarget, ReplicaId, Request, RequestError, RoleName, Seq, SessionId, SessionState, SessionView,
 };
 
 #[derive(Debug)]
@@ -41,6 +41,7 @@ enum Ev {
     Clog,
     Storm,
     CrashStorm,
+    Operator,
     Liveness,
     End,
 }
@@ -125,6 +126,8 @@ pub struct World {
     liveness_commit: u64,
     pools: BTreeMap<Kind, (Vec<usize>, VecDeque<Handle>)>,
     kinds: Vec<(Kind, KindConfig, HandlerSetup)>,
+    /// The operator agent, if the workload has one.
+    operator: Option<usize>,
     /// Per kind, the stretches of true time (µs) in which its handler cannot be reached.
     outages: BTreeMap<Kind, Vec<(u64, u64)>>,
     history: History,
@@ -204,6 +207,7 @@ impl World {
             liveness_commit: 0,
             pools: BTreeMap::new(),
             outages: BTreeMap::new(),
+            operator: None,
             kinds,
             history: History::default(),
             hashes: BTreeMap::new(),
@@ -245,6 +249,14 @@ impl World {
     fn populate(&mut self) {
         for i in 0..self.sc.workload.clients {
             let a = Agent::client(i, sub_rng(self.seed, STREAM_AGENTS + self.agents.len() as u64));
+            self.agents.push(a);
+        }
+        if self.sc.workload.operator_every_ms.is_some() {
+            // Far above any client or storm agent (their ids are 1 + index * 10^6 + incarnation)
+            // and below the handlers' (10^12 and up), so its client ids are its own.
+            let index = 900_000;
+            let a = Agent::operator(index, sub_rng(self.seed, STREAM_AGENTS + self.agents.len() as u64));
+            self.operator = Some(self.agents.len());
             self.agents.push(a);
         }
         for (kind, kc, _) in self.kinds.clone() {
@@ -313,6 +325,10 @@ impl World {
         }
         if let Some(s) = &self.sc.workload.crash_storm {
             self.at(s.at_s * 1_000_000, Ev::CrashStorm);
+        }
+        if let Some(range) = self.sc.workload.operator_every_ms {
+            let t = self.after_ms(range);
+            self.at(t, Ev::Operator);
         }
         self.at(safety_end, Ev::Liveness);
         self.at(end, Ev::End);
@@ -423,6 +439,7 @@ impl World {
             Ev::Clog => self.clog(),
             Ev::Storm => self.storm(),
             Ev::CrashStorm => self.crash_storm(),
+            Ev::Operator => self.operator(),
             Ev::Liveness => self.heal(),
             Ev::End => unreachable!("handled by the loop"),
         }
@@ -949,6 +966,31 @@ impl World {
             let ctx = self.ctx_owned();
             let actions = self.agents[i].crash_if_holding(at, &ctx.as_ctx());
             self.apply_actions(i, actions);
+        }
+    }
+
+    /// The operator looks at the leader's dead-letter sets (as `truba dead list` would) and
+    /// redrives or drops one session, through the client path like any request.
+    fn operator(&mut self) {
+        let Some(agent) = self.operator else { return };
+        let leader = self.replicas.iter().filter_map(|r| r.engine.as_ref()).find(|e| e.is_leader());
+        let dead: Vec<SessionId> = leader.map_or_else(Vec::new, |e| {
+            e.state().session_views().filter(|v| matches!(v.state, SessionState::Dead { .. })).map(|v| v.id).collect()
+        });
+        if !dead.is_empty() && !self.liveness {
+            let session = dead[self.rng.gen_range(0..dead.len())];
+            let request = if self.rng.gen_bool(self.sc.workload.operator_drop_share) {
+                Request::DropDead { session }
+            } else {
+                Request::Redrive { target: RedriveTarget::Session(session) }
+            };
+            let ctx = self.ctx_owned();
+            let actions = self.agents[agent].operate(self.now_us, request, &ctx.as_ctx());
+            self.apply_actions(agent, actions);
+        }
+        if let Some(range) = self.sc.workload.operator_every_ms {
+            let t = self.after_ms(range);
+            self.at(t, Ev::Operator);
         }
     }
 

@@ -68,6 +68,12 @@ fn taking_a_delivery_away_before_its_lease_runs_out_is_caught() {
     caught("expire-early", "handler-flapping", &["lease-respected"]);
 }
 
+/// The simulated operator redrives dead sessions: each must get `max_attempts` fresh failures.
+#[test]
+fn a_redrive_that_keeps_the_failure_count_is_caught() {
+    caught("redrive-keeps-count", "handler-flapping", &["dead-letter-after-max-attempts"]);
+}
+
 /// No operation is accepted from a superseded attempt.
 #[test]
 fn accepting_a_stale_handle_is_caught() {

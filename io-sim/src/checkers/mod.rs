@@ -130,6 +130,16 @@ pub fn check(run: &RunOutput) -> Vec<Violation> {
     c.violations
 }
 
+/// The session an operator's request names, if it is one.
+fn operated(request: &Request) -> Option<u64> {
+    match request {
+        Request::DropDead { session } => Some(session.0),
+        Request::Redrive { target: truba_engine::RedriveTarget::Session(id) } => Some(id.0),
+        Request::Redrive { .. } => None,
+        _ => None,
+    }
+}
+
 impl Checker<'_> {
     fn violate(&mut self, property: &'static str, at_us: u64, session: Option<u64>, detail: String) {
         self.violations.push(Violation { property, at_us, detail, session });
@@ -194,6 +204,10 @@ impl Checker<'_> {
             }
             return;
         }
+        if let Some(id) = operated(request) {
+            self.operator_complete(id, request, outcome);
+            return;
+        }
         let handle = request.handle().expect("non-new requests carry a handle");
         let id = handle.session.0;
         let storm = matches!(actor, Actor::Client(i) if i >= self.run.scenario.workload.clients);
@@ -236,6 +250,17 @@ impl Checker<'_> {
         }
     }
 
+    /// An operator's redrive or drop answered. A drop deletes the session (it must never be
+    /// delivered or held again); a redrive changes nothing the records model tracks.
+    fn operator_complete(&mut self, id: u64, request: &Request, outcome: &truba_engine::Outcome) {
+        let Some(m) = self.sessions.get_mut(&id) else { return };
+        match (request, outcome) {
+            (Request::DropDead { .. }, Ok(_)) => m.deleted = true,
+            (Request::DropDead { .. }, Err(RequestError::SessionDeleted(_))) => {}
+            _ => {}
+        }
+    }
+
     fn unknown_outcome(&mut self, request: &Request) {
         self.redelivery.unknown(request);
         match request {
@@ -243,6 +268,12 @@ impl Checker<'_> {
                 self.orphans.insert(r.clone());
             }
             Request::New { .. } => {}
+            Request::DropDead { session } => {
+                if let Some(m) = self.sessions.get_mut(&session.0) {
+                    m.maybe_deleted = true;
+                }
+            }
+            Request::Redrive { .. } => {}
             other => {
                 let handle = other.handle().expect("handle");
                 let m = self.sessions.get_mut(&handle.session.0).filter(|m| handle.attempt.0 >= m.attempt);

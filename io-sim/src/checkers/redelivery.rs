@@ -10,7 +10,7 @@ use crate::clock::EPOCH_MS;
 use crate::history::Actor;
 use crate::world::{RunOutput, Violation};
 use std::collections::{BTreeMap, BTreeSet};
-use truba_engine::{Handle, KindConfig, Outcome, Reply, Request, SessionState, SessionView, UnixSecs};
+use truba_engine::{Handle, KindConfig, Outcome, RedriveTarget, Reply, Request, SessionState, SessionView, UnixSecs};
 
 #[derive(Debug, Default)]
 struct Session {
@@ -70,6 +70,17 @@ impl<'a> RedeliveryChecker<'a> {
 
     /// A request answered. `sent_us` is when it was first sent.
     pub fn complete(&mut self, t: u64, actor: Actor, request: &Request, sent_us: u64, outcome: &Outcome) {
+        if let (Request::Redrive { target: RedriveTarget::Session(id) }, Ok(Reply::Redriven { count: 1, .. })) =
+            (request, outcome)
+        {
+            // The count starts again from the attempt it died at (no delivery happens meanwhile).
+            if let Some(s) = self.sessions.get_mut(&id.0) {
+                s.reset_attempt = s.reset_attempt.max(s.attempt);
+                s.reported_failures.clear();
+                s.backoff_floor_ms = None;
+            }
+            return;
+        }
         let Some(handle) = request.handle() else { return };
         self.owner_acts(handle, request);
         let ce_us = self.clock_error_ms() as i64 * 1000;
@@ -122,8 +133,16 @@ impl<'a> RedeliveryChecker<'a> {
         }
     }
 
-    /// A request whose outcome stays unknown: a store may have reset the failure count.
+    /// A request whose outcome stays unknown: a store (or an operator's redrive) may have reset
+    /// the failure count.
     pub fn unknown(&mut self, request: &Request) {
+        if let Request::Redrive { target: RedriveTarget::Session(id) } = request {
+            if let Some(s) = self.sessions.get_mut(&id.0) {
+                s.reported_failures.clear();
+                s.backoff_floor_ms = None;
+            }
+            return;
+        }
         let Some(handle) = request.handle() else { return };
         self.owner_acts(handle, request);
         if let (Request::Store { .. }, Some(s)) = (request, self.sessions.get_mut(&handle.session.0)) {
