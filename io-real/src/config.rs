@@ -53,7 +53,9 @@ pub struct ServerLimits {
     pub frame_bytes_max: u32,
     /// Requests one connection may have waiting for answers.
     pub inflight_per_connection_max: u32,
-    /// How long a push to a handler may take before it counts as failed.
+    /// How long the pipe waits for a handler to acknowledge a delivery. A handler still working
+    /// after it is not failed: the pipe stops waiting and the session's lease decides (a long
+    /// job renews it; one that hangs lets it run out, which is a failed delivery).
     pub handler_timeout_ms: u64,
     /// A connection with no request waiting that sends nothing for this long is closed (clients
     /// reconnect by themselves); it reclaims the slots of peers that vanished without a word.
