@@ -384,10 +384,7 @@ impl StateMachine {
             }
             Request::Redrive { target } => self.redrive(*target, due, entry.index, cfg),
             Request::DropDead { session } => {
-                let s = self.sessions.get(session).ok_or_else(|| self.missing(*session))?;
-                if !matches!(s.status, Status::Dead { .. }) {
-                    return Err(RequestError::NotDead(*session));
-                }
+                self.dead_session(*session)?;
                 self.delete(*session, entry.index, cfg);
                 Ok(Reply::Done)
             }
@@ -397,13 +394,7 @@ impl StateMachine {
     /// Moves dead sessions back to the stored set with their failure count cleared.
     fn redrive(&mut self, target: RedriveTarget, due: UnixSecs, at: Index, cfg: &EngineConfig) -> Outcome {
         let (kind, ids): (Kind, Vec<SessionId>) = match target {
-            RedriveTarget::Session(id) => {
-                let s = self.sessions.get(&id).ok_or_else(|| self.missing(id))?;
-                if !matches!(s.status, Status::Dead { .. }) {
-                    return Err(RequestError::NotDead(id));
-                }
-                (s.kind, vec![id])
-            }
+            RedriveTarget::Session(id) => (self.dead_session(id)?.kind, vec![id]),
             RedriveTarget::Kind(kind) => {
                 cfg.kind(kind).ok_or(RequestError::UnknownKind(kind))?;
                 (kind, self.dead_of(kind).take(cfg.limits.redrive_batch_max as usize).collect())
@@ -417,6 +408,15 @@ impl StateMachine {
         }
         let remaining = self.dead_count(kind);
         Ok(Reply::Redriven { count: ids.len() as u32, remaining })
+    }
+
+    /// The session, if it is in a dead-letter set (what a redrive or a drop needs).
+    fn dead_session(&self, id: SessionId) -> Result<&Session, RequestError> {
+        let s = self.sessions.get(&id).ok_or_else(|| self.missing(id))?;
+        match s.status {
+            Status::Dead { .. } => Ok(s),
+            _ => Err(RequestError::NotDead(id)),
+        }
     }
 
     /// A delivery failed: the session is stored again at `due` (the leader drew it with the

@@ -135,7 +135,6 @@ fn operated(request: &Request) -> Option<u64> {
     match request {
         Request::DropDead { session } => Some(session.0),
         Request::Redrive { target: truba_engine::RedriveTarget::Session(id) } => Some(id.0),
-        Request::Redrive { .. } => None,
         _ => None,
     }
 }
@@ -253,11 +252,8 @@ impl Checker<'_> {
     /// An operator's redrive or drop answered. A drop deletes the session (it must never be
     /// delivered or held again); a redrive changes nothing the records model tracks.
     fn operator_complete(&mut self, id: u64, request: &Request, outcome: &truba_engine::Outcome) {
-        let Some(m) = self.sessions.get_mut(&id) else { return };
-        match (request, outcome) {
-            (Request::DropDead { .. }, Ok(_)) => m.deleted = true,
-            (Request::DropDead { .. }, Err(RequestError::SessionDeleted(_))) => {}
-            _ => {}
+        if let (Some(m), Request::DropDead { .. }, Ok(_)) = (self.sessions.get_mut(&id), request, outcome) {
+            m.deleted = true;
         }
     }
 

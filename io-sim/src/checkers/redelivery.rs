@@ -37,6 +37,15 @@ struct Session {
     delivered_at: Vec<(u32, u64)>,
 }
 
+impl Session {
+    /// A redrive may have restarted the engine's count of failures in a row: the backoff check
+    /// then counts from nothing, which can only weaken it.
+    fn count_may_restart(&mut self) {
+        self.reported_failures.clear();
+        self.backoff_floor_ms = None;
+    }
+}
+
 /// One delivery, for the order check: (take index, order seen, due, store sent and acknowledged).
 type Taken = (u64, usize, UnixSecs, Option<(u64, u64)>, u64);
 
@@ -76,8 +85,7 @@ impl<'a> RedeliveryChecker<'a> {
             // The count starts again from the attempt it died at (no delivery happens meanwhile).
             if let Some(s) = self.sessions.get_mut(&id.0) {
                 s.reset_attempt = s.reset_attempt.max(s.attempt);
-                s.reported_failures.clear();
-                s.backoff_floor_ms = None;
+                s.count_may_restart();
             }
             return;
         }
@@ -101,12 +109,7 @@ impl<'a> RedeliveryChecker<'a> {
                 handle.attempt.0,
                 (sent_us - at) / 1000
             );
-            self.violations.push(Violation {
-                property: "stale-attempt-refused",
-                at_us: t,
-                detail,
-                session: Some(handle.session.0),
-            });
+            self.violate("stale-attempt-refused", t, handle.session.0, detail);
             return;
         }
         match (request, outcome) {
@@ -138,8 +141,7 @@ impl<'a> RedeliveryChecker<'a> {
     pub fn unknown(&mut self, request: &Request) {
         if let Request::Redrive { target: RedriveTarget::Session(id) } = request {
             if let Some(s) = self.sessions.get_mut(&id.0) {
-                s.reported_failures.clear();
-                s.backoff_floor_ms = None;
+                s.count_may_restart();
             }
             return;
         }
