@@ -180,11 +180,15 @@ impl Checker<'_> {
         }
     }
 
+    /// Deletes and operators' drops sent and not yet answered: either may already be applied.
     fn deletes_in_flight(&mut self, request: &Request, delta: i32) {
-        if let Request::Delete { handle } = request {
-            if let Some(m) = self.sessions.get_mut(&handle.session.0) {
-                m.deletes_in_flight = m.deletes_in_flight.saturating_add_signed(delta);
-            }
+        let id = match request {
+            Request::Delete { handle } => handle.session,
+            Request::DropDead { session } => *session,
+            _ => return,
+        };
+        if let Some(m) = self.sessions.get_mut(&id.0) {
+            m.deletes_in_flight = m.deletes_in_flight.saturating_add_signed(delta);
         }
     }
 
