@@ -28,10 +28,10 @@ use serde::{Deserialize, Serialize};
 
 pub const RECORD_HEADER_LEN: usize = 32;
 pub const SEGMENT_HEADER_LEN: usize = 28;
-const SEGMENT_MAGIC: &[u8; 8] = b"TRUBAlg3";
+const SEGMENT_MAGIC: &[u8; 8] = b"TRUBAlg4";
 /// The segment format this version writes and reads (the digit of [`SEGMENT_MAGIC`]).
-pub const SEGMENT_FORMAT: u32 = 3;
-const SNAPSHOT_MAGIC: &[u8; 8] = b"TRUBAsn2";
+pub const SEGMENT_FORMAT: u32 = 4;
+const SNAPSHOT_MAGIC: &[u8; 8] = b"TRUBAsn3";
 pub(crate) const SNAPSHOT_HEADER_LEN: usize = 36;
 /// No record payload is ever larger than this; a length field above it is damage.
 pub const PAYLOAD_BYTES_MAX: u32 = 64 * 1024 * 1024;

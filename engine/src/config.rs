@@ -111,6 +111,17 @@ pub struct Limits {
     pub list_max: u32,
     /// Longest failure reason kept with a session (longer ones are cut at a character boundary).
     pub failure_reason_bytes_max: u32,
+    /// Stored sessions held in memory (their record bytes plus a fixed overhead each) before the
+    /// leader spills the largest kind's to a source file. With this, memory for waiting
+    /// sessions no longer grows with their records: a spilled session keeps about 100 bytes in
+    /// memory (its place in order and what a `get` shows).
+    pub stored_memtable_bytes_max: u64,
+    /// A kind with more source files than this has two neighbouring ones merged.
+    pub sources_per_kind_max: u32,
+    /// The leader reads this far ahead into each source whose first session is due.
+    pub source_read_ahead_bytes: u32,
+    /// Source files are read and written in pieces of this size (merges, read-ahead).
+    pub source_io_chunk_bytes: u32,
 }
 
 impl Default for Limits {
@@ -132,6 +143,10 @@ impl Default for Limits {
             redrive_batch_max: 1024,
             list_max: 1000,
             failure_reason_bytes_max: 256,
+            stored_memtable_bytes_max: 16 * 1024 * 1024,
+            sources_per_kind_max: 8,
+            source_read_ahead_bytes: 256 * 1024,
+            source_io_chunk_bytes: 1024 * 1024,
         }
     }
 }
@@ -219,11 +234,17 @@ pub struct Mutations {
     pub accept_stale_attempt: bool,
     /// A redrive moves a dead session back without clearing its failure count.
     pub redrive_keeps_count: bool,
+    /// A source file gets its final name before its data is fsynced (so a power cut can leave
+    /// a torn file under a name recovery trusts).
+    pub source_rename_before_fsync: bool,
+    /// The repeater and the replicas take a kind's sessions held in memory before any spilled
+    /// one, whatever their repeat times.
+    pub sources_out_of_order: bool,
 }
 
 impl Mutations {
     /// Names accepted on the simulator's command line.
-    pub const NAMES: [&'static str; 19] = [
+    pub const NAMES: [&'static str; 21] = [
         "ack-before-fsync",
         "truncate-mid-log",
         "apply-retry-twice",
@@ -243,6 +264,8 @@ impl Mutations {
         "expire-early",
         "accept-stale-attempt",
         "redrive-keeps-count",
+        "source-rename-before-fsync",
+        "sources-out-of-order",
     ];
 
     pub fn from_name(name: &str) -> Option<Mutations> {
@@ -267,6 +290,8 @@ impl Mutations {
             "expire-early" => m.expire_early = true,
             "accept-stale-attempt" => m.accept_stale_attempt = true,
             "redrive-keeps-count" => m.redrive_keeps_count = true,
+            "source-rename-before-fsync" => m.source_rename_before_fsync = true,
+            "sources-out-of-order" => m.sources_out_of_order = true,
             _ => return None,
         }
         Some(m)

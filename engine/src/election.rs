@@ -147,6 +147,7 @@ impl Engine {
         self.role = Role::Leader { progress };
         self.leader = Some(self.me);
         self.repeater = Repeater::default();
+        self.files.forget_proposals();
         self.heartbeat_due = self.now.mono;
         self.report_role();
         self.term_start = self.propose(Command::Noop);
@@ -290,11 +291,11 @@ impl Engine {
             Message::Append { term, prev_index, prev_term, commit, round, entries } => {
                 self.on_append(from, term, (prev_index, prev_term), commit, round, entries)
             }
-            Message::AppendReply { term, ok, matched, hint, round } => {
-                self.on_append_reply(from, term, (ok, matched, hint), round)
+            Message::AppendReply { term, ok, matched, hint, round, sources } => {
+                self.on_append_reply(from, term, (ok, matched, hint), round, sources)
             }
-            Message::Snapshot { term, index, last_term, state } => {
-                self.on_snapshot(from, term, index, last_term, state)
+            Message::Snapshot { term, index, last_term, state, sources } => {
+                self.on_snapshot(from, term, index, last_term, state, sources)
             }
         }
     }

@@ -21,7 +21,8 @@ use crate::repeater::{draw_due, draw_retry_due, Repeater};
 use crate::replication::Progress;
 use crate::sessions::{MutationEnv, StateMachine};
 use crate::snapshot::{SnapStep, Snapshotter};
-use crate::types::{ClientId, Duration, Handle, Index, Instant, Now, ReplicaId, Seq, Term};
+use crate::source_files::{FileStep, SourceFiles};
+use crate::types::{ClientId, Duration, Handle, Index, Instant, Now, ReplicaId, Seq, SourceId, Term};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -45,6 +46,14 @@ pub(crate) enum Purpose {
     HardState,
     Snapshot,
     Cleanup,
+    /// Writing a source file (a spill or a merge).
+    SourceJob,
+    /// Reading ahead into a source (its id and the read-ahead's generation).
+    SourceRead(SourceId, u64),
+    /// Reading a source file whole, to send with a snapshot.
+    SourceExport(SourceId),
+    /// Writing a source file that came with a snapshot, before the snapshot itself.
+    InstallSource,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +114,11 @@ pub(crate) struct Installing {
     pub pending_upto: Index,
     /// The highest commit index the leader told meanwhile that covers held entries.
     pub pending_commit: Index,
+    /// Writing the source files that came with the snapshot (before the snapshot is written).
+    pub source_ops: VecDeque<IoOp>,
+    pub shipped: BTreeSet<SourceId>,
+    /// The snapshot as it came, written once the source files are durable.
+    pub payload: Vec<u8>,
 }
 
 impl Installing {
@@ -166,6 +180,7 @@ pub struct Engine {
     repairing: bool,
     pub(crate) repeater: Repeater,
     pub(crate) snapshots: Snapshotter,
+    pub(crate) files: SourceFiles,
     io_next: u64,
     io_pending: BTreeMap<IoId, Purpose>,
     pub(crate) outputs: VecDeque<Output>,
@@ -224,6 +239,7 @@ impl Engine {
             repairing: false,
             repeater: Repeater::default(),
             snapshots: Snapshotter::default(),
+            files: SourceFiles::default(),
             io_next: 0,
             io_pending: BTreeMap::new(),
             outputs: VecDeque::new(),
@@ -273,7 +289,10 @@ impl Engine {
             Role::Candidate { .. } | Role::PreCandidate { .. } => Some(self.election_deadline.min(self.heartbeat_due)),
             Role::Follower => Some(self.election_deadline),
         };
-        let repeats = self.runs_repeater() && !self.state.sessions.is_empty();
+        // Sessions in memory may expire or come due; sources have sessions to come due, or
+        // wait to be made ready or merged.
+        let sources = self.state.sources.referenced().next().is_some() || !self.state.sources.merges.is_empty();
+        let repeats = self.runs_repeater() && (!self.state.sessions.is_empty() || sources);
         let retry = self.write_retry_at;
         [consensus, repeats.then_some(self.next_tick), retry].into_iter().flatten().min()
     }
@@ -399,6 +418,10 @@ impl Engine {
                 // A term raised from the log is not yet in the hard state file: write it.
                 self.want_hard_state(r.hard);
                 self.snapshots = Snapshotter::recovered(r.snapshot, r.snapshots);
+                if let Err(f) = self.recover_sources(&r.sources, r.snapshot) {
+                    self.stop(f);
+                    return;
+                }
                 self.phase = Phase::Serving;
                 self.next_tick = self.now.mono.saturating_add(self.tick());
                 if self.voters.len() == 1 {
@@ -415,6 +438,33 @@ impl Engine {
                 self.start_following();
             }
         }
+    }
+
+    /// Checks that every source file the recovered state needs is there (a source whose records
+    /// the snapshot holds is written again), and removes source files nothing refers to. A
+    /// source file found under its final name is whole: it is renamed there only once fsynced.
+    fn recover_sources(&mut self, found: &[SourceId], snapshot: Index) -> Result<(), Fatal> {
+        let mut durable: BTreeSet<SourceId> = found.iter().copied().collect();
+        let sources = &self.state.sources;
+        if let Some(id) = sources.referenced().find(|id| !sources.held.contains_key(id) && !durable.contains(id)) {
+            let file = crate::stored::source_name(id);
+            return Err(Fatal::SourceCorrupt { file, reason: "the snapshot refers to it but it is missing".into() });
+        }
+        let wanted: BTreeSet<SourceId> = sources.referenced().chain(sources.merges.iter().map(|m| m.into)).collect();
+        // Files after the snapshot are kept: entries still to be applied refer to them.
+        let orphans: Vec<SourceId> =
+            durable.iter().copied().filter(|id| !wanted.contains(id) && id.0 <= snapshot.0).collect();
+        for id in orphans {
+            durable.remove(&id);
+            self.cleanup.push_back(crate::stored::source_name(id));
+        }
+        self.files = SourceFiles::recovered(durable);
+        self.files.collect(&mut self.state);
+        if let Some(op) = self.files.next_job(&self.state, &self.cfg) {
+            self.issue(op, Purpose::SourceJob);
+        }
+        self.clean_up();
+        Ok(())
     }
 
     fn on_io(&mut self, id: IoId, result: Result<IoReply, DiskError>) {
@@ -453,6 +503,34 @@ impl Engine {
                 Err(e) => self.stop(Fatal::DiskFailed { file: "hardstate".into(), reason: e.to_string() }),
             },
             Purpose::Snapshot => self.on_snapshot_io(result),
+            Purpose::SourceJob => match self.files.on_job_io(result, &mut self.state, &self.cfg) {
+                FileStep::Io(op) => self.issue(op, Purpose::SourceJob),
+                FileStep::Idle => self.maybe_snapshot(),
+                FileStep::Fatal(f) => self.stop(f),
+            },
+            Purpose::SourceExport(source) => match result {
+                Ok(IoReply::Data(data)) => self.files.exported(source, data),
+                // Removed meanwhile (the state moved on), or unreadable: the next try reads again.
+                _ => self.files.export_failed(),
+            },
+            Purpose::InstallSource => match result {
+                Ok(_) if self.installing.is_some() => self.next_install_op(),
+                Ok(_) => {}
+                Err(e) => {
+                    // Like a failed snapshot write: abandoned, the leader sends it again.
+                    let _ = e;
+                    self.installing = None;
+                }
+            },
+            Purpose::SourceRead(source, generation) => {
+                match self.files.on_read(source, generation, result, &self.state, &self.cfg) {
+                    Ok(()) => {
+                        self.read_ahead();
+                        self.take_due();
+                    }
+                    Err(f) => self.stop(f),
+                }
+            }
             // A removal that failed leaves a file that the next recovery removes.
             Purpose::Cleanup => {
                 self.cleanup_inflight -= 1;
@@ -644,7 +722,43 @@ impl Engine {
         if let Some(c) = self.repeater.plan_expire(&self.state, wall, &self.cfg, &mut self.rng) {
             self.propose(c);
         }
+        self.plan_sources();
+        self.read_ahead();
         self.take_due();
+    }
+
+    /// The leader's proposals about source files (see `source_files.rs`).
+    fn plan_sources(&mut self) {
+        if !self.is_leader() {
+            return;
+        }
+        let marks: Vec<Index> = match &self.role {
+            Role::Leader { progress } => progress.values().map(|p| p.sources_mark).collect(),
+            _ => Vec::new(),
+        };
+        for c in self.files.plan(&self.state, &self.cfg, &marks, self.majority()) {
+            let index = self.propose(c.clone());
+            self.files.proposed(&c, index);
+        }
+    }
+
+    /// The leader reads ahead into sources whose first session is due.
+    fn read_ahead(&mut self) {
+        if !self.is_serving() || !self.runs_repeater() {
+            return;
+        }
+        let now_s = self.now.wall.as_secs().0;
+        for (source, generation, op) in self.files.read_ahead(&self.state, &self.cfg, now_s) {
+            self.issue(op, Purpose::SourceRead(source, generation));
+        }
+    }
+
+    /// Collects what applying entries asked of this replica's files, and starts the next job.
+    fn after_apply_sources(&mut self) {
+        self.files.collect(&mut self.state);
+        if let Some(op) = self.files.next_job(&self.state, &self.cfg) {
+            self.issue(op, Purpose::SourceJob);
+        }
     }
 
     // ---- the log: group commit -------------------------------------------------------------
@@ -870,6 +984,7 @@ impl Engine {
                 self.outputs.push_back(Output::Deliver { kind, handle, due, taken_at, take_index, records });
             }
         }
+        self.after_apply_sources();
         if self.reads.len() > 0 {
             self.serve_reads();
         }
@@ -889,7 +1004,9 @@ impl Engine {
         if !self.is_serving() || !self.runs_repeater() || self.uncommitted_full() {
             return;
         }
-        if let Some(c) = self.repeater.plan_take(&self.state, self.now.wall, &self.cfg) {
+        let (files, state) = (&self.files, &self.state);
+        let records = |id| files.records(state, id);
+        if let Some(c) = self.repeater.plan_take(&self.state, self.now.wall, &self.cfg, &records) {
             self.propose(c);
         }
     }
@@ -900,7 +1017,8 @@ impl Engine {
         let applied = self.state.applied();
         let limits = &self.cfg.limits;
         let due = self.snapshots.due(applied, limits.snapshot_every_entries, limits.snapshot_log_bytes_max);
-        if due && self.installing.is_none() && applied <= self.log.written {
+        let recoverable = self.files.snapshot_allowed(&self.state);
+        if due && recoverable && self.installing.is_none() && applied <= self.log.written {
             let term = self.log.term_at(applied).expect("the applied entry is held");
             let op = self.snapshots.start(&self.state, term);
             self.issue(op, Purpose::Snapshot);
@@ -912,6 +1030,7 @@ impl Engine {
             SnapStep::Io(op) => self.issue(op, Purpose::Snapshot),
             SnapStep::Finished { index, obsolete } => {
                 self.cleanup.extend(obsolete);
+                self.cleanup.extend(self.files.removable(index));
                 if self.installing.as_ref().is_some_and(|i| i.index == index) {
                     self.installed();
                 } else {
@@ -930,6 +1049,11 @@ impl Engine {
         }
     }
 
+    pub(crate) fn remove_files(&mut self, files: Vec<String>) {
+        self.cleanup.extend(files);
+        self.clean_up();
+    }
+
     /// Issues queued removals, a few at a time.
     fn clean_up(&mut self) {
         while self.cleanup_inflight < CLEANUP_INFLIGHT_MAX {
@@ -944,6 +1068,10 @@ impl Engine {
     /// Checked after every input, in release builds too.
     pub fn invariants(&self) {
         self.state.invariants();
+        self.files.invariants(&self.cfg);
+        if matches!(self.phase, Phase::Serving) {
+            self.files.covers(&self.state);
+        }
         self.log.invariants();
         let early = self.cfg.mutation(|m| m.ack_before_fsync || m.follower_ack_before_fsync);
         if !early {

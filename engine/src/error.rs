@@ -80,6 +80,8 @@ pub enum Fatal {
     LogGap { file: String, expected: Index, found: Index },
     #[error("snapshot {file} is corrupt: {reason}")]
     SnapshotCorrupt { file: String, reason: String },
+    #[error("stored-session source {file} is missing or corrupt: {reason}")]
+    SourceCorrupt { file: String, reason: String },
     #[error("disk read of {file} failed {attempts} times")]
     ReadFailed { file: String, attempts: u32 },
     #[error("disk operation on {file} failed: {reason}")]

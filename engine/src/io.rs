@@ -24,6 +24,13 @@ pub enum IoOp {
     Read {
         file: String,
     },
+    /// Read up to `len` bytes of a file from `offset`: fewer (possibly none) where the file ends
+    /// first. Reading a missing file is `NotFound`.
+    ReadAt {
+        file: String,
+        offset: u64,
+        len: u64,
+    },
     Write {
         file: String,
         offset: u64,
@@ -51,6 +58,7 @@ impl IoOp {
         match self {
             IoOp::List | IoOp::SyncDir => ".",
             IoOp::Read { file }
+            | IoOp::ReadAt { file, .. }
             | IoOp::Write { file, .. }
             | IoOp::Sync { file }
             | IoOp::Truncate { file, .. }

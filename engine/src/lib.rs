@@ -40,6 +40,8 @@ mod sessions;
 #[cfg(test)]
 mod sessions_props;
 mod snapshot;
+mod source_files;
+mod stored;
 pub mod types;
 
 pub use config::{ConsensusConfig, EngineConfig, KindConfig, Limits, Mutations};
@@ -49,9 +51,10 @@ pub use io::{DiskError, Input, IoId, IoOp, IoReply, Output, RoleName};
 pub use message::Message;
 pub use op::{
     Command, DeadPage, DeadView, Entry, FailureReason, Outcome, Query, QueryReply, RedriveTarget, Reply, Request,
-    SessionState, SessionView, StatusView, UnixSecs,
+    SessionState, SessionView, StatusView, UnixSecs, Unspilled,
 };
 pub use sessions::StateMachine;
+pub use stored::decode_source_file;
 pub use types::{
-    Attempt, ClientId, Duration, Handle, Index, Instant, Kind, Now, ReplicaId, Seq, SessionId, Term, UnixMs,
+    Attempt, ClientId, Duration, Handle, Index, Instant, Kind, Now, ReplicaId, Seq, SessionId, SourceId, Term, UnixMs,
 };

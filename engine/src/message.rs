@@ -5,7 +5,15 @@
 //! than its own adopts it before anything else, except for pre-votes, which change nothing.
 
 use crate::op::Entry;
-use crate::types::{Index, Term};
+use crate::types::{Index, SourceId, Term};
+
+/// A source file sent with a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShippedSource {
+    pub id: SourceId,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +62,9 @@ pub enum Message {
         matched: Index,
         hint: Index,
         round: u64,
+        /// Every source file the follower's state has created through this index is durable
+        /// on it: the leader commits a source once a majority reports it (see `stored.rs`).
+        sources: Index,
     },
     /// The leader's applied state at `index` (whose entry has `last_term`), for a follower that
     /// needs entries the leader no longer keeps. Acknowledged with an `AppendReply`.
@@ -63,6 +74,9 @@ pub enum Message {
         last_term: Term,
         #[serde(with = "serde_bytes")]
         state: Vec<u8>,
+        /// The files of the state's sources whose records the state does not carry (whole, as
+        /// the leader holds them; every replica's copy of a source is the same bytes).
+        sources: Vec<ShippedSource>,
     },
 }
 

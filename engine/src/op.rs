@@ -1,7 +1,7 @@
 //! What clients ask for, what they are answered, and what the log records.
 
 use crate::error::RequestError;
-use crate::types::{ClientId, Handle, Index, Kind, ReplicaId, Seq, SessionId, Term, UnixMs};
+use crate::types::{ClientId, Handle, Index, Kind, ReplicaId, Seq, SessionId, SourceId, Term, UnixMs};
 use serde::{Deserialize, Serialize};
 
 /// Repeat time of a stored session, in whole seconds of the proposing replica's wall clock.
@@ -154,8 +154,19 @@ pub type Outcome = Result<Reply, RequestError>;
 pub enum Command {
     /// A client request. `due` is filled for stores: clock + timeout + jitter, drawn once.
     Client { client: ClientId, seq: Seq, request: Request, due: Option<UnixSecs> },
-    /// The repeater takes these stored sessions for delivery (each gets a new attempt).
-    Take { sessions: Vec<SessionId> },
+    /// The repeater takes these stored sessions for delivery (each gets a new attempt). For
+    /// those kept in a source file, the entry carries what only the file holds (their records),
+    /// read by the proposer: applying an entry never reads a file.
+    Take { sessions: Vec<SessionId>, unspilled: Vec<Unspilled> },
+    /// The kind's stored sessions held in memory become a new source (named by this entry's
+    /// index): every replica writes the same file from them. They stay in memory until the
+    /// source is ready and the file durable here.
+    Spill { kind: Kind },
+    /// Two neighbouring sources of a kind are merged into a new one (named by this entry's
+    /// index); until it is ready, sessions are still taken from the two.
+    Merge { kind: Kind, older: SourceId, newer: SourceId },
+    /// A majority holds the file of this source (from a spill or a merge): it is committed.
+    SourceReady { source: SourceId },
     /// These sessions' leases ran out; store each with its kind's default delay (due given).
     Expire { sessions: Vec<(Handle, UnixSecs)> },
     /// The handler for this delivery failed or could not be reached: store it again at `due`
@@ -164,6 +175,15 @@ pub enum Command {
     /// A new leader's first entry. Committing an entry of its own term is how a leader learns
     /// which earlier entries are committed (Raft commits older terms only indirectly).
     Noop,
+}
+
+/// A spilled session's part that lives only in its source file, carried by a `Take` entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unspilled {
+    pub id: SessionId,
+    #[serde(with = "records_serde")]
+    pub records: Vec<Vec<u8>>,
+    pub last_failure: Option<FailureReason>,
 }
 
 /// One log entry: position, proposer's wall clock, command.
@@ -215,9 +235,12 @@ pub struct SessionView {
     /// Failed deliveries in a row, and why the last one failed.
     pub failures: u32,
     pub last_failure: Option<FailureReason>,
+    /// Empty for a session kept in a source file: `source` then names the file and gives how
+    /// many records it holds there (they go to the handler with the session when it is due).
     #[serde(with = "crate::op::records_serde")]
     pub records: Vec<Vec<u8>>,
     pub bytes: u64,
+    pub source: Option<(SourceId, u32)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

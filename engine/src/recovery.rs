@@ -19,7 +19,8 @@ use crate::io::{DiskError, IoOp, IoReply};
 use crate::log::{Loc, Log};
 use crate::op::Entry;
 use crate::sessions::StateMachine;
-use crate::types::{Index, Term};
+use crate::stored::parse_source_name;
+use crate::types::{Index, SourceId, Term};
 use std::collections::VecDeque;
 
 pub(crate) enum Step {
@@ -37,12 +38,15 @@ pub(crate) struct Recovered {
     pub torn_bytes: u64,
     pub snapshot: Index,
     pub snapshots: Vec<String>,
+    /// Source files found (see `stored.rs`).
+    pub sources: Vec<SourceId>,
 }
 
 #[derive(Default)]
 pub(crate) struct Recovery {
     reading: Option<String>,
     snapshots: Vec<(Index, String)>,
+    sources: Vec<SourceId>,
     segments: VecDeque<(Index, String)>,
     state: StateMachine,
     log: Log,
@@ -135,6 +139,7 @@ impl Recovery {
                 self.repairs.push_back(IoOp::Remove { file: n.clone() });
             }
         }
+        self.sources = names.iter().filter_map(|n| parse_source_name(n)).collect();
         self.snapshots = names.iter().filter_map(|n| Some((parse_snapshot_name(n)?, n.clone()))).collect();
         self.snapshots.sort();
         let mut segments: Vec<_> = names.iter().filter_map(|n| Some((parse_segment_name(n)?, n.clone()))).collect();
@@ -466,6 +471,7 @@ impl Recovery {
                 torn_bytes: self.torn_bytes,
                 snapshot: self.snapshot,
                 snapshots: self.snapshots.iter().filter(|(i, _)| *i == self.snapshot).map(|(_, n)| n.clone()).collect(),
+                sources: std::mem::take(&mut self.sources),
             })),
         }
     }

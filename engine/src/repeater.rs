@@ -3,7 +3,7 @@
 //! what change state, so every replica agrees on what was taken. Followers never run it.
 
 use crate::config::{EngineConfig, KindConfig};
-use crate::op::{Command, UnixSecs};
+use crate::op::{Command, UnixSecs, Unspilled};
 use crate::sessions::{Session, StateMachine, Status};
 use crate::types::{Handle, Kind, SessionId, UnixMs};
 use rand::Rng;
@@ -40,7 +40,7 @@ impl Repeater {
     /// Forgets proposals that were applied or dropped.
     pub fn settle(&mut self, command: &Command) {
         match command {
-            Command::Take { sessions } => sessions.iter().for_each(|s| {
+            Command::Take { sessions, .. } => sessions.iter().for_each(|s| {
                 self.taking.remove(s);
             }),
             Command::Expire { sessions } => sessions.iter().for_each(|(h, _)| {
@@ -52,37 +52,57 @@ impl Repeater {
 
     /// Due stored sessions of each kind, in (due, store order), at most as many as the kind has
     /// free handler slots. Only each kind's due prefix is read, however many sessions wait.
-    pub fn plan_take(&mut self, state: &StateMachine, wall: UnixMs, cfg: &EngineConfig) -> Option<Command> {
+    /// A spilled session goes with its records, which `records` finds (held in memory, or read
+    /// ahead from its file); a kind whose next session's records are not at hand yet waits.
+    pub fn plan_take(
+        &mut self,
+        state: &StateMachine,
+        wall: UnixMs,
+        cfg: &EngineConfig,
+        records: &dyn Fn(SessionId) -> Option<Unspilled>,
+    ) -> Option<Command> {
         let mut horizon = wall.as_secs();
         if cfg.mutation(|m| m.redeliver_early) {
             horizon.0 += 5;
         }
-        let mut taken = Vec::new();
+        let (mut taken, mut unspilled) = (Vec::new(), Vec::new());
         for (kind, kc) in &cfg.kinds {
             let room = cfg.limits.take_batch_max as usize - taken.len();
             let busy = state.delivering(*kind) as usize + self.taking_of(state, *kind);
             let free = (kc.handler_slots as usize).saturating_sub(busy).min(room);
             let due = state
-                .stored_in_order(*kind)
+                .stored_in_order(*kind, cfg)
                 .take_while(|(due, _, _)| *due <= horizon)
                 .filter(|(_, _, id)| !self.taking.contains(id));
-            if cfg.mutation(|m| m.take_out_of_order) {
+            let mut ids: Vec<SessionId> = if cfg.mutation(|m| m.take_out_of_order) {
                 let mut due: Vec<_> = due.map(|(_, _, id)| id).collect();
                 due.reverse();
-                taken.extend(due.into_iter().take(free));
+                due.into_iter().take(free).collect()
             } else {
-                taken.extend(due.take(free).map(|(_, _, id)| id));
+                due.take(free).map(|(_, _, id)| id).collect()
+            };
+            for (n, id) in ids.iter().enumerate() {
+                if state.is_spilled(*id) {
+                    match records(*id) {
+                        Some(u) => unspilled.push(u),
+                        None => {
+                            ids.truncate(n);
+                            break;
+                        }
+                    }
+                }
             }
+            taken.extend(ids);
         }
         if taken.is_empty() {
             return None;
         }
         self.taking.extend(taken.iter().copied());
-        Some(Command::Take { sessions: taken })
+        Some(Command::Take { sessions: taken, unspilled })
     }
 
     fn taking_of(&self, state: &StateMachine, kind: Kind) -> usize {
-        self.taking.iter().filter(|id| state.session(**id).is_some_and(|s| s.kind == kind)).count()
+        self.taking.iter().filter(|id| state.kind_of(**id) == Some(kind)).count()
     }
 
     /// Active sessions whose lease ran out, each with the repeat time of an automatic store.

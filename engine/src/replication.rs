@@ -12,11 +12,13 @@
 //!   lower), below which its log matches any leader's, so the leader jumps back at once.
 
 use crate::engine::{Cut, Engine, Installing, Role};
-use crate::message::Message;
+use crate::io::IoOp;
+use crate::message::{Message, ShippedSource};
 use crate::op::Entry;
 use crate::snapshot::{decode_state, encode_state};
-use crate::types::{Duration, Index, Instant, ReplicaId, Term};
-use std::collections::VecDeque;
+use crate::stored::source_name;
+use crate::types::{Duration, Index, Instant, ReplicaId, SourceId, Term};
+use std::collections::{BTreeSet, VecDeque};
 
 fn entry_bytes(e: &Entry) -> u64 {
     crate::codec::encoded_len(e.at, &e.command) as u64
@@ -40,6 +42,8 @@ pub(crate) struct Progress {
     pub heard_at: Instant,
     /// The highest confirmation round it echoed.
     pub round: u64,
+    /// What the follower last reported of its source files (see `Message::AppendReply`).
+    pub sources_mark: Index,
 }
 
 impl Progress {
@@ -53,6 +57,7 @@ impl Progress {
             snapshot_sent_at: None,
             heard_at: now,
             round: 0,
+            sources_mark: Index(0),
         }
     }
 
@@ -135,6 +140,17 @@ impl Engine {
         if index < self.log.base {
             return false;
         }
+        // The source files the state refers to without their records go with it; they are read
+        // first (the next heartbeat finds them read and sends).
+        let sources = match self.files.export(&self.state) {
+            Ok(sources) => sources,
+            Err(read) => {
+                if let Some((id, op)) = read {
+                    self.issue(op, crate::engine::Purpose::SourceExport(id));
+                }
+                return false;
+            }
+        };
         let state = encode_state(&self.state);
         let (term, now) = (self.term(), self.now.mono);
         let Some(p) = self.progress_mut(peer) else { return false };
@@ -143,7 +159,7 @@ impl Engine {
         p.inflight_bytes = 0;
         p.next = index.next();
         p.probing = false;
-        self.send(peer, Message::Snapshot { term, index, last_term, state });
+        self.send(peer, Message::Snapshot { term, index, last_term, state, sources });
         true
     }
 
@@ -196,7 +212,14 @@ impl Engine {
     }
 
     /// `answer`: (ok, matched, hint) as in [`Message::AppendReply`].
-    pub(crate) fn on_append_reply(&mut self, from: ReplicaId, term: Term, answer: (bool, Index, Index), round: u64) {
+    pub(crate) fn on_append_reply(
+        &mut self,
+        from: ReplicaId,
+        term: Term,
+        answer: (bool, Index, Index),
+        round: u64,
+        sources: Index,
+    ) {
         let (ok, matched, hint) = answer;
         if term != self.term() {
             return;
@@ -207,6 +230,7 @@ impl Engine {
         let resend_after = Duration(self.cfg.consensus.heartbeat_ms * 4);
         let Some(p) = self.progress_mut(from) else { return };
         p.heard_at = now;
+        p.sources_mark = sources;
         let confirms = round > p.round;
         p.round = p.round.max(round);
         if ok {
@@ -254,14 +278,17 @@ impl Engine {
         }
         let matched = self.durable.min(self.ack_upto);
         let round = self.leader_round;
-        let m = Message::AppendReply { term: self.term(), ok: true, matched, hint: Index(0), round };
+        let sources = self.files.mark(&self.state);
+        let m = Message::AppendReply { term: self.term(), ok: true, matched, hint: Index(0), round, sources };
         self.send(leader, m);
     }
 
     fn reject(&mut self, to: ReplicaId) {
         let hint = self.commit.min(self.log.last_index());
         let round = self.leader_round;
-        self.send(to, Message::AppendReply { term: self.term(), ok: false, matched: Index(0), hint, round });
+        let sources = self.files.mark(&self.state);
+        let m = Message::AppendReply { term: self.term(), ok: false, matched: Index(0), hint, round, sources };
+        self.send(to, m);
     }
 
     /// `prev`: the index and term of the entry the append follows.
@@ -382,7 +409,15 @@ impl Engine {
         Some((self.log.base, self.log.base_term, rest))
     }
 
-    pub(crate) fn on_snapshot(&mut self, from: ReplicaId, term: Term, index: Index, last_term: Term, state: Vec<u8>) {
+    pub(crate) fn on_snapshot(
+        &mut self,
+        from: ReplicaId,
+        term: Term,
+        index: Index,
+        last_term: Term,
+        state: Vec<u8>,
+        sources: Vec<ShippedSource>,
+    ) {
         if term < self.term() {
             self.reject(from);
             return;
@@ -413,6 +448,21 @@ impl Engine {
             return; // The leader sends it again later.
         }
         let Ok(decoded) = decode_state(&state, index) else { return };
+        let shipped: BTreeSet<SourceId> = sources.iter().map(|s| s.id).collect();
+        let held = |id: &SourceId| decoded.sources.held.contains_key(id);
+        let whole = sources.iter().all(|s| crate::stored::decode_source_file(&s.data).is_ok());
+        if !whole || !decoded.sources.referenced().all(|id| shipped.contains(&id) || held(&id)) {
+            return; // A source file is missing or damaged: refused, the leader sends again.
+        }
+        // The source files are made durable first, then the snapshot that refers to them.
+        let mut ops = VecDeque::new();
+        for s in sources {
+            let (tmp, name) = (format!("{}.install.tmp", source_name(s.id)), source_name(s.id));
+            ops.push_back(IoOp::Write { file: tmp.clone(), offset: 0, data: s.data });
+            ops.push_back(IoOp::Sync { file: tmp.clone() });
+            ops.push_back(IoOp::Rename { from: tmp, to: name });
+        }
+        ops.push_back(IoOp::SyncDir);
         self.installing = Some(Installing {
             index,
             term: last_term,
@@ -422,15 +472,35 @@ impl Engine {
             pending_term: self.term(),
             pending_upto: index,
             pending_commit: index,
+            source_ops: ops,
+            shipped,
+            payload: state,
         });
-        let op = self.snapshots.start_encoded(index, last_term, &state);
-        self.issue(op, crate::engine::Purpose::Snapshot);
+        self.next_install_op();
+    }
+
+    /// The next step of an install: a source file operation, then the snapshot itself.
+    pub(crate) fn next_install_op(&mut self) {
+        let inst = self.installing.as_mut().expect("an install is under way");
+        match inst.source_ops.pop_front() {
+            Some(op) => self.issue(op, crate::engine::Purpose::InstallSource),
+            None => {
+                let payload = std::mem::take(&mut inst.payload);
+                let op = self.snapshots.start_encoded(inst.index, inst.term, &payload);
+                self.issue(op, crate::engine::Purpose::Snapshot);
+            }
+        }
     }
 
     /// The leader's snapshot is durable: it replaces the state and the whole log.
     pub(crate) fn installed(&mut self) {
         let inst = self.installing.take().expect("an install is under way");
         self.state = *inst.state;
+        let unreferenced = self.files.installed(&mut self.state, &inst.shipped);
+        self.remove_files(unreferenced);
+        if let Some(op) = self.files.next_job(&self.state, &self.cfg) {
+            self.issue(op, crate::engine::Purpose::SourceJob);
+        }
         self.proposed.clear();
         self.waiting.clear();
         let obsolete = self.log.reset(inst.index, inst.term);

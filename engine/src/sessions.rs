@@ -10,9 +10,10 @@ use crate::error::RequestError;
 use crate::hash::{digest, StateHash};
 use crate::op::{
     Command, DeadPage, DeadView, Entry, FailureReason, Outcome, RedriveTarget, Reply, Request, SessionState,
-    SessionView, UnixSecs,
+    SessionView, UnixSecs, Unspilled,
 };
-use crate::types::{Attempt, ClientId, Handle, Index, Kind, Seq, SessionId, UnixMs};
+use crate::stored::{InOrder, Sources, MEMTABLE_SESSION_OVERHEAD_BYTES};
+use crate::types::{Attempt, ClientId, Handle, Index, Kind, Seq, SessionId, SourceId, UnixMs};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -81,9 +82,15 @@ pub struct StateMachine {
     /// earlier goes first" holds within a kind across clock steps. (Across kinds it cannot: a
     /// kind whose handler slots are all busy waits while other kinds go on.)
     pub(crate) repeat_index: BTreeMap<Kind, (UnixSecs, Index, SessionId)>,
+    /// Stored sessions spilled to source files (see `stored.rs`).
+    pub(crate) sources: Sources,
     #[serde(skip)]
-    /// Stored sessions in repeat order within each kind: (kind, due, stored_at, id).
+    /// Stored sessions held in memory (the memtable) in repeat order within each kind:
+    /// (kind, due, stored_at, id). Spilled ones are in `sources`.
     pub(crate) stored: BTreeSet<(Kind, UnixSecs, Index, SessionId)>,
+    /// Memory the memtable's sessions count for, per kind (records plus a fixed overhead each).
+    #[serde(skip)]
+    pub(crate) memtable_bytes: BTreeMap<Kind, u64>,
     #[serde(skip)]
     pub(crate) leases: BTreeSet<(UnixMs, SessionId)>,
     /// Dead-letter sets: (kind, since, id), oldest first within a kind.
@@ -105,6 +112,7 @@ pub struct StateMachine {
 #[derive(Default)]
 struct Derived {
     stored: BTreeSet<(Kind, UnixSecs, Index, SessionId)>,
+    memtable_bytes: BTreeMap<Kind, u64>,
     leases: BTreeSet<(UnixMs, SessionId)>,
     dead: BTreeSet<(Kind, Index, SessionId)>,
     dead_counts: BTreeMap<Kind, u64>,
@@ -115,7 +123,7 @@ struct Derived {
 }
 
 impl Session {
-    fn digest(&self, id: SessionId) -> u64 {
+    pub(crate) fn digest(&self, id: SessionId) -> u64 {
         let failures = (self.failures, &self.last_failure);
         digest(
             1,
@@ -123,7 +131,7 @@ impl Session {
         )
     }
 
-    fn push(&mut self, record: Vec<u8>) {
+    pub(crate) fn push(&mut self, record: Vec<u8>) {
         self.records_hash = xxhash_rust::xxh3::xxh3_64_with_seed(&record, self.records_hash);
         self.bytes += record.len() as u64;
         self.records.push(record);
@@ -144,6 +152,7 @@ impl Session {
             last_failure: self.last_failure.clone(),
             records: self.records.clone(),
             bytes: self.bytes,
+            source: None,
         }
     }
 }
@@ -158,16 +167,44 @@ impl StateMachine {
     }
 
     pub fn state_hash(&self) -> u64 {
-        self.hash.value(self.applied, &self.repeat_index)
+        self.hash.value(self.applied, &self.repeat_index).wrapping_add(self.sources.summary_digest())
     }
 
     fn repeat_floor(&self, kind: Kind) -> UnixSecs {
         self.repeat_index.get(&kind).map_or(UnixSecs(0), |r| r.0)
     }
 
-    /// Sessions (active, stored, dead).
+    /// Sessions (active, stored, dead); stored ones in memory and spilled alike.
     pub fn sessions_count(&self) -> (u64, u64, u64) {
-        (self.leases.len() as u64, self.stored.len() as u64, self.dead.len() as u64)
+        let stored = self.stored.len() as u64 + self.sources.spilled_count();
+        (self.leases.len() as u64, stored, self.dead.len() as u64)
+    }
+
+    /// Stored sessions kept in source files, and how many source files the state refers to.
+    pub fn spilled_count(&self) -> (u64, u64) {
+        (self.sources.spilled_count(), self.sources.referenced().count() as u64)
+    }
+
+    #[doc(hidden)]
+    pub fn sources_debug(&self) -> String {
+        format!(
+            "{:?} merges {:?} held {:?} applied {:?} memtable first {:?}",
+            self.sources
+                .kinds
+                .values()
+                .flatten()
+                .map(|s| (s.id, s.taken, s.entries.len(), s.ready, s.head().map(|h| h.key())))
+                .collect::<Vec<_>>(),
+            self.sources.merges,
+            self.sources.held.keys().collect::<Vec<_>>(),
+            self.applied,
+            self.stored.first()
+        )
+    }
+
+    /// Memory the memtable's stored sessions count for, per kind.
+    pub(crate) fn memtable_bytes(&self) -> &BTreeMap<Kind, u64> {
+        &self.memtable_bytes
     }
 
     /// A page of a kind's dead-letter set, oldest first, after session `after` if given (which
@@ -216,13 +253,48 @@ impl StateMachine {
     pub fn session_view(&self, id: SessionId) -> Result<SessionView, RequestError> {
         match self.sessions.get(&id) {
             Some(s) => Ok(s.view(id)),
-            None => Err(self.missing(id)),
+            None => self.spilled_view(id).ok_or_else(|| self.missing(id)),
         }
     }
 
-    /// All sessions, for checkers and inspection tools.
+    /// A spilled session as `get` shows it: its records stay in the source file (their count and
+    /// bytes are known), and `source` names it.
+    fn spilled_view(&self, id: SessionId) -> Option<SessionView> {
+        let (p, e) = self.sources.spilled(id)?;
+        Some(SessionView {
+            id,
+            kind: p.kind,
+            handle: Handle { session: id, attempt: e.attempt },
+            state: SessionState::Stored { due: e.due },
+            deliveries: e.attempt.0,
+            failures: e.failures,
+            last_failure: None,
+            records: Vec::new(),
+            bytes: e.bytes,
+            source: Some((p.source, e.records)),
+        })
+    }
+
+    /// All sessions held in memory, for checkers and inspection tools (spilled ones: see
+    /// [`StateMachine::spilled_views`]).
     pub fn session_views(&self) -> impl Iterator<Item = SessionView> + '_ {
         self.sessions.iter().map(|(id, s)| s.view(*id))
+    }
+
+    /// A spilled session's records if this replica still holds them in memory (its source file
+    /// not yet durable here, or not yet ready).
+    pub fn held_session_records(&self, id: SessionId) -> Option<Vec<Vec<u8>>> {
+        self.sources.held_records(id).map(|u| u.records)
+    }
+
+    /// The file name of a source.
+    pub fn source_file_name(id: SourceId) -> String {
+        crate::stored::source_name(id)
+    }
+
+    /// Spilled sessions, without their records.
+    pub fn spilled_views(&self) -> impl Iterator<Item = SessionView> + '_ {
+        self.sources.at.keys().filter_map(|id| self.spilled_view(*id))
     }
 
     /// The cached answer for a request already applied, if `(client, seq)` is the latest seen.
@@ -237,10 +309,34 @@ impl StateMachine {
         }
     }
 
-    /// A kind's stored sessions in repeat order: (due, stored_at, id).
-    pub(crate) fn stored_in_order(&self, kind: Kind) -> impl Iterator<Item = (UnixSecs, Index, SessionId)> + '_ {
+    /// A kind's stored sessions in repeat order, in memory and spilled: (due, stored_at, id).
+    pub(crate) fn stored_in_order(
+        &self,
+        kind: Kind,
+        cfg: &EngineConfig,
+    ) -> impl Iterator<Item = (UnixSecs, Index, SessionId)> + '_ {
+        let memtable_first = cfg.mutation(|m| m.sources_out_of_order);
+        InOrder::new(self.memtable_in_order(kind), self.sources.untaken_of(kind), memtable_first)
+    }
+
+    fn memtable_in_order(&self, kind: Kind) -> impl Iterator<Item = (UnixSecs, Index, SessionId)> + '_ {
         let from = (kind, UnixSecs(0), Index(0), SessionId(0));
         self.stored.range(from..).take_while(move |k| k.0 == kind).map(|k| (k.1, k.2, k.3))
+    }
+
+    /// The kind of a session, in memory or spilled.
+    pub(crate) fn kind_of(&self, id: SessionId) -> Option<Kind> {
+        self.sessions.get(&id).map(|s| s.kind).or_else(|| self.sources.at.get(&id).map(|p| p.kind))
+    }
+
+    /// The records of a spilled session, if this replica holds them in memory.
+    pub(crate) fn held_records(&self, id: SessionId) -> Option<Unspilled> {
+        self.sources.held_records(id)
+    }
+
+    /// Whether a session is spilled (its records are in a source file).
+    pub(crate) fn is_spilled(&self, id: SessionId) -> bool {
+        self.sources.at.contains_key(&id)
     }
 
     /// Active sessions in order of lease expiry.
@@ -288,9 +384,9 @@ impl StateMachine {
                 };
                 out.reply = Some((*client, *seq, outcome));
             }
-            Command::Take { sessions } => {
+            Command::Take { sessions, unspilled } => {
                 for id in sessions {
-                    if let Some(due) = self.take(*id, entry.at, cfg) {
+                    if let Some(due) = self.take(*id, entry.at, cfg, unspilled) {
                         let attempt = self.sessions[id].attempt;
                         out.deliveries.push((Handle { session: *id, attempt }, due, entry.at));
                     }
@@ -302,6 +398,13 @@ impl StateMachine {
                 }
             }
             Command::Noop => {}
+            Command::Spill { kind } => self.spill(*kind, SourceId(entry.index.0)),
+            Command::Merge { kind, older, newer } => {
+                self.sources.merge(*kind, *older, *newer, SourceId(entry.index.0));
+            }
+            Command::SourceReady { source } => {
+                self.sources.ready(*source);
+            }
             Command::DeliveryFailed { handle, due, reason } => {
                 let delivering = self
                     .check_handle(*handle)
@@ -410,6 +513,23 @@ impl StateMachine {
         Ok(Reply::Redriven { count: ids.len() as u32, remaining })
     }
 
+    /// Moves the kind's memtable to a new source (nothing happens if it is empty).
+    fn spill(&mut self, kind: Kind, id: SourceId) {
+        let keys: Vec<(UnixSecs, Index, SessionId)> = self.memtable_in_order(kind).collect();
+        if keys.is_empty() {
+            return;
+        }
+        let mut sessions = Vec::with_capacity(keys.len());
+        for (due, stored_at, sid) in keys {
+            let s = self.sessions.remove(&sid).expect("the stored index holds live sessions");
+            self.stored.remove(&(kind, due, stored_at, sid));
+            sessions.push((sid, s));
+        }
+        // The sessions' digests stay in the hash: they are still in the state, only elsewhere.
+        self.memtable_bytes.remove(&kind);
+        self.sources.spill(kind, id, sessions);
+    }
+
     /// The session, if it is in a dead-letter set (what a redrive or a drop needs).
     fn dead_session(&self, id: SessionId) -> Result<&Session, RequestError> {
         let s = self.sessions.get(&id).ok_or_else(|| self.missing(id))?;
@@ -440,7 +560,7 @@ impl StateMachine {
 
     fn create(&mut self, entry: &Entry, kind: Kind, record: Option<Vec<u8>>, cfg: &EngineConfig) -> Outcome {
         let kc = cfg.kind(kind).ok_or(RequestError::UnknownKind(kind))?;
-        if self.sessions.len() as u64 >= cfg.limits.sessions_max {
+        if self.sessions.len() as u64 + self.sources.spilled_count() >= cfg.limits.sessions_max {
             return Err(RequestError::TooManySessions { max: cfg.limits.sessions_max });
         }
         if let Some(r) = &record {
@@ -477,16 +597,26 @@ impl StateMachine {
     }
 
     fn check_handle(&self, handle: Handle) -> Result<&Session, RequestError> {
-        let s = self.sessions.get(&handle.session).ok_or_else(|| self.missing(handle.session))?;
+        let s = self.sessions.get(&handle.session).ok_or_else(|| self.missing_for(handle))?;
         if s.attempt != handle.attempt {
             return Err(RequestError::StaleAttempt { handle, current: s.attempt });
         }
         Ok(s)
     }
 
+    /// Why a session not in memory cannot be operated on: spilled (so stored, or the handle is
+    /// stale), deleted, or unknown.
+    fn missing_for(&self, handle: Handle) -> RequestError {
+        match self.sources.spilled(handle.session) {
+            Some((_, e)) if e.attempt != handle.attempt => RequestError::StaleAttempt { handle, current: e.attempt },
+            Some(_) => RequestError::SessionStored(handle.session),
+            None => self.missing(handle.session),
+        }
+    }
+
     fn check_handle_active(&self, handle: Handle, cfg: &EngineConfig) -> Result<(), RequestError> {
         let checked = if cfg.mutation(|m| m.accept_stale_attempt) {
-            self.sessions.get(&handle.session).ok_or_else(|| self.missing(handle.session))
+            self.sessions.get(&handle.session).ok_or_else(|| self.missing_for(handle))
         } else {
             self.check_handle(handle)
         };
@@ -521,27 +651,34 @@ impl StateMachine {
         f(s);
         self.hash.add(s.digest(id));
         let after = s.status.clone();
-        let kind = s.kind;
-        self.reindex(id, kind, &before, Some(&after));
+        let (kind, bytes) = (s.kind, s.bytes);
+        self.reindex(id, kind, bytes, Some(&before), Some(&after));
     }
 
     /// Keeps the secondary indexes (stored order, leases, delivering counts) equal to statuses.
-    fn reindex(&mut self, id: SessionId, kind: Kind, before: &Status, after: Option<&Status>) {
-        if Some(before) == after {
+    /// `bytes` is the session's record bytes (a stored session's do not change while stored).
+    fn reindex(&mut self, id: SessionId, kind: Kind, bytes: u64, before: Option<&Status>, after: Option<&Status>) {
+        if before == after {
             return;
         }
         match before {
-            Status::Active { lease_until, delivering } => {
+            None => {}
+            Some(Status::Active { lease_until, delivering }) => {
                 assert!(self.leases.remove(&(*lease_until, id)), "lease index holds every active session");
                 if *delivering {
                     let n = self.delivering.get_mut(&kind).expect("delivering count exists");
                     *n -= 1;
                 }
             }
-            Status::Stored { due, stored_at } => {
+            Some(Status::Stored { due, stored_at }) => {
                 assert!(self.stored.remove(&(kind, *due, *stored_at, id)), "stored index holds every stored session");
+                let m = self.memtable_bytes.get_mut(&kind).expect("memtable bytes count stored sessions");
+                *m -= bytes + MEMTABLE_SESSION_OVERHEAD_BYTES;
+                if *m == 0 {
+                    self.memtable_bytes.remove(&kind);
+                }
             }
-            Status::Dead { since } => {
+            Some(Status::Dead { since }) => {
                 assert!(self.dead.remove(&(kind, *since, id)), "dead index holds every dead session");
                 *self.dead_counts.get_mut(&kind).expect("dead count exists") -= 1;
             }
@@ -555,6 +692,7 @@ impl StateMachine {
             }
             Some(Status::Stored { due, stored_at }) => {
                 self.stored.insert((kind, *due, *stored_at, id));
+                *self.memtable_bytes.entry(kind).or_insert(0) += bytes + MEMTABLE_SESSION_OVERHEAD_BYTES;
             }
             Some(Status::Dead { since }) => {
                 self.dead.insert((kind, *since, id));
@@ -584,7 +722,7 @@ impl StateMachine {
     fn delete(&mut self, id: SessionId, at: Index, cfg: &EngineConfig) {
         let s = self.sessions.remove(&id).expect("deleted session exists");
         self.hash.remove(s.digest(id));
-        self.reindex(id, s.kind, &s.status, None);
+        self.reindex(id, s.kind, s.bytes, Some(&s.status), None);
         self.tombstones.insert(id, at);
         self.tombstone_order.insert((at, id));
         self.hash.add(digest(3, &(id, at)));
@@ -598,26 +736,37 @@ impl StateMachine {
     /// Moves a stored session to a new attempt held by its handler. Returns the due time it had.
     /// A session not yet due at the take's clock reading is left alone: every replica enforces
     /// "never before the repeat time", whatever the proposer's planning did.
-    fn take(&mut self, id: SessionId, at: UnixMs, cfg: &EngineConfig) -> Option<UnixSecs> {
-        let s = self.sessions.get(&id)?;
-        let Status::Stored { due, stored_at } = s.status else { return None };
+    fn take(&mut self, id: SessionId, at: UnixMs, cfg: &EngineConfig, carried: &[Unspilled]) -> Option<UnixSecs> {
+        let (kind, due, stored_at) = match self.sessions.get(&id) {
+            Some(s) => match s.status {
+                Status::Stored { due, stored_at } => (s.kind, due, stored_at),
+                _ => return None,
+            },
+            None => {
+                let (p, e) = self.sources.spilled(id)?;
+                (p.kind, e.due, e.stored_at)
+            }
+        };
         if due.as_ms() > at && !cfg.mutation(|m| m.redeliver_early) {
             return None;
         }
         // Within a kind, sessions are taken strictly in (due, stored_at, id) order. Planning
         // already does this; checking it here makes it hold on every replica even when an
         // earlier take was lost (say, its write failed on a full disk).
-        let first = self.stored_in_order(s.kind).next().map(|(_, _, first)| first);
+        let first = self.stored_in_order(kind, cfg).next().map(|(_, _, first)| first);
         if first != Some(id) && !cfg.mutation(|m| m.take_out_of_order) {
             return None;
         }
         // A kind never has more deliveries out than handler slots, on every replica, whatever
         // the proposer planned (a new leader may not yet know of its predecessor's last take).
-        let slots = cfg.kind(s.kind).map_or(0, |k| k.handler_slots);
-        if self.delivering(s.kind) >= slots {
+        let slots = cfg.kind(kind).map_or(0, |k| k.handler_slots);
+        if self.delivering(kind) >= slots {
             return None;
         }
-        let (kind, lease_until) = (s.kind, at.saturating_add_ms(cfg.lease(s.kind).0));
+        if !self.sessions.contains_key(&id) {
+            self.unspill(id, kind, carried)?;
+        }
+        let lease_until = at.saturating_add_ms(cfg.lease(kind).0);
         self.change(id, |s| {
             s.attempt = Attempt(s.attempt.0 + 1);
             s.status = Status::Active { lease_until, delivering: true };
@@ -626,6 +775,17 @@ impl StateMachine {
         let r = self.repeat_index.entry(kind).or_insert(key);
         *r = (*r).max(key);
         Some(due)
+    }
+
+    /// Brings a spilled session back into memory (stored) with the records the take carried.
+    /// A take without them, or with records that do not match the session's digest, is refused.
+    fn unspill(&mut self, id: SessionId, kind: Kind, carried: &[Unspilled]) -> Option<()> {
+        let records = carried.iter().find(|u| u.id == id)?;
+        let s = self.sources.unspill(id, records, kind)?;
+        let (status, bytes) = (s.status.clone(), s.bytes);
+        self.sessions.insert(id, s);
+        self.reindex(id, kind, bytes, None, Some(&status));
+        Some(())
     }
 
     /// A lease ran out. A session its owner left is stored; a delivery whose handler let the
@@ -672,11 +832,17 @@ impl StateMachine {
                 }
                 Status::Stored { due, stored_at } => {
                     d.stored.insert((s.kind, due, stored_at, *id));
+                    *d.memtable_bytes.entry(s.kind).or_insert(0) += s.bytes + MEMTABLE_SESSION_OVERHEAD_BYTES;
                 }
                 Status::Dead { since } => {
                     d.dead.insert((s.kind, since, *id));
                     *d.dead_counts.entry(s.kind).or_insert(0) += 1;
                 }
+            }
+        }
+        for list in self.sources.kinds.values() {
+            for e in list.iter().flat_map(|s| s.untaken()) {
+                d.hash.add(e.digest);
             }
         }
         for (c, e) in &self.dedup {
@@ -694,6 +860,8 @@ impl StateMachine {
     pub(crate) fn rebuild_indexes(&mut self) {
         let d = self.derive();
         self.stored = d.stored;
+        self.memtable_bytes = d.memtable_bytes;
+        self.sources.rebuild();
         self.leases = d.leases;
         self.dead = d.dead;
         self.dead_counts = d.dead_counts;
@@ -725,6 +893,7 @@ impl StateMachine {
         if let Some(last) = self.sessions.last_key_value() {
             assert!(last.0 .0 <= self.applied.0, "no session id beyond the applied index");
         }
+        self.sources.invariants(false);
     }
 
     /// Full invariants: recomputes every index and the hash from scratch. O(state).
@@ -734,6 +903,11 @@ impl StateMachine {
         // stored sessions would double the memory) and compared with the incremental ones.
         let copy = self.derive();
         assert_eq!(copy.stored, self.stored, "stored index matches session statuses");
+        assert_eq!(copy.memtable_bytes, self.memtable_bytes, "memtable bytes match the stored sessions in memory");
+        self.sources.invariants(true);
+        for id in self.sources.at.keys() {
+            assert!(!self.sessions.contains_key(id), "a session is in memory or spilled, not both");
+        }
         assert_eq!(copy.leases, self.leases, "lease index matches session statuses");
         assert_eq!(copy.dead, self.dead, "dead index matches session statuses");
         let nonzero: BTreeMap<_, _> = self.dead_counts.iter().filter(|(_, n)| **n > 0).collect();

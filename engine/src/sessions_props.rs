@@ -141,7 +141,7 @@ impl Run {
                 if let Some(SessionState::Stored { due }) = self.state.session_view(id).ok().map(|v| v.state) {
                     self.at = self.at.max(due.as_ms().0);
                 }
-                self.apply(Command::Take { sessions: vec![id] });
+                self.apply(Command::Take { sessions: vec![id], unspilled: vec![] });
             }
             Op::Fail(i) => {
                 let Some((_, handle, _)) = self.session(i) else { return };

@@ -26,6 +26,11 @@ pub struct Term(pub u64);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SessionId(pub u64);
 
+/// A stored-session source file, named by the index of the entry that created it (a spill or
+/// a merge): unique, and the same on every replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SourceId(pub u64);
+
 /// The kind of a session selects its handler and its limits (see [`crate::KindConfig`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Kind(pub u32);

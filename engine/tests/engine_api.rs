@@ -1389,3 +1389,80 @@ fn a_log_of_an_older_format_stops_the_replica_with_a_clear_error_and_is_left_alo
     let message = Fatal::UnsupportedFormat { file, found: 1, supported: 2 }.to_string();
     assert!(message.contains("format 1") && message.contains("empty data directory"), "{message}");
 }
+
+// ---- stored sessions in source files ------------------------------------------------------------
+
+fn sources_cfg() -> EngineConfig {
+    let kc = KindConfig { handler_slots: 1000, ..quick_kind() };
+    let mut cfg = cfg_with(1, kc);
+    cfg.limits.stored_memtable_bytes_max = 2_000; // about eight stored sessions of 100 bytes
+    cfg.limits.sources_per_kind_max = 2;
+    cfg.limits.source_read_ahead_bytes = 600;
+    cfg.limits.source_io_chunk_bytes = 512;
+    // Merged-away files go once a snapshot no longer refers to them.
+    cfg.limits.snapshot_every_entries = 50;
+    cfg
+}
+
+#[test]
+fn stored_sessions_spill_to_sources_are_merged_and_come_back_in_order_with_their_records() {
+    let cfg = sources_cfg();
+    let mut d = Driver::booted(cfg.clone(), 7);
+    let mut expect: BTreeMap<SessionId, (UnixSecs, Vec<Vec<u8>>)> = BTreeMap::new();
+    for i in 0..200u32 {
+        if let Some(Output::Stopped(f)) = d.outputs.iter().find(|o| matches!(o, Output::Stopped(_))) {
+            panic!("stopped: {f}");
+        }
+        let record = vec![i as u8; 100];
+        let h = created(d.req(1, new(1, Some(&record))));
+        let due = stored_due(d.req(1, Request::Store { handle: h, timeout_s: 100 + (i * 7) % 30 }));
+        expect.insert(h.session, (due, vec![record]));
+        if i % 5 == 0 {
+            d.tick();
+        }
+    }
+    for _ in 0..30 {
+        d.tick();
+    }
+    let (spilled, sources) = d.engine.state().spilled_count();
+    assert!(spilled >= 150, "most stored sessions are in source files: {spilled}");
+    assert!((1..=3).contains(&sources), "merges keep the sources few: {sources}");
+    // Merged-away files go once a snapshot no longer refers to them.
+    for _ in 0..80 {
+        let h = created(d.req(3, new(1, Some(b"x"))));
+        d.req(3, Request::Delete { handle: h }).unwrap();
+    }
+    d.tick();
+    assert_eq!(d.files("src-", "").len() as u64, sources, "one file per source, the merged-away ones removed");
+    assert_eq!(d.engine.state().sessions_count(), (0, 200, 0));
+    d.engine.state().full_invariants();
+    let spilled_view = d.engine.state().spilled_views().next().expect("a spilled session");
+    assert!(spilled_view.records.is_empty() && spilled_view.source.is_some_and(|(_, n)| n == 1));
+    assert_eq!(d.session(spilled_view.id), Ok(spilled_view.clone()));
+
+    // A restart finds the sources again, with the same state.
+    let (applied, hash) = (d.engine.state().applied(), d.engine.state().state_hash());
+    let mut d = d.restart(cfg.clone(), 8);
+    assert_eq!(d.recovered_since(0).map(|r| (r.0, r.1)), Some((applied, hash)), "the state survives a restart");
+    d.engine.state().full_invariants();
+
+    // All come due: every session is delivered once, in repeat order, with its records.
+    d.advance(200_000);
+    let mut delivered = Vec::new();
+    for _ in 0..400 {
+        let mark = d.tick();
+        for (_, handle, due, records) in d.deliveries_since(mark) {
+            let (want_due, want_records) = &expect[&handle.session];
+            assert_eq!((due, &records), (*want_due, want_records), "session {:?}", handle.session);
+            delivered.push((due, handle.session));
+            assert_eq!(d.req(2, Request::Delete { handle }), Ok(Reply::Done));
+        }
+        if delivered.len() == expect.len() {
+            break;
+        }
+    }
+    assert_eq!(delivered.len(), expect.len(), "every stored session was delivered");
+    assert!(delivered.windows(2).all(|w| w[0].0 <= w[1].0), "in repeat order");
+    assert_eq!(d.engine.state().spilled_count(), (0, 0), "all sources taken and dropped");
+    d.engine.state().full_invariants();
+}

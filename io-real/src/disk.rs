@@ -14,6 +14,8 @@ use truba_engine::{DiskError, IoOp, IoReply};
 pub trait Fs: Send + Sync + 'static {
     fn list(&self) -> io::Result<Vec<String>>;
     fn read(&self, name: &str) -> io::Result<Vec<u8>>;
+    /// Reads up to `len` bytes from `offset`: fewer (possibly none) where the file ends first.
+    fn read_at(&self, name: &str, offset: u64, len: u64) -> io::Result<Vec<u8>>;
     /// Writes at `offset`, creating the file if it does not exist.
     fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Makes the file's data durable (fdatasync).
@@ -32,6 +34,9 @@ pub fn execute(fs: &dyn Fs, op: &IoOp) -> Result<IoReply, DiskError> {
     let r = match op {
         IoOp::List => return fs.list().map(IoReply::Listed).map_err(disk_error),
         IoOp::Read { file } => return fs.read(file).map(IoReply::Data).map_err(disk_error),
+        IoOp::ReadAt { file, offset, len } => {
+            return fs.read_at(file, *offset, *len).map(IoReply::Data).map_err(disk_error);
+        }
         IoOp::Write { file, offset, data } => fs.write_at(file, *offset, data),
         IoOp::Sync { file } => fs.sync(file),
         IoOp::SyncDir => fs.sync_dir(),
@@ -77,6 +82,36 @@ impl Executor {
             _ => execute(self.fs.as_ref(), op),
         }
     }
+}
+
+/// Reads up to `len` bytes of `file` from `offset`, fewer (possibly none) where the file ends
+/// first. The buffer starts at 1 MiB at most and grows as the bytes arrive, so a huge `len`
+/// over a short file allocates little.
+pub fn read_range(file: &impl FileExt, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    const FIRST_BUFFER: u64 = 1 << 20;
+    if offset > i64::MAX as u64 {
+        // No file reaches that far (and pread refuses such offsets).
+        return Ok(Vec::new());
+    }
+    let mut buf = vec![0; len.min(FIRST_BUFFER) as usize];
+    let mut filled = 0;
+    loop {
+        if filled == buf.len() {
+            if filled as u64 == len {
+                break;
+            }
+            let grown = len.min(filled as u64 * 2) as usize;
+            buf.resize(grown, 0);
+        }
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
 }
 
 fn is_log_segment(name: &str) -> bool {
@@ -170,6 +205,10 @@ impl Fs for DirFs {
         std::fs::read(self.path(name))
     }
 
+    fn read_at(&self, name: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        self.with_file(name, false, |f| read_range(f, offset, len))
+    }
+
     fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
         self.with_file(name, true, |f| f.write_all_at(data, offset))
     }
@@ -227,6 +266,38 @@ mod tests {
         assert_eq!(execute(&fs, &IoOp::Sync { file: "b".into() }), Err(DiskError::NotFound));
     }
 
+    #[test]
+    fn read_at_returns_the_slice_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = DirFs::open(dir.path()).unwrap();
+        let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let w = |file: &str, offset, data: &[u8]| IoOp::Write { file: file.into(), offset, data: data.to_vec() };
+        let at = |offset, len| execute(&fs, &IoOp::ReadAt { file: "a".into(), offset, len });
+        assert_eq!(at(0, 10), Err(DiskError::NotFound), "a missing file");
+        assert_eq!(execute(&fs, &w("a", 0, &data)), Ok(IoReply::Done));
+        assert_eq!(execute(&fs, &IoOp::Sync { file: "a".into() }), Ok(IoReply::Done));
+        assert_eq!(execute(&fs, &IoOp::SyncDir), Ok(IoReply::Done));
+        assert_eq!(at(100, 50), Ok(IoReply::Data(data[100..150].to_vec())));
+        assert_eq!(at(0, 3000), Ok(IoReply::Data(data.clone())));
+        assert_eq!(at(0, u64::MAX), Ok(IoReply::Data(data.clone())), "a huge len reads to the end");
+        assert_eq!(at(2990, 100), Ok(IoReply::Data(data[2990..].to_vec())), "cut where the file ends");
+        assert_eq!(at(1234, 0), Ok(IoReply::Data(Vec::new())));
+        assert_eq!(at(3000, 10), Ok(IoReply::Data(Vec::new())), "at the end");
+        assert_eq!(at(10_000, 10), Ok(IoReply::Data(Vec::new())), "past the end");
+        assert_eq!(at(u64::MAX, u64::MAX), Ok(IoReply::Data(Vec::new())), "far past the end");
+        // Unsynced bytes are seen too, as by Read.
+        assert_eq!(execute(&fs, &w("a", 3000, b"xyz")), Ok(IoReply::Done));
+        assert_eq!(at(2999, 10), Ok(IoReply::Data([&data[2999..], b"xyz"].concat())));
+        // Across the 1 MiB first buffer.
+        let big: Vec<u8> = (0..(3 << 20) + 5u32).map(|i| (i % 253) as u8).collect();
+        assert_eq!(execute(&fs, &w("big", 0, &big)), Ok(IoReply::Done));
+        let big_at = |offset: u64, len| execute(&fs, &IoOp::ReadAt { file: "big".into(), offset, len });
+        assert_eq!(big_at(7, u64::MAX), Ok(IoReply::Data(big[7..].to_vec())));
+        assert_eq!(big_at(1, (2 << 20) + 3), Ok(IoReply::Data(big[1..(2 << 20) + 4].to_vec())));
+        assert_eq!(execute(&fs, &IoOp::Remove { file: "a".into() }), Ok(IoReply::Done));
+        assert_eq!(at(0, 10), Err(DiskError::NotFound), "a removed file");
+    }
+
     /// A file system that counts fsyncs, over a real directory.
     struct Counting(DirFs, std::sync::atomic::AtomicU32);
 
@@ -236,6 +307,9 @@ mod tests {
         }
         fn read(&self, name: &str) -> io::Result<Vec<u8>> {
             self.0.read(name)
+        }
+        fn read_at(&self, name: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+            self.0.read_at(name, offset, len)
         }
         fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
             self.0.write_at(name, offset, data)

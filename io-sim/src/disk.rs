@@ -228,7 +228,8 @@ impl SimDisk {
         let mut us = rng.gen_range(base / 2..=base);
         let bytes = match op {
             IoOp::Write { data, .. } => data.len() as u64,
-            IoOp::Read { file } => self.current.get(file).map_or(0, |ino| self.inodes[ino].data.len() as u64),
+            IoOp::Read { file } => self.read_len(file, 0, u64::MAX),
+            IoOp::ReadAt { file, offset, len } => self.read_len(file, *offset, *len),
             _ => 0,
         };
         us = us.saturating_add(bytes / 4096);
@@ -244,7 +245,8 @@ impl SimDisk {
     pub fn execute(&mut self, op: &IoOp, rng: &mut ChaCha8Rng) -> Result<IoReply, DiskError> {
         match op {
             IoOp::List => Ok(IoReply::Listed(self.current.keys().cloned().collect())),
-            IoOp::Read { file } => self.read(file, rng),
+            IoOp::Read { file } => self.read(file, 0, u64::MAX, rng),
+            IoOp::ReadAt { file, offset, len } => self.read(file, *offset, *len, rng),
             IoOp::Write { file, offset, data } => self.write(file, *offset, data),
             IoOp::Sync { file } => {
                 let ino = self.lookup(file)?;
@@ -398,7 +400,14 @@ impl SimDisk {
         self.current.get(name).copied().ok_or(DiskError::NotFound)
     }
 
-    fn read(&mut self, name: &str, rng: &mut ChaCha8Rng) -> Result<IoReply, DiskError> {
+    /// Bytes a read of `len` bytes from `offset` of `name` would return (0 for a missing file).
+    fn read_len(&self, name: &str, offset: u64, len: u64) -> u64 {
+        self.current.get(name).map_or(0, |ino| read_range(self.inodes[ino].data.len(), offset, len).len() as u64)
+    }
+
+    /// Reads up to `len` bytes of `name` from `offset` (a whole-file `Read` is `0, u64::MAX`),
+    /// with the read faults applied to the bytes returned only.
+    fn read(&mut self, name: &str, offset: u64, len: u64, rng: &mut ChaCha8Rng) -> Result<IoReply, DiskError> {
         let ino = self.lookup(name)?;
         self.stats.reads += 1;
         let data = &self.inodes[&ino].data;
@@ -406,7 +415,7 @@ impl SimDisk {
             self.stats.read_errors += 1;
             return Err(DiskError::Io(format!("latent sector error reading {name}")));
         }
-        let mut copy = data.clone();
+        let mut copy = data[read_range(data.len(), offset, len)].to_vec();
         if !copy.is_empty() && chance(rng, self.faults.read_bitflip_prob) {
             let bit = rng.gen_range(0..copy.len() * 8);
             copy[bit / 8] ^= 1 << (bit % 8);
@@ -465,6 +474,13 @@ impl SimDisk {
         }
         self.inodes.retain(|ino, _| live.contains(ino));
     }
+}
+
+/// The part `[offset, offset + len)` of a file of `file_len` bytes that a read returns: cut
+/// where the file ends, and empty from an offset at or past the end.
+pub(crate) fn read_range(file_len: usize, offset: u64, len: u64) -> std::ops::Range<usize> {
+    let clamp = |at: u64| usize::try_from(at).map_or(file_len, |at| at.min(file_len));
+    clamp(offset)..clamp(offset.saturating_add(len))
 }
 
 fn chance(rng: &mut ChaCha8Rng, p: f64) -> bool {
@@ -553,6 +569,10 @@ mod tests {
 
     fn read(file: &str) -> IoOp {
         IoOp::Read { file: file.into() }
+    }
+
+    fn read_at(file: &str, offset: u64, len: u64) -> IoOp {
+        IoOp::ReadAt { file: file.into(), offset, len }
     }
 
     fn rename(from: &str, to: &str) -> IoOp {
@@ -843,6 +863,7 @@ mod tests {
         let mut disk = SimDisk::new(DiskFaults::default());
         for op in [
             read("x"),
+            read_at("x", 0, 10),
             sync("x"),
             IoOp::Truncate { file: "x".into(), len: 0 },
             IoOp::Remove { file: "x".into() },
@@ -954,6 +975,64 @@ mod tests {
     }
 
     #[test]
+    fn read_at_returns_the_slice_a_whole_read_would_see() {
+        let mut r = rng(0);
+        let mut disk = SimDisk::new(DiskFaults::default());
+        let data = pattern(3000, 4);
+        let mut at = |disk: &mut SimDisk, offset, len| disk.execute(&read_at("a", offset, len), &mut r);
+        assert_eq!(at(&mut disk, 0, 10), Err(DiskError::NotFound), "a missing file");
+        ok(&mut disk, w("a", 0, &data), &mut rng(0));
+        ok(&mut disk, sync("a"), &mut rng(0));
+        ok(&mut disk, IoOp::SyncDir, &mut rng(0));
+        assert_eq!(at(&mut disk, 100, 50), Ok(IoReply::Data(data[100..150].to_vec())));
+        assert_eq!(at(&mut disk, 0, u64::MAX), Ok(IoReply::Data(data.clone())));
+        assert_eq!(at(&mut disk, 2990, 100), Ok(IoReply::Data(data[2990..].to_vec())), "cut where the file ends");
+        assert_eq!(at(&mut disk, 1234, 0), Ok(IoReply::Data(Vec::new())));
+        assert_eq!(at(&mut disk, 3000, 10), Ok(IoReply::Data(Vec::new())), "at the end");
+        assert_eq!(at(&mut disk, 10_000, 10), Ok(IoReply::Data(Vec::new())), "past the end");
+        assert_eq!(at(&mut disk, u64::MAX, u64::MAX), Ok(IoReply::Data(Vec::new())), "far past the end");
+        // Like Read, it sees the page cache: unsynced bytes too.
+        ok(&mut disk, w("a", 3000, b"xyz"), &mut rng(0));
+        assert_eq!(at(&mut disk, 2999, 10), Ok(IoReply::Data([&data[2999..], b"xyz"].concat())));
+        assert_eq!(disk.stats().reads, 8, "reads of existing files are counted, as for Read");
+
+        // Read faults hit the slice returned only.
+        disk.faults_mut().read_bitflip_prob = 1.0;
+        let mut flipped = BTreeSet::new();
+        for _ in 0..200 {
+            let Ok(IoReply::Data(got)) = at(&mut disk, 1000, 100) else { panic!("ReadAt failed") };
+            assert_eq!(got.len(), 100);
+            let diff: u32 = got.iter().zip(&data[1000..1100]).map(|(a, b)| (a ^ b).count_ones()).sum();
+            assert_eq!(diff, 1);
+            flipped.insert(got.iter().zip(&data[1000..1100]).position(|(a, b)| a != b).unwrap());
+        }
+        assert!(flipped.len() > 50, "flips spread over the slice");
+        assert_eq!(at(&mut disk, 5000, 10), Ok(IoReply::Data(Vec::new())), "nothing to flip");
+        assert_eq!(disk.stats().bitflips, 200);
+        assert_eq!(&disk.current_file("a").unwrap()[..3000], data.as_slice(), "stored bytes intact");
+        disk.faults_mut().read_bitflip_prob = 0.0;
+        disk.faults_mut().read_error_prob = 1.0;
+        match at(&mut disk, 0, 10) {
+            Err(DiskError::Io(msg)) => assert!(msg.contains("latent sector error"), "{msg}"),
+            other => panic!("expected a latent sector error, got {other:?}"),
+        }
+        assert_eq!(disk.stats().read_errors, 1);
+    }
+
+    #[test]
+    fn a_whole_read_at_draws_like_a_read() {
+        // Same seed, same faults: ReadAt of the whole file and Read give the same bytes.
+        let faults = DiskFaults { read_bitflip_prob: 0.5, read_error_prob: 0.1, ..DiskFaults::default() };
+        let data = pattern(500, 6);
+        for seed in 0..50 {
+            let mut disk = SimDisk::new(faults.clone());
+            ok(&mut disk, w("f", 0, &data), &mut rng(0));
+            let whole = disk.clone().execute(&read("f"), &mut rng(seed));
+            assert_eq!(disk.execute(&read_at("f", 0, u64::MAX), &mut rng(seed)), whole);
+        }
+    }
+
+    #[test]
     fn latency_bounds() {
         let mut r = rng(1);
         let mut disk = SimDisk::new(DiskFaults::default());
@@ -967,6 +1046,12 @@ mod tests {
             assert!((27..=52).contains(&l), "{l}");
             let l = disk.latency_us(&read("f"), &mut r);
             assert!((35..=60).contains(&l), "{l}");
+            let l = disk.latency_us(&read_at("f", 0, u64::MAX), &mut r);
+            assert!((35..=60).contains(&l), "{l}");
+            let l = disk.latency_us(&read_at("f", 8192, 8192), &mut r);
+            assert!((27..=52).contains(&l), "{l}");
+            let l = disk.latency_us(&read_at("f", 40_000, 8192), &mut r);
+            assert!((25..=50).contains(&l), "only the bytes returned count: {l}");
             let l = disk.latency_us(&IoOp::List, &mut r);
             assert!((25..=50).contains(&l), "{l}");
         }

@@ -371,6 +371,10 @@ impl MemDisk {
         match op {
             IoOp::List => Ok(IoReply::Listed(self.files.keys().cloned().collect())),
             IoOp::Read { file } => self.files.get(file).cloned().map(IoReply::Data).ok_or(DiskError::NotFound),
+            IoOp::ReadAt { file, offset, len } => {
+                let content = self.files.get(file).ok_or(DiskError::NotFound)?;
+                Ok(IoReply::Data(content[crate::disk::read_range(content.len(), *offset, *len)].to_vec()))
+            }
             IoOp::Write { file, offset, data } => {
                 let start = to_usize(*offset)?;
                 let end = start.checked_add(data.len()).ok_or_else(too_large)?;
@@ -786,6 +790,11 @@ mod tests {
         assert_eq!(disk.execute(&rename), Err(DiskError::NotFound));
         assert_eq!(disk.execute(&IoOp::List), Ok(IoReply::Listed(vec!["a".into()])));
         assert_eq!(read(&mut disk, "a"), Ok(IoReply::Data(b"abxy".to_vec())));
+        let read_at = |offset, len| IoOp::ReadAt { file: "a".into(), offset, len };
+        assert_eq!(disk.execute(&read_at(1, 2)), Ok(IoReply::Data(b"bx".to_vec())));
+        assert_eq!(disk.execute(&read_at(2, u64::MAX)), Ok(IoReply::Data(b"xy".to_vec())));
+        assert_eq!(disk.execute(&read_at(9, 1)), Ok(IoReply::Data(Vec::new())));
+        assert_eq!(disk.execute(&IoOp::ReadAt { file: "b".into(), offset: 0, len: 1 }), Err(DiskError::NotFound));
         assert_eq!(disk.execute(&IoOp::Truncate { file: "a".into(), len: 1 }), Ok(IoReply::Done));
         assert_eq!(read(&mut disk, "a"), Ok(IoReply::Data(b"a".to_vec())));
         assert_eq!(disk.execute(&IoOp::Remove { file: "a".into() }), Ok(IoReply::Done));

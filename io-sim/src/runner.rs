@@ -119,6 +119,9 @@ pub struct Summary {
     pub dead: u64,
     pub crashes: u64,
     pub hash_checks: u64,
+    pub sources_written: u64,
+    pub sources_merged: u64,
+    pub sources_installed: u64,
     pub virtual_s: f64,
 }
 
@@ -136,6 +139,9 @@ impl Summary {
         self.dead += r.dead();
         self.crashes += r.output.stats.crashes;
         self.hash_checks += r.output.stats.hash_checks;
+        self.sources_written += r.output.stats.sources_written;
+        self.sources_merged += r.output.stats.sources_merged;
+        self.sources_installed += r.output.stats.sources_installed;
         self.virtual_s += r.output.stats.virtual_us as f64 / 1e6;
     }
 
@@ -143,13 +149,23 @@ impl Summary {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8}",
-            "scenario", "seeds", "failed", "events", "acked ops", "delivered", "h-failed", "dead", "crashes", "hash ok"
+            "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>16}",
+            "scenario",
+            "seeds",
+            "failed",
+            "events",
+            "acked ops",
+            "delivered",
+            "h-failed",
+            "dead",
+            "crashes",
+            "hash ok",
+            "src wr/mrg/inst"
         );
         for r in rows {
             let _ = writeln!(
                 out,
-                "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8}",
+                "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>16}",
                 r.scenario,
                 r.seeds,
                 r.failed,
@@ -159,7 +175,8 @@ impl Summary {
                 r.failed_deliveries,
                 r.dead,
                 r.crashes,
-                r.hash_checks
+                r.hash_checks,
+                format!("{}/{}/{}", r.sources_written, r.sources_merged, r.sources_installed)
             );
         }
         out

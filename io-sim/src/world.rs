@@ -82,6 +82,30 @@ pub struct RunStats {
     pub messages: u64,
     pub partitions: u64,
     pub rots: u64,
+    /// Stored-session source files made durable under their final name (spills and merges),
+    /// those of them written by a merge, and those that came with a snapshot install.
+    pub sources_written: u64,
+    pub sources_merged: u64,
+    pub sources_installed: u64,
+    merging: BTreeSet<String>,
+}
+
+impl RunStats {
+    /// Counts what a disk operation did to source files. A merge writes its file in pieces (a
+    /// write at a nonzero offset); a spill writes it at once; an install writes `.install.tmp`.
+    fn count_source_io(&mut self, op: &IoOp) {
+        match op {
+            IoOp::Write { file, offset, .. } if file.starts_with("src-") && *offset > 0 => {
+                self.merging.insert(file.clone());
+            }
+            IoOp::Rename { from, to } if to.starts_with("src-") => {
+                self.sources_written += 1;
+                self.sources_merged += self.merging.remove(from) as u64;
+                self.sources_installed += from.ends_with(".install.tmp") as u64;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// What a run leaves for the checkers.
@@ -342,6 +366,39 @@ impl World {
         }
     }
 
+    /// The leader's spilled sessions with their records, read from its source files (or from
+    /// memory where it still holds them), so the final checks see every session whole.
+    fn spilled_with_records(&mut self, r: usize) -> Vec<SessionView> {
+        let rep = &self.replicas[r];
+        let state = rep.engine.as_ref().expect("a leader is running").state();
+        let mut files: BTreeMap<truba_engine::SourceId, BTreeMap<SessionId, Vec<Vec<u8>>>> = BTreeMap::new();
+        let (mut out, mut unreadable) = (Vec::new(), Vec::new());
+        for mut v in state.spilled_views() {
+            let (source, _) = v.source.expect("a spilled view names its source");
+            if let Some(records) = state.held_session_records(v.id) {
+                v.records = records;
+            } else {
+                let in_file = files.entry(source).or_insert_with(|| {
+                    let name = truba_engine::StateMachine::source_file_name(source);
+                    let data = rep.disk.current_file(&name).unwrap_or_default();
+                    match truba_engine::decode_source_file(data) {
+                        Ok(sessions) => sessions.into_iter().collect(),
+                        Err(e) => {
+                            unreadable.push(format!("source file {name} of the leader is unreadable: {e}"));
+                            BTreeMap::new()
+                        }
+                    }
+                });
+                v.records = in_file.get(&v.id).cloned().unwrap_or_default();
+            }
+            out.push(v);
+        }
+        for detail in unreadable {
+            self.violate("acknowledged-survives", detail);
+        }
+        out
+    }
+
     /// The end-of-run checks, and what the checkers need.
     pub fn finish(mut self) -> RunOutput {
         self.stats.virtual_us = self.now_us;
@@ -351,7 +408,9 @@ impl World {
         let final_sessions = leader.map(|r| {
             let e = self.replicas[r].engine.as_ref().expect("a leader is running");
             e.state().full_invariants();
-            e.state().session_views().collect()
+            let mut views: Vec<SessionView> = e.state().session_views().collect();
+            views.extend(self.spilled_with_records(r));
+            views
         });
         let clock_of = leader.unwrap_or(0);
         RunOutput {
@@ -451,6 +510,9 @@ impl World {
             return; // the process that asked for it is gone
         }
         let result = rep.disk.execute(&op, &mut self.disk_rng);
+        if result.is_ok() {
+            self.stats.count_source_io(&op);
+        }
         if self.trace_io {
             let what = match &op {
                 IoOp::Write { file, offset, data } if data.len() < 100 => {
@@ -458,6 +520,7 @@ impl World {
                 }
                 IoOp::Write { file, offset, data } => format!("write {file} @{offset} +{}", data.len()),
                 IoOp::Read { file } => format!("read {file}"),
+                IoOp::ReadAt { file, offset, len } => format!("read {file} @{offset}+{len}"),
                 other => format!("{other:?}"),
             };
             let res = match &result {

@@ -85,6 +85,21 @@ fn taking_due_sessions_out_of_order_is_caught() {
     caught("take-out-of-order", "redelivery-storm", &["due-order"]);
 }
 
+/// Order across sources is (repeat time, store order): taking the sessions held in memory
+/// before the spilled ones breaks it as soon as both are due.
+#[test]
+fn taking_memory_before_source_files_is_caught() {
+    caught("sources-out-of-order", "source-merge-crash", &["due-order"]);
+}
+
+/// A source file renamed into place before its data is fsynced can be torn by a power cut under
+/// a name recovery trusts: the replica finds a damaged source and cannot serve its sessions.
+#[test]
+fn naming_a_source_file_before_its_fsync_is_caught() {
+    let lost = &["convergence", "liveness", "acknowledged-survives", "session-records"];
+    caught("source-rename-before-fsync", "source-merge-crash", lost);
+}
+
 // `skip-recovery-fsync` is not tested here any more: since a replica's first entry as leader
 // (a no-op) is written and fsynced to the segment recovery read, that fsync covers what the
 // recovery fsync was for in every scenario, and the mutation survives 600 seeds of crash-loop,

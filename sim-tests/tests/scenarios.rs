@@ -21,6 +21,15 @@ fn scenario(name: &str) {
             "{name}: nothing reached a dead-letter set, so the dead-letter rule was not exercised"
         );
     }
+    if s.limits.stored_memtable_bytes_max < 64 * 1024 {
+        assert!(
+            summary.sources_written > 0 && summary.sources_merged > 0,
+            "{name}: a small memtable was configured but no source was spilled and merged"
+        );
+        if s.replicas > 1 {
+            assert!(summary.sources_installed > 0, "{name}: no snapshot install carried source files");
+        }
+    }
     if s.faults.crash_every_ms.is_some() {
         assert!(summary.crashes > 0 && summary.hash_checks > 0, "{name}: crashes were configured but not exercised");
     }
@@ -53,6 +62,8 @@ scenario_tests! {
     crash_storm => "crash-storm",
     cluster_delivery => "cluster-delivery",
     cluster_clock_steps => "cluster-clock-steps",
+    source_merge_crash => "source-merge-crash",
+    cluster_sources => "cluster-sources",
 }
 
 #[test]

@@ -11,6 +11,12 @@ pub fn exec(dir: &mut Dir, op: &IoOp) -> Result<IoReply, DiskError> {
     match op {
         IoOp::List => Ok(IoReply::Listed(dir.keys().cloned().collect())),
         IoOp::Read { file } => dir.get(file).cloned().map(IoReply::Data).ok_or(DiskError::NotFound),
+        IoOp::ReadAt { file, offset, len } => {
+            let data = dir.get(file).ok_or(DiskError::NotFound)?;
+            let start = (*offset as usize).min(data.len());
+            let end = (offset.saturating_add(*len) as usize).min(data.len());
+            Ok(IoReply::Data(data[start..end].to_vec()))
+        }
         IoOp::Write { file, offset, data } => {
             let f = dir.entry(file.clone()).or_default();
             let start = *offset as usize;

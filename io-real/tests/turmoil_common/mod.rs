@@ -158,6 +158,10 @@ impl Fs for SimFs {
         simfs::read(self.path(name))
     }
 
+    fn read_at(&self, name: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        disk::read_range(&self.open(name)?, offset, len)
+    }
+
     fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         if name.starts_with("log-") {

@@ -391,7 +391,10 @@ impl Checker<'_> {
             present.insert(id);
             match v.state {
                 SessionState::Stored { due } if due.as_ms().0 + LIVENESS_GRACE_MS <= wall => {
-                    let detail = format!("stored session due at {} s was still not delivered at {} ms", due.0, wall);
+                    let detail = format!(
+                        "stored session due at {} s was still not delivered at {} ms (source {:?})",
+                        due.0, wall, v.source
+                    );
                     self.violate("liveness", end, Some(id), detail);
                 }
                 SessionState::Active { lease_until, .. } if lease_until.0 + LIVENESS_GRACE_MS <= wall => {

@@ -57,6 +57,11 @@ impl Disk {
         match op {
             IoOp::List => Ok(IoReply::Listed(self.names.keys().cloned().collect())),
             IoOp::Read { file } => self.bytes(file).cloned().map(IoReply::Data),
+            IoOp::ReadAt { file, offset, len } => {
+                let bytes = self.bytes(file)?;
+                let clamp = |at: u64| usize::try_from(at).map_or(bytes.len(), |at| at.min(bytes.len()));
+                Ok(IoReply::Data(bytes[clamp(*offset)..clamp(offset.saturating_add(*len))].to_vec()))
+            }
             IoOp::Write { file, offset, data } => {
                 self.write(file, *offset, data);
                 Ok(IoReply::Done)
@@ -143,6 +148,17 @@ mod tests {
             Ok(IoReply::Data(b)) => Some(b),
             _ => None,
         }
+    }
+
+    #[test]
+    fn read_at_returns_the_slice_that_exists() {
+        let mut d = Disk::default();
+        let at = |d: &mut Disk, offset, len| d.exec(&IoOp::ReadAt { file: "a".into(), offset, len });
+        assert_eq!(at(&mut d, 0, 1), Err(DiskError::NotFound));
+        write(&mut d, "a", b"hello");
+        assert_eq!(at(&mut d, 1, 3), Ok(IoReply::Data(b"ell".to_vec())));
+        assert_eq!(at(&mut d, 3, u64::MAX), Ok(IoReply::Data(b"lo".to_vec())));
+        assert_eq!(at(&mut d, 9, 1), Ok(IoReply::Data(Vec::new())));
     }
 
     #[test]
