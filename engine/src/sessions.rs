@@ -185,23 +185,6 @@ impl StateMachine {
         (self.sources.spilled_count(), self.sources.referenced().count() as u64)
     }
 
-    #[doc(hidden)]
-    pub fn sources_debug(&self) -> String {
-        format!(
-            "{:?} merges {:?} held {:?} applied {:?} memtable first {:?}",
-            self.sources
-                .kinds
-                .values()
-                .flatten()
-                .map(|s| (s.id, s.taken, s.entries.len(), s.ready, s.head().map(|h| h.key())))
-                .collect::<Vec<_>>(),
-            self.sources.merges,
-            self.sources.held.keys().collect::<Vec<_>>(),
-            self.applied,
-            self.stored.first()
-        )
-    }
-
     /// Memory the memtable's stored sessions count for, per kind.
     pub(crate) fn memtable_bytes(&self) -> &BTreeMap<Kind, u64> {
         &self.memtable_bytes

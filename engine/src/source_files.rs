@@ -651,10 +651,7 @@ impl SourceFiles {
             let queued = self.queue.iter().any(|j| job_source(j) == id) || writing == Some(id);
             assert!(
                 self.durable.contains(&id) || state.sources.held.contains_key(&id) || queued,
-                "source {id:?} has its file durable here, its records held, or a job to write it: {:?} applied {:?} {}",
-                self.gone,
-                state.applied(),
-                state.sources_debug()
+                "source {id:?} has its file durable here, its records held, or a job to write it"
             );
         }
     }
