@@ -391,10 +391,9 @@ impl Checker<'_> {
             present.insert(id);
             match v.state {
                 SessionState::Stored { due } if due.as_ms().0 + LIVENESS_GRACE_MS <= wall => {
-                    let detail = format!(
-                        "stored session due at {} s was still not delivered at {} ms (source {:?})",
-                        due.0, wall, v.source
-                    );
+                    let place = v.source.map_or(String::new(), |(s, _)| format!(" (kept in source {})", s.0));
+                    let detail =
+                        format!("stored session due at {} s was still not delivered at {} ms{place}", due.0, wall);
                     self.violate("liveness", end, Some(id), detail);
                 }
                 SessionState::Active { lease_until, .. } if lease_until.0 + LIVENESS_GRACE_MS <= wall => {
