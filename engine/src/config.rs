@@ -134,7 +134,7 @@ impl Default for Limits {
             segment_bytes_max: 64 * 1024 * 1024,
             preallocate_bytes: 1024 * 1024,
             snapshot_every_entries: 100_000,
-            snapshot_log_bytes_max: 512 * 1024 * 1024,
+            snapshot_log_bytes_max: 64 * 1024 * 1024,
             dedup_clients_max: 100_000,
             tombstones_max: 100_000,
             repeater_tick_ms: 100,

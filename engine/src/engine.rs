@@ -674,6 +674,8 @@ impl Engine {
             sessions_active: active,
             sessions_stored: stored,
             sessions_dead: dead,
+            sessions_spilled: self.state.spilled_count().0,
+            source_files: self.state.spilled_count().1,
             state_hash: self.state.state_hash(),
         }
     }
@@ -759,6 +761,8 @@ impl Engine {
         if let Some(op) = self.files.next_job(&self.state, &self.cfg) {
             self.issue(op, Purpose::SourceJob);
         }
+        // Takes consumed what was read ahead: read on at once rather than at the next tick.
+        self.read_ahead();
     }
 
     // ---- the log: group commit -------------------------------------------------------------

@@ -260,6 +260,9 @@ pub struct StatusView {
     pub sessions_active: u64,
     pub sessions_stored: u64,
     pub sessions_dead: u64,
+    /// Stored sessions kept in source files (of `sessions_stored`), and the source files.
+    pub sessions_spilled: u64,
+    pub source_files: u64,
     pub state_hash: u64,
 }
 

@@ -65,7 +65,7 @@ impl Repeater {
         if cfg.mutation(|m| m.redeliver_early) {
             horizon.0 += 5;
         }
-        let (mut taken, mut unspilled) = (Vec::new(), Vec::new());
+        let (mut taken, mut unspilled, mut carried) = (Vec::new(), Vec::new(), 0u64);
         for (kind, kc) in &cfg.kinds {
             let room = cfg.limits.take_batch_max as usize - taken.len();
             let busy = state.delivering(*kind) as usize + self.taking_of(state, *kind);
@@ -83,8 +83,14 @@ impl Repeater {
             };
             for (n, id) in ids.iter().enumerate() {
                 if state.is_spilled(*id) {
-                    match records(*id) {
-                        Some(u) => unspilled.push(u),
+                    // The entry carries spilled sessions' records: at most half a batch's bytes
+                    // of them (and always one), so a take stays an ordinary log entry.
+                    let full = carried > cfg.limits.batch_bytes_max as u64 / 2;
+                    match records(*id).filter(|_| !full) {
+                        Some(u) => {
+                            carried += u.records.iter().map(|r| r.len() as u64).sum::<u64>();
+                            unspilled.push(u);
+                        }
                         None => {
                             ids.truncate(n);
                             break;

@@ -430,16 +430,21 @@ fn print_view(conn: &Conn, v: &SessionView) {
             "{}",
             serde_json::json!({"session": v.id.0, "kind": v.kind.0, "attempt": v.handle.attempt.0, "state": state,
                 "detail": detail, "deliveries": v.deliveries, "failures": v.failures,
-                "last_failure": failure_json(&v.last_failure), "bytes": v.bytes, "records": records})
+                "last_failure": failure_json(&v.last_failure), "bytes": v.bytes, "records": records,
+                "source": v.source.map(|(s, n)| serde_json::json!({"id": s.0, "records": n}))})
         );
     } else {
         println!("session {}  kind {}  attempt {}  {state} {detail}", v.id.0, v.kind.0, v.handle.attempt.0);
-        println!(
-            "deliveries {}  failures in a row {}  last failure: {}",
-            v.deliveries,
-            v.failures,
-            failure_text(&v.last_failure)
-        );
+        let last_failure = match v.source {
+            Some(_) if v.failures > 0 => "kept in the source file".to_string(),
+            _ => failure_text(&v.last_failure),
+        };
+        println!("deliveries {}  failures in a row {}  last failure: {last_failure}", v.deliveries, v.failures);
+        if let Some((source, n)) = v.source {
+            // A spilled session's records stay on disk until it is due; they go to its handler.
+            println!("{n} records, {} bytes, kept in source file src-{:020} until due", v.bytes, source.0);
+            return;
+        }
         println!("{} records, {} bytes", v.records.len(), v.bytes);
         for (i, r) in v.records.iter().enumerate() {
             println!("  [{i}] {}", show_record(r));
@@ -602,8 +607,12 @@ fn print_one(s: &ServerStatus, json: bool) {
     println!("truba {}  {}  {phase}", s.version, s.role);
     println!("index    applied {}  commit {}  durable {}", s.engine.applied.0, s.engine.commit.0, s.engine.durable.0);
     println!(
-        "sessions active {}  stored {}  dead {}",
-        s.engine.sessions_active, s.engine.sessions_stored, s.engine.sessions_dead
+        "sessions active {}  stored {} ({} in {} source files)  dead {}",
+        s.engine.sessions_active,
+        s.engine.sessions_stored,
+        s.engine.sessions_spilled,
+        s.engine.source_files,
+        s.engine.sessions_dead
     );
     println!("disk     {} bytes   connections {}", s.disk_bytes, s.connections);
     println!("state    hash {:016x}", s.engine.state_hash);
@@ -614,7 +623,8 @@ fn status_json(s: &ServerStatus) -> serde_json::Value {
     serde_json::json!({"version": s.version, "replica": e.replica.0, "role": e.role.to_string(), "term": e.term.0,
         "leader": e.leader.map(|l| l.0), "serving": e.serving, "applied": e.applied.0, "commit": e.commit.0,
         "durable": e.durable.0, "last_index": e.last_index.0, "sessions_active": e.sessions_active,
-        "sessions_stored": e.sessions_stored, "sessions_dead": e.sessions_dead, "disk_bytes": s.disk_bytes, "connections": s.connections,
+        "sessions_stored": e.sessions_stored, "sessions_spilled": e.sessions_spilled, "source_files": e.source_files,
+        "sessions_dead": e.sessions_dead, "disk_bytes": s.disk_bytes, "connections": s.connections,
         "state_hash": format!("{:016x}", e.state_hash)})
 }
 
