@@ -8,7 +8,7 @@ use crate::sessions::{Session, StateMachine, Status};
 use crate::types::{Handle, Kind, SessionId, UnixMs};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Repeat time = wall clock (whole seconds) + timeout + a uniform jitter from the kind's window.
 pub(crate) fn draw_due(wall: UnixMs, timeout_s: u32, kind: Option<&KindConfig>, rng: &mut ChaCha8Rng) -> UnixSecs {
@@ -32,7 +32,8 @@ pub(crate) fn draw_retry_due(wall: UnixMs, session: &Session, cfg: &EngineConfig
 /// propose the same session twice.
 #[derive(Debug, Default)]
 pub(crate) struct Repeater {
-    taking: BTreeSet<SessionId>,
+    /// Sessions proposed for a take, with their kind.
+    taking: BTreeMap<SessionId, Kind>,
     expiring: BTreeSet<SessionId>,
 }
 
@@ -68,12 +69,12 @@ impl Repeater {
         let (mut taken, mut unspilled, mut carried) = (Vec::new(), Vec::new(), 0u64);
         for (kind, kc) in &cfg.kinds {
             let room = cfg.limits.take_batch_max as usize - taken.len();
-            let busy = state.delivering(*kind) as usize + self.taking_of(state, *kind);
+            let busy = state.delivering(*kind) as usize + self.taking_of(*kind);
             let free = (kc.handler_slots as usize).saturating_sub(busy).min(room);
             let due = state
                 .stored_in_order(*kind, cfg)
                 .take_while(|(due, _, _)| *due <= horizon)
-                .filter(|(_, _, id)| !self.taking.contains(id));
+                .filter(|(_, _, id)| !self.taking.contains_key(id));
             let mut ids: Vec<SessionId> = if cfg.mutation(|m| m.take_out_of_order) {
                 let mut due: Vec<_> = due.map(|(_, _, id)| id).collect();
                 due.reverse();
@@ -98,17 +99,17 @@ impl Repeater {
                     }
                 }
             }
+            self.taking.extend(ids.iter().map(|id| (*id, *kind)));
             taken.extend(ids);
         }
         if taken.is_empty() {
             return None;
         }
-        self.taking.extend(taken.iter().copied());
         Some(Command::Take { sessions: taken, unspilled })
     }
 
-    fn taking_of(&self, state: &StateMachine, kind: Kind) -> usize {
-        self.taking.iter().filter(|id| state.kind_of(**id) == Some(kind)).count()
+    fn taking_of(&self, kind: Kind) -> usize {
+        self.taking.values().filter(|k| **k == kind).count()
     }
 
     /// Active sessions whose lease ran out, each with the repeat time of an automatic store.

@@ -277,7 +277,7 @@ impl StateMachine {
 
     /// Spilled sessions, without their records.
     pub fn spilled_views(&self) -> impl Iterator<Item = SessionView> + '_ {
-        self.sources.at.keys().filter_map(|id| self.spilled_view(*id))
+        self.sources.all_spilled().filter_map(|(_, e)| self.spilled_view(e.id))
     }
 
     /// The cached answer for a request already applied, if `(client, seq)` is the latest seen.
@@ -307,11 +307,6 @@ impl StateMachine {
         self.stored.range(from..).take_while(move |k| k.0 == kind).map(|k| (k.1, k.2, k.3))
     }
 
-    /// The kind of a session, in memory or spilled.
-    pub(crate) fn kind_of(&self, id: SessionId) -> Option<Kind> {
-        self.sessions.get(&id).map(|s| s.kind).or_else(|| self.sources.at.get(&id).map(|p| p.kind))
-    }
-
     /// The records of a spilled session, if this replica holds them in memory.
     pub(crate) fn held_records(&self, id: SessionId) -> Option<Unspilled> {
         self.sources.held_records(id)
@@ -319,7 +314,7 @@ impl StateMachine {
 
     /// Whether a session is spilled (its records are in a source file).
     pub(crate) fn is_spilled(&self, id: SessionId) -> bool {
-        self.sources.at.contains_key(&id)
+        !self.sessions.contains_key(&id) && self.sources.locate(id).is_some()
     }
 
     /// Active sessions in order of lease expiry.
@@ -888,8 +883,8 @@ impl StateMachine {
         assert_eq!(copy.stored, self.stored, "stored index matches session statuses");
         assert_eq!(copy.memtable_bytes, self.memtable_bytes, "memtable bytes match the stored sessions in memory");
         self.sources.invariants(true);
-        for id in self.sources.at.keys() {
-            assert!(!self.sessions.contains_key(id), "a session is in memory or spilled, not both");
+        for (_, e) in self.sources.all_spilled() {
+            assert!(!self.sessions.contains_key(&e.id), "a session is in memory or spilled, not both");
         }
         assert_eq!(copy.leases, self.leases, "lease index matches session statuses");
         assert_eq!(copy.dead, self.dead, "dead index matches session statuses");

@@ -90,9 +90,14 @@ impl Snapshotter {
         self.job.is_some()
     }
 
+    /// A snapshot is due once `every` entries were applied and the log grew by the last
+    /// snapshot's size since it, or at once when the log (held in memory) reaches its cap: the
+    /// cap bounds memory whatever the entry count (a take carrying records makes few, large
+    /// entries).
     pub fn due(&self, applied: Index, every: u64, log_bytes_max: u64) -> bool {
         let grown = self.log_bytes >= self.last_bytes.min(log_bytes_max);
-        !self.busy() && applied.0 >= self.last.0 + every && grown
+        let full = self.log_bytes >= log_bytes_max;
+        !self.busy() && applied > self.last && (applied.0 >= self.last.0 + every && grown || full)
     }
 
     /// Starts writing a snapshot of `state`; `term` is the term of its last applied entry.

@@ -246,7 +246,7 @@ impl SourceFiles {
                 if let Running::Merge { reading: Some(i), inputs, read_failures, .. } = running {
                     *read_failures += 1;
                     if *read_failures <= cfg.limits.read_retries_max {
-                        return FileStep::Io(inputs[*i].read_op(cfg.limits.source_io_chunk_bytes as u64));
+                        return FileStep::Io(inputs[*i].read_op((cfg.limits.source_io_chunk_bytes as u64).max(64)));
                     }
                     return FileStep::Fatal(Fatal::ReadFailed {
                         file: inputs[*i].file.clone(),
@@ -301,7 +301,8 @@ impl SourceFiles {
 
     /// Copies frames in key order until a read or a write is needed.
     fn merge_step(&mut self, cfg: &EngineConfig) -> FileStep {
-        let chunk = cfg.limits.source_io_chunk_bytes as u64;
+        // A zero would never move a merge on; the server refuses small values, this is defence.
+        let chunk = (cfg.limits.source_io_chunk_bytes as u64).max(64);
         let max_failures = cfg.limits.read_retries_max;
         let Some(Running::Merge { m, inputs, out, written, stage, reading, read_failures }) = self.running.as_mut()
         else {
@@ -515,7 +516,7 @@ impl SourceFiles {
         if let Some(u) = state.held_records(id) {
             return Some(u);
         }
-        let p = state.sources.at.get(&id)?;
+        let p = state.sources.locate(id)?;
         self.reads.get(&p.source)?.cached.iter().find(|u| u.id == id).cloned()
     }
 
@@ -552,8 +553,9 @@ impl SourceFiles {
                 }
                 r.reading = true;
                 let at = r.offset + r.buf.len() as u64;
-                let want =
-                    frame_len_announced(&r.buf).map_or(0, |n| n as u64).max(cfg.limits.source_read_ahead_bytes as u64);
+                let want = frame_len_announced(&r.buf)
+                    .map_or(0, |n| n as u64)
+                    .max((cfg.limits.source_read_ahead_bytes as u64).max(64));
                 ops.push((s.id, r.generation, IoOp::ReadAt { file: source_name(s.id), offset: at, len: want }));
             }
         }
@@ -669,15 +671,19 @@ impl SourceFiles {
     }
 }
 
-/// Two neighbouring ready sources to merge in a kind with too many: the pair with the fewest
-/// untaken sessions between them.
+/// Two neighbouring ready sources to merge in a kind with too many. Sources are sorted into
+/// tiers by size (powers of two of their untaken sessions), and two neighbours of the same tier
+/// are merged first, the smallest tier first: like a binary counter, each session is rewritten
+/// about log2(spills) times. Merging the pair with the fewest sessions instead would merge each
+/// new spill into one ever growing source, rewriting it every time.
 fn plan_merge(state: &StateMachine, cfg: &EngineConfig) -> Option<Command> {
     let max = cfg.limits.sources_per_kind_max as usize;
     let (kind, list) = state.sources.kinds.iter().find(|(_, l)| l.iter().filter(|s| s.ready).count() > max)?;
-    let (older, newer) = list
-        .windows(2)
-        .filter(|w| w[0].ready && w[1].ready)
-        .min_by_key(|w| w[0].untaken().len() + w[1].untaken().len())
+    let size = |s: &crate::stored::Source| s.untaken().len() as u64;
+    let tier = |s: &crate::stored::Source| 64 - size(s).max(1).leading_zeros();
+    let pairs = list.windows(2).filter(|w| w[0].ready && w[1].ready);
+    let (older, newer) = pairs
+        .min_by_key(|w| (tier(&w[0]) != tier(&w[1]), tier(&w[0]).max(tier(&w[1])), size(&w[0]) + size(&w[1])))
         .map(|w| (w[0].id, w[1].id))?;
     Some(Command::Merge { kind: *kind, older, newer })
 }

@@ -186,6 +186,13 @@ impl Config {
         if self.engine.batch_entries_max == 0 || self.engine.pending_requests_max == 0 {
             return Err("engine.batch_entries_max and engine.pending_requests_max must be positive".into());
         }
+        let e = &self.engine;
+        if e.source_io_chunk_bytes < 4096 || e.source_read_ahead_bytes < 4096 {
+            return Err("engine.source_io_chunk_bytes and engine.source_read_ahead_bytes must be at least 4096".into());
+        }
+        if e.sources_per_kind_max == 0 {
+            return Err("engine.sources_per_kind_max must be at least 1".into());
+        }
         if let Some(c) = &self.cluster {
             c.validate()?;
         }
@@ -284,6 +291,9 @@ mod tests {
         let typo = "[kinds.1]\ndefault_dely_s = 5\n";
         let e = Config::parse(typo, Path::new("t.toml")).unwrap_err().to_string();
         assert!(e.contains("default_dely_s"), "{e}");
+        let bad_chunk = "[engine]\nsource_io_chunk_bytes = 0\n[kinds.1]\n";
+        let e = Config::parse(bad_chunk, Path::new("t.toml")).unwrap_err().to_string();
+        assert!(e.contains("source_io_chunk_bytes"), "{e}");
         let bad_kind = "[kinds.one]\n";
         assert!(Config::parse(bad_kind, Path::new("t.toml")).unwrap_err().to_string().contains("not a number"));
     }

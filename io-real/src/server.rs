@@ -139,8 +139,14 @@ pub async fn run<E: Env>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let (to_engine, from_world) = mpsc::unbounded_channel::<ToEngine>();
-    let (disk_tx, disk_rx) = mpsc::unbounded_channel();
-    env.spawn_disk(fs.clone(), disk_rx, to_engine.clone());
+    // Two disk workers: one for the log (and everything small), one for the big background files
+    // (snapshots, stored-session sources), so that a group commit's fsync never waits behind a
+    // merge's megabytes. The engine orders operations per file, and each file has one worker.
+    let (log_tx, log_rx) = mpsc::unbounded_channel();
+    env.spawn_disk(fs.clone(), log_rx, to_engine.clone());
+    let (bulk_tx, bulk_rx) = mpsc::unbounded_channel();
+    env.spawn_disk(fs.clone(), bulk_rx, to_engine.clone());
+    let disk_tx = DiskQueues { log: log_tx, bulk: bulk_tx };
     let (stop_tx, stop_rx) = watch::channel(false);
     let connections = Arc::new(AtomicU32::new(0));
     let peers = match config.peer_listen() {
@@ -182,6 +188,20 @@ pub async fn run<E: Env>(
     result
 }
 
+/// The two disk workers' queues (see `run`).
+struct DiskQueues {
+    log: mpsc::UnboundedSender<(IoId, IoOp)>,
+    bulk: mpsc::UnboundedSender<(IoId, IoOp)>,
+}
+
+impl DiskQueues {
+    fn send(&self, id: IoId, op: IoOp) {
+        let file = op.file();
+        let bulk = file.starts_with("src-") || file.starts_with("snap");
+        let _ = if bulk { self.bulk.send((id, op)) } else { self.log.send((id, op)) };
+    }
+}
+
 struct Driver<E: Env> {
     config: Config,
     env: E,
@@ -189,7 +209,7 @@ struct Driver<E: Env> {
     engine: Engine,
     start: tokio::time::Instant,
     to_engine: mpsc::UnboundedSender<ToEngine>,
-    disk: mpsc::UnboundedSender<(IoId, IoOp)>,
+    disk: DiskQueues,
     conns: BTreeMap<u64, mpsc::Sender<ServerMsg>>,
     /// Which connection waits for the answer to each request in flight.
     routes: BTreeMap<(ClientId, Seq), u64>,
@@ -208,7 +228,7 @@ impl<E: Env> Driver<E> {
         env: E,
         fs: Arc<dyn Fs>,
         to_engine: mpsc::UnboundedSender<ToEngine>,
-        disk: mpsc::UnboundedSender<(IoId, IoOp)>,
+        disk: DiskQueues,
         connections: Arc<AtomicU32>,
     ) -> Driver<E> {
         let (me, voters) = config.membership();
@@ -349,9 +369,7 @@ impl<E: Env> Driver<E> {
 
     fn carry_out(&mut self, output: Output) -> Result<(), ServerError> {
         match output {
-            Output::Io { id, op } => {
-                let _ = self.disk.send((id, op));
-            }
+            Output::Io { id, op } => self.disk.send(id, op),
             Output::Reply { client, seq, outcome } => {
                 if let Some(conn) = self.routes.remove(&(client, seq)) {
                     self.send(conn, ServerMsg::Reply { client, seq, outcome });

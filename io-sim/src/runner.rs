@@ -122,6 +122,7 @@ pub struct Summary {
     pub sources_written: u64,
     pub sources_merged: u64,
     pub sources_installed: u64,
+    pub crashes_mid_merge: u64,
     pub virtual_s: f64,
 }
 
@@ -142,6 +143,7 @@ impl Summary {
         self.sources_written += r.output.stats.sources_written;
         self.sources_merged += r.output.stats.sources_merged;
         self.sources_installed += r.output.stats.sources_installed;
+        self.crashes_mid_merge += r.output.stats.crashes_mid_merge;
         self.virtual_s += r.output.stats.virtual_us as f64 / 1e6;
     }
 
@@ -149,7 +151,7 @@ impl Summary {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>16}",
+            "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>20}",
             "scenario",
             "seeds",
             "failed",
@@ -160,12 +162,12 @@ impl Summary {
             "dead",
             "crashes",
             "hash ok",
-            "src wr/mrg/inst"
+            "src wr/mrg/inst/cut"
         );
         for r in rows {
             let _ = writeln!(
                 out,
-                "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>16}",
+                "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>20}",
                 r.scenario,
                 r.seeds,
                 r.failed,
@@ -176,7 +178,7 @@ impl Summary {
                 r.dead,
                 r.crashes,
                 r.hash_checks,
-                format!("{}/{}/{}", r.sources_written, r.sources_merged, r.sources_installed)
+                format!("{}/{}/{}/{}", r.sources_written, r.sources_merged, r.sources_installed, r.crashes_mid_merge)
             );
         }
         out

@@ -354,6 +354,13 @@ impl Scenario {
                 k.handler.long_share = rng.gen_range(0.05..0.3);
             }
         }
+        // Half the seeds keep stored sessions in source files, spilled and merged all the time.
+        if rng.gen_bool(0.5) {
+            s.limits.stored_memtable_bytes_max = rng.gen_range(1024..16 * 1024);
+            s.limits.sources_per_kind_max = rng.gen_range(1..=4);
+            s.limits.source_io_chunk_bytes = rng.gen_range(256..4096);
+            s.limits.source_read_ahead_bytes = rng.gen_range(256..8192);
+        }
         s
     }
 }

@@ -87,24 +87,32 @@ pub struct RunStats {
     pub sources_written: u64,
     pub sources_merged: u64,
     pub sources_installed: u64,
-    merging: BTreeSet<String>,
+    /// Crashes that cut off a merge's file half written.
+    pub crashes_mid_merge: u64,
+    merging: BTreeSet<(usize, String)>,
 }
 
 impl RunStats {
     /// Counts what a disk operation did to source files. A merge writes its file in pieces (a
     /// write at a nonzero offset); a spill writes it at once; an install writes `.install.tmp`.
-    fn count_source_io(&mut self, op: &IoOp) {
+    fn count_source_io(&mut self, r: usize, op: &IoOp) {
         match op {
             IoOp::Write { file, offset, .. } if file.starts_with("src-") && *offset > 0 => {
-                self.merging.insert(file.clone());
+                self.merging.insert((r, file.clone()));
             }
             IoOp::Rename { from, to } if to.starts_with("src-") => {
                 self.sources_written += 1;
-                self.sources_merged += self.merging.remove(from) as u64;
+                self.sources_merged += self.merging.remove(&(r, from.clone())) as u64;
                 self.sources_installed += from.ends_with(".install.tmp") as u64;
             }
             _ => {}
         }
+    }
+
+    fn count_crash(&mut self, r: usize) {
+        let before = self.merging.len();
+        self.merging.retain(|(x, _)| *x != r);
+        self.crashes_mid_merge += (self.merging.len() < before) as u64;
     }
 }
 
@@ -511,7 +519,7 @@ impl World {
         }
         let result = rep.disk.execute(&op, &mut self.disk_rng);
         if result.is_ok() {
-            self.stats.count_source_io(&op);
+            self.stats.count_source_io(r, &op);
         }
         if self.trace_io {
             let what = match &op {
@@ -818,6 +826,7 @@ impl World {
         self.check_log_matching();
         if self.replicas[r].engine.take().is_some() {
             self.stats.crashes += 1;
+            self.stats.count_crash(r);
             let share = self.sc.faults.process_crash_share;
             let process_only = share > 0.0 && self.rng.gen_bool(share.min(1.0));
             let summary = if process_only {

@@ -29,6 +29,9 @@ fn scenario(name: &str) {
         if s.replicas > 1 {
             assert!(summary.sources_installed > 0, "{name}: no snapshot install carried source files");
         }
+        if s.faults.crash_every_ms.is_some() {
+            assert!(summary.crashes_mid_merge > 0, "{name}: no crash cut a merge off half way");
+        }
     }
     if s.faults.crash_every_ms.is_some() {
         assert!(summary.crashes > 0 && summary.hash_checks > 0, "{name}: crashes were configured but not exercised");
