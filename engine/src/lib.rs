@@ -16,6 +16,9 @@
 //! - `log` and [`codec`]: where log bytes go and how they are framed and checked.
 //! - `recovery`: rebuilding state from disk; torn tails versus corruption.
 //! - `snapshot`: background snapshots and log truncation.
+//! - `stored` and `source_files`: stored sessions kept LSM-style in source files, so memory does
+//!   not grow with the sessions waiting: the replicated side (spill, merge, ready, take) and this
+//!   replica's side (writing, reading ahead, removing, shipping the files).
 //! - `election` and `replication`: consensus (Raft with pre-vote and check-quorum), and
 //!   [`message`]: what replicas say to each other.
 //! - `hardstate`: the durable term and vote.
