@@ -297,6 +297,10 @@ impl Engine {
             Message::Snapshot { term, index, last_term, state, sources } => {
                 self.on_snapshot(from, term, index, last_term, state, sources)
             }
+            Message::SourceFetch { term, source, offset, len } => self.on_source_fetch(from, term, source, offset, len),
+            Message::SourcePiece { term, source, offset, data } => {
+                self.on_source_piece(from, term, source, offset, data)
+            }
         }
     }
 

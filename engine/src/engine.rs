@@ -50,8 +50,9 @@ pub(crate) enum Purpose {
     SourceJob,
     /// Reading ahead into a source (its id and the read-ahead's generation).
     SourceRead(SourceId, u64),
-    /// Reading a source file whole, to send with a snapshot.
-    SourceExport(SourceId),
+    /// Reading a piece of a source file a follower asked for (the follower, the source, the
+    /// offset).
+    SourceServe(ReplicaId, SourceId, u64),
     /// Writing a source file that came with a snapshot, before the snapshot itself.
     InstallSource,
 }
@@ -114,9 +115,11 @@ pub(crate) struct Installing {
     pub pending_upto: Index,
     /// The highest commit index the leader told meanwhile that covers held entries.
     pub pending_commit: Index,
-    /// Writing the source files that came with the snapshot (before the snapshot is written).
-    pub source_ops: VecDeque<IoOp>,
-    pub shipped: BTreeSet<SourceId>,
+    /// Fetching the snapshot's source files from `from` (before the snapshot is written).
+    pub fetch: crate::fetch::Fetch,
+    pub from: ReplicaId,
+    /// The source files are durable and the directory is being fsynced.
+    pub syncing_dir: bool,
     /// The snapshot as it came, written once the source files are durable.
     pub payload: Vec<u8>,
 }
@@ -181,6 +184,8 @@ pub struct Engine {
     pub(crate) repeater: Repeater,
     pub(crate) snapshots: Snapshotter,
     pub(crate) files: SourceFiles,
+    /// Reads of source file pieces for followers under way (bounded).
+    pub(crate) serving_pieces: usize,
     io_next: u64,
     io_pending: BTreeMap<IoId, Purpose>,
     pub(crate) outputs: VecDeque<Output>,
@@ -240,6 +245,7 @@ impl Engine {
             repeater: Repeater::default(),
             snapshots: Snapshotter::default(),
             files: SourceFiles::default(),
+            serving_pieces: 0,
             io_next: 0,
             io_pending: BTreeMap::new(),
             outputs: VecDeque::new(),
@@ -508,19 +514,20 @@ impl Engine {
                 FileStep::Idle => self.maybe_snapshot(),
                 FileStep::Fatal(f) => self.stop(f),
             },
-            Purpose::SourceExport(source) => match result {
-                Ok(IoReply::Data(data)) => self.files.exported(source, data),
-                // Removed meanwhile (the state moved on), or unreadable: the next try reads again.
-                _ => self.files.export_failed(),
-            },
+            Purpose::SourceServe(peer, source, offset) => {
+                self.serving_pieces -= 1;
+                // A read that failed is not answered: the follower asks again.
+                if let Ok(IoReply::Data(data)) = result {
+                    let term = self.term();
+                    self.send(peer, Message::SourcePiece { term, source, offset, data });
+                }
+            }
             Purpose::InstallSource => match result {
                 Ok(_) if self.installing.is_some() => self.next_install_op(),
                 Ok(_) => {}
-                Err(e) => {
-                    // Like a failed snapshot write: abandoned, the leader sends it again.
-                    let _ = e;
-                    self.installing = None;
-                }
+                // Like a failed snapshot write: abandoned, and the leader's next snapshot
+                // starts again (the temporary files are written over, or removed by recovery).
+                Err(_) => self.installing = None,
             },
             Purpose::SourceRead(source, generation) => {
                 match self.files.on_read(source, generation, result, &self.state, &self.cfg) {
@@ -708,6 +715,9 @@ impl Engine {
             return;
         }
         self.consensus_tick();
+        if self.installing.is_some() {
+            self.fetch_step();
+        }
         if self.write_retry_at.is_some_and(|t| t <= self.now.mono) {
             self.write_retry_at = None;
             self.flush();

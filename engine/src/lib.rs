@@ -18,7 +18,8 @@
 //! - `snapshot`: background snapshots and log truncation.
 //! - `stored` and `source_files`: stored sessions kept LSM-style in source files, so memory does
 //!   not grow with the sessions waiting: the replicated side (spill, merge, ready, take) and this
-//!   replica's side (writing, reading ahead, removing, shipping the files).
+//!   replica's side (writing, reading ahead, removing the files); `fetch`: a follower installing
+//!   a snapshot fetches the source files it lacks, piece by piece.
 //! - `election` and `replication`: consensus (Raft with pre-vote and check-quorum), and
 //!   [`message`]: what replicas say to each other.
 //! - `hardstate`: the durable term and vote.
@@ -29,6 +30,7 @@ pub mod config;
 mod election;
 mod engine;
 pub mod error;
+mod fetch;
 mod hardstate;
 mod hash;
 pub mod io;

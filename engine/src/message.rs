@@ -7,13 +7,6 @@
 use crate::op::Entry;
 use crate::types::{Index, SourceId, Term};
 
-/// A source file sent with a snapshot.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShippedSource {
-    pub id: SourceId,
-    #[serde(with = "serde_bytes")]
-    pub data: Vec<u8>,
-}
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,9 +67,25 @@ pub enum Message {
         last_term: Term,
         #[serde(with = "serde_bytes")]
         state: Vec<u8>,
-        /// The files of the state's sources whose records the state does not carry (whole, as
-        /// the leader holds them; every replica's copy of a source is the same bytes).
-        sources: Vec<ShippedSource>,
+        /// The state's source files whose records it does not carry, with their lengths: the
+        /// follower fetches them (`SourceFetch`) before it writes the snapshot. Every replica's
+        /// copy of a source is the same bytes.
+        sources: Vec<(SourceId, u64)>,
+    },
+    /// A follower installing a snapshot asks the leader for a piece of a source file.
+    SourceFetch {
+        term: Term,
+        source: SourceId,
+        offset: u64,
+        len: u64,
+    },
+    /// The piece asked for (shorter where the file ends).
+    SourcePiece {
+        term: Term,
+        source: SourceId,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
     },
 }
 
@@ -89,7 +98,9 @@ impl Message {
             | Message::VoteReply { term, .. }
             | Message::Append { term, .. }
             | Message::AppendReply { term, .. }
-            | Message::Snapshot { term, .. } => *term,
+            | Message::Snapshot { term, .. }
+            | Message::SourceFetch { term, .. }
+            | Message::SourcePiece { term, .. } => *term,
         }
     }
 
@@ -108,6 +119,8 @@ impl Message {
             Message::Append { .. } => "append",
             Message::AppendReply { .. } => "append-reply",
             Message::Snapshot { .. } => "snapshot",
+            Message::SourceFetch { .. } => "source-fetch",
+            Message::SourcePiece { .. } => "source-piece",
         }
     }
 }

@@ -13,7 +13,17 @@
 
 use crate::engine::{Cut, Engine, Installing, Role};
 use crate::io::IoOp;
-use crate::message::{Message, ShippedSource};
+use crate::message::Message;
+
+/// Requests for source file pieces that go unanswered or come back damaged, in a row, before an
+/// install is given up.
+const FETCH_STALLS_MAX: u32 = 20;
+/// Piece reads a leader runs at once for followers; more requests go unanswered (and are asked
+/// again), so that followers cannot crowd out the leader's own disk work.
+const SERVING_PIECES_MAX: usize = 4;
+/// The largest piece a leader reads for one request (a frame longer than a piece is asked for
+/// whole).
+const PIECE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 use crate::op::Entry;
 use crate::snapshot::{decode_state, encode_state};
 use crate::stored::source_name;
@@ -140,17 +150,9 @@ impl Engine {
         if index < self.log.base {
             return false;
         }
-        // The source files the state refers to without their records go with it; they are read
-        // first (the next heartbeat finds them read and sends).
-        let sources = match self.files.export(&self.state) {
-            Ok(sources) => sources,
-            Err(read) => {
-                if let Some((id, op)) = read {
-                    self.issue(op, crate::engine::Purpose::SourceExport(id));
-                }
-                return false;
-            }
-        };
+        // The follower fetches the source files the state refers to without their records; a
+        // snapshot waits while one of them is not durable here.
+        let Some(sources) = self.files.manifest(&self.state) else { return false };
         let state = encode_state(&self.state);
         let (term, now) = (self.term(), self.now.mono);
         let Some(p) = self.progress_mut(peer) else { return false };
@@ -416,7 +418,7 @@ impl Engine {
         index: Index,
         last_term: Term,
         state: Vec<u8>,
-        sources: Vec<ShippedSource>,
+        sources: Vec<(SourceId, u64)>,
     ) {
         if term < self.term() {
             self.reject(from);
@@ -448,21 +450,12 @@ impl Engine {
             return; // The leader sends it again later.
         }
         let Ok(decoded) = decode_state(&state, index) else { return };
-        let shipped: BTreeSet<SourceId> = sources.iter().map(|s| s.id).collect();
+        let named: BTreeSet<SourceId> = sources.iter().map(|s| s.0).collect();
         let held = |id: &SourceId| decoded.sources.held.contains_key(id);
-        let whole = sources.iter().all(|s| crate::stored::decode_source_file(&s.data).is_ok());
-        if !whole || !decoded.sources.referenced().all(|id| shipped.contains(&id) || held(&id)) {
-            return; // A source file is missing or damaged: refused, the leader sends again.
+        if !decoded.sources.referenced().all(|id| named.contains(&id) || held(&id)) {
+            return; // A source file is missing from the list: refused, the leader sends again.
         }
-        // The source files are made durable first, then the snapshot that refers to them.
-        let mut ops = VecDeque::new();
-        for s in sources {
-            let (tmp, name) = (format!("{}.install.tmp", source_name(s.id)), source_name(s.id));
-            ops.push_back(IoOp::Write { file: tmp.clone(), offset: 0, data: s.data });
-            ops.push_back(IoOp::Sync { file: tmp.clone() });
-            ops.push_back(IoOp::Rename { from: tmp, to: name });
-        }
-        ops.push_back(IoOp::SyncDir);
+        // The source files are fetched and made durable first, then the snapshot is written.
         self.installing = Some(Installing {
             index,
             term: last_term,
@@ -472,23 +465,89 @@ impl Engine {
             pending_term: self.term(),
             pending_upto: index,
             pending_commit: index,
-            source_ops: ops,
-            shipped,
+            fetch: {
+                let (have, need): (Vec<_>, Vec<_>) =
+                    sources.into_iter().partition(|s| self.files.durable.contains(&s.0));
+                let mut fetch = crate::fetch::Fetch::new(need);
+                fetch.already_held(have.into_iter().map(|s| s.0));
+                fetch
+            },
+            from,
+            syncing_dir: false,
             payload: state,
         });
-        self.next_install_op();
+        self.fetch_step();
     }
 
-    /// The next step of an install: a source file operation, then the snapshot itself.
+    /// An install's next move: ask for a source file piece, or, once every file is durable,
+    /// fsync the directory and then write the snapshot. A transfer that keeps stalling (the
+    /// leader gone, or its files removed meanwhile) is abandoned; the leader sends a new one.
+    pub(crate) fn fetch_step(&mut self) {
+        let (now, piece) = (self.now.mono, self.cfg.limits.source_io_chunk_bytes.max(4096) as u64);
+        let timeout = Duration(self.cfg.consensus.election_timeout_ms_max * 2);
+        let inst = self.installing.as_mut().expect("an install is under way");
+        if inst.syncing_dir {
+            return;
+        }
+        if inst.fetch.finished() {
+            inst.syncing_dir = true;
+            self.issue(IoOp::SyncDir, crate::engine::Purpose::InstallSource);
+            return;
+        }
+        if inst.fetch.stalls > FETCH_STALLS_MAX {
+            self.installing = None;
+            return;
+        }
+        if let Some((source, offset, len)) = inst.fetch.request(now, piece, timeout) {
+            let (to, term) = (inst.from, self.term());
+            self.send(to, Message::SourceFetch { term, source, offset, len });
+        }
+    }
+
+    /// An install's disk operation finished: the fetch goes on, or the snapshot is written.
     pub(crate) fn next_install_op(&mut self) {
         let inst = self.installing.as_mut().expect("an install is under way");
-        match inst.source_ops.pop_front() {
+        if inst.syncing_dir {
+            let payload = std::mem::take(&mut inst.payload);
+            let op = self.snapshots.start_encoded(inst.index, inst.term, &payload);
+            self.issue(op, crate::engine::Purpose::Snapshot);
+            return;
+        }
+        match inst.fetch.on_io() {
             Some(op) => self.issue(op, crate::engine::Purpose::InstallSource),
-            None => {
-                let payload = std::mem::take(&mut inst.payload);
-                let op = self.snapshots.start_encoded(inst.index, inst.term, &payload);
-                self.issue(op, crate::engine::Purpose::Snapshot);
-            }
+            None => self.fetch_step(),
+        }
+    }
+
+    /// A follower asks for a piece of a source file (the leader serves a few at a time).
+    pub(crate) fn on_source_fetch(&mut self, from: ReplicaId, term: Term, source: SourceId, offset: u64, len: u64) {
+        let busy = self.serving_pieces >= SERVING_PIECES_MAX;
+        if term != self.term() || !self.is_leader() || busy || !self.files.durable.contains(&source) {
+            return; // unanswered: the follower asks again, or gives the install up
+        }
+        self.serving_pieces += 1;
+        let len = len.min(PIECE_BYTES_MAX);
+        let op = IoOp::ReadAt { file: source_name(source), offset, len };
+        self.issue(op, crate::engine::Purpose::SourceServe(from, source, offset));
+    }
+
+    /// A piece of a source file for the install under way.
+    pub(crate) fn on_source_piece(
+        &mut self,
+        from: ReplicaId,
+        term: Term,
+        source: SourceId,
+        offset: u64,
+        data: Vec<u8>,
+    ) {
+        let current = self.term();
+        let Some(inst) = self.installing.as_mut() else { return };
+        if term != current || from != inst.from || inst.syncing_dir {
+            return;
+        }
+        match inst.fetch.on_piece(source, offset, &data) {
+            Some(op) => self.issue(op, crate::engine::Purpose::InstallSource),
+            None => self.fetch_step(),
         }
     }
 
@@ -496,7 +555,7 @@ impl Engine {
     pub(crate) fn installed(&mut self) {
         let inst = self.installing.take().expect("an install is under way");
         self.state = *inst.state;
-        let unreferenced = self.files.installed(&mut self.state, &inst.shipped);
+        let unreferenced = self.files.installed(&mut self.state, inst.fetch.shipped());
         self.remove_files(unreferenced);
         if let Some(op) = self.files.next_job(&self.state, &self.cfg) {
             self.issue(op, crate::engine::Purpose::SourceJob);

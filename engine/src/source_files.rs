@@ -11,7 +11,6 @@
 use crate::config::EngineConfig;
 use crate::error::Fatal;
 use crate::io::{DiskError, IoOp, IoReply};
-use crate::message::ShippedSource;
 use crate::op::{Command, Unspilled};
 use crate::sessions::StateMachine;
 use crate::stored::{
@@ -128,9 +127,6 @@ pub(crate) struct SourceFiles {
     /// snapshot at or after it exists (recovery never needs them again) and no merge reads them.
     gone: Vec<(Index, SourceId)>,
     reads: BTreeMap<SourceId, ReadAhead>,
-    /// Source files read whole to go with a snapshot to a follower, and the one being read.
-    export: BTreeMap<SourceId, Vec<u8>>,
-    exporting: Option<SourceId>,
     /// The leader's proposals not yet applied, by the index they were proposed at.
     proposed_spill: Option<Index>,
     proposed_merge: Option<Index>,
@@ -292,6 +288,10 @@ impl SourceFiles {
     fn finished(&mut self, source: SourceId, state: &mut StateMachine, cfg: &EngineConfig) -> FileStep {
         self.running = None;
         self.durable.insert(source);
+        if !wanted(state).contains(&source) {
+            // Written for a state an installed snapshot replaced, which no longer refers to it.
+            self.gone.push((state.applied(), source));
+        }
         self.release(state);
         match self.next_job(state, cfg) {
             Some(op) => FileStep::Io(op),
@@ -396,36 +396,22 @@ impl SourceFiles {
 
     // ---- snapshots sent and installed -------------------------------------------------------
 
-    /// The source files to send with a snapshot of `state`, if all are read; otherwise the
-    /// read to issue for the next (`None` if one is already being read, or if a file is not
-    /// durable here yet, so the snapshot must wait).
-    #[allow(clippy::type_complexity)]
-    pub fn export(&mut self, state: &StateMachine) -> Result<Vec<ShippedSource>, Option<(SourceId, IoOp)>> {
-        let needed: Vec<SourceId> =
-            state.sources.referenced().filter(|id| !state.sources.held.contains_key(id)).collect();
-        self.export.retain(|id, _| needed.contains(id));
-        if let Some(missing) = needed.iter().find(|id| !self.export.contains_key(id)) {
-            if self.exporting.is_some() || !self.durable.contains(missing) {
-                return Err(None);
+    /// The source files a follower must fetch to install a snapshot of `state`, with their
+    /// lengths: those it refers to without their records. `None` while one of them is not
+    /// durable here (the snapshot waits).
+    pub fn manifest(&self, state: &StateMachine) -> Option<Vec<(SourceId, u64)>> {
+        let mut out = Vec::new();
+        for s in state.sources.kinds.values().flatten() {
+            if state.sources.held.contains_key(&s.id) {
+                continue;
             }
-            self.exporting = Some(*missing);
-            return Err(Some((*missing, IoOp::Read { file: source_name(*missing) })));
+            if !self.durable.contains(&s.id) {
+                return None;
+            }
+            let len = crate::stored::SOURCE_HEADER_LEN + s.entries.iter().map(|e| e.frame_len as u64).sum::<u64>();
+            out.push((s.id, len));
         }
-        // Sent: the copies go (a later snapshot reads the files again).
-        Ok(std::mem::take(&mut self.export).into_iter().map(|(id, data)| ShippedSource { id, data }).collect())
-    }
-
-    pub fn exported(&mut self, id: SourceId, data: Vec<u8>) {
-        self.exporting = None;
-        // Checked whole before it goes: a bit flipped on the way from the disk must not become
-        // a follower's damaged copy. A bad read is simply read again at the next try.
-        if crate::stored::decode_source_file(&data).is_ok() {
-            self.export.insert(id, data);
-        }
-    }
-
-    pub fn export_failed(&mut self) {
-        self.exporting = None;
+        Some(out)
     }
 
     /// An installed snapshot replaced the state: the files it came with are durable, and the
@@ -446,7 +432,6 @@ impl SourceFiles {
         self.queue.extend(state.sources.jobs.drain(..).filter(|j| !self.durable.contains(&job_source(j))));
         self.gone.clear();
         self.reads.clear();
-        self.export.clear();
         self.forget_proposals();
         self.release(state);
         remove.into_iter().map(source_name).collect()
