@@ -55,6 +55,8 @@ pub(crate) enum Purpose {
     SourceServe(ReplicaId, SourceId, u64),
     /// Writing a source file that came with a snapshot, before the snapshot itself.
     InstallSource,
+    /// Reading a spilled session's frame to answer a query (its id).
+    SessionRead(u64),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,6 +188,8 @@ pub struct Engine {
     pub(crate) files: SourceFiles,
     /// Reads of source file pieces for followers under way (bounded).
     pub(crate) serving_pieces: usize,
+    /// Queries waiting for a spilled session's frame to be read, by query id.
+    pub(crate) session_reads: BTreeMap<u64, crate::op::SessionView>,
     io_next: u64,
     io_pending: BTreeMap<IoId, Purpose>,
     pub(crate) outputs: VecDeque<Output>,
@@ -195,7 +199,8 @@ pub struct Engine {
 }
 
 /// Disk operations outstanding at once: one recovery or batch step, one cut step, one hard
-/// state step, one snapshot step, and a handful of removals.
+/// state step, one snapshot step, a handful of removals, one source file job or install step,
+/// and the bounded source reads (8 read-ahead, 4 pieces served, 16 sessions read for queries).
 const IO_PENDING_MAX: usize = 64;
 const CLEANUP_INFLIGHT_MAX: usize = 8;
 
@@ -246,6 +251,7 @@ impl Engine {
             snapshots: Snapshotter::default(),
             files: SourceFiles::default(),
             serving_pieces: 0,
+            session_reads: BTreeMap::new(),
             io_next: 0,
             io_pending: BTreeMap::new(),
             outputs: VecDeque::new(),
@@ -522,6 +528,7 @@ impl Engine {
                     self.send(peer, Message::SourcePiece { term, source, offset, data });
                 }
             }
+            Purpose::SessionRead(query) => self.spilled_read(query, result),
             Purpose::InstallSource => match result {
                 Ok(_) if self.installing.is_some() => self.next_install_op(),
                 Ok(_) => {}

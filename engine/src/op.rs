@@ -235,8 +235,9 @@ pub struct SessionView {
     /// Failed deliveries in a row, and why the last one failed.
     pub failures: u32,
     pub last_failure: Option<FailureReason>,
-    /// Empty for a session kept in a source file: `source` then names the file and gives how
-    /// many records it holds there (they go to the handler with the session when it is due).
+    /// For a session kept in a source file, `source` names the file and gives how many records
+    /// it holds there; a query reads them from it (they are empty, with the last failure, only
+    /// when the replica could not read them at once: too many such reads under way).
     #[serde(with = "crate::op::records_serde")]
     pub records: Vec<Vec<u8>>,
     pub bytes: u64,

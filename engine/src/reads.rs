@@ -41,6 +41,9 @@ struct PendingRead {
     round: u64,
 }
 
+/// Reads of spilled sessions' frames for `get` under way at once, at most.
+const SESSION_READS_MAX: usize = 16;
+
 #[derive(Default)]
 pub(crate) struct Reads {
     /// The newest confirmation round sent to the followers.
@@ -88,7 +91,13 @@ impl Engine {
             }
             let r = self.reads.pending.pop_front().expect("checked");
             let reply = match r.query {
-                ReadQuery::Session(session) => QueryReply::Session(self.state.session_view(session)),
+                ReadQuery::Session(session) => match self.state.session_view(session) {
+                    Ok(view) if view.source.is_some() => match self.read_spilled(r.id, view) {
+                        Some(view) => QueryReply::Session(Ok(view)),
+                        None => continue, // answered once the frame is read
+                    },
+                    other => QueryReply::Session(other),
+                },
                 ReadQuery::Dead { kind, after, limit } => QueryReply::Dead(self.state.dead_page(kind, after, limit)),
             };
             self.outputs.push_back(Output::QueryReply { id: r.id, reply });
@@ -105,6 +114,41 @@ impl Engine {
                 self.serve_reads();
             }
         }
+    }
+
+    /// A spilled session's view gets its records: from memory if held here, otherwise from its
+    /// source file (`None`: a read was issued, and the answer goes out when it completes). Reads
+    /// beyond a few at once, or of a file not durable here, answer without the records (the
+    /// view's `source` says where they are).
+    fn read_spilled(&mut self, query: u64, mut view: crate::op::SessionView) -> Option<crate::op::SessionView> {
+        if let Some(u) = self.state.held_unspilled(view.id) {
+            (view.records, view.last_failure) = (u.records, u.last_failure);
+            return Some(view);
+        }
+        let (source, offset, len) = self.state.spilled_frame(view.id)?;
+        if self.session_reads.len() >= SESSION_READS_MAX || !self.files.durable.contains(&source) {
+            return Some(view);
+        }
+        let op = crate::io::IoOp::ReadAt { file: crate::stored::source_name(source), offset, len: len as u64 };
+        self.session_reads.insert(query, view);
+        self.issue(op, crate::engine::Purpose::SessionRead(query));
+        None
+    }
+
+    /// A spilled session's frame was read for a query: it is answered, with the records if the
+    /// frame is whole and the session's (a failed or damaged read answers without them).
+    pub(crate) fn spilled_read(&mut self, query: u64, result: Result<crate::io::IoReply, crate::io::DiskError>) {
+        let Some(mut view) = self.session_reads.remove(&query) else { return };
+        if let Ok(crate::io::IoReply::Data(data)) = result {
+            let frame = crate::stored::frame_at(&data).ok().flatten();
+            let decoded = frame.and_then(|f| {
+                postcard::from_bytes::<crate::stored::Frame>(&f[crate::stored::FRAME_HEADER_LEN as usize..]).ok()
+            });
+            if let Some(f) = decoded.filter(|f| f.id == view.id) {
+                (view.records, view.last_failure) = (f.records, f.last_failure);
+            }
+        }
+        self.outputs.push_back(Output::QueryReply { id: query, reply: QueryReply::Session(Ok(view)) });
     }
 
     /// A leader that steps down cannot confirm anything: its waiting reads go to `leader`.

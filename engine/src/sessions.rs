@@ -275,6 +275,20 @@ impl StateMachine {
         crate::stored::source_name(id)
     }
 
+    /// Where a spilled session's frame is in its source file: (source, offset, length).
+    pub(crate) fn spilled_frame(&self, id: SessionId) -> Option<(SourceId, u64, u32)> {
+        let p = self.sources.locate(id)?;
+        let s = self.sources.source(p.kind, p.source)?;
+        let before: u64 = s.entries[..p.pos as usize].iter().map(|e| e.frame_len as u64).sum();
+        let len = s.entries[p.pos as usize].frame_len;
+        Some((p.source, crate::stored::SOURCE_HEADER_LEN + before, len))
+    }
+
+    /// A spilled session's records and last failure, if this replica holds them in memory.
+    pub(crate) fn held_unspilled(&self, id: SessionId) -> Option<Unspilled> {
+        self.sources.held_records(id)
+    }
+
     /// Spilled sessions, without their records.
     pub fn spilled_views(&self) -> impl Iterator<Item = SessionView> + '_ {
         self.sources.all_spilled().filter_map(|(_, e)| self.spilled_view(e.id))

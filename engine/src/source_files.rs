@@ -74,6 +74,9 @@ impl MergeInput {
     }
 }
 
+/// Read-ahead reads under way at once, over all sources (the rest wait for the next round).
+const READS_AHEAD_MAX: usize = 8;
+
 /// A frame's key (due, stored_at, id) and length.
 type FrameHead = ((u64, u64, u64), usize);
 
@@ -511,6 +514,7 @@ impl SourceFiles {
         let mut ops = Vec::new();
         let live: BTreeSet<SourceId> = state.sources.referenced().collect();
         self.reads.retain(|id, _| live.contains(id));
+        let mut reading = self.reads.values().filter(|r| r.reading).count();
         for list in state.sources.kinds.values() {
             for s in list {
                 let Some(head) = s.head() else { continue };
@@ -530,13 +534,15 @@ impl SourceFiles {
                     *r = ReadAhead { from: s.taken, offset: s.taken_offset, generation, ..ReadAhead::default() };
                 }
                 let known = r.from + r.cached.len() as u64;
-                if r.reading
+                if reading >= READS_AHEAD_MAX
+                    || r.reading
                     || known >= s.entries.len() as u64
                     || r.cached_bytes >= cfg.limits.source_read_ahead_bytes as u64
                 {
                     continue;
                 }
                 r.reading = true;
+                reading += 1;
                 let at = r.offset + r.buf.len() as u64;
                 let want = frame_len_announced(&r.buf)
                     .map_or(0, |n| n as u64)

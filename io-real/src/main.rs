@@ -435,17 +435,23 @@ fn print_view(conn: &Conn, v: &SessionView) {
         );
     } else {
         println!("session {}  kind {}  attempt {}  {state} {detail}", v.id.0, v.kind.0, v.handle.attempt.0);
+        // A spilled session's records come from its source file; a server that could not read
+        // them at once (too many reads under way) answers without them.
+        let unread = v.source.is_some_and(|(_, n)| n > 0 && v.records.is_empty());
         let last_failure = match v.source {
-            Some(_) if v.failures > 0 => "kept in the source file".to_string(),
+            Some(_) if unread && v.failures > 0 => "kept in the source file".to_string(),
             _ => failure_text(&v.last_failure),
         };
         println!("deliveries {}  failures in a row {}  last failure: {last_failure}", v.deliveries, v.failures);
         if let Some((source, n)) = v.source {
-            // A spilled session's records stay on disk until it is due; they go to its handler.
             println!("{n} records, {} bytes, kept in source file src-{:020} until due", v.bytes, source.0);
-            return;
+            if unread {
+                println!("  (records not read this time: ask again)");
+                return;
+            }
+        } else {
+            println!("{} records, {} bytes", v.records.len(), v.bytes);
         }
-        println!("{} records, {} bytes", v.records.len(), v.bytes);
         for (i, r) in v.records.iter().enumerate() {
             println!("  [{i}] {}", show_record(r));
         }
