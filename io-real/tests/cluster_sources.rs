@@ -15,26 +15,19 @@
 #[allow(dead_code)]
 mod common;
 
-use common::{connect, ms, XorShift};
+use common::cluster::{by_position, dir_names, show_dir, Cluster, ClusterConfig, NODES};
+use common::{connect, ms, KIND};
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
-use truba::client::{ClientOptions, Pipe};
+use truba::client::Pipe;
 use truba::handler::{self, RepeatData};
 use truba::net::{Tcp, Transport};
-use truba::wire::ServerStatus;
 use truba_engine::{RoleName, SessionId};
 
-/// Members of the cluster.
-const NODES: usize = 3;
-/// The one kind (its handler is the test's [`Recorder`]).
-const KIND: u32 = 1;
 /// Sessions stored while all three members run, then while the follower is down.
 const SESSIONS_BEFORE: u64 = 2_000;
 const SESSIONS_AFTER: u64 = 2_000;
@@ -49,342 +42,34 @@ const DUE_AFTER: Duration = Duration::from_secs(20);
 const CATCH_UP_MAX: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
-// Ports (as in `cluster_kill.rs`: below the ephemeral range, so a member that is down for a while
-// does not find its port taken by an outgoing connection).
+// The cluster (its harness is in `common/cluster.rs`).
 
-fn free_ports(n: usize) -> Vec<u16> {
-    let ephemeral_lo = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|lo| lo.parse::<u16>().ok()));
-    if let Some(lo) = ephemeral_lo.filter(|lo| *lo > 12_000) {
-        let (from, to) = (10_000u64, lo as u64 - 1);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
-        let mut rng = XorShift::new(nanos as u64 ^ ((std::process::id() as u64) << 32) ^ 0x50_0ce5);
-        for _ in 0..200 {
-            let mut held = Vec::new();
-            let mut ports = Vec::new();
-            while ports.len() < n {
-                let port = rng.range(from, to) as u16;
-                if ports.contains(&port) {
-                    continue;
-                }
-                match std::net::TcpListener::bind(("127.0.0.1", port)) {
-                    Ok(l) => {
-                        held.push(l);
-                        ports.push(port);
-                    }
-                    Err(_) => break,
-                }
-            }
-            if ports.len() == n {
-                return ports;
-            }
-        }
-    }
-    let held: Vec<_> =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port")).collect();
-    held.iter().map(|l| l.local_addr().expect("local address").port()).collect()
-}
-
-// ---------------------------------------------------------------------------------------------
-// The member processes.
-
-struct Node {
-    /// Member id (index + 1).
-    id: u32,
-    config: PathBuf,
-    data: PathBuf,
-    log: PathBuf,
-    client: String,
-    child: Option<Child>,
-    starts: u32,
-}
-
-impl Node {
-    fn start(&mut self, bin: &Path) {
-        assert!(self.child.is_none(), "node {} is already running", self.id);
-        self.starts += 1;
-        let marker = format!("starting node {} (start {})", self.id, self.starts);
-        self.child = Some(common::spawn_serve(bin, &self.config, &self.log, &marker));
-    }
-
-    /// SIGKILL, then reap the process.
-    fn kill9(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("the node is running");
-        if let Ok(log) = OpenOptions::new().append(true).open(&self.log) {
-            let _ = writeln!(&log, "===== test: SIGKILL node {} =====", self.id);
-        }
-        child.kill().expect("sending SIGKILL");
-        child.wait().expect("waiting for the killed node")
-    }
-}
-
-struct Cluster {
-    bin: PathBuf,
-    nodes: Vec<Node>,
-    /// Kept (not removed) if the test fails, so the data directories and logs can be looked at.
-    dir: Option<tempfile::TempDir>,
-}
-
-impl Cluster {
-    /// Three members whose kind 1 is delivered to `handler`.
-    fn new(handler: &str) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("truba-cluster-sources-")
-            .tempdir_in(std::env::temp_dir())
-            .expect("creating a temporary directory");
-        let ports = free_ports(2 * NODES);
-        let client = |i: usize| format!("127.0.0.1:{}", ports[i]);
-        let peer = |i: usize| format!("127.0.0.1:{}", ports[NODES + i]);
-        let members: Vec<String> = (0..NODES)
-            .map(|i| format!("  {{ id = {}, peer = \"{}\", client = \"{}\" }},", i + 1, peer(i), client(i)))
-            .collect();
-        let mut nodes = Vec::new();
-        for i in 0..NODES {
-            let id = i as u32 + 1;
-            let data = dir.path().join(format!("node{id}"));
-            let config = dir.path().join(format!("node{id}.toml"));
-            // A 64 KiB memtable holds about 60 of these sessions: thousands of them make dozens of
-            // spills, which at most 4 sources a kind are merged into; the log is snapshotted
-            // (and compacted) every 200 entries or 64 KiB.
-            let text = format!(
-                r#"data_dir = "{data}"
-listen = "{listen}"
-
-[engine]
-snapshot_every_entries = 200
+/// Three members whose one kind ([`KIND`]) is delivered to `handler` (the test's [`Recorder`]).
+fn new_cluster(handler: &str) -> Cluster {
+    // A 64 KiB memtable holds about 60 of these sessions: thousands of them make dozens of
+    // spills, which at most 4 sources a kind are merged into; the log is snapshotted
+    // (and compacted) every 200 entries or 64 KiB.
+    let engine = "snapshot_every_entries = 200
 snapshot_log_bytes_max = 65536
 segment_bytes_max = 65536
 stored_memtable_bytes_max = 65536
 sources_per_kind_max = 4
 source_io_chunk_bytes = 4096
 source_read_ahead_bytes = 4096
-
-[cluster]
-id = {id}
-members = [
-{members}
-]
-
-[kinds.{KIND}]
-handler = "{handler}"
+";
+    let kind = format!(
+        r#"handler = "{handler}"
 lease_ms = 600000
 default_delay_s = 3600
 jitter_window_s = 0
 record_bytes_max = 4096
-"#,
-                data = data.display(),
-                listen = client(i),
-                members = members.join("\n"),
-            );
-            std::fs::write(&config, text).expect("writing a config");
-            nodes.push(Node {
-                id,
-                config,
-                data,
-                log: dir.path().join(format!("node{id}.log")),
-                client: client(i),
-                child: None,
-                starts: 0,
-            });
-        }
-        Cluster { bin: PathBuf::from(env!("CARGO_BIN_EXE_truba")), nodes, dir: Some(dir) }
-    }
-
-    fn start(&mut self, i: usize) {
-        let bin = self.bin.clone();
-        self.nodes[i].start(&bin);
-    }
-
-    fn running(&self, i: usize) -> bool {
-        self.nodes[i].child.is_some()
-    }
-
-    /// Every member's client address, starting with member `first`.
-    fn addrs_from(&self, first: usize) -> Vec<String> {
-        (0..NODES).map(|k| self.nodes[(first + k) % NODES].client.clone()).collect()
-    }
-
-    /// Fails if a member the test did not stop has exited.
-    fn check_alive(&mut self) {
-        for n in &mut self.nodes {
-            if let Some(status) = n.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                n.child = None;
-                panic!("node {} exited by itself: {status}", n.id);
-            }
-        }
-    }
-
-    /// Polls until member `i` accepts connections.
-    async fn wait_accepting(&mut self, i: usize, within: Duration) -> Instant {
-        let deadline = Instant::now() + within;
-        loop {
-            if tokio::net::TcpStream::connect(&self.nodes[i].client).await.is_ok() {
-                return Instant::now();
-            }
-            self.check_alive();
-            assert!(Instant::now() < deadline, "node {} did not accept connections within {within:?}", i + 1);
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
-    /// Every running member's own status (`None` for members down or not answering).
-    async fn statuses(&mut self) -> Vec<Option<ServerStatus>> {
-        self.check_alive();
-        let addr = |i: usize| self.running(i).then(|| self.nodes[i].client.clone());
-        let q = |a: Option<String>| async move {
-            match a {
-                Some(a) => node_status(&a).await,
-                None => None,
-            }
-        };
-        const _: () = assert!(NODES == 3);
-        let (a, b, c) = tokio::join!(q(addr(0)), q(addr(1)), q(addr(2)));
-        vec![a, b, c]
-    }
-
-    /// Waits until every member runs and serves, and all agree on one leader. That leader.
-    async fn wait_leader(&mut self, within: Duration) -> usize {
-        let deadline = Instant::now() + within;
-        loop {
-            let sts = self.statuses().await;
-            if let Some(l) = agreed_leader(&sts).filter(|_| sts.iter().all(|s| s.is_some())) {
-                return l;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the cluster did not agree on a leader within {within:?}:\n{}",
-                show_statuses(&sts)
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until every running member serves with the same applied index (equal to its commit)
-    /// and state hash, and it stays so for a moment. Their statuses then.
-    async fn wait_converged(&mut self, within: Duration) -> Vec<ServerStatus> {
-        let deadline = Instant::now() + within;
-        let mut same_since: Option<(Instant, u64, u64)> = None;
-        loop {
-            let sts = self.statuses().await;
-            let all: Vec<&ServerStatus> = sts.iter().flatten().filter(|s| s.engine.serving).collect();
-            let first = all.first().map(|s| (s.engine.applied.0, s.engine.state_hash));
-            let running = (0..NODES).filter(|&i| self.running(i)).count();
-            let agree = all.len() == running
-                && all.iter().all(|s| {
-                    Some((s.engine.applied.0, s.engine.state_hash)) == first && s.engine.commit == s.engine.applied
-                });
-            match (agree, first, same_since) {
-                (true, Some((a, h)), Some((since, a0, h0))) if (a, h) == (a0, h0) => {
-                    if since.elapsed() >= Duration::from_millis(300) {
-                        return sts.into_iter().flatten().collect();
-                    }
-                }
-                (true, Some((a, h)), _) => same_since = Some((Instant::now(), a, h)),
-                _ => same_since = None,
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the running members did not converge on one applied index and state hash within {within:?}:\n{}",
-                show_statuses(&sts)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for n in &mut self.nodes {
-            if let Some(mut child) = n.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        if std::thread::panicking() {
-            for n in &self.nodes {
-                eprintln!("----- last lines of node {}'s log ({}) -----", n.id, n.log.display());
-                eprintln!("{}", common::log_tail(&n.log, 60));
-                eprintln!("----- node {}'s data directory -----\n{}", n.id, show_dir(&n.data));
-            }
-            eprintln!("----- end of the logs -----");
-            if let Some(dir) = self.dir.take() {
-                eprintln!("data directories and logs kept at {}", dir.keep().display());
-            }
-        }
-    }
-}
-
-/// One member's own status, asked of it alone.
-async fn node_status(addr: &str) -> Option<ServerStatus> {
-    let options = ClientOptions {
-        request_timeout: Duration::from_millis(500),
-        retry_for: Duration::from_secs(1),
-        ..Default::default()
-    };
-    let pipe = Pipe::connect_with(Tcp, vec![addr.to_string()], options).await.ok()?;
-    pipe.status().await.ok()
-}
-
-/// The leader every member that answered agrees on: one member serves as leader and every
-/// other answering member serves in the same term with it as leader.
-fn agreed_leader(sts: &[Option<ServerStatus>]) -> Option<usize> {
-    let answered: Vec<&ServerStatus> = sts.iter().flatten().collect();
-    if answered.len() <= NODES / 2 {
-        return None;
-    }
-    let leader = answered.iter().find(|s| s.engine.serving && s.engine.role == RoleName::Leader)?;
-    let (id, term) = (leader.engine.replica, leader.engine.term);
-    let agree = answered.iter().all(|s| s.engine.serving && s.engine.term == term && s.engine.leader == Some(id));
-    agree.then_some(id.0 as usize - 1)
-}
-
-fn show_status(i: usize, s: &Option<ServerStatus>) -> String {
-    match s {
-        None => format!("  node {}: down or not answering", i + 1),
-        Some(s) => {
-            let e = &s.engine;
-            format!(
-                "  node {}: {} {} term {} leader {} commit {} applied {} last {} hash {:016x}; stored {} (spilled {}) \
-                 in {} source files; active {}",
-                i + 1,
-                if e.serving { "serving" } else { "recovering" },
-                e.role,
-                e.term.0,
-                e.leader.map_or("-".to_string(), |l| l.0.to_string()),
-                e.commit.0,
-                e.applied.0,
-                e.last_index.0,
-                e.state_hash,
-                e.sessions_stored,
-                e.sessions_spilled,
-                e.source_files,
-                e.sessions_active
-            )
-        }
-    }
-}
-
-/// Statuses in member order, `None` where a member did not answer.
-fn by_position(sts: &[ServerStatus]) -> Vec<Option<ServerStatus>> {
-    (0..NODES).map(|i| sts.iter().find(|s| s.engine.replica.0 as usize == i + 1).cloned()).collect()
-}
-
-fn show_statuses(sts: &[Option<ServerStatus>]) -> String {
-    sts.iter().enumerate().map(|(i, s)| show_status(i, s)).collect::<Vec<_>>().join("\n")
+"#
+    );
+    Cluster::new(&ClusterConfig { dir_prefix: "truba-cluster-sources-", engine, kind: &kind, stored: true })
 }
 
 // ---------------------------------------------------------------------------------------------
 // Data directories.
-
-/// The names in a data directory, sorted (empty if it cannot be read).
-fn dir_names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    names.sort();
-    names
-}
 
 /// Source files (`src-<index>`, final names only) and their lengths.
 fn source_files(dir: &Path) -> BTreeMap<String, u64> {
@@ -401,17 +86,6 @@ fn last_snapshot(dir: &Path) -> Option<u64> {
         .iter()
         .filter_map(|n| n.strip_prefix("snap-").and_then(|n| n.strip_suffix(".snap")).and_then(|n| n.parse().ok()))
         .max()
-}
-
-fn show_dir(dir: &Path) -> String {
-    dir_names(dir)
-        .iter()
-        .map(|n| {
-            let len = std::fs::metadata(dir.join(n)).map_or(-1, |m| m.len() as i64);
-            format!("  {n} ({len} bytes)")
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -491,7 +165,7 @@ async fn a_follower_that_fell_behind_fetches_the_source_files_with_its_snapshot(
     let (tx, mut deliveries) = mpsc::unbounded_channel();
     let handler_task = tokio::spawn(handler::serve_with(Tcp, handler_listener, Recorder(tx)));
 
-    let mut cluster = Cluster::new(&handler_addr);
+    let mut cluster = new_cluster(&handler_addr);
     for i in 0..NODES {
         cluster.start(i);
     }
@@ -511,12 +185,12 @@ async fn a_follower_that_fell_behind_fetches_the_source_files_with_its_snapshot(
     let due_at = unix_now() + DUE_AFTER.as_secs();
     let t0 = Instant::now();
     let mut stored = store_sessions(&pipe, 0..SESSIONS_BEFORE, due_at).await;
-    let sts = cluster.wait_converged(Duration::from_secs(20)).await;
+    let (_, _, sts) = cluster.wait_converged(Duration::from_secs(20)).await;
     eprintln!(
         "cluster_sources: {SESSIONS_BEFORE} sessions stored in {}; converged at {}:\n{}",
         ms(t0.elapsed()),
         t(Instant::now()),
-        show_statuses(&by_position(&sts))
+        cluster.show_statuses(&by_position(&sts))
     );
     let leader = cluster.wait_leader(Duration::from_secs(5)).await;
 
@@ -555,7 +229,7 @@ async fn a_follower_that_fell_behind_fetches_the_source_files_with_its_snapshot(
     // The two that run settle (spills and merges done), so the follower's snapshot will be the
     // leader's state at `quiet_at`: the source files it names that were made after the follower's
     // last entry can only come to the follower by fetching.
-    let sts = cluster.wait_converged(Duration::from_secs(20)).await;
+    let (_, _, sts) = cluster.wait_converged(Duration::from_secs(20)).await;
     let lst = sts.iter().find(|s| s.engine.replica.0 as usize == leader + 1).expect("the leader answers").clone();
     let quiet_at = lst.engine.applied.0;
     let leader_sources = source_files(&ldir);
@@ -569,7 +243,7 @@ async fn a_follower_that_fell_behind_fetches_the_source_files_with_its_snapshot(
         leader_sources.len(),
         lacking.iter().map(|(_, len)| **len).sum::<u64>(),
         follower + 1,
-        show_statuses(&by_position(&sts))
+        cluster.show_statuses(&by_position(&sts))
     );
     assert!(lst.engine.sessions_spilled > 0, "the leader spilled nothing");
     assert!(!lacking.is_empty(), "the dead follower already holds every source file: nothing to fetch");
@@ -577,7 +251,7 @@ async fn a_follower_that_fell_behind_fetches_the_source_files_with_its_snapshot(
     // 3. The follower comes back and must catch up through a snapshot and the source files.
     cluster.start(follower);
     let restarted_at = cluster.wait_accepting(follower, Duration::from_secs(10)).await;
-    let sts = cluster.wait_converged(CATCH_UP_MAX).await;
+    let (_, _, sts) = cluster.wait_converged(CATCH_UP_MAX).await;
     let caught_up = restarted_at.elapsed();
     let by_node = |i: usize| sts.iter().find(|s| s.engine.replica.0 as usize == i + 1).expect("every member").clone();
     let (fst, lst) = (by_node(follower), by_node(leader));
@@ -586,7 +260,7 @@ async fn a_follower_that_fell_behind_fetches_the_source_files_with_its_snapshot(
         follower + 1,
         t(restarted_at),
         ms(caught_up),
-        show_statuses(&by_position(&sts))
+        cluster.show_statuses(&by_position(&sts))
     );
     assert_eq!(lst.engine.role, RoleName::Leader, "node {} no longer leads", leader + 1);
     let total = SESSIONS_BEFORE + SESSIONS_AFTER;
@@ -678,7 +352,7 @@ async fn a_follower_that_fell_behind_fetches_the_source_files_with_its_snapshot(
                 panic!(
                     "only {} of {total} sessions were delivered within {wait:?} of the follower catching up:\n{}",
                     delivered.len(),
-                    show_statuses(&sts)
+                    cluster.show_statuses(&sts)
                 );
             }
         }
@@ -692,7 +366,11 @@ async fn a_follower_that_fell_behind_fetches_the_source_files_with_its_snapshot(
         if l == Some((0, 0)) {
             break;
         }
-        assert!(Instant::now() < deadline, "the leader still holds sessions after the drain:\n{}", show_statuses(&sts));
+        assert!(
+            Instant::now() < deadline,
+            "the leader still holds sessions after the drain:\n{}",
+            cluster.show_statuses(&sts)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -734,7 +412,7 @@ async fn a_follower_that_fell_behind_fetches_the_source_files_with_its_snapshot(
     assert_eq!(delivered.len() as u64, total);
 
     // The members agree once more, with nothing stored.
-    let sts = cluster.wait_converged(Duration::from_secs(20)).await;
+    let (_, _, sts) = cluster.wait_converged(Duration::from_secs(20)).await;
     for s in &sts {
         let e = &s.engine;
         assert_eq!(
@@ -750,12 +428,12 @@ async fn a_follower_that_fell_behind_fetches_the_source_files_with_its_snapshot(
         t(first_delivery.unwrap()),
         t(drained_at),
         ms(drained_at - caught_up_at),
-        show_statuses(&by_position(&sts))
+        cluster.show_statuses(&by_position(&sts))
     );
 
     drop(pipe);
     for i in 0..NODES {
-        let status = common::terminate(&mut cluster.nodes[i].child, Duration::from_secs(10)).await;
+        let status = cluster.nodes[i].terminate(Duration::from_secs(10)).await;
         let status = status.unwrap_or_else(|| panic!("node {} did not exit within 10 s of SIGTERM", i + 1));
         assert!(status.success(), "node {} exited with {status} after SIGTERM", i + 1);
     }

@@ -8,7 +8,8 @@
 //! alone and checked for "the known records, with or without that one operation").
 //!
 //! It also holds the few steps both tests take with their server processes (start, SIGTERM, the
-//! log's last lines).
+//! log's last lines), and in [`cluster`] the harness of the tests that run a cluster of three
+//! (`cluster_kill.rs`, `cluster_sources.rs`).
 //!
 //! Each test binary compiles this module on its own (`mod common;`), so the unit tests at the end
 //! run once in each of them.
@@ -26,6 +27,11 @@ use tokio::task::JoinHandle;
 use truba::client::{ClientError, ClientOptions, Pipe};
 use truba::net::Tcp;
 use truba_engine::{Handle, RequestError, SessionId, SessionState};
+
+// `sigkill.rs` runs one server and compiles this module unused, and each cluster test uses only
+// part of it, so the lint would otherwise fire in every binary.
+#[allow(dead_code)]
+pub mod cluster;
 
 /// Every record is this long (unique text, padded).
 pub const RECORD_LEN: usize = 100;
