@@ -113,7 +113,7 @@ pub struct Limits {
     pub failure_reason_bytes_max: u32,
     /// Stored sessions held in memory (their record bytes plus a fixed overhead each) before the
     /// leader spills the largest kind's to a source file. With this, memory for waiting
-    /// sessions no longer grows with their records: a spilled session keeps about 100 bytes in
+    /// sessions no longer grows with their records: a spilled session keeps about 70 bytes in
     /// memory (its place in order and what a `get` shows).
     pub stored_memtable_bytes_max: u64,
     /// A kind with more source files than this has two neighbouring ones merged.

@@ -6,7 +6,7 @@
 //! replaced atomically, as DESIGN.md asks: write a temp file, fsync it, rename it over the old
 //! one, fsync the directory. A crash at any step leaves either the old pair or the new one.
 
-use crate::io::{DiskError, IoOp, IoReply};
+use crate::io::{DiskError, IoOp, IoReply, Replace};
 use crate::types::{Index, ReplicaId, Term};
 
 pub(crate) const HARD_STATE_FILE: &str = "hardstate";
@@ -57,14 +57,6 @@ pub(crate) fn decode(b: &[u8]) -> Result<HardState, String> {
     Ok(HardState { term, vote: (vote != NO_VOTE).then_some(ReplicaId(vote)), repair_upto })
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stage {
-    Write,
-    Sync,
-    Rename,
-    SyncDir,
-}
-
 pub(crate) enum HsStep {
     Io(IoOp),
     /// Nothing to do, or the newest wanted state is durable.
@@ -79,7 +71,7 @@ pub(crate) struct HardStateWriter {
     pub durable: HardState,
     /// What the replica currently holds; durable once a replacement of it completes.
     pub wanted: HardState,
-    writing: Option<(HardState, Stage)>,
+    writing: Option<(HardState, Replace)>,
 }
 
 impl HardStateWriter {
@@ -101,7 +93,7 @@ impl HardStateWriter {
         if self.writing.is_some() || self.durable == self.wanted {
             return HsStep::Idle;
         }
-        self.writing = Some((self.wanted, Stage::Write));
+        self.writing = Some((self.wanted, Replace::Write));
         HsStep::Io(IoOp::Write { file: HARD_STATE_TMP.into(), offset: 0, data: encode(self.wanted) })
     }
 
@@ -110,17 +102,12 @@ impl HardStateWriter {
     pub fn on_io(&mut self, result: Result<IoReply, DiskError>) -> Result<HsStep, DiskError> {
         let (hs, stage) = self.writing.expect("a hard state write is under way");
         result?;
-        let (next, op) = match stage {
-            // The temp file may hold a longer older record: the write covers all 24 bytes and
-            // the file never holds anything else, so no truncation is needed.
-            Stage::Write => (Stage::Sync, IoOp::Sync { file: HARD_STATE_TMP.into() }),
-            Stage::Sync => (Stage::Rename, IoOp::Rename { from: HARD_STATE_TMP.into(), to: HARD_STATE_FILE.into() }),
-            Stage::Rename => (Stage::SyncDir, IoOp::SyncDir),
-            Stage::SyncDir => {
-                self.writing = None;
-                self.durable = hs;
-                return Ok(self.next());
-            }
+        // The temp file may hold a longer older record: the write covers all 24 bytes and the
+        // file never holds anything else, so no truncation is needed.
+        let Some((next, op)) = stage.next(HARD_STATE_TMP, HARD_STATE_FILE) else {
+            self.writing = None;
+            self.durable = hs;
+            return Ok(self.next());
         };
         self.writing = Some((hs, next));
         Ok(HsStep::Io(op))

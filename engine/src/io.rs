@@ -68,6 +68,30 @@ impl IoOp {
     }
 }
 
+/// Where the replacement of a file stands: written under a temporary name, then fsynced, renamed
+/// to its final name and the directory fsynced, so the final name only ever holds a whole,
+/// durable file. Snapshots, the hard state and source files are all written this way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Replace {
+    Write,
+    Sync,
+    Rename,
+    SyncDir,
+}
+
+impl Replace {
+    /// The step after this one (which completed) and its operation; `None` once the file is
+    /// durable under `name`.
+    pub fn next(self, tmp: &str, name: &str) -> Option<(Replace, IoOp)> {
+        match self {
+            Replace::Write => Some((Replace::Sync, IoOp::Sync { file: tmp.into() })),
+            Replace::Sync => Some((Replace::Rename, IoOp::Rename { from: tmp.into(), to: name.into() })),
+            Replace::Rename => Some((Replace::SyncDir, IoOp::SyncDir)),
+            Replace::SyncDir => None,
+        }
+    }
+}
+
 /// What a successful disk operation returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IoReply {

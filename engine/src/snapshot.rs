@@ -7,22 +7,14 @@
 //! proportional to the state's size.
 
 use crate::codec::{encode_snapshot, seal_snapshot, snapshot_name, SNAPSHOT_HEADER_LEN};
-use crate::io::{DiskError, IoOp, IoReply};
+use crate::io::{DiskError, IoOp, IoReply, Replace};
 use crate::sessions::StateMachine;
 use crate::types::{Index, Term};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stage {
-    Write,
-    Sync,
-    Rename,
-    SyncDir,
-}
 
 #[derive(Debug)]
 struct Job {
     index: Index,
-    stage: Stage,
+    stage: Replace,
 }
 
 pub(crate) enum SnapStep {
@@ -106,7 +98,7 @@ impl Snapshotter {
         let index = state.applied();
         let data = snapshot_file(state, term);
         (self.last_bytes, self.log_bytes) = (data.len() as u64, 0);
-        self.job = Some(Job { index, stage: Stage::Write });
+        self.job = Some(Job { index, stage: Replace::Write });
         IoOp::Write { file: tmp_name(index), offset: 0, data }
     }
 
@@ -114,7 +106,7 @@ impl Snapshotter {
     pub fn start_encoded(&mut self, index: Index, term: Term, payload: &[u8]) -> IoOp {
         assert!(!self.busy(), "one snapshot at a time");
         let data = encode_snapshot(index, term, payload);
-        self.job = Some(Job { index, stage: Stage::Write });
+        self.job = Some(Job { index, stage: Replace::Write });
         IoOp::Write { file: tmp_name(index), offset: 0, data }
     }
 
@@ -125,16 +117,11 @@ impl Snapshotter {
             self.job = None;
             return SnapStep::Abandoned { tmp };
         }
-        let (next, op) = match job.stage {
-            Stage::Write => (Stage::Sync, IoOp::Sync { file: tmp }),
-            Stage::Sync => (Stage::Rename, IoOp::Rename { from: tmp, to: name }),
-            Stage::Rename => (Stage::SyncDir, IoOp::SyncDir),
-            Stage::SyncDir => {
-                self.job = None;
-                self.last = index;
-                let obsolete = std::mem::replace(&mut self.files, vec![name]);
-                return SnapStep::Finished { index, obsolete };
-            }
+        let Some((next, op)) = job.stage.next(&tmp, &name) else {
+            self.job = None;
+            self.last = index;
+            let obsolete = std::mem::replace(&mut self.files, vec![name]);
+            return SnapStep::Finished { index, obsolete };
         };
         job.stage = next;
         SnapStep::Io(op)

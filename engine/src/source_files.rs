@@ -10,7 +10,7 @@
 
 use crate::config::EngineConfig;
 use crate::error::Fatal;
-use crate::io::{DiskError, IoOp, IoReply};
+use crate::io::{DiskError, IoOp, IoReply, Replace};
 use crate::op::{Command, Unspilled};
 use crate::sessions::StateMachine;
 use crate::stored::{
@@ -19,14 +19,6 @@ use crate::stored::{
 };
 use crate::types::{Index, SessionId, SourceId};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stage {
-    Write,
-    Sync,
-    Rename,
-    SyncDir,
-}
 
 /// One input of a merge: the untaken frames of a source file, read in pieces.
 #[derive(Debug)]
@@ -86,14 +78,14 @@ type FrameHead = ((u64, u64, u64), usize);
 enum Running {
     Spill {
         source: SourceId,
-        stage: Stage,
+        stage: Replace,
     },
     Merge {
         m: PendingMerge,
         inputs: [MergeInput; 2],
         out: Vec<u8>,
         written: u64,
-        stage: Stage,
+        stage: Replace,
         reading: Option<usize>,
         read_failures: u32,
     },
@@ -197,7 +189,7 @@ impl SourceFiles {
                 for (id, s) in held {
                     push_frame(&mut data, *id, s);
                 }
-                self.running = Some(Running::Spill { source, stage: Stage::Write });
+                self.running = Some(Running::Spill { source, stage: Replace::Write });
                 Some(IoOp::Write { file: tmp_name(source), offset: 0, data })
             }
             FileJob::Merge(m) => {
@@ -212,7 +204,7 @@ impl SourceFiles {
                     inputs,
                     out,
                     written: 0,
-                    stage: Stage::Write,
+                    stage: Replace::Write,
                     reading: None,
                     read_failures: 0,
                 });
@@ -256,16 +248,13 @@ impl SourceFiles {
             }
         };
         match running {
-            Running::Spill { stage, .. } => {
-                let (next, op) = finishing(*stage, source, cfg);
-                match next {
-                    Some(s) => {
-                        *stage = s;
-                        FileStep::Io(op.expect("a next stage has an op"))
-                    }
-                    None => self.finished(source, state, cfg),
+            Running::Spill { stage, .. } => match finishing(*stage, source, cfg) {
+                Some((next, op)) => {
+                    *stage = next;
+                    FileStep::Io(op)
                 }
-            }
+                None => self.finished(source, state, cfg),
+            },
             Running::Merge { inputs, reading, stage, .. } => {
                 if let Some(i) = reading.take() {
                     let d = data.unwrap_or_default();
@@ -273,14 +262,13 @@ impl SourceFiles {
                     inputs[i].buf.extend_from_slice(&d);
                     return self.merge_step(cfg);
                 }
-                if *stage == Stage::Write {
+                if *stage == Replace::Write {
                     return self.merge_step(cfg);
                 }
-                let (next, op) = finishing(*stage, source, cfg);
-                match next {
-                    Some(s) => {
-                        *stage = s;
-                        FileStep::Io(op.expect("a next stage has an op"))
+                match finishing(*stage, source, cfg) {
+                    Some((next, op)) => {
+                        *stage = next;
+                        FileStep::Io(op)
                     }
                     None => self.finished(source, state, cfg),
                 }
@@ -360,10 +348,9 @@ impl SourceFiles {
                         return FileStep::Io(IoOp::Write { file: tmp_name(m.into), offset, data });
                     }
                     // The last piece is written: the merge's file is finished like a spill's.
-                    *stage = Stage::Write;
-                    let (next, op) = finishing(Stage::Write, m.into, cfg);
-                    *stage = next.expect("a written file has a next stage");
-                    return FileStep::Io(op.expect("a next stage has an op"));
+                    let (next, op) = finishing(Replace::Write, m.into, cfg).expect("a written file has a next step");
+                    *stage = next;
+                    return FileStep::Io(op);
                 }
                 None => {
                     let i = inputs.iter().position(|i| i.left > 0 && i.ended).unwrap_or(0);
@@ -695,22 +682,18 @@ fn tmp_name(source: SourceId) -> String {
     format!("{}.tmp", source_name(source))
 }
 
-/// After a file's data is written: fsync it, rename it into place, fsync the directory.
-fn finishing(stage: Stage, source: SourceId, cfg: &EngineConfig) -> (Option<Stage>, Option<IoOp>) {
+/// After a file's data is written: fsync it, rename it into place, fsync the directory (as every
+/// replaced file is); `None` once it is durable.
+fn finishing(stage: Replace, source: SourceId, cfg: &EngineConfig) -> Option<(Replace, IoOp)> {
+    let (tmp, name) = (tmp_name(source), source_name(source));
     if cfg.mutation(|m| m.source_rename_before_fsync) {
+        // The deliberate bug: the final name before the fsync.
         return match stage {
-            Stage::Write => {
-                (Some(Stage::Rename), Some(IoOp::Rename { from: tmp_name(source), to: source_name(source) }))
-            }
-            Stage::Rename => (Some(Stage::Sync), Some(IoOp::Sync { file: source_name(source) })),
-            Stage::Sync => (Some(Stage::SyncDir), Some(IoOp::SyncDir)),
-            Stage::SyncDir => (None, None),
+            Replace::Write => Some((Replace::Rename, IoOp::Rename { from: tmp, to: name })),
+            Replace::Rename => Some((Replace::Sync, IoOp::Sync { file: name })),
+            Replace::Sync => Some((Replace::SyncDir, IoOp::SyncDir)),
+            Replace::SyncDir => None,
         };
     }
-    match stage {
-        Stage::Write => (Some(Stage::Sync), Some(IoOp::Sync { file: tmp_name(source) })),
-        Stage::Sync => (Some(Stage::Rename), Some(IoOp::Rename { from: tmp_name(source), to: source_name(source) })),
-        Stage::Rename => (Some(Stage::SyncDir), Some(IoOp::SyncDir)),
-        Stage::SyncDir => (None, None),
-    }
+    stage.next(&tmp, &name)
 }
