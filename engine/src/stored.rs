@@ -337,7 +337,7 @@ impl Sources {
     pub fn spill(&mut self, kind: Kind, id: SourceId, sessions: Vec<(SessionId, Session)>) {
         let mut entries = Vec::with_capacity(sessions.len());
         let mut scratch = Vec::new();
-        for (pos, (sid, s)) in sessions.iter().enumerate() {
+        for (sid, s) in &sessions {
             let Status::Stored { due, stored_at } = s.status else { panic!("only stored sessions are spilled") };
             scratch.clear();
             let frame_len = push_frame(&mut scratch, *sid, s);
@@ -352,7 +352,6 @@ impl Sources {
                 bytes: s.bytes,
                 digest: s.digest(*sid),
             });
-            let _ = pos;
         }
         let source = Source::new(id, entries, 0, SOURCE_HEADER_LEN, false);
         self.kinds.entry(kind).or_default().push(source);
@@ -528,7 +527,7 @@ impl Sources {
         });
     }
 
-    /// Sessions in sources and `at` agree; every source is in repeat order after its floor.
+    /// Sources, their held records and their id indexes agree; with `full`, every source is in repeat order.
     pub fn invariants(&self, full: bool) {
         for (kind, list) in &self.kinds {
             assert!(!list.is_empty(), "a kind without sources has no list");
