@@ -462,7 +462,7 @@ impl Engine {
             let file = crate::stored::source_name(id);
             return Err(Fatal::SourceCorrupt { file, reason: "the snapshot refers to it but it is missing".into() });
         }
-        let wanted: BTreeSet<SourceId> = sources.referenced().chain(sources.merges.iter().map(|m| m.into)).collect();
+        let wanted: BTreeSet<SourceId> = sources.needing_files().collect();
         // Files after the snapshot are kept: entries still to be applied refer to them.
         let orphans: Vec<SourceId> =
             durable.iter().copied().filter(|id| !wanted.contains(id) && id.0 <= snapshot.0).collect();

@@ -284,11 +284,6 @@ impl StateMachine {
         Some((p.source, crate::stored::SOURCE_HEADER_LEN + before, len))
     }
 
-    /// A spilled session's records and last failure, if this replica holds them in memory.
-    pub(crate) fn held_unspilled(&self, id: SessionId) -> Option<Unspilled> {
-        self.sources.held_records(id)
-    }
-
     /// Spilled sessions, without their records.
     pub fn spilled_views(&self) -> impl Iterator<Item = SessionView> + '_ {
         self.sources.all_spilled().filter_map(|(_, e)| self.spilled_view(e.id))

@@ -136,9 +136,8 @@ impl SourceFiles {
     /// Takes the jobs and the unreferenced files the state produced by applying entries.
     pub fn collect(&mut self, state: &mut StateMachine) {
         self.queue.extend(state.sources.jobs.drain(..));
-        let at = state.applied();
-        self.gone.extend(state.sources.gone.drain(..).map(|id| (at, id)));
         let applied = state.applied();
+        self.gone.extend(state.sources.gone.drain(..).map(|id| (applied, id)));
         self.proposed_spill = self.proposed_spill.filter(|i| *i > applied);
         self.proposed_merge = self.proposed_merge.filter(|i| *i > applied);
         self.proposed_ready.retain(|_, i| *i > applied);
@@ -163,7 +162,7 @@ impl SourceFiles {
     /// The highest index such that every source the state has created through it is durable
     /// here: what this replica reports to the leader.
     pub fn mark(&self, state: &StateMachine) -> Index {
-        let missing = state.sources.referenced().chain(state.sources.merges.iter().map(|m| m.into));
+        let missing = state.sources.needing_files();
         missing.filter(|id| !self.durable.contains(id)).map(|id| Index(id.0 - 1)).min().unwrap_or(state.applied())
     }
 
@@ -668,7 +667,7 @@ fn plan_merge(state: &StateMachine, cfg: &EngineConfig) -> Option<Command> {
 
 /// Every source the state needs a file for.
 fn wanted(state: &StateMachine) -> BTreeSet<SourceId> {
-    state.sources.referenced().chain(state.sources.merges.iter().map(|m| m.into)).collect()
+    state.sources.needing_files().collect()
 }
 
 fn job_source(j: &FileJob) -> SourceId {

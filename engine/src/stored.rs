@@ -100,10 +100,20 @@ impl Frame {
     }
 }
 
+fn frame_ref(id: SessionId, s: &Session) -> FrameRef<'_> {
+    let Status::Stored { due, stored_at } = s.status else { panic!("only stored sessions are spilled") };
+    FrameRef { due, stored_at, id, last_failure: &s.last_failure, records: &s.records }
+}
+
+/// The length of a session's frame, header included, without encoding it.
+fn frame_len(id: SessionId, s: &Session) -> u32 {
+    let payload = postcard::experimental::serialized_size(&frame_ref(id, s)).expect("sizing into memory cannot fail");
+    (payload as u64 + FRAME_HEADER_LEN) as u32
+}
+
 /// Appends one session's frame to `out`; returns the frame's length.
 pub(crate) fn push_frame(out: &mut Vec<u8>, id: SessionId, s: &Session) -> u32 {
-    let Status::Stored { due, stored_at } = s.status else { panic!("only stored sessions are spilled") };
-    let frame = FrameRef { due, stored_at, id, last_failure: &s.last_failure, records: &s.records };
+    let frame = frame_ref(id, s);
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER_LEN as usize]);
     let mut buf = postcard::to_extend(&frame, std::mem::take(out)).expect("postcard encoding into memory cannot fail");
@@ -328,6 +338,11 @@ impl Sources {
         self.kinds.values().flatten().map(|s| s.id)
     }
 
+    /// Sources a replica needs a file for: those referred to, and merges under way.
+    pub fn needing_files(&self) -> impl Iterator<Item = SourceId> + '_ {
+        self.referenced().chain(self.merges.iter().map(|m| m.into))
+    }
+
     /// Untaken spilled sessions of a kind, one ordered slice per source.
     pub fn untaken_of(&self, kind: Kind) -> impl Iterator<Item = &[Spilled]> + '_ {
         self.kinds.get(&kind).into_iter().flatten().map(|s| s.untaken())
@@ -336,11 +351,10 @@ impl Sources {
     /// Moves `sessions` (a kind's memtable, in repeat order) into a new source `id`.
     pub fn spill(&mut self, kind: Kind, id: SourceId, sessions: Vec<(SessionId, Session)>) {
         let mut entries = Vec::with_capacity(sessions.len());
-        let mut scratch = Vec::new();
         for (sid, s) in &sessions {
             let Status::Stored { due, stored_at } = s.status else { panic!("only stored sessions are spilled") };
-            scratch.clear();
-            let frame_len = push_frame(&mut scratch, *sid, s);
+            // Only the length here: the file is encoded once, by the replica's spill job.
+            let frame_len = frame_len(*sid, s);
             entries.push(Spilled {
                 due,
                 stored_at,
@@ -615,6 +629,7 @@ mod tests {
         let mut out = vec![];
         let len = push_frame(&mut out, SessionId(3), &s) as usize;
         assert_eq!(out.len(), len);
+        assert_eq!(frame_len(SessionId(3), &s) as usize, len, "sizing agrees with encoding");
         assert_eq!(frame_len_announced(&out), Some(len));
         assert_eq!(frame_at(&out[..len - 1]), Ok(None));
         let f: Frame = postcard::from_bytes(&frame_at(&out).unwrap().unwrap()[8..]).unwrap();
