@@ -59,7 +59,7 @@ pub use op::{
     SessionState, SessionView, StatusView, UnixSecs, Unspilled,
 };
 pub use sessions::StateMachine;
-pub use stored::decode_source_file;
+pub use stored::{decode_source_file, source_name};
 pub use types::{
     Attempt, ClientId, Duration, Handle, Index, Instant, Kind, Now, ReplicaId, Seq, SessionId, SourceId, Term, UnixMs,
 };

@@ -264,17 +264,6 @@ impl StateMachine {
         self.sessions.iter().map(|(id, s)| s.view(*id))
     }
 
-    /// A spilled session's records if this replica still holds them in memory (its source file
-    /// not yet durable here, or not yet ready).
-    pub fn held_session_records(&self, id: SessionId) -> Option<Vec<Vec<u8>>> {
-        self.sources.held_records(id).map(|u| u.records)
-    }
-
-    /// The file name of a source.
-    pub fn source_file_name(id: SourceId) -> String {
-        crate::stored::source_name(id)
-    }
-
     /// Where a spilled session's frame is in its source file: (source, offset, length).
     pub(crate) fn spilled_frame(&self, id: SessionId) -> Option<(SourceId, u64, u32)> {
         let p = self.sources.locate(id)?;
@@ -317,7 +306,7 @@ impl StateMachine {
     }
 
     /// The records of a spilled session, if this replica holds them in memory.
-    pub(crate) fn held_records(&self, id: SessionId) -> Option<Unspilled> {
+    pub fn held_records(&self, id: SessionId) -> Option<Unspilled> {
         self.sources.held_records(id)
     }
 

@@ -43,7 +43,8 @@ pub(crate) const FRAME_HEADER_LEN: u64 = 8;
 /// Memory a stored session in the memtable counts for besides its records.
 pub(crate) const MEMTABLE_SESSION_OVERHEAD_BYTES: u64 = 128;
 
-pub(crate) fn source_name(id: SourceId) -> String {
+/// The file name of a source in the data directory.
+pub fn source_name(id: SourceId) -> String {
     format!("src-{:020}", id.0)
 }
 

@@ -383,11 +383,11 @@ impl World {
         let (mut out, mut unreadable) = (Vec::new(), Vec::new());
         for mut v in state.spilled_views() {
             let (source, _) = v.source.expect("a spilled view names its source");
-            if let Some(records) = state.held_session_records(v.id) {
-                v.records = records;
+            if let Some(held) = state.held_records(v.id) {
+                v.records = held.records;
             } else {
                 let in_file = files.entry(source).or_insert_with(|| {
-                    let name = truba_engine::StateMachine::source_file_name(source);
+                    let name = truba_engine::source_name(source);
                     let data = rep.disk.current_file(&name).unwrap_or_default();
                     match truba_engine::decode_source_file(data) {
                         Ok(sessions) => sessions.into_iter().collect(),
