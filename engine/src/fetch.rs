@@ -121,7 +121,9 @@ impl Fetch {
             good += f.len();
         }
         let end = offset + good as u64;
-        if end > c.len || (good < data.len() && frame_at(&data[good..]).is_err()) && good == 0 {
+        // Nothing usable: the piece runs past the file, or its first frame is damaged.
+        let first_damaged = good == 0 && frame_at(data).is_err();
+        if end > c.len || first_damaged {
             self.stalls += 1;
             return None;
         }
