@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 
 pub const RECORD_HEADER_LEN: usize = 32;
 pub const SEGMENT_HEADER_LEN: usize = 28;
-const SEGMENT_MAGIC: &[u8; 8] = b"TRUBAlg4";
+const SEGMENT_MAGIC: &[u8; 8] = b"TRUBAlg5";
 /// The segment format this version writes and reads (the digit of [`SEGMENT_MAGIC`]).
-pub const SEGMENT_FORMAT: u32 = 4;
+pub const SEGMENT_FORMAT: u32 = 5;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"TRUBAsn3";
 pub(crate) const SNAPSHOT_HEADER_LEN: usize = 36;
 /// No record payload is ever larger than this; a length field above it is damage.
@@ -334,6 +334,7 @@ mod tests {
                 seq: Seq(i),
                 request: Request::New { kind: Kind(1), record: Some(vec![i as u8; 40]) },
                 due: None,
+                principal: None,
             },
         }
     }
@@ -473,6 +474,7 @@ mod tests {
                     seq: Seq(i),
                     request: Request::New { kind: Kind(1), record: Some(vec![byte; len]) },
                     due: None,
+                    principal: None,
                 },
             }
         }

@@ -122,6 +122,35 @@ pub struct Limits {
     pub source_read_ahead_bytes: u32,
     /// Source files are read and written in pieces of this size (merges, read-ahead).
     pub source_io_chunk_bytes: u32,
+    /// The ledger (every applied entry's events, for readers) starts a new segment file once
+    /// the current one reaches this size.
+    pub ledger_segment_bytes_max: u64,
+    /// The ledger keeps at most this many bytes of segments ...
+    pub ledger_retain_bytes_max: u64,
+    /// ... and removes segments whose entries are all older than this; either way it keeps
+    /// every entry after the newest snapshot, which a watcher's resync needs.
+    pub ledger_retain_age_s: u64,
+    /// The newest ledger records kept in memory for readers at the head (records not yet
+    /// written are kept besides).
+    pub ledger_cache_bytes_max: u64,
+    /// Applying waits while more than this many ledger bytes wait to be written.
+    pub ledger_backlog_bytes_max: u64,
+    /// Readers (tails and watches) served at once.
+    pub streams_max: u32,
+    /// One item of a stream holds at most this many bytes of entries (at least one entry).
+    pub stream_batch_bytes_max: u32,
+    /// A reader behind the cached entries reads the ledger's files in pieces of this size ...
+    pub stream_read_bytes: u32,
+    /// ... with at most this many such reads in flight for all readers together.
+    pub stream_reads_max: u32,
+    /// Bytes of entries sent to a tail and not yet acknowledged, at most.
+    pub tail_window_bytes_max: u64,
+    /// Events sent to a watcher and not yet acknowledged, at most (a watcher may ask for fewer).
+    pub watch_window_events_max: u32,
+    /// A reader whose window stays full this long without an acknowledgement is cut off.
+    pub stream_stall_ms_max: u64,
+    /// A reader sent nothing for this long while the log moved on gets a progress mark.
+    pub progress_every_ms: u64,
 }
 
 impl Default for Limits {
@@ -147,6 +176,19 @@ impl Default for Limits {
             sources_per_kind_max: 32,
             source_read_ahead_bytes: 256 * 1024,
             source_io_chunk_bytes: 1024 * 1024,
+            ledger_segment_bytes_max: 16 * 1024 * 1024,
+            ledger_retain_bytes_max: 1024 * 1024 * 1024,
+            ledger_retain_age_s: 7 * 24 * 3600,
+            ledger_cache_bytes_max: 8 * 1024 * 1024,
+            ledger_backlog_bytes_max: 16 * 1024 * 1024,
+            streams_max: 256,
+            stream_batch_bytes_max: 256 * 1024,
+            stream_read_bytes: 1024 * 1024,
+            stream_reads_max: 8,
+            tail_window_bytes_max: 4 * 1024 * 1024,
+            watch_window_events_max: 1024,
+            stream_stall_ms_max: 60_000,
+            progress_every_ms: 1000,
         }
     }
 }

@@ -10,8 +10,10 @@
 
 use crate::config::EngineConfig;
 use crate::error::{Fatal, RequestError};
+use crate::events::{Audit, LedgerEntry, StreamError, StreamId, StreamItem, StreamOpen};
 use crate::hardstate::{HardState, HardStateWriter, HsStep};
 use crate::io::{DiskError, Input, IoId, IoOp, IoReply, Output, RoleName};
+use crate::ledger::{Ledger, LedgerIo, LedgerLimits, Record};
 use crate::log::{Log, Placement};
 use crate::message::Message;
 use crate::op::{Command, Entry, FailureReason, Query, QueryReply, Request, StatusView};
@@ -22,6 +24,7 @@ use crate::replication::Progress;
 use crate::sessions::{MutationEnv, StateMachine};
 use crate::snapshot::{SnapStep, Snapshotter};
 use crate::source_files::{FileStep, SourceFiles};
+use crate::streams::{Ctx, Streams};
 use crate::types::{ClientId, Duration, Handle, Index, Instant, Now, ReplicaId, Seq, SourceId, Term};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -57,6 +60,13 @@ pub(crate) enum Purpose {
     InstallSource,
     /// Reading a spilled session's frame to answer a query (its id).
     SessionRead(u64),
+    /// The ledger's writes, fsyncs and repairs (of the ledger generation they were issued in:
+    /// an install starts a new one, and the old one's completions are ignored).
+    LedgerWrite(u64),
+    LedgerSync(u64),
+    LedgerRepair(u64),
+    /// Reading a piece of a ledger file for a stream (its token).
+    StreamRead(StreamId, u64),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,6 +196,19 @@ pub struct Engine {
     pub(crate) repeater: Repeater,
     pub(crate) snapshots: Snapshotter,
     pub(crate) files: SourceFiles,
+    /// Every applied entry's events, for readers (see `ledger.rs`).
+    pub(crate) ledger: Ledger,
+    /// Bumped when the ledger starts over, so completions of the old one's IO are ignored.
+    ledger_generation: u64,
+    /// After a failed ledger write (disk full), the next attempt waits until then.
+    ledger_retry_at: Option<Instant>,
+    /// A snapshot of this replica's state waits for the ledger to be durable through its index
+    /// before it is renamed into place.
+    snapshot_rename: Option<(Index, IoOp)>,
+    /// Readers' tails and watches (see `streams.rs`).
+    streams: Streams,
+    /// When the streams next get a tick (progress marks, stalled readers).
+    streams_tick: Instant,
     /// Reads of source file pieces for followers under way (bounded).
     pub(crate) serving_pieces: usize,
     /// Queries waiting for a spilled session's frame to be read, by query id.
@@ -200,8 +223,9 @@ pub struct Engine {
 
 /// Disk operations outstanding at once: one recovery or batch step, one cut step, one hard
 /// state step, one snapshot step, a handful of removals, one source file job or install step,
-/// and the bounded source reads (8 read-ahead, 4 pieces served, 16 sessions read for queries).
-const IO_PENDING_MAX: usize = 64;
+/// the bounded source reads (8 read-ahead, 4 pieces served, 16 sessions read for queries), one
+/// ledger write or repair with its fsyncs (a few files at most), and the readers' bounded reads.
+const IO_PENDING_MAX: usize = 96;
 const CLEANUP_INFLIGHT_MAX: usize = 8;
 
 impl Engine {
@@ -250,6 +274,12 @@ impl Engine {
             repeater: Repeater::default(),
             snapshots: Snapshotter::default(),
             files: SourceFiles::default(),
+            ledger: Ledger::default(),
+            ledger_generation: 0,
+            ledger_retry_at: None,
+            snapshot_rename: None,
+            streams: Streams::default(),
+            streams_tick: Instant(0),
             serving_pieces: 0,
             session_reads: BTreeMap::new(),
             io_next: 0,
@@ -272,6 +302,9 @@ impl Engine {
             Input::DeliveryFailed { handle, reason } => self.on_delivery_failed(handle, reason),
             Input::Tick => self.on_tick(),
             Input::Message { from, message } => self.on_message(from, message),
+            Input::StreamOpen { stream, open } => self.on_stream_open(stream, open),
+            Input::StreamAck { stream, seq, error } => self.with_streams(|s, c| s.ack(stream, seq, error, c)),
+            Input::StreamClose { stream } => self.streams.close(stream),
         }
         self.persist_hard_state();
         self.invariants();
@@ -306,7 +339,8 @@ impl Engine {
         let sources = self.state.sources.referenced().next().is_some() || !self.state.sources.merges.is_empty();
         let repeats = self.runs_repeater() && (!self.state.sessions.is_empty() || sources);
         let retry = self.write_retry_at;
-        [consensus, repeats.then_some(self.next_tick), retry].into_iter().flatten().min()
+        let streams = (self.streams.len() > 0).then_some(self.streams_tick);
+        [consensus, repeats.then_some(self.next_tick), retry, self.ledger_retry_at, streams].into_iter().flatten().min()
     }
 
     pub fn state(&self) -> &StateMachine {
@@ -386,6 +420,7 @@ impl Engine {
     }
 
     fn stop(&mut self, fatal: Fatal) {
+        self.with_streams(|s, c| s.stop_all(c));
         self.phase = Phase::Stopped;
         self.waiting.clear();
         self.proposed.clear();
@@ -430,6 +465,7 @@ impl Engine {
                 // A term raised from the log is not yet in the hard state file: write it.
                 self.want_hard_state(r.hard);
                 self.snapshots = Snapshotter::recovered(r.snapshot, r.snapshots);
+                self.ledger = Ledger::recovered(LedgerLimits::of(&self.cfg.limits), r.ledger);
                 if let Err(f) = self.recover_sources(&r.sources, r.snapshot) {
                     self.stop(f);
                     return;
@@ -529,6 +565,10 @@ impl Engine {
                 }
             }
             Purpose::SessionRead(query) => self.spilled_read(query, result),
+            Purpose::LedgerWrite(_) | Purpose::LedgerSync(_) | Purpose::LedgerRepair(_) => {
+                self.on_ledger_io(purpose, result)
+            }
+            Purpose::StreamRead(stream, token) => self.with_streams(|s, c| s.on_read(stream, token, result, c)),
             Purpose::InstallSource => match result {
                 Ok(_) if self.installing.is_some() => self.next_install_op(),
                 Ok(_) => {}
@@ -623,7 +663,7 @@ impl Engine {
             _ => None,
         };
         self.waiting.insert(client, seq);
-        let index = self.propose(Command::Client { client, seq, request, due });
+        let index = self.propose(Command::Client { client, seq, request, due, principal: None });
         self.proposed.insert(index, (client, seq));
     }
 
@@ -728,6 +768,15 @@ impl Engine {
         if self.write_retry_at.is_some_and(|t| t <= self.now.mono) {
             self.write_retry_at = None;
             self.flush();
+        }
+        if self.ledger_retry_at.is_some_and(|t| t <= self.now.mono) {
+            self.ledger_retry_at = None;
+            self.ledger.retry();
+            self.ledger_step();
+        }
+        if self.streams.len() > 0 && self.now.mono >= self.streams_tick {
+            self.streams_tick = self.now.mono.saturating_add(Duration(self.cfg.limits.progress_every_ms));
+            self.with_streams(|s, c| s.tick(c));
         }
         if self.now.mono < self.next_tick {
             return;
@@ -973,7 +1022,8 @@ impl Engine {
     pub(crate) fn apply_committed(&mut self) {
         let upto = self.commit.min(self.durable);
         let mut slots_finished = false;
-        while self.state.applied() < upto {
+        // While the ledger's writes lag too far behind, applying waits for them (see `ledger.rs`).
+        while self.state.applied() < upto && !self.ledger.backlogged() {
             let index = self.state.applied().next();
             let entry = self.log.entry(index).expect("an uncompacted entry is held");
             // Only the leader that proposed a take pushes its sessions out. A later leader
@@ -985,7 +1035,11 @@ impl Engine {
             let env = MutationEnv { rng: &mut self.rng, wall: self.now.wall };
             let delivering_before = self.state.delivering_total();
             let finished_by_handler = matches!(entry.command, Command::Client { .. });
-            let applied = self.state.apply(entry, &self.cfg, env);
+            let audit = audit_of(entry);
+            let (term, entry_index) = (entry.term, entry.index);
+            let mut applied = self.state.apply(entry, &self.cfg, env);
+            let events = std::mem::take(&mut applied.events);
+            self.ledger.append(Record::of(&LedgerEntry { index: entry_index, term, audit, events }));
             slots_finished |= finished_by_handler && self.state.delivering_total() < delivering_before;
             if let Some((client, seq, outcome)) = applied.reply {
                 if self.proposed.remove(&index) == Some((client, seq)) {
@@ -1006,6 +1060,10 @@ impl Engine {
             }
         }
         self.after_apply_sources();
+        self.ledger_step();
+        if self.streams.len() > 0 {
+            self.with_streams(|s, c| s.pump(c));
+        }
         if self.reads.len() > 0 {
             self.serve_reads();
         }
@@ -1032,6 +1090,109 @@ impl Engine {
         }
     }
 
+    // ---- the ledger ----------------------------------------------------------------------------
+
+    /// Hands the ledger's next disk work out, and renames a waiting snapshot into place once the
+    /// ledger is durable through it.
+    pub(crate) fn ledger_step(&mut self) {
+        if !self.is_serving() {
+            return;
+        }
+        if let Some((index, _)) = &self.snapshot_rename {
+            if self.ledger.durable() >= *index {
+                let (_, op) = self.snapshot_rename.take().expect("checked");
+                self.issue(op, Purpose::Snapshot);
+            }
+        }
+        let generation = self.ledger_generation;
+        match self.ledger.step(self.now.wall.0) {
+            Some(LedgerIo::Write(op)) => self.issue(op, Purpose::LedgerWrite(generation)),
+            Some(LedgerIo::Sync(ops)) => ops.into_iter().for_each(|op| self.issue(op, Purpose::LedgerSync(generation))),
+            Some(LedgerIo::Repair(op)) => self.issue(op, Purpose::LedgerRepair(generation)),
+            None => {}
+        }
+    }
+
+    /// An installed snapshot at `index` replaced the state: the ledger starts over after it
+    /// (the entries before it were never applied here), and its old files go.
+    pub(crate) fn restart_ledger(&mut self, index: Index) {
+        self.ledger_generation += 1;
+        self.ledger_retry_at = None;
+        let old = self.ledger.reset(index);
+        self.remove_files(old);
+        // Readers behind the snapshot learn it was compacted away (watchers resync).
+        self.with_streams(|s, c| s.pump(c));
+    }
+
+    // ---- streams -----------------------------------------------------------------------------
+
+    fn on_stream_open(&mut self, stream: StreamId, open: StreamOpen) {
+        let refusal = if self.is_stopped() {
+            Some(StreamError::Stopped)
+        } else if !self.is_serving() {
+            Some(StreamError::NotReady)
+        } else {
+            None
+        };
+        if let Some(error) = refusal {
+            self.outputs.push_back(Output::Stream { stream, seq: 1, item: StreamItem::End(error) });
+            return;
+        }
+        if self.streams.len() == 0 {
+            self.streams_tick = self.now.mono.saturating_add(Duration(self.cfg.limits.progress_every_ms));
+        }
+        self.with_streams(|s, c| s.open(stream, open, c));
+    }
+
+    /// Runs `f` over the streams with what they need of the engine, and issues the reads they
+    /// ask for.
+    fn with_streams(&mut self, f: impl FnOnce(&mut Streams, &mut Ctx)) {
+        let mut reads = Vec::new();
+        let kinds = &self.cfg.kinds;
+        let known = |k: crate::types::Kind| kinds.contains_key(&k);
+        let mut ctx = Ctx {
+            ledger: &self.ledger,
+            limits: &self.cfg.limits,
+            now: self.now.mono,
+            log_last: self.log.last_index(),
+            kinds_known: &known,
+            out: &mut self.outputs,
+            reads: &mut reads,
+        };
+        f(&mut self.streams, &mut ctx);
+        for (stream, token, op) in reads {
+            self.issue(op, Purpose::StreamRead(stream, token));
+        }
+    }
+
+    fn on_ledger_io(&mut self, purpose: Purpose, result: Result<IoReply, DiskError>) {
+        let stale = |g: u64| g != self.ledger_generation;
+        let outcome = match purpose {
+            Purpose::LedgerWrite(g) if !stale(g) => match self.ledger.on_write(result) {
+                Ok(Some(LedgerIo::Repair(op))) => {
+                    self.issue(op, Purpose::LedgerRepair(g));
+                    // Like the log in a cluster: the write is tried again a little later.
+                    self.ledger_retry_at = Some(self.now.mono.saturating_add(self.tick()));
+                    Ok(())
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            },
+            Purpose::LedgerSync(g) if !stale(g) => self.ledger.on_sync(result),
+            Purpose::LedgerRepair(g) if !stale(g) => self.ledger.on_repair(result),
+            _ => return,
+        };
+        if let Err(e) = outcome {
+            // Like a failed log fsync: what the disk holds is unknown, so the replica stops and
+            // recovers from what is there.
+            self.stop(Fatal::DiskFailed { file: "(ledger)".into(), reason: e.to_string() });
+            return;
+        }
+        self.ledger_step();
+        // Applying may have waited for the ledger's writes.
+        self.apply_committed();
+    }
+
     // ---- snapshots -------------------------------------------------------------------------
 
     fn maybe_snapshot(&mut self) {
@@ -1049,9 +1210,16 @@ impl Engine {
     fn on_snapshot_io(&mut self, result: Result<IoReply, DiskError>) {
         match self.snapshots.on_io(result) {
             SnapStep::Io(op) => self.issue(op, Purpose::Snapshot),
+            SnapStep::Rename { index, op } => {
+                self.ledger.want_durable(index);
+                self.snapshot_rename = Some((index, op));
+                self.ledger_step();
+            }
             SnapStep::Finished { index, obsolete } => {
                 self.cleanup.extend(obsolete);
                 self.cleanup.extend(self.files.removable(index));
+                let expired = self.ledger.expired(index, self.now.wall.0);
+                self.cleanup.extend(expired);
                 if self.installing.as_ref().is_some_and(|i| i.index == index) {
                     self.installed();
                 } else {
@@ -1094,6 +1262,10 @@ impl Engine {
             self.files.covers(&self.state);
         }
         self.log.invariants();
+        if self.is_serving() {
+            self.ledger.invariants();
+        }
+        self.streams.invariants(&self.cfg.limits);
         let early = self.cfg.mutation(|m| m.ack_before_fsync || m.follower_ack_before_fsync);
         if !early {
             assert!(self.durable <= self.log.written, "durable entries are written");
@@ -1122,5 +1294,19 @@ impl Engine {
             assert!(b.last.0 - b.first.0 < self.cfg.limits.batch_entries_max as u64);
             assert_eq!(b.first, self.log.written.next(), "the batch continues the written log");
         }
+    }
+}
+
+/// The audit part of an entry's ledger record: what the leader wrote into it.
+fn audit_of(entry: &Entry) -> Audit {
+    match &entry.command {
+        Command::Client { client, seq, request, principal, .. } => Audit {
+            at: entry.at,
+            client: Some(*client),
+            seq: Some(*seq),
+            attempt: request.handle().map(|h| h.attempt),
+            principal: principal.clone(),
+        },
+        _ => Audit { at: entry.at, ..Audit::default() },
     }
 }

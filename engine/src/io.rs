@@ -5,6 +5,7 @@
 //! [`Input::IoDone`]. File names are flat names inside the replica's data directory.
 
 use crate::error::{Fatal, RequestError};
+use crate::events::{StreamId, StreamItem, StreamOpen};
 use crate::message::Message;
 use crate::op::{Outcome, Query, QueryReply, Request, UnixSecs};
 use crate::types::{ClientId, Handle, Index, Kind, ReplicaId, Seq, UnixMs};
@@ -127,6 +128,13 @@ pub enum Input {
     Tick,
     /// A message from another replica. The network may lose, repeat, delay or reorder them.
     Message { from: ReplicaId, message: Message },
+    /// A reader opens a stream (a tail or a watch) of this replica's ledger.
+    StreamOpen { stream: StreamId, open: StreamOpen },
+    /// The reader processed every item of the stream through `seq`; `error` is a watcher's
+    /// report that its processing failed (the stream goes on).
+    StreamAck { stream: StreamId, seq: u64, error: Option<String> },
+    /// The reader went away (its connection closed, say).
+    StreamClose { stream: StreamId },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -169,6 +177,12 @@ pub enum Output {
     Send {
         to: ReplicaId,
         message: Message,
+    },
+    /// Item `seq` (from 1) of a reader's stream. After an `End` the stream sends nothing more.
+    Stream {
+        stream: StreamId,
+        seq: u64,
+        item: StreamItem,
     },
     /// This replica's role or term changed (for logs, status and the simulator's checkers).
     Role {

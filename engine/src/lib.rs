@@ -30,10 +30,12 @@ pub mod config;
 mod election;
 mod engine;
 pub mod error;
+pub mod events;
 mod fetch;
 mod hardstate;
 mod hash;
 pub mod io;
+mod ledger;
 mod log;
 pub mod message;
 pub mod op;
@@ -47,11 +49,16 @@ mod sessions_props;
 mod snapshot;
 mod source_files;
 mod stored;
+mod streams;
 pub mod types;
 
 pub use config::{ConsensusConfig, EngineConfig, KindConfig, Limits, Mutations};
 pub use engine::Engine;
 pub use error::{Fatal, RequestError};
+pub use events::{
+    Audit, BriefStatus, Event, EventMark, Filter, LedgerEntry, SessionBrief, SessionSnapshot, StreamError, StreamId,
+    StreamItem, StreamOpen, TailFrom, What,
+};
 pub use io::{DiskError, Input, IoId, IoOp, IoReply, Output, RoleName};
 pub use message::Message;
 pub use op::{

@@ -120,6 +120,28 @@ impl Request {
         }
     }
 
+    /// The session the request is about, if it names one.
+    pub fn session(&self) -> Option<SessionId> {
+        match self {
+            Request::Redrive { target: RedriveTarget::Session(id) } | Request::DropDead { session: id } => Some(*id),
+            other => other.handle().map(|h| h.session),
+        }
+    }
+
+    /// A short name for logs and the ledger.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::New { .. } => "new",
+            Request::Append { .. } => "append",
+            Request::Replace { .. } => "replace",
+            Request::Delete { .. } => "delete",
+            Request::Store { .. } => "store",
+            Request::KeepAlive { .. } => "keep-alive",
+            Request::Redrive { .. } => "redrive",
+            Request::DropDead { .. } => "drop",
+        }
+    }
+
     pub fn record_len(&self) -> usize {
         match self {
             Request::New { record, .. } => record.as_ref().map_or(0, Vec::len),
@@ -153,7 +175,9 @@ pub type Outcome = Result<Reply, RequestError>;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// A client request. `due` is filled for stores: clock + timeout + jitter, drawn once.
-    Client { client: ClientId, seq: Seq, request: Request, due: Option<UnixSecs> },
+    /// `principal` is who the client proved to be (for the ledger's audit), once credentials
+    /// exist; the entry's `at` is when the request arrived at the leader.
+    Client { client: ClientId, seq: Seq, request: Request, due: Option<UnixSecs>, principal: Option<String> },
     /// The repeater takes these stored sessions for delivery (each gets a new attempt). For
     /// those kept in a source file, the entry carries what only the file holds (their records),
     /// read by the proposer: applying an entry never reads a file.
@@ -175,6 +199,22 @@ pub enum Command {
     /// A new leader's first entry. Committing an entry of its own term is how a leader learns
     /// which earlier entries are committed (Raft commits older terms only indirectly).
     Noop,
+}
+
+impl Command {
+    /// A short name for logs and the ledger.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Client { request, .. } => request.name(),
+            Command::Take { .. } => "take",
+            Command::Spill { .. } => "spill",
+            Command::Merge { .. } => "merge",
+            Command::SourceReady { .. } => "source-ready",
+            Command::Expire { .. } => "expire",
+            Command::DeliveryFailed { .. } => "delivery-failed",
+            Command::Noop => "noop",
+        }
+    }
 }
 
 /// A spilled session's part that lives only in its source file, carried by a `Take` entry.

@@ -16,6 +16,7 @@ use crate::codec::{
 use crate::error::Fatal;
 use crate::hardstate::{self, HardState, HARD_STATE_FILE};
 use crate::io::{DiskError, IoOp, IoReply};
+use crate::ledger::{LedgerRecovered, LedgerScan, ScanStep};
 use crate::log::{Loc, Log};
 use crate::op::Entry;
 use crate::sessions::StateMachine;
@@ -40,6 +41,8 @@ pub(crate) struct Recovered {
     pub snapshots: Vec<String>,
     /// Source files found (see `stored.rs`).
     pub sources: Vec<SourceId>,
+    /// The ledger as found, cut back to its last whole record (see `ledger.rs`).
+    pub ledger: LedgerRecovered,
 }
 
 #[derive(Default)]
@@ -68,6 +71,11 @@ pub(crate) struct Recovery {
     /// stopping the replica (see [`Damage`]).
     repair_from_peers: bool,
     damage: Option<Damage>,
+    /// Every name the directory listed (the ledger's scan picks its segments from them).
+    names: Vec<String>,
+    /// The ledger's last segment is being read.
+    ledger_scan: Option<LedgerScan>,
+    ledger: LedgerRecovered,
 }
 
 /// A confirmed damaged record in a cluster member's log. Everything from it on is dropped
@@ -109,6 +117,10 @@ impl Recovery {
 
     /// `mutant`: the `truncate-mid-log` mutation is on.
     pub fn on_io(&mut self, result: Result<IoReply, DiskError>, mutant: bool) -> Step {
+        if let Some(scan) = self.ledger_scan.as_mut() {
+            let step = scan.on_read(result);
+            return self.ledger_step(step);
+        }
         match result {
             Ok(IoReply::Listed(names)) => self.listed(names),
             Ok(IoReply::Data(bytes)) => {
@@ -134,6 +146,7 @@ impl Recovery {
     }
 
     fn listed(&mut self, names: Vec<String>) -> Step {
+        self.names = names.clone();
         for n in &names {
             if n.ends_with(".tmp") {
                 self.repairs.push_back(IoOp::Remove { file: n.clone() });
@@ -222,6 +235,21 @@ impl Recovery {
                 self.reading = None;
                 self.queue_damage_repair();
                 self.drop_log_behind_snapshot();
+                let (scan, step) = LedgerScan::start(&self.names, self.snapshot);
+                self.ledger_scan = Some(scan);
+                self.ledger_step(step)
+            }
+        }
+    }
+
+    /// The ledger's scan goes on, or is done and its repairs join the others.
+    fn ledger_step(&mut self, step: ScanStep) -> Step {
+        match step {
+            ScanStep::Read(op) => Step::Io(op),
+            ScanStep::Done(found, repairs) => {
+                self.ledger_scan = None;
+                self.ledger = found;
+                self.repairs.extend(repairs);
                 self.next_repair()
             }
         }
@@ -447,7 +475,10 @@ impl Recovery {
         self.durable_queued = true;
         let snapshot = self.snapshots.iter().filter(|(i, _)| *i == self.snapshot).map(|(_, n)| n.clone());
         let segments = self.log.segments.iter().map(|(_, n)| n.clone());
-        let files: Vec<String> = snapshot.chain(segments).collect();
+        // The ledger too: a segment found in the page cache only could otherwise vanish under a
+        // later snapshot, which would leave a hole no replay can fill.
+        let ledger = self.ledger.names();
+        let files: Vec<String> = snapshot.chain(segments).chain(ledger).collect();
         self.repairs.extend(files.into_iter().map(|file| IoOp::Sync { file }));
         self.repairs.push_back(IoOp::SyncDir);
     }
@@ -472,6 +503,7 @@ impl Recovery {
                 snapshot: self.snapshot,
                 snapshots: self.snapshots.iter().filter(|(i, _)| *i == self.snapshot).map(|(_, n)| n.clone()).collect(),
                 sources: std::mem::take(&mut self.sources),
+                ledger: std::mem::take(&mut self.ledger),
             })),
         }
     }

@@ -563,6 +563,7 @@ impl Engine {
         self.proposed.clear();
         self.waiting.clear();
         let obsolete = self.log.reset(inst.index, inst.term);
+        self.restart_ledger(inst.index);
         self.durable = inst.index;
         for e in inst.pending {
             self.log.append(e);

@@ -5,12 +5,14 @@
 //! Refusals are decided here, at apply time, so every replica refuses the same requests; a
 //! refused request changes nothing but the deduplication table, which remembers the answer.
 
+mod apply;
+
 use crate::config::EngineConfig;
 use crate::error::RequestError;
+use crate::events::{BriefStatus, Event, SessionBrief, What};
 use crate::hash::{digest, StateHash};
 use crate::op::{
-    Command, DeadPage, DeadView, Entry, FailureReason, Outcome, RedriveTarget, Reply, Request, SessionState,
-    SessionView, UnixSecs, Unspilled,
+    DeadPage, DeadView, Entry, FailureReason, Outcome, Reply, SessionState, SessionView, UnixSecs, Unspilled,
 };
 use crate::stored::{InOrder, Sources, MEMTABLE_SESSION_OVERHEAD_BYTES};
 use crate::types::{Attempt, ClientId, Handle, Index, Kind, Seq, SessionId, SourceId, UnixMs};
@@ -58,6 +60,8 @@ pub(crate) struct Applied {
     /// Sessions taken for delivery, with the repeat time each was taken for and the clock
     /// reading the take was decided at: the engine pushes them to their handlers.
     pub deliveries: Vec<(Handle, UnixSecs, UnixMs)>,
+    /// What the entry did, for the ledger (at least one event per entry).
+    pub events: Vec<Event>,
 }
 
 /// Values an apply may use only under the `recompute-jitter` mutation, which models a replica
@@ -135,6 +139,21 @@ impl Session {
         self.records_hash = xxhash_rust::xxh3::xxh3_64_with_seed(&record, self.records_hash);
         self.bytes += record.len() as u64;
         self.records.push(record);
+    }
+
+    pub(crate) fn brief(&self) -> SessionBrief {
+        let status = match self.status {
+            Status::Active { delivering, .. } => BriefStatus::Active { delivering },
+            Status::Stored { due, .. } => BriefStatus::Stored { due },
+            Status::Dead { since } => BriefStatus::Dead { since },
+        };
+        SessionBrief {
+            status,
+            attempt: self.attempt,
+            failures: self.failures,
+            records: self.records.len() as u32,
+            bytes: self.bytes,
+        }
     }
 
     fn view(&self, id: SessionId) -> SessionView {
@@ -324,6 +343,24 @@ impl StateMachine {
         self.sessions.get(&id)
     }
 
+    /// A session's state as readers see it, in memory or spilled; `None` if it does not exist.
+    pub(crate) fn brief(&self, id: SessionId) -> Option<SessionBrief> {
+        if let Some(s) = self.sessions.get(&id) {
+            return Some(s.brief());
+        }
+        let (_, e) = self.sources.spilled(id)?;
+        let status = BriefStatus::Stored { due: e.due };
+        Some(SessionBrief { status, attempt: e.attempt, failures: e.failures, records: e.records, bytes: e.bytes })
+    }
+
+    /// The kind of a session in memory or spilled.
+    pub(crate) fn kind_of(&self, id: SessionId) -> Option<Kind> {
+        match self.sessions.get(&id) {
+            Some(s) => Some(s.kind),
+            None => self.sources.locate(id).map(|p| p.kind),
+        }
+    }
+
     /// Deliveries out, over all kinds.
     pub(crate) fn delivering_total(&self) -> u32 {
         self.delivering.values().sum()
@@ -341,160 +378,14 @@ impl StateMachine {
         }
     }
 
-    /// Applies one committed entry. Entries must come in index order with no gaps.
-    pub(crate) fn apply(&mut self, entry: &Entry, cfg: &EngineConfig, env: MutationEnv<'_>) -> Applied {
-        assert_eq!(entry.index, self.applied.next(), "entries are applied in order without gaps");
-        self.applied = entry.index;
-        let mut out = Applied::default();
-        match &entry.command {
-            Command::Client { client, seq, request, due } => {
-                let retried = self.dedup_lookup(*client, *seq);
-                let outcome = match retried {
-                    Some(cached) if !cfg.mutation(|m| m.apply_retry_twice) => cached,
-                    _ => {
-                        let due = self.effective_due(*due, request, entry, cfg, env);
-                        let outcome = self.execute(entry, request, due, cfg);
-                        self.remember(*client, *seq, outcome.clone(), entry.index, cfg);
-                        outcome
-                    }
-                };
-                out.reply = Some((*client, *seq, outcome));
-            }
-            Command::Take { sessions, unspilled } => {
-                for id in sessions {
-                    if let Some(due) = self.take(*id, entry.at, cfg, unspilled) {
-                        let attempt = self.sessions[id].attempt;
-                        out.deliveries.push((Handle { session: *id, attempt }, due, entry.at));
-                    }
-                }
-            }
-            Command::Expire { sessions } => {
-                for (handle, due) in sessions {
-                    self.expire(*handle, *due, entry, cfg);
-                }
-            }
-            Command::Noop => {}
-            Command::Spill { kind } => self.spill(*kind, SourceId(entry.index.0)),
-            Command::Merge { kind, older, newer } => {
-                self.sources.merge(*kind, *older, *newer, SourceId(entry.index.0));
-            }
-            Command::SourceReady { source } => {
-                self.sources.ready(*source);
-            }
-            Command::DeliveryFailed { handle, due, reason } => {
-                let delivering = self
-                    .check_handle(*handle)
-                    .is_ok_and(|s| matches!(s.status, Status::Active { delivering: true, .. }));
-                if delivering {
-                    self.fail(handle.session, *due, reason.clone(), entry.index, cfg);
-                }
-            }
-        }
-        out
-    }
-
-    /// The repeat time written in the entry (the repeat-index floor is applied by `store`).
-    fn effective_due(
-        &self,
-        due: Option<UnixSecs>,
-        request: &Request,
-        entry: &Entry,
-        cfg: &EngineConfig,
-        env: MutationEnv<'_>,
-    ) -> UnixSecs {
-        let Request::Store { handle, timeout_s } = request else {
-            // A redrive is due when the leader proposed it.
-            return due.unwrap_or_else(|| entry.at.as_secs());
-        };
-        if cfg.mutation(|m| m.recompute_jitter_on_apply) {
-            let kind = self.sessions.get(&handle.session).map_or(Kind(0), |s| s.kind);
-            crate::repeater::draw_due(env.wall, *timeout_s, cfg.kind(kind), env.rng)
-        } else {
-            let _ = env;
-            due.unwrap_or_else(|| entry.at.as_secs())
-        }
-    }
-
-    fn execute(&mut self, entry: &Entry, request: &Request, due: UnixSecs, cfg: &EngineConfig) -> Outcome {
-        match request {
-            Request::New { kind, record } => self.create(entry, *kind, record.clone(), cfg),
-            Request::Append { handle, record } => {
-                self.check_handle_active(*handle, cfg)?;
-                self.check_room(handle.session, record.len() as u64, false, cfg)?;
-                self.change(handle.session, |s| s.push(record.clone()));
-                self.renew(handle.session, entry.at, cfg);
-                Ok(Reply::Done)
-            }
-            Request::Replace { handle, record } => {
-                self.check_handle_active(*handle, cfg)?;
-                self.check_room(handle.session, record.len() as u64, true, cfg)?;
-                self.change(handle.session, |s| {
-                    s.records.clear();
-                    s.bytes = 0;
-                    s.records_hash = 0;
-                    s.push(record.clone());
-                });
-                self.renew(handle.session, entry.at, cfg);
-                Ok(Reply::Done)
-            }
-            Request::Delete { handle } => {
-                self.check_handle_active(*handle, cfg)?;
-                self.delete(handle.session, entry.index, cfg);
-                Ok(Reply::Done)
-            }
-            Request::Store { handle, timeout_s } => {
-                self.check_handle_active(*handle, cfg)?;
-                let kind = self.sessions[&handle.session].kind;
-                let max_s = cfg.kind(kind).map_or(0, |k| k.store_timeout_s_max);
-                if *timeout_s > max_s {
-                    return Err(RequestError::TimeoutTooLong { timeout_s: *timeout_s, max_s });
-                }
-                // A handler that stores the session has handled it (it is unfinished, not failed).
-                self.change(handle.session, |s| s.failures = 0);
-                let due = self.store(handle.session, due, entry.index);
-                Ok(Reply::Stored { due })
-            }
-            Request::KeepAlive { handle } => {
-                self.check_handle_active(*handle, cfg)?;
-                if !cfg.mutation(|m| m.ignore_keepalive) {
-                    self.renew(handle.session, entry.at, cfg);
-                }
-                Ok(Reply::Done)
-            }
-            Request::Redrive { target } => self.redrive(*target, due, entry.index, cfg),
-            Request::DropDead { session } => {
-                self.dead_session(*session)?;
-                self.delete(*session, entry.index, cfg);
-                Ok(Reply::Done)
-            }
-        }
-    }
-
-    /// Moves dead sessions back to the stored set with their failure count cleared.
-    fn redrive(&mut self, target: RedriveTarget, due: UnixSecs, at: Index, cfg: &EngineConfig) -> Outcome {
-        let (kind, ids): (Kind, Vec<SessionId>) = match target {
-            RedriveTarget::Session(id) => (self.dead_session(id)?.kind, vec![id]),
-            RedriveTarget::Kind(kind) => {
-                cfg.kind(kind).ok_or(RequestError::UnknownKind(kind))?;
-                (kind, self.dead_of(kind).take(cfg.limits.redrive_batch_max as usize).collect())
-            }
-        };
-        for id in &ids {
-            if !cfg.mutation(|m| m.redrive_keeps_count) {
-                self.change(*id, |s| s.failures = 0);
-            }
-            self.store(*id, due, at);
-        }
-        let remaining = self.dead_count(kind);
-        Ok(Reply::Redriven { count: ids.len() as u32, remaining })
-    }
-
-    /// Moves the kind's memtable to a new source (nothing happens if it is empty).
-    fn spill(&mut self, kind: Kind, id: SourceId) {
+    /// Moves the kind's memtable to a new source (nothing happens if it is empty); returns how
+    /// many sessions it moved.
+    fn spill(&mut self, kind: Kind, id: SourceId) -> u64 {
         let keys: Vec<(UnixSecs, Index, SessionId)> = self.memtable_in_order(kind).collect();
         if keys.is_empty() {
-            return;
+            return 0;
         }
+        let moved = keys.len() as u64;
         let mut sessions = Vec::with_capacity(keys.len());
         for (due, stored_at, sid) in keys {
             let s = self.sessions.remove(&sid).expect("the stored index holds live sessions");
@@ -504,6 +395,7 @@ impl StateMachine {
         // The sessions' digests stay in the hash: they are still in the state, only elsewhere.
         self.memtable_bytes.remove(&kind);
         self.sources.spill(kind, id, sessions);
+        moved
     }
 
     /// The session, if it is in a dead-letter set (what a redrive or a drop needs).
@@ -517,21 +409,25 @@ impl StateMachine {
 
     /// A delivery failed: the session is stored again at `due` (the leader drew it with the
     /// kind's backoff), or goes to the dead-letter set once its failures reach max attempts.
-    fn fail(&mut self, id: SessionId, due: UnixSecs, reason: FailureReason, at: Index, cfg: &EngineConfig) {
+    /// Returns what became of it.
+    fn fail(&mut self, id: SessionId, due: UnixSecs, reason: FailureReason, at: Index, cfg: &EngineConfig) -> What {
         let kind = self.sessions[&id].kind;
         let failures = self.sessions[&id].failures + 1;
         let early = cfg.mutation(|m| m.dead_letter_early) as u32;
         let dead = cfg.kind(kind).is_some_and(|k| k.is_dead_after(failures + early));
+        let kept = reason.clone();
         self.change(id, |s| {
             s.failures = failures;
-            s.last_failure = Some(reason);
+            s.last_failure = Some(kept);
             if dead {
                 s.status = Status::Dead { since: at };
             }
         });
-        if !dead {
-            self.store(id, due, at);
+        if dead {
+            return What::DeadLettered { reason };
         }
+        let due = self.store(id, due, at);
+        What::DeliveryFailed { reason, due }
     }
 
     fn create(&mut self, entry: &Entry, kind: Kind, record: Option<Vec<u8>>, cfg: &EngineConfig) -> Outcome {
@@ -766,17 +662,18 @@ impl StateMachine {
 
     /// A lease ran out. A session its owner left is stored; a delivery whose handler let the
     /// lease run out has failed (the leader drew `due` with the kind's backoff).
-    fn expire(&mut self, handle: Handle, due: UnixSecs, entry: &Entry, cfg: &EngineConfig) {
-        let Ok(s) = self.check_handle(handle) else { return };
-        let Status::Active { lease_until, delivering } = s.status else { return };
+    /// Returns what became of the session, if the lease had really run out.
+    fn expire(&mut self, handle: Handle, due: UnixSecs, entry: &Entry, cfg: &EngineConfig) -> Option<What> {
+        let s = self.check_handle(handle).ok()?;
+        let Status::Active { lease_until, delivering } = s.status else { return None };
         if cfg.lease_end(s.kind, lease_until) > entry.at {
-            return;
+            return None;
         }
         if delivering {
-            self.fail(handle.session, due, FailureReason::LeaseExpired, entry.index, cfg);
-        } else {
-            self.store(handle.session, due, entry.index);
+            return Some(self.fail(handle.session, due, FailureReason::LeaseExpired, entry.index, cfg));
         }
+        let due = self.store(handle.session, due, entry.index);
+        Some(What::LeaseExpired { due })
     }
 
     fn remember(&mut self, client: ClientId, seq: Seq, outcome: Outcome, index: Index, cfg: &EngineConfig) {

@@ -108,7 +108,7 @@ impl Run {
 
     fn request(&mut self, request: Request, due: Option<UnixSecs>) -> crate::op::Outcome {
         self.seq += 1;
-        let command = Command::Client { client: ClientId(1), seq: Seq(self.seq), request, due };
+        let command = Command::Client { client: ClientId(1), seq: Seq(self.seq), request, due, principal: None };
         self.apply(command).expect("a client request is answered")
     }
 

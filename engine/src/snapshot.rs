@@ -15,10 +15,20 @@ use crate::types::{Index, Term};
 struct Job {
     index: Index,
     stage: Replace,
+    /// A snapshot of this replica's own state (not one a leader sent): it replaces the log, and
+    /// with it the only way to rebuild the ledger before it, so it is renamed into place only
+    /// once the ledger is durable through its index.
+    own: bool,
 }
 
 pub(crate) enum SnapStep {
     Io(IoOp),
+    /// The snapshot of this replica's own state at `index` is written and fsynced; `op` renames
+    /// it into place, to be issued once the ledger is durable through `index`.
+    Rename {
+        index: Index,
+        op: IoOp,
+    },
     /// The snapshot at `index` is durable; `obsolete` older snapshot files may go.
     Finished {
         index: Index,
@@ -98,7 +108,7 @@ impl Snapshotter {
         let index = state.applied();
         let data = snapshot_file(state, term);
         (self.last_bytes, self.log_bytes) = (data.len() as u64, 0);
-        self.job = Some(Job { index, stage: Replace::Write });
+        self.job = Some(Job { index, stage: Replace::Write, own: true });
         IoOp::Write { file: tmp_name(index), offset: 0, data }
     }
 
@@ -106,7 +116,7 @@ impl Snapshotter {
     pub fn start_encoded(&mut self, index: Index, term: Term, payload: &[u8]) -> IoOp {
         assert!(!self.busy(), "one snapshot at a time");
         let data = encode_snapshot(index, term, payload);
-        self.job = Some(Job { index, stage: Replace::Write });
+        self.job = Some(Job { index, stage: Replace::Write, own: false });
         IoOp::Write { file: tmp_name(index), offset: 0, data }
     }
 
@@ -124,6 +134,9 @@ impl Snapshotter {
             return SnapStep::Finished { index, obsolete };
         };
         job.stage = next;
+        if next == Replace::Rename && job.own {
+            return SnapStep::Rename { index, op };
+        }
         SnapStep::Io(op)
     }
 }

@@ -1,6 +1,8 @@
 //! What the engine's integration tests share: a perfect in-memory directory that carries out
 //! the engine's disk operations at once (the disk is never the interesting part there).
 
+pub mod driver;
+
 use std::collections::BTreeMap;
 use truba_engine::{DiskError, IoOp, IoReply};
 

@@ -1,0 +1,249 @@
+//! What applying a committed entry does, and the events it reports.
+//!
+//! Applying is a pure function of (state, entry): no clock, no randomness. Everything that could
+//! vary between replicas (the proposer's wall clock, jitter draws) is inside the entry. Each
+//! change to a session is reported as an [`Event`] with the session's state before and after,
+//! for the ledger (see `events.rs`): the events are as deterministic as the state.
+
+use super::{Applied, MutationEnv, StateMachine, Status};
+use crate::config::EngineConfig;
+use crate::error::RequestError;
+use crate::events::{Event, What};
+use crate::op::{Command, Entry, Outcome, RedriveTarget, Reply, Request, UnixSecs};
+use crate::types::{Handle, Index, Kind, SessionId, SourceId};
+
+impl StateMachine {
+    /// Applies one committed entry. Entries must come in index order with no gaps.
+    pub(crate) fn apply(&mut self, entry: &Entry, cfg: &EngineConfig, env: MutationEnv<'_>) -> Applied {
+        assert_eq!(entry.index, self.applied.next(), "entries are applied in order without gaps");
+        self.applied = entry.index;
+        let mut out = Applied::default();
+        match &entry.command {
+            Command::Client { client, seq, request, due, .. } => {
+                let retried = self.dedup_lookup(*client, *seq);
+                let outcome = match retried {
+                    Some(cached) if !cfg.mutation(|m| m.apply_retry_twice) => {
+                        out.events.push(self.repeated(request));
+                        cached
+                    }
+                    _ => {
+                        let due = self.effective_due(*due, request, entry, cfg, env);
+                        let outcome = self.execute(entry, request, due, cfg, &mut out.events);
+                        if let Err(e) = &outcome {
+                            out.events.push(self.refused(request, e.clone()));
+                        }
+                        self.remember(*client, *seq, outcome.clone(), entry.index, cfg);
+                        outcome
+                    }
+                };
+                out.reply = Some((*client, *seq, outcome));
+            }
+            Command::Take { sessions, unspilled } => {
+                for id in sessions {
+                    let before = self.brief(*id);
+                    if let Some(due) = self.take(*id, entry.at, cfg, unspilled) {
+                        let attempt = self.sessions[id].attempt;
+                        out.deliveries.push((Handle { session: *id, attempt }, due, entry.at));
+                        out.events.push(self.event(*id, What::Taken { due }, before));
+                    }
+                }
+            }
+            Command::Expire { sessions } => {
+                for (handle, due) in sessions {
+                    let before = self.brief(handle.session);
+                    if let Some(what) = self.expire(*handle, *due, entry, cfg) {
+                        out.events.push(self.event(handle.session, what, before));
+                    }
+                }
+            }
+            Command::DeliveryFailed { handle, due, reason } => {
+                let delivering = self
+                    .check_handle(*handle)
+                    .is_ok_and(|s| matches!(s.status, Status::Active { delivering: true, .. }));
+                if delivering {
+                    let before = self.brief(handle.session);
+                    let what = self.fail(handle.session, *due, reason.clone(), entry.index, cfg);
+                    out.events.push(self.event(handle.session, what, before));
+                }
+            }
+            Command::Noop => out.events.push(Event::pipe(What::Noop)),
+            Command::Spill { kind } => {
+                let sessions = self.spill(*kind, SourceId(entry.index.0));
+                let what = What::Spilled { source: SourceId(entry.index.0), sessions };
+                out.events.push(Event { kind: Some(*kind), ..Event::pipe(what) });
+            }
+            Command::Merge { kind, older, newer } => {
+                let source = SourceId(entry.index.0);
+                if self.sources.merge(*kind, *older, *newer, source) {
+                    let what = What::Merging { source, older: *older, newer: *newer };
+                    out.events.push(Event { kind: Some(*kind), ..Event::pipe(what) });
+                }
+            }
+            Command::SourceReady { source } => {
+                if self.sources.ready(*source) {
+                    out.events.push(Event::pipe(What::SourceReady { source: *source }));
+                }
+            }
+        }
+        if out.events.is_empty() {
+            // Every committed entry shows in the ledger, even one of the pipe's own that found
+            // nothing left to do (a take of a session stored again meanwhile, say).
+            out.events.push(Event::pipe(What::NoEffect { entry: entry.command.name().into() }));
+        }
+        out
+    }
+
+    /// The event of a change to session `id` (which is of a known kind), from `before`.
+    fn event(&self, id: SessionId, what: What, before: Option<crate::events::SessionBrief>) -> Event {
+        let kind = self.kind_of(id);
+        Event { session: Some(id), kind, what, before, after: self.brief(id) }
+    }
+
+    /// The event of a client request that changed nothing.
+    fn refused(&self, request: &Request, error: RequestError) -> Event {
+        let session = request.session();
+        let kind = match request {
+            Request::New { kind, .. } => Some(*kind),
+            _ => session.and_then(|id| self.kind_of(id)),
+        };
+        let brief = session.and_then(|id| self.brief(id));
+        let what = What::Refused { request: request.name().into(), error };
+        Event { session, kind, what, before: brief.clone(), after: brief }
+    }
+
+    /// The event of a retry of a request already applied (answered from the dedup table).
+    fn repeated(&self, request: &Request) -> Event {
+        let session = request.session();
+        let brief = session.and_then(|id| self.brief(id));
+        let what = What::Repeated { request: request.name().into() };
+        Event { session, kind: session.and_then(|id| self.kind_of(id)), what, before: brief.clone(), after: brief }
+    }
+
+    /// The repeat time written in the entry (the repeat-index floor is applied by `store`).
+    fn effective_due(
+        &self,
+        due: Option<UnixSecs>,
+        request: &Request,
+        entry: &Entry,
+        cfg: &EngineConfig,
+        env: MutationEnv<'_>,
+    ) -> UnixSecs {
+        let Request::Store { handle, timeout_s } = request else {
+            // A redrive is due when the leader proposed it.
+            return due.unwrap_or_else(|| entry.at.as_secs());
+        };
+        if cfg.mutation(|m| m.recompute_jitter_on_apply) {
+            let kind = self.sessions.get(&handle.session).map_or(Kind(0), |s| s.kind);
+            crate::repeater::draw_due(env.wall, *timeout_s, cfg.kind(kind), env.rng)
+        } else {
+            let _ = env;
+            due.unwrap_or_else(|| entry.at.as_secs())
+        }
+    }
+
+    /// Carries out a client request, reporting what it changed in `events`; an error changed
+    /// nothing.
+    fn execute(
+        &mut self,
+        entry: &Entry,
+        request: &Request,
+        due: UnixSecs,
+        cfg: &EngineConfig,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let session = request.session();
+        let before = session.and_then(|id| self.brief(id));
+        let (reply, what) = match request {
+            Request::New { kind, record } => {
+                let reply = self.create(entry, *kind, record.clone(), cfg)?;
+                let id = SessionId(entry.index.0);
+                events.push(self.event(id, What::Created { records: record.iter().cloned().collect() }, None));
+                return Ok(reply);
+            }
+            Request::Append { handle, record } => {
+                self.check_handle_active(*handle, cfg)?;
+                self.check_room(handle.session, record.len() as u64, false, cfg)?;
+                self.change(handle.session, |s| s.push(record.clone()));
+                self.renew(handle.session, entry.at, cfg);
+                (Reply::Done, What::Appended { record: record.clone() })
+            }
+            Request::Replace { handle, record } => {
+                self.check_handle_active(*handle, cfg)?;
+                self.check_room(handle.session, record.len() as u64, true, cfg)?;
+                self.change(handle.session, |s| {
+                    s.records.clear();
+                    s.bytes = 0;
+                    s.records_hash = 0;
+                    s.push(record.clone());
+                });
+                self.renew(handle.session, entry.at, cfg);
+                (Reply::Done, What::Replaced { record: record.clone() })
+            }
+            Request::Delete { handle } => {
+                self.check_handle_active(*handle, cfg)?;
+                let kind = self.kind_of(handle.session);
+                self.delete(handle.session, entry.index, cfg);
+                events.push(Event { session, kind, what: What::Deleted, before, after: None });
+                return Ok(Reply::Done);
+            }
+            Request::Store { handle, timeout_s } => {
+                self.check_handle_active(*handle, cfg)?;
+                let kind = self.sessions[&handle.session].kind;
+                let max_s = cfg.kind(kind).map_or(0, |k| k.store_timeout_s_max);
+                if *timeout_s > max_s {
+                    return Err(RequestError::TimeoutTooLong { timeout_s: *timeout_s, max_s });
+                }
+                // A handler that stores the session has handled it (it is unfinished, not failed).
+                self.change(handle.session, |s| s.failures = 0);
+                let due = self.store(handle.session, due, entry.index);
+                (Reply::Stored { due }, What::Stored { due })
+            }
+            Request::KeepAlive { handle } => {
+                self.check_handle_active(*handle, cfg)?;
+                if !cfg.mutation(|m| m.ignore_keepalive) {
+                    self.renew(handle.session, entry.at, cfg);
+                }
+                (Reply::Done, What::Renewed)
+            }
+            Request::Redrive { target } => return self.redrive(*target, due, entry.index, cfg, events),
+            Request::DropDead { session: id } => {
+                self.dead_session(*id)?;
+                let kind = self.kind_of(*id);
+                self.delete(*id, entry.index, cfg);
+                events.push(Event { session: Some(*id), kind, what: What::Dropped, before, after: None });
+                return Ok(Reply::Done);
+            }
+        };
+        let id = session.expect("every other request names its session");
+        events.push(self.event(id, what, before));
+        Ok(reply)
+    }
+
+    /// Moves dead sessions back to the stored set with their failure count cleared.
+    fn redrive(
+        &mut self,
+        target: RedriveTarget,
+        due: UnixSecs,
+        at: Index,
+        cfg: &EngineConfig,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let (kind, ids): (Kind, Vec<SessionId>) = match target {
+            RedriveTarget::Session(id) => (self.dead_session(id)?.kind, vec![id]),
+            RedriveTarget::Kind(kind) => {
+                cfg.kind(kind).ok_or(RequestError::UnknownKind(kind))?;
+                (kind, self.dead_of(kind).take(cfg.limits.redrive_batch_max as usize).collect())
+            }
+        };
+        for id in &ids {
+            let before = self.brief(*id);
+            if !cfg.mutation(|m| m.redrive_keeps_count) {
+                self.change(*id, |s| s.failures = 0);
+            }
+            let due = self.store(*id, due, at);
+            events.push(self.event(*id, What::Redriven { due }, before));
+        }
+        let remaining = self.dead_count(kind);
+        Ok(Reply::Redriven { count: ids.len() as u32, remaining })
+    }
+}
