@@ -414,6 +414,8 @@ impl<E: Env> Driver<E> {
                 let leader = leader.map(|l| l.to_string()).unwrap_or_else(|| "none".into());
                 info!(%role, term = term.0, %leader, "role")
             }
+            // Streams are not served over the network yet.
+            Output::Stream { .. } => {}
             Output::Send { to, message } => {
                 // A full queue means the member is slow or gone; the message may be lost.
                 if let Some(tx) = self.peers.get(&to) {

@@ -790,7 +790,7 @@ impl World {
                     self.schedule_restart(r);
                 }
             }
-            Output::QueryReply { .. } => {}
+            Output::QueryReply { .. } | Output::Stream { .. } => {}
         }
     }
 
