@@ -31,8 +31,8 @@ pub const SEGMENT_HEADER_LEN: usize = 28;
 const SEGMENT_MAGIC: &[u8; 8] = b"TRUBAlg5";
 /// The segment format this version writes and reads (the digit of [`SEGMENT_MAGIC`]).
 pub const SEGMENT_FORMAT: u32 = 5;
-const SNAPSHOT_MAGIC: &[u8; 8] = b"TRUBAsn3";
-pub(crate) const SNAPSHOT_HEADER_LEN: usize = 36;
+const SNAPSHOT_MAGIC: &[u8; 8] = b"TRUBAsn4";
+pub const SNAPSHOT_HEADER_LEN: usize = 36;
 /// No record payload is ever larger than this; a length field above it is damage.
 pub const PAYLOAD_BYTES_MAX: u32 = 64 * 1024 * 1024;
 /// The last byte of every record: never zero, so a record's end is never mistaken for the
@@ -283,6 +283,15 @@ pub fn seal_snapshot(index: Index, term: Term, file: &mut [u8]) {
     h.update(&file[SNAPSHOT_HEADER_LEN..]);
     let crc = h.finalize();
     file[32..36].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The index and term a snapshot file's header gives (without checking the payload, which a
+/// reader of pieces checks section by section).
+pub fn decode_snapshot_header(b: &[u8]) -> Result<(Index, Term), String> {
+    if b.len() < SNAPSHOT_HEADER_LEN || &b[..8] != SNAPSHOT_MAGIC {
+        return Err("not a snapshot of this version".into());
+    }
+    Ok((Index(u64_at(b, 8)), Term(u64_at(b, 16))))
 }
 
 /// Returns (index, term, payload) if the snapshot is whole and its checksum holds.

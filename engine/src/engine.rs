@@ -190,6 +190,8 @@ pub struct Engine {
     pub(crate) installing: Option<Installing>,
     /// Files to remove after a snapshot, issued a few at a time to keep outstanding IO bounded.
     cleanup: VecDeque<String>,
+    /// Files to remove once no resync reads them.
+    deferred: Vec<String>,
     cleanup_inflight: usize,
     /// A failed write's leftovers are being cut off; nothing is written until that is done.
     repairing: bool,
@@ -269,6 +271,7 @@ impl Engine {
             proposed: BTreeMap::new(),
             installing: None,
             cleanup: VecDeque::new(),
+            deferred: Vec::new(),
             cleanup_inflight: 0,
             repairing: false,
             repeater: Repeater::default(),
@@ -304,7 +307,10 @@ impl Engine {
             Input::Message { from, message } => self.on_message(from, message),
             Input::StreamOpen { stream, open } => self.on_stream_open(stream, open),
             Input::StreamAck { stream, seq, error } => self.with_streams(|s, c| s.ack(stream, seq, error, c)),
-            Input::StreamClose { stream } => self.streams.close(stream),
+            Input::StreamClose { stream } => {
+                self.streams.close(stream);
+                self.clean_up();
+            }
         }
         self.persist_hard_state();
         self.invariants();
@@ -464,7 +470,8 @@ impl Engine {
                 self.hard = HardStateWriter::recovered(HardState::default());
                 // A term raised from the log is not yet in the hard state file: write it.
                 self.want_hard_state(r.hard);
-                self.snapshots = Snapshotter::recovered(r.snapshot, r.snapshots);
+                let sources = self.state.sources.referenced().collect();
+                self.snapshots = Snapshotter::recovered(r.snapshot, r.snapshots, sources);
                 self.ledger = Ledger::recovered(LedgerLimits::of(&self.cfg.limits), r.ledger);
                 if let Err(f) = self.recover_sources(&r.sources, r.snapshot) {
                     self.stop(f);
@@ -1155,6 +1162,7 @@ impl Engine {
             limits: &self.cfg.limits,
             now: self.now.mono,
             log_last: self.log.last_index(),
+            newest_snapshot: self.snapshots.newest(),
             kinds_known: &known,
             out: &mut self.outputs,
             reads: &mut reads,
@@ -1162,6 +1170,10 @@ impl Engine {
         f(&mut self.streams, &mut ctx);
         for (stream, token, op) in reads {
             self.issue(op, Purpose::StreamRead(stream, token));
+        }
+        if !self.deferred.is_empty() {
+            // A resync may have finished with the files it kept from removal.
+            self.clean_up();
         }
     }
 
@@ -1218,7 +1230,10 @@ impl Engine {
             SnapStep::Finished { index, obsolete } => {
                 self.cleanup.extend(obsolete);
                 self.cleanup.extend(self.files.removable(index));
-                let expired = self.ledger.expired(index, self.now.wall.0);
+                // The ledger keeps every entry after the newest snapshot, and after the snapshot
+                // any watcher's resync reads (its changes follow from there).
+                let keep_after = self.streams.oldest_resync().map_or(index, |r| r.min(index));
+                let expired = self.ledger.expired(keep_after, self.now.wall.0);
                 self.cleanup.extend(expired);
                 if self.installing.as_ref().is_some_and(|i| i.index == index) {
                     self.installed();
@@ -1244,9 +1259,20 @@ impl Engine {
     }
 
     /// Issues queued removals, a few at a time.
+    /// Issues queued removals, a few at a time. A file a watcher's resync reads is kept until it
+    /// is done with it (see `resync.rs`).
     fn clean_up(&mut self) {
+        let pinned: BTreeSet<String> = self.streams.pinned().map(str::to_string).collect();
+        let (kept, free): (Vec<String>, Vec<String>) =
+            std::mem::take(&mut self.deferred).into_iter().partition(|f| pinned.contains(f));
+        self.deferred = kept;
+        self.cleanup.extend(free);
         while self.cleanup_inflight < CLEANUP_INFLIGHT_MAX {
             let Some(file) = self.cleanup.pop_front() else { return };
+            if pinned.contains(&file) {
+                self.deferred.push(file);
+                continue;
+            }
             self.cleanup_inflight += 1;
             self.issue(IoOp::Remove { file }, Purpose::Cleanup);
         }
@@ -1265,7 +1291,8 @@ impl Engine {
         if self.is_serving() {
             self.ledger.invariants();
         }
-        self.streams.invariants(&self.cfg.limits);
+        let session_bytes_max = self.cfg.kinds.values().map(|k| k.session_bytes_max as u64).max().unwrap_or(0);
+        self.streams.invariants(&self.cfg.limits, session_bytes_max);
         let early = self.cfg.mutation(|m| m.ack_before_fsync || m.follower_ack_before_fsync);
         if !early {
             assert!(self.durable <= self.log.written, "durable entries are written");

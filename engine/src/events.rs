@@ -232,17 +232,23 @@ pub struct Filter {
     pub kinds: Vec<Kind>,
     /// Include internal events (see [`What::is_internal`]).
     pub internal: bool,
+    /// Only events of sessions (a watch's changes), not the pipe's own (checkpoints, say).
+    #[serde(default)]
+    pub sessions_only: bool,
 }
 
 impl Filter {
     pub fn matches(&self, mark: EventMark) -> bool {
-        (self.internal || !mark.internal)
-            && (self.kinds.is_empty() || mark.kind.is_some_and(|k| self.kinds.contains(&k)))
+        let kind = match &self.kinds[..] {
+            [] => !self.sessions_only || mark.kind.is_some(),
+            kinds => mark.kind.is_some_and(|k| kinds.contains(&k)),
+        };
+        kind && (self.internal || !mark.internal)
     }
 
     /// Whether the filter lets everything through (so entries need not be looked at).
     pub fn is_everything(&self) -> bool {
-        self.kinds.is_empty() && self.internal
+        self.kinds.is_empty() && self.internal && !self.sessions_only
     }
 }
 
@@ -283,9 +289,11 @@ mod tests {
 
     #[test]
     fn filters_by_kind_and_internal() {
-        let all = Filter { kinds: vec![], internal: true };
-        let public = Filter { kinds: vec![], internal: false };
-        let kind2 = Filter { kinds: vec![Kind(2)], internal: false };
+        let all = Filter { kinds: vec![], internal: true, sessions_only: false };
+        let public = Filter { kinds: vec![], internal: false, sessions_only: false };
+        let kind2 = Filter { kinds: vec![Kind(2)], internal: false, sessions_only: false };
+        let sessions = Filter { kinds: vec![], internal: false, sessions_only: true };
+        assert!(sessions.matches(mark(Some(3), false)) && !sessions.matches(mark(None, false)));
         assert!(all.is_everything() && !public.is_everything());
         assert!(all.matches(mark(None, true)) && all.matches(mark(Some(1), false)));
         assert!(public.matches(mark(None, false)) && !public.matches(mark(Some(1), true)));

@@ -43,10 +43,12 @@ mod reads;
 mod recovery;
 mod repeater;
 mod replication;
+mod resync;
 mod sessions;
 #[cfg(test)]
 mod sessions_props;
 mod snapshot;
+mod snapshot_format;
 mod source_files;
 mod stored;
 mod streams;

@@ -509,7 +509,8 @@ impl Engine {
         let inst = self.installing.as_mut().expect("an install is under way");
         if inst.syncing_dir {
             let payload = std::mem::take(&mut inst.payload);
-            let op = self.snapshots.start_encoded(inst.index, inst.term, &payload);
+            let sources = inst.state.sources.referenced().collect();
+            let op = self.snapshots.start_encoded(inst.index, inst.term, &payload, sources);
             self.issue(op, crate::engine::Purpose::Snapshot);
             return;
         }

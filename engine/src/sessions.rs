@@ -71,9 +71,9 @@ pub(crate) struct MutationEnv<'a> {
     pub wall: UnixMs,
 }
 
-/// The state every replica agrees on. Only the fields without `serde(skip)` are snapshotted;
-/// the others are indexes rebuilt on load.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// The state every replica agrees on. Snapshots hold what the indexes and the hash are derived
+/// from (see `snapshot_format.rs`); the indexes marked so are rebuilt on load.
+#[derive(Clone, Debug, Default)]
 pub struct StateMachine {
     pub(crate) applied: Index,
     pub(crate) sessions: BTreeMap<SessionId, Session>,
@@ -88,27 +88,19 @@ pub struct StateMachine {
     pub(crate) repeat_index: BTreeMap<Kind, (UnixSecs, Index, SessionId)>,
     /// Stored sessions spilled to source files (see `stored.rs`).
     pub(crate) sources: Sources,
-    #[serde(skip)]
+    // ---- derived: indexes and the hash, rebuilt from the fields above on load -------------
     /// Stored sessions held in memory (the memtable) in repeat order within each kind:
     /// (kind, due, stored_at, id). Spilled ones are in `sources`.
     pub(crate) stored: BTreeSet<(Kind, UnixSecs, Index, SessionId)>,
     /// Memory the memtable's sessions count for, per kind (records plus a fixed overhead each).
-    #[serde(skip)]
     pub(crate) memtable_bytes: BTreeMap<Kind, u64>,
-    #[serde(skip)]
     pub(crate) leases: BTreeSet<(UnixMs, SessionId)>,
     /// Dead-letter sets: (kind, since, id), oldest first within a kind.
-    #[serde(skip)]
     pub(crate) dead: BTreeSet<(Kind, Index, SessionId)>,
-    #[serde(skip)]
     pub(crate) dead_counts: BTreeMap<Kind, u64>,
-    #[serde(skip)]
     pub(crate) delivering: BTreeMap<Kind, u32>,
-    #[serde(skip)]
     pub(crate) dedup_lru: BTreeSet<(Index, ClientId)>,
-    #[serde(skip)]
     pub(crate) tombstone_order: BTreeSet<(Index, SessionId)>,
-    #[serde(skip)]
     pub(crate) hash: StateHash,
 }
 

@@ -9,12 +9,14 @@
 use crate::codec::{encode_snapshot, seal_snapshot, snapshot_name, SNAPSHOT_HEADER_LEN};
 use crate::io::{DiskError, IoOp, IoReply, Replace};
 use crate::sessions::StateMachine;
-use crate::types::{Index, Term};
+use crate::types::{Index, SourceId, Term};
 
 #[derive(Debug)]
 struct Job {
     index: Index,
     stage: Replace,
+    /// The source files the snapshot refers to.
+    sources: Vec<SourceId>,
     /// A snapshot of this replica's own state (not one a leader sent): it replaces the log, and
     /// with it the only way to rebuild the ledger before it, so it is renamed into place only
     /// once the ledger is durable through its index.
@@ -42,8 +44,9 @@ pub(crate) enum SnapStep {
 
 #[derive(Debug, Default)]
 pub(crate) struct Snapshotter {
-    /// Index of the newest durable snapshot.
+    /// Index of the newest durable snapshot, and the source files it refers to.
     pub last: Index,
+    last_sources: Vec<SourceId>,
     /// File names of durable snapshots still on disk.
     files: Vec<String>,
     job: Option<Job>,
@@ -55,22 +58,25 @@ pub(crate) struct Snapshotter {
     pub log_bytes: u64,
 }
 
+/// The state as a snapshot holds it (see `snapshot_format.rs`).
 pub(crate) fn encode_state(state: &StateMachine) -> Vec<u8> {
-    postcard::to_allocvec(state).expect("postcard encoding into memory cannot fail")
+    let mut out = Vec::new();
+    crate::snapshot_format::encode(state, &mut out);
+    out
 }
 
 /// A whole snapshot file: the state is encoded straight after room for the header, which is
 /// filled in afterwards, so a large state is held once in memory rather than twice.
 fn snapshot_file(state: &StateMachine, term: Term) -> Vec<u8> {
-    let room = vec![0; SNAPSHOT_HEADER_LEN];
-    let mut file = postcard::to_extend(state, room).expect("postcard encoding into memory cannot fail");
+    let mut file = vec![0; SNAPSHOT_HEADER_LEN];
+    crate::snapshot_format::encode(state, &mut file);
     seal_snapshot(state.applied(), term, &mut file);
     file
 }
 
 /// Decodes a state sent by a leader or read from disk, and checks it before it is trusted.
 pub(crate) fn decode_state(payload: &[u8], index: Index) -> Result<StateMachine, String> {
-    let mut state: StateMachine = postcard::from_bytes(payload).map_err(|e| format!("undecodable state: {e}"))?;
+    let mut state = crate::snapshot_format::decode(payload)?;
     if state.applied != index {
         return Err(format!("state is at index {} but the header says {index}", state.applied));
     }
@@ -84,8 +90,15 @@ fn tmp_name(index: Index) -> String {
 }
 
 impl Snapshotter {
-    pub fn recovered(last: Index, files: Vec<String>) -> Snapshotter {
-        Snapshotter { last, files, job: None, last_bytes: 0, log_bytes: 0 }
+    pub fn recovered(last: Index, files: Vec<String>, sources: Vec<SourceId>) -> Snapshotter {
+        Snapshotter { last, last_sources: sources, files, job: None, last_bytes: 0, log_bytes: 0 }
+    }
+
+    /// The newest durable snapshot: its index, its file and the source files it refers to
+    /// (`None` before the first).
+    pub fn newest(&self) -> Option<(Index, &str, &[SourceId])> {
+        let name = self.files.last()?;
+        Some((self.last, name.as_str(), &self.last_sources))
     }
 
     pub fn busy(&self) -> bool {
@@ -108,15 +121,16 @@ impl Snapshotter {
         let index = state.applied();
         let data = snapshot_file(state, term);
         (self.last_bytes, self.log_bytes) = (data.len() as u64, 0);
-        self.job = Some(Job { index, stage: Replace::Write, own: true });
+        let sources = state.sources.referenced().collect();
+        self.job = Some(Job { index, stage: Replace::Write, own: true, sources });
         IoOp::Write { file: tmp_name(index), offset: 0, data }
     }
 
     /// Starts writing a snapshot whose state is already encoded (one a leader sent).
-    pub fn start_encoded(&mut self, index: Index, term: Term, payload: &[u8]) -> IoOp {
+    pub fn start_encoded(&mut self, index: Index, term: Term, payload: &[u8], sources: Vec<SourceId>) -> IoOp {
         assert!(!self.busy(), "one snapshot at a time");
         let data = encode_snapshot(index, term, payload);
-        self.job = Some(Job { index, stage: Replace::Write, own: false });
+        self.job = Some(Job { index, stage: Replace::Write, own: false, sources });
         IoOp::Write { file: tmp_name(index), offset: 0, data }
     }
 
@@ -128,8 +142,9 @@ impl Snapshotter {
             return SnapStep::Abandoned { tmp };
         }
         let Some((next, op)) = job.stage.next(&tmp, &name) else {
-            self.job = None;
+            let job = self.job.take().expect("checked");
             self.last = index;
+            self.last_sources = job.sources;
             let obsolete = std::mem::replace(&mut self.files, vec![name]);
             return SnapStep::Finished { index, obsolete };
         };

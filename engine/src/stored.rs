@@ -194,7 +194,7 @@ impl Spilled {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Source {
     pub id: SourceId,
     /// Its sessions in repeat order.
@@ -206,14 +206,12 @@ pub(crate) struct Source {
     pub ready: bool,
     /// Its sessions' ids in id order, with their positions (taken ones too: a position below
     /// `taken` means taken). Two flat arrays cost 12 bytes a session, a third of a tree map's.
-    #[serde(skip)]
     ids: Vec<SessionId>,
-    #[serde(skip)]
     ids_pos: Vec<u32>,
 }
 
 impl Source {
-    fn new(id: SourceId, entries: Vec<Spilled>, taken: u64, taken_offset: u64, ready: bool) -> Source {
+    pub(crate) fn new(id: SourceId, entries: Vec<Spilled>, taken: u64, taken_offset: u64, ready: bool) -> Source {
         let mut s = Source { id, entries, taken, taken_offset, ready, ids: Vec::new(), ids_pos: Vec::new() };
         s.index_ids();
         s
@@ -278,7 +276,7 @@ pub(crate) enum FileJob {
     Merge(PendingMerge),
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Sources {
     /// Per kind, its sources in age order (a merged source takes its two's place).
     pub kinds: BTreeMap<Kind, Vec<Source>>,
@@ -288,10 +286,8 @@ pub(crate) struct Sources {
     /// file durable, and its snapshots carry what it still holds.
     pub held: BTreeMap<SourceId, Vec<(SessionId, Session)>>,
     /// Files the state stopped referencing since the engine last asked (merged away, or all taken).
-    #[serde(skip)]
     pub gone: Vec<SourceId>,
     /// Files this replica must write, in the order the state asked for them.
-    #[serde(skip)]
     pub jobs: Vec<FileJob>,
 }
 

@@ -21,7 +21,9 @@ use crate::config::Limits;
 use crate::events::{Filter, StreamError, StreamId, StreamItem, StreamOpen, TailFrom};
 use crate::io::{DiskError, IoOp, IoReply, Output};
 use crate::ledger::{parse, Ledger, Locate, Parsed, Record, LEDGER_HEADER_LEN};
-use crate::types::{Duration, Index, Instant, Kind};
+use crate::resync::{Next, Resync};
+use crate::stored::source_name;
+use crate::types::{Duration, Index, Instant, Kind, SourceId};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 
@@ -44,10 +46,18 @@ struct DiskRead {
 #[derive(Debug)]
 enum Reading {
     Tail,
-    /// A watch: `synced` once its resync (or resume) is done and it shows changes.
+    /// A watch: while `resync` is there it sends sessions (`resync_read` is its read in
+    /// flight); then the changes after the resync's index, as entries.
     Watch {
-        synced: bool,
+        resync: Option<Box<Resync>>,
+        resync_read: Option<u64>,
     },
+}
+
+impl Reading {
+    fn resyncing(&self) -> bool {
+        matches!(self, Reading::Watch { resync: Some(_), .. })
+    }
 }
 
 #[derive(Debug)]
@@ -90,6 +100,8 @@ pub(crate) struct Ctx<'a> {
     pub now: Instant,
     /// The replica's last log index (a tail may start at most one past it).
     pub log_last: Index,
+    /// The newest durable snapshot, its file and the sources it refers to (a resync reads them).
+    pub newest_snapshot: Option<(Index, &'a str, &'a [SourceId])>,
     pub kinds_known: &'a dyn Fn(Kind) -> bool,
     pub out: &'a mut VecDeque<Output>,
     pub reads: &'a mut Vec<StreamRead>,
@@ -138,8 +150,12 @@ impl Streams {
             StreamOpen::Watch { kinds, resume_after, window } => {
                 let max = ctx.limits.watch_window_events_max;
                 let window = window.map_or(max, |w| w.clamp(1, max)) as u64;
+                if let Some(after) = resume_after.filter(|i| *i > ctx.log_last) {
+                    return ctx.end(id, 0, StreamError::BeyondHead { from: after.next(), head: ctx.log_last });
+                }
                 let cursor = resume_after.map_or(Index(0), |i| i.next());
-                (Reading::Watch { synced: false }, Filter { kinds, internal: false }, cursor, window)
+                let filter = Filter { kinds, internal: false, sessions_only: true };
+                (Reading::Watch { resync: None, resync_read: None }, filter, cursor, window)
             }
         };
         if let Some(k) = filter.kinds.iter().find(|k| !(ctx.kinds_known)(**k)) {
@@ -159,6 +175,18 @@ impl Streams {
             disk: None,
             last_error: None,
         };
+        let mut stream = stream;
+        if matches!(stream.reading, Reading::Watch { .. }) {
+            // A watcher resumes after the index it gave if the changes after it are still held,
+            // and is resynced otherwise.
+            let resumes = stream.cursor.0 > 0 && !matches!(ctx.ledger.locate(stream.cursor), Locate::Compacted { .. });
+            if resumes {
+                let at = stream.cursor.prev();
+                ctx.emit(id, &mut stream, StreamItem::Synced { at }, 0);
+            } else {
+                start_resync(id, &mut stream, ctx);
+            }
+        }
         self.open.insert(id, stream);
         self.pump_one(id, ctx);
     }
@@ -209,7 +237,7 @@ impl Streams {
             }
             let moved = s.cursor.prev() > s.reported;
             let quiet = ctx.now.saturating_since(s.last_item_at) >= every;
-            let shows_changes = !matches!(s.reading, Reading::Watch { synced: false });
+            let shows_changes = !s.reading.resyncing();
             if moved && quiet && shows_changes && s.in_window < s.window {
                 let through = s.cursor.prev();
                 s.reported = through;
@@ -236,11 +264,12 @@ impl Streams {
 
     /// Sends `s` what its window has room for. False if the stream ended.
     fn fill(&mut self, id: StreamId, s: &mut Stream, ctx: &mut Ctx) -> bool {
-        if let Reading::Watch { synced: false } = s.reading {
-            // The resync is `resync.rs`'s; until it exists a watch only resumes.
-            s.reading = Reading::Watch { synced: true };
-            let at = s.cursor.prev();
-            ctx.emit(id, s, StreamItem::Synced { at }, 0);
+        if s.reading.resyncing() {
+            match self.fill_resync(id, s, ctx) {
+                Some(true) => {}
+                Some(false) => return true, // waiting for room or a read
+                None => return false,       // ended
+            }
         }
         loop {
             if s.in_window >= s.window {
@@ -249,9 +278,14 @@ impl Streams {
             }
             match ctx.ledger.locate(s.cursor) {
                 Locate::Future => return true,
-                Locate::Compacted { first } => {
+                Locate::Compacted { first } if matches!(s.reading, Reading::Tail) => {
                     ctx.end(id, s.seq, StreamError::Compacted { requested: s.cursor, first_available: first });
                     return false;
+                }
+                Locate::Compacted { .. } => {
+                    // A watcher that fell behind what is held starts again from a resync.
+                    start_resync(id, s, ctx);
+                    return self.fill(id, s, ctx);
                 }
                 Locate::Cached => {
                     s.disk = None;
@@ -368,7 +402,17 @@ impl Streams {
     /// A read for stream `id` finished.
     pub fn on_read(&mut self, id: StreamId, token: u64, result: Result<IoReply, DiskError>, ctx: &mut Ctx) {
         self.reads -= 1;
-        if let Some(s) = self.open.get_mut(&id) {
+        let mut result = Some(result);
+        if let Some(Reading::Watch { resync: Some(r), resync_read }) = self.open.get_mut(&id).map(|s| &mut s.reading) {
+            if *resync_read == Some(token) {
+                *resync_read = None;
+                if let Err(broken) = r.on_read(result.take().expect("not taken yet")) {
+                    r.failures = u32::MAX;
+                    let _ = broken; // reported when the stream next fills
+                }
+            }
+        }
+        if let (Some(result), Some(s)) = (result, self.open.get_mut(&id)) {
             if let Some(d) = s.disk.as_mut().filter(|d| d.reading == Some(token)) {
                 d.reading = None;
                 match result {
@@ -406,10 +450,89 @@ impl Streams {
         self.pump(ctx);
     }
 
-    pub fn invariants(&self, limits: &Limits) {
+    /// Sends a resyncing watcher what its window has room for. `Some(true)`: the resync is
+    /// done (the changes follow); `Some(false)`: it waits for room or a read; `None`: it ended.
+    fn fill_resync(&mut self, id: StreamId, s: &mut Stream, ctx: &mut Ctx) -> Option<bool> {
+        loop {
+            let room = s.window.saturating_sub(s.in_window);
+            let Reading::Watch { resync: Some(r), resync_read } = &mut s.reading else { return Some(true) };
+            if r.failures > ctx.limits.read_retries_max {
+                ctx.end(id, s.seq, StreamError::Damaged { index: r.at });
+                return None;
+            }
+            if resync_read.is_some() {
+                return Some(false);
+            }
+            match r.advance(ctx.limits.stream_read_bytes as u64) {
+                Ok(Next::Ready) if room == 0 => {
+                    s.full_since.get_or_insert(ctx.now);
+                    return Some(false);
+                }
+                Ok(Next::Ready) => {
+                    let sessions = r.take(room as usize, ctx.limits.stream_batch_bytes_max as u64);
+                    let cost = sessions.len() as u64;
+                    ctx.emit(id, s, StreamItem::Resync { sessions }, cost);
+                }
+                Ok(Next::Read(op)) => {
+                    if self.reads >= ctx.limits.stream_reads_max as usize {
+                        return Some(false);
+                    }
+                    self.next_token += 1;
+                    self.reads += 1;
+                    *resync_read = Some(self.next_token);
+                    ctx.reads.push((id, self.next_token, op));
+                    return Some(false);
+                }
+                Ok(Next::Done) => {
+                    let at = r.at;
+                    s.reading = Reading::Watch { resync: None, resync_read: None };
+                    s.cursor = at.next();
+                    s.reported = at;
+                    ctx.emit(id, s, StreamItem::Synced { at }, 0);
+                    return Some(true);
+                }
+                Err(_) => {
+                    // A pinned file cannot go, so this is damage (or a bug): this replica cannot
+                    // resync the watcher, another may.
+                    ctx.end(id, s.seq, StreamError::Damaged { index: r.at });
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Files the streams read that must not be removed yet (resyncs' snapshots and sources).
+    pub fn pinned(&self) -> impl Iterator<Item = &str> + '_ {
+        self.open
+            .values()
+            .filter_map(|s| match &s.reading {
+                Reading::Watch { resync: Some(r), .. } => Some(r.pins.iter().map(String::as_str)),
+                _ => None,
+            })
+            .flatten()
+    }
+
+    /// The oldest snapshot a resync reads: the ledger keeps every entry after it.
+    pub fn oldest_resync(&self) -> Option<Index> {
+        self.open
+            .values()
+            .filter_map(|s| match &s.reading {
+                Reading::Watch { resync: Some(r), .. } => Some(r.at),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// `session_bytes_max`: the largest session any kind allows (a resync holds a few).
+    pub fn invariants(&self, limits: &Limits, session_bytes_max: u64) {
         assert!(self.open.len() <= limits.streams_max as usize, "streams bounded");
         assert!(self.reads <= limits.stream_reads_max as usize, "stream reads bounded");
         for s in self.open.values() {
+            if let Reading::Watch { resync: Some(r), .. } = &s.reading {
+                // A piece of each file, a section, and the sessions made of one section.
+                let piece = limits.stream_read_bytes as u64 + 1024 * 1024 + session_bytes_max;
+                assert!(r.held_bytes() <= 3 * piece, "a resync holds a few pieces: {}", r.held_bytes());
+            }
             assert_eq!(s.in_window, s.unacked.iter().map(|(_, c)| c).sum::<u64>(), "window accounting");
             let piece = limits.stream_read_bytes as u64 + crate::ledger::RECORD_BYTES_MAX as u64;
             assert!(s.disk.as_ref().is_none_or(|d| (d.buf.len() as u64) <= piece), "a stream holds one piece");
@@ -466,4 +589,24 @@ fn refiltered(r: &Record, filter: &Filter) -> Option<Bytes> {
     let entry = r.entry().expect("the ledger's own records decode");
     let kept = entry.filtered(filter)?;
     Some(Bytes::from(postcard::to_allocvec(&kept).expect("postcard encoding into memory cannot fail")))
+}
+
+/// Starts (or starts again) a watcher's resync from the newest snapshot, pinning its files.
+fn start_resync(id: StreamId, s: &mut Stream, ctx: &mut Ctx) {
+    let (at, file, pins) = match ctx.newest_snapshot {
+        Some((at, file, sources)) => {
+            let mut pins = vec![file.to_string()];
+            pins.extend(sources.iter().map(|id| source_name(*id)));
+            (at, Some(file.to_string()), pins)
+        }
+        // Before the first snapshot the state it would hold is the empty one at index 0, and
+        // the ledger holds every entry since.
+        None => (Index(0), None, Vec::new()),
+    };
+    s.disk = None;
+    s.reading = Reading::Watch {
+        resync: Some(Box::new(Resync::new(at, file, pins, s.filter.kinds.clone()))),
+        resync_read: None,
+    };
+    ctx.emit(id, s, StreamItem::ResyncStart { at }, 0);
 }

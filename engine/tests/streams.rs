@@ -16,7 +16,10 @@ fn cfg() -> EngineConfig {
 }
 
 fn tail(from: TailFrom, kinds: &[u32], internal: bool) -> StreamOpen {
-    StreamOpen::Tail { from, filter: Filter { kinds: kinds.iter().map(|k| Kind(*k)).collect(), internal } }
+    StreamOpen::Tail {
+        from,
+        filter: Filter { kinds: kinds.iter().map(|k| Kind(*k)).collect(), internal, sessions_only: false },
+    }
 }
 
 /// The items of stream `id` emitted since `mark`, with their numbers.
@@ -297,4 +300,262 @@ fn the_events_of_a_failed_delivery_and_a_dead_letter_say_what_became_of_the_sess
     let whats: Vec<What> = entries(&items(&d, mark, 1)).into_iter().flat_map(|e| e.events).map(|e| e.what).collect();
     let names: Vec<&str> = whats.iter().map(What::name).collect();
     assert_eq!(names, ["created", "stored", "taken", "delivery-failed", "taken", "dead-lettered"]);
+}
+
+// ---- watches -------------------------------------------------------------------------------
+
+use std::collections::BTreeMap;
+use truba_engine::{BriefStatus, SessionBrief, SessionId, SessionState, SessionView};
+
+type Held = BTreeMap<SessionId, (Kind, SessionBrief, Vec<Vec<u8>>)>;
+
+/// What a watcher holds: built from a resync, kept up to date by the changes.
+#[derive(Default, Debug)]
+struct Watcher {
+    sessions: Held,
+    synced: Option<Index>,
+    resyncs: u32,
+    last: Index,
+}
+
+impl Watcher {
+    fn apply(&mut self, item: &StreamItem) {
+        match item {
+            StreamItem::ResyncStart { .. } => {
+                self.sessions.clear();
+                self.synced = None;
+                self.resyncs += 1;
+            }
+            StreamItem::Resync { sessions } => {
+                assert!(self.synced.is_none(), "resync sessions come before the sync marker");
+                for s in sessions {
+                    let old = self.sessions.insert(s.session, (s.kind, s.brief.clone(), s.records.clone()));
+                    assert!(old.is_none(), "a resync shows each session once");
+                }
+            }
+            StreamItem::Synced { at } => {
+                self.synced = Some(*at);
+                self.last = *at;
+            }
+            StreamItem::Entries { entries, .. } => {
+                assert!(self.synced.is_some(), "changes come after the sync marker");
+                for bytes in entries {
+                    let e: LedgerEntry = postcard::from_bytes(bytes).unwrap();
+                    assert!(e.index > self.last, "changes in index order, each once");
+                    self.last = e.index;
+                    for ev in e.events {
+                        let id = ev.session.expect("a watch shows session events");
+                        let held = self.sessions.get(&id).map(|h| h.1.clone());
+                        assert_eq!(
+                            held, ev.before,
+                            "the change's previous state is what the watcher holds ({:?})",
+                            ev.what
+                        );
+                        match ev.after {
+                            None => {
+                                self.sessions.remove(&id);
+                            }
+                            Some(after) => {
+                                let kind = ev.kind.expect("a session event has a kind");
+                                let h = self.sessions.entry(id).or_insert((kind, after.clone(), Vec::new()));
+                                h.1 = after;
+                                match ev.what {
+                                    What::Created { records } => h.2 = records,
+                                    What::Appended { record } => h.2.push(record),
+                                    What::Replaced { record } => h.2 = vec![record],
+                                    _ => {}
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            StreamItem::Progress { .. } => {}
+            StreamItem::End(e) => panic!("the watch ended: {e}"),
+        }
+    }
+}
+
+fn brief_of(v: &SessionView) -> SessionBrief {
+    let status = match v.state {
+        SessionState::Active { delivering, .. } => BriefStatus::Active { delivering },
+        SessionState::Stored { due } => BriefStatus::Stored { due },
+        SessionState::Dead { since } => BriefStatus::Dead { since },
+    };
+    let records = v.source.map_or(v.records.len() as u32, |(_, n)| n);
+    SessionBrief { status, attempt: v.handle.attempt, failures: v.failures, records, bytes: v.bytes }
+}
+
+/// Every session the engine holds, spilled ones with their records from their source files.
+fn engine_sessions(d: &Driver) -> Held {
+    let state = d.engine.state();
+    let mut out = Held::new();
+    for v in state.session_views().chain(state.spilled_views()) {
+        let records = match v.source {
+            None => v.records.clone(),
+            Some((source, _)) => match state.held_records(v.id) {
+                Some(u) => u.records,
+                None => {
+                    let file = &d.dir[&truba_engine::source_name(source)];
+                    let all = truba_engine::decode_source_file(file).unwrap();
+                    all.into_iter().find(|(id, _)| *id == v.id).expect("a spilled session is in its file").1
+                }
+            },
+        };
+        out.insert(v.id, (v.kind, brief_of(&v), records));
+    }
+    out
+}
+
+/// Feeds every item since `mark` to the watcher, acknowledging as it goes, until nothing more.
+fn follow(d: &mut Driver, w: &mut Watcher, id: u64, mut mark: usize) {
+    loop {
+        let got = items(d, mark, id);
+        let Some((last, _)) = got.last() else { return };
+        for (_, item) in &got {
+            w.apply(item);
+        }
+        let last = *last;
+        mark = d.input(Input::StreamAck { stream: StreamId(id), seq: last, error: None });
+    }
+}
+
+fn spilling() -> EngineConfig {
+    let mut c = cfg();
+    c.limits.stored_memtable_bytes_max = 1_500;
+    c.limits.sources_per_kind_max = 2;
+    c.limits.snapshot_every_entries = 30;
+    c.limits.ledger_cache_bytes_max = 0;
+    c.limits.stream_read_bytes = 300;
+    c
+}
+
+/// Sessions of both kinds: some deleted, most stored far ahead (so they are spilled to source
+/// files and merged), a few left active.
+fn activity(d: &mut Driver, from: u64, n: u64) {
+    for i in from..from + n {
+        let h = created(d, 100 + i, 1 + (i % 2) as u32, format!("first {i:>20}").as_bytes());
+        d.req(100 + i, Request::Append { handle: h, record: format!("second {i:>20}").into_bytes() }).unwrap();
+        match i % 5 {
+            0 => drop(d.req(100 + i, Request::Delete { handle: h }).unwrap()),
+            1 => {}
+            _ => drop(d.req(100 + i, Request::Store { handle: h, timeout_s: 100_000 }).unwrap()),
+        }
+        d.advance(100);
+        d.input(Input::Tick);
+    }
+}
+
+fn watch(kinds: &[u32], resume_after: Option<Index>, window: Option<u32>) -> StreamOpen {
+    StreamOpen::Watch { kinds: kinds.iter().map(|k| Kind(*k)).collect(), resume_after, window }
+}
+
+#[test]
+fn a_watch_resyncs_from_the_snapshot_and_source_files_then_its_changes_rebuild_the_state() {
+    let mut d = Driver::booted(spilling(), 1);
+    activity(&mut d, 0, 120);
+    assert!(d.engine.status().sessions_spilled > 10, "sessions were spilled: {:?}", d.engine.status());
+    let mut w = Watcher::default();
+    let mark = open(&mut d, 1, watch(&[], None, None));
+    let reads = d.ios_since(mark);
+    follow(&mut d, &mut w, 1, mark);
+    assert!(reads.iter().any(|op| matches!(op, IoOp::ReadAt { file, .. } if file.starts_with("snap-"))));
+    assert!(
+        reads.iter().any(|op| matches!(op, IoOp::ReadAt { file, .. } if file.starts_with("src-"))),
+        "spilled records come from their files"
+    );
+    assert!(w.synced.unwrap().0 > 0, "the resync is of a snapshot");
+    assert_eq!(w.sessions, engine_sessions(&d), "resync plus changes hold the server's sessions");
+    for round in 0..3 {
+        let mark = d.mark();
+        activity(&mut d, 1000 + round * 50, 50);
+        follow(&mut d, &mut w, 1, mark);
+        assert_eq!(w.sessions, engine_sessions(&d), "after round {round}");
+    }
+    assert_eq!(w.resyncs, 1);
+}
+
+#[test]
+fn a_watch_of_one_kind_sees_only_its_sessions() {
+    let mut d = Driver::booted(spilling(), 1);
+    activity(&mut d, 0, 80);
+    let mut w = Watcher::default();
+    let mark = open(&mut d, 1, watch(&[2], None, None));
+    follow(&mut d, &mut w, 1, mark);
+    let mark = d.mark();
+    activity(&mut d, 500, 40);
+    follow(&mut d, &mut w, 1, mark);
+    let mut expected = engine_sessions(&d);
+    expected.retain(|_, (kind, _, _)| *kind == Kind(2));
+    assert_eq!(w.sessions, expected);
+}
+
+#[test]
+fn a_watcher_that_reconnects_resumes_after_its_index_or_is_resynced_if_it_is_gone() {
+    let mut c = spilling();
+    c.limits.ledger_segment_bytes_max = 4_000;
+    c.limits.ledger_retain_bytes_max = 8_000;
+    let mut d = Driver::booted(c, 1);
+    activity(&mut d, 0, 40);
+    let mut w = Watcher::default();
+    let mark = open(&mut d, 1, watch(&[], None, None));
+    follow(&mut d, &mut w, 1, mark);
+    d.input(Input::StreamClose { stream: StreamId(1) });
+    activity(&mut d, 100, 10);
+    let mark = open(&mut d, 2, watch(&[], Some(w.last), None));
+    let first = items(&d, mark, 2);
+    assert_eq!(first.first().map(|(_, i)| i.clone()), Some(StreamItem::Synced { at: w.last }), "a resume, no resync");
+    follow(&mut d, &mut w, 2, mark);
+    assert_eq!((w.resyncs, &w.sessions), (1, &engine_sessions(&d)));
+    d.input(Input::StreamClose { stream: StreamId(2) });
+    activity(&mut d, 200, 150);
+    let mark = open(&mut d, 3, watch(&[], Some(w.last), None));
+    assert!(matches!(items(&d, mark, 3).first(), Some((_, StreamItem::ResyncStart { .. }))), "the index is gone");
+    follow(&mut d, &mut w, 3, mark);
+    assert_eq!((w.resyncs, &w.sessions), (2, &engine_sessions(&d)));
+}
+
+#[test]
+fn a_watch_never_has_more_events_out_than_its_window_and_its_files_stay_until_it_is_done() {
+    let mut d = Driver::booted(spilling(), 1);
+    activity(&mut d, 0, 120);
+    let mark = open(&mut d, 1, watch(&[], None, Some(5)));
+    let mut w = Watcher::default();
+    let first = items(&d, mark, 1);
+    let events: u32 = first.iter().map(|(_, i)| i.events()).sum();
+    assert!(events <= 5 && events > 0, "{events} events out with a window of 5");
+    for (_, item) in &first {
+        w.apply(item);
+    }
+    let pinned: Vec<String> = d
+        .ios_since(mark)
+        .iter()
+        .filter_map(|op| match op {
+            IoOp::ReadAt { file, .. } => Some(file.clone()),
+            _ => None,
+        })
+        .collect();
+    // Much happens meanwhile: snapshots, spills and merges that would remove those files.
+    activity(&mut d, 1000, 150);
+    for f in &pinned {
+        assert!(d.dir.contains_key(f), "{f} is kept while the resync reads it");
+    }
+    let mut last = first.last().unwrap().0;
+    let mut mark = d.mark();
+    loop {
+        let m = d.input(Input::StreamAck { stream: StreamId(1), seq: last, error: None });
+        let got = items(&d, m.min(mark), 1).into_iter().filter(|(n, _)| *n > last).collect::<Vec<_>>();
+        mark = d.mark();
+        let Some(&(n, _)) = got.last() else { break };
+        let out: u32 = got.iter().map(|(_, i)| i.events()).sum();
+        assert!(out <= 5, "{out} events out after one acknowledgement");
+        for (_, item) in &got {
+            w.apply(item);
+        }
+        last = n;
+    }
+    assert_eq!(w.sessions, engine_sessions(&d));
+    // Done: the files it kept are removed at the next clean-up.
+    activity(&mut d, 3000, 40);
+    assert!(pinned.iter().any(|f| !d.dir.contains_key(f)), "files kept for the resync go once it is done");
 }
