@@ -151,6 +151,14 @@ pub struct Limits {
     pub stream_stall_ms_max: u64,
     /// A reader sent nothing for this long while the log moved on gets a progress mark.
     pub progress_every_ms: u64,
+    /// Consumers the cluster keeps checkpoints for, at most.
+    pub consumers_max: u32,
+    /// Longest consumer name.
+    pub consumer_name_bytes_max: u32,
+    /// Session operations one consumer commit carries, at most.
+    pub commit_ops_max: u32,
+    /// Longest a read-through may wait.
+    pub read_through_timeout_ms_max: u64,
 }
 
 impl Default for Limits {
@@ -189,6 +197,10 @@ impl Default for Limits {
             watch_window_events_max: 1024,
             stream_stall_ms_max: 60_000,
             progress_every_ms: 1000,
+            consumers_max: 1024,
+            consumer_name_bytes_max: 128,
+            commit_ops_max: 256,
+            read_through_timeout_ms_max: 60_000,
         }
     }
 }

@@ -209,6 +209,8 @@ pub struct Engine {
     snapshot_rename: Option<(Index, IoOp)>,
     /// Readers' tails and watches (see `streams.rs`).
     streams: Streams,
+    /// Read-throughs waiting for a consumer's checkpoint (see `consumers.rs`).
+    read_throughs: crate::consumers::ReadThroughs,
     /// When the streams next get a tick (progress marks, stalled readers).
     streams_tick: Instant,
     /// Reads of source file pieces for followers under way (bounded).
@@ -282,6 +284,7 @@ impl Engine {
             ledger_retry_at: None,
             snapshot_rename: None,
             streams: Streams::default(),
+            read_throughs: Default::default(),
             streams_tick: Instant(0),
             serving_pieces: 0,
             session_reads: BTreeMap::new(),
@@ -346,7 +349,11 @@ impl Engine {
         let repeats = self.runs_repeater() && (!self.state.sessions.is_empty() || sources);
         let retry = self.write_retry_at;
         let streams = (self.streams.len() > 0).then_some(self.streams_tick);
-        [consensus, repeats.then_some(self.next_tick), retry, self.ledger_retry_at, streams].into_iter().flatten().min()
+        let waits = self.read_throughs.next_deadline();
+        [consensus, repeats.then_some(self.next_tick), retry, self.ledger_retry_at, streams, waits]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn state(&self) -> &StateMachine {
@@ -427,6 +434,9 @@ impl Engine {
 
     fn stop(&mut self, fatal: Fatal) {
         self.with_streams(|s, c| s.stop_all(c));
+        let outputs = &mut self.outputs;
+        let refused = RequestError::Stopped("see the replica's log".into());
+        self.read_throughs.refuse_all(refused, |id, reply| outputs.push_back(Output::QueryReply { id, reply }));
         self.phase = Phase::Stopped;
         self.waiting.clear();
         self.proposed.clear();
@@ -661,22 +671,60 @@ impl Engine {
             self.outputs.push_back(Output::refuse(client, seq, RequestError::Overloaded { max }));
             return;
         }
-        let due = match &request {
-            Request::Store { handle, timeout_s } => {
-                let kind = self.state.session(handle.session).map(|s| s.kind);
-                let kc = kind.and_then(|k| self.cfg.kind(k)).cloned();
-                Some(draw_due(self.now.wall, *timeout_s, kc.as_ref(), &mut self.rng))
-            }
-            _ => None,
-        };
         self.waiting.insert(client, seq);
-        let index = self.propose(Command::Client { client, seq, request, due, principal: None });
+        let command = match request {
+            Request::ConsumerCommit(commit) => self.commit_command(client, seq, commit),
+            request => {
+                let due = match &request {
+                    Request::Store { handle, timeout_s } => {
+                        let kind = self.state.session(handle.session).map(|s| s.kind);
+                        Some(self.draw_due(kind, *timeout_s))
+                    }
+                    _ => None,
+                };
+                Command::Client { client, seq, request, due, principal: None }
+            }
+        };
+        let index = self.propose(command);
         self.proposed.insert(index, (client, seq));
+    }
+
+    fn draw_due(&mut self, kind: Option<crate::types::Kind>, timeout_s: u32) -> crate::op::UnixSecs {
+        let kc = kind.and_then(|k| self.cfg.kind(k)).cloned();
+        draw_due(self.now.wall, timeout_s, kc.as_ref(), &mut self.rng)
+    }
+
+    /// A consumer's commit as an entry: the repeat time of each storing operation is drawn
+    /// here, and for every session it creates after the first an index is reserved just before
+    /// it (proposed now, so the reserved entries and the commit are consecutive in the log).
+    fn commit_command(&mut self, client: ClientId, seq: Seq, commit: crate::op::ConsumerCommit) -> Command {
+        let mut dues = Vec::with_capacity(commit.ops.len());
+        for op in &commit.ops {
+            let kind = match op {
+                crate::op::CommitOp::New { kind, .. } => Some(*kind),
+                other => other.as_request().and_then(|r| r.session()).and_then(|id| self.state.kind_of(id)),
+            };
+            dues.push(op.store_s().map(|t| self.draw_due(kind, t)));
+        }
+        let news = commit.ops.iter().filter(|op| matches!(op, crate::op::CommitOp::New { .. })).count() as u64;
+        let ids_from = self.log.last_index().next();
+        for _ in 1..news {
+            self.propose(Command::Reserve);
+        }
+        Command::Commit { client, seq, principal: None, commit, dues, ids_from }
     }
 
     /// Refusals that need no log entry: limits fixed by configuration. The same checks are made
     /// again at apply time, which is what every replica agrees on.
     fn precheck(&self, request: &Request) -> Result<(), RequestError> {
+        if let Request::ConsumerCommit(c) = request {
+            let max = self.cfg.limits.commit_ops_max;
+            if c.ops.len() > max as usize {
+                return Err(RequestError::TooManyOps { max });
+            }
+            crate::consumers::check_name(&c.consumer, &self.cfg.limits)?;
+            return Ok(());
+        }
         let kind = match request {
             Request::New { kind, .. } => Some(*kind),
             other => other.handle().and_then(|h| self.state.session(h.session)).map(|s| s.kind),
@@ -716,8 +764,35 @@ impl Engine {
                 return self.on_read(id, ReadQuery::Dead { kind, after, limit });
             }
             Query::Status => QueryReply::Status(self.status()),
+            Query::Checkpoint { .. } | Query::ReadThrough { .. } if !self.is_serving() => {
+                QueryReply::Checkpoint(Err(RequestError::NotReady))
+            }
+            Query::Checkpoint { consumer } => return self.on_read(id, ReadQuery::Checkpoint(consumer)),
+            Query::ReadThrough { consumer, index, timeout_ms } => match self.state.checkpoint(&consumer) {
+                None => QueryReply::Checkpoint(Err(RequestError::UnknownConsumer(consumer))),
+                Some(c) if c.through >= index => QueryReply::Checkpoint(Ok(c)),
+                Some(_) if self.read_throughs.len() >= self.cfg.limits.pending_requests_max as usize => {
+                    QueryReply::Checkpoint(Err(RequestError::Overloaded { max: self.cfg.limits.pending_requests_max }))
+                }
+                Some(_) => {
+                    let timeout_ms = timeout_ms.min(self.cfg.limits.read_through_timeout_ms_max);
+                    self.read_throughs.wait(id, consumer, index, self.now.mono, timeout_ms);
+                    return;
+                }
+            },
         };
         self.outputs.push_back(Output::QueryReply { id, reply });
+    }
+
+    /// Answers the read-throughs the applied state now covers, and those out of time.
+    fn settle_read_throughs(&mut self) {
+        if self.read_throughs.len() == 0 {
+            return;
+        }
+        let (state, outputs) = (&self.state, &mut self.outputs);
+        let lookup = |name: &str| state.checkpoint(name);
+        let answer = |id, reply| outputs.push_back(Output::QueryReply { id, reply });
+        self.read_throughs.settle(self.now.mono, lookup, answer);
     }
 
     pub fn status(&self) -> StatusView {
@@ -781,6 +856,7 @@ impl Engine {
             self.ledger.retry();
             self.ledger_step();
         }
+        self.settle_read_throughs();
         if self.streams.len() > 0 && self.now.mono >= self.streams_tick {
             self.streams_tick = self.now.mono.saturating_add(Duration(self.cfg.limits.progress_every_ms));
             self.with_streams(|s, c| s.tick(c));
@@ -1041,7 +1117,7 @@ impl Engine {
             self.repeater.settle(&entry.command);
             let env = MutationEnv { rng: &mut self.rng, wall: self.now.wall };
             let delivering_before = self.state.delivering_total();
-            let finished_by_handler = matches!(entry.command, Command::Client { .. });
+            let finished_by_handler = matches!(entry.command, Command::Client { .. } | Command::Commit { .. });
             let audit = audit_of(entry);
             let (term, entry_index) = (entry.term, entry.index);
             let mut applied = self.state.apply(entry, &self.cfg, env);
@@ -1071,6 +1147,7 @@ impl Engine {
         if self.streams.len() > 0 {
             self.with_streams(|s, c| s.pump(c));
         }
+        self.settle_read_throughs();
         if self.reads.len() > 0 {
             self.serve_reads();
         }
@@ -1334,6 +1411,9 @@ fn audit_of(entry: &Entry) -> Audit {
             attempt: request.handle().map(|h| h.attempt),
             principal: principal.clone(),
         },
+        Command::Commit { client, seq, principal, .. } => {
+            Audit { at: entry.at, client: Some(*client), seq: Some(*seq), attempt: None, principal: principal.clone() }
+        }
         _ => Audit { at: entry.at, ..Audit::default() },
     }
 }

@@ -51,6 +51,30 @@ pub enum RequestError {
     /// must retry with the same client id and sequence, which the dedup table answers.
     #[error("the leader stepped down before answering; the outcome is unknown, retry with the same sequence")]
     LeaderLost { leader: Option<ReplicaId> },
+    #[error("no consumer is named {0:?}")]
+    UnknownConsumer(String),
+    #[error("epoch {epoch} is stale: the consumer was opened again at epoch {current}")]
+    StaleEpoch { epoch: u64, current: u64 },
+    #[error("a checkpoint cannot go back: {through} is below the consumer's checkpoint {current}")]
+    CheckpointBehind { through: Index, current: Index },
+    #[error("a commit through {through} comes before that index was committed (the commit is at {index})")]
+    ThroughBeyondLog { through: Index, index: Index },
+    #[error("the cluster holds its limit of {max} consumers")]
+    TooManyConsumers { max: u32 },
+    #[error("invalid consumer name: {0}")]
+    InvalidName(String),
+    #[error("a commit carries at most {max} operations")]
+    TooManyOps { max: u32 },
+    #[error("session {0} appears more than once in one commit")]
+    SessionTwiceInCommit(SessionId),
+    #[error("operation {op} of the commit was refused: {error}")]
+    CommitOpFailed { op: u32, error: Box<RequestError> },
+    #[error("the checkpoint did not cover the index within {ms} ms")]
+    TimedOut { ms: u64 },
+    /// An entry that breaks the rules a leader follows when it proposes (a bug, or bytes no
+    /// leader wrote): refused whole.
+    #[error("malformed entry: {0}")]
+    Malformed(String),
 }
 
 impl RequestError {

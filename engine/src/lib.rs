@@ -27,6 +27,7 @@
 
 pub mod codec;
 pub mod config;
+mod consumers;
 mod election;
 mod engine;
 pub mod error;
@@ -64,8 +65,8 @@ pub use events::{
 pub use io::{DiskError, Input, IoId, IoOp, IoReply, Output, RoleName};
 pub use message::Message;
 pub use op::{
-    Command, DeadPage, DeadView, Entry, FailureReason, Outcome, Query, QueryReply, RedriveTarget, Reply, Request,
-    SessionState, SessionView, StatusView, UnixSecs, Unspilled,
+    Checkpoint, Command, CommitOp, ConsumerCommit, DeadPage, DeadView, Entry, FailureReason, Outcome, Query,
+    QueryReply, RedriveTarget, Reply, Request, SessionState, SessionView, StatusView, UnixSecs, Unspilled,
 };
 pub use sessions::StateMachine;
 pub use stored::{decode_source_file, source_name};

@@ -53,6 +53,82 @@ pub enum Request {
     Redrive { target: RedriveTarget },
     /// Operator: delete a dead session without delivering it (it is never delivered again).
     DropDead { session: SessionId },
+    /// Open the named consumer (creating it with an empty checkpoint if new): the answer's epoch
+    /// fences every older one.
+    ConsumerOpen { consumer: String },
+    /// Record a consumer's progress with the session operations its processing produced, as
+    /// one entry: all of it applies, or none (a stale epoch, say).
+    ConsumerCommit(ConsumerCommit),
+    /// Operator: remove a consumer and its checkpoint.
+    ConsumerDrop { consumer: String },
+}
+
+/// A consumer's commit (see [`Request::ConsumerCommit`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerCommit {
+    pub consumer: String,
+    /// The epoch its open returned; a commit of an older one is refused.
+    pub epoch: u64,
+    /// Every event through this index is processed (never lower than the checkpoint).
+    pub through: Index,
+    /// Applied in order, each session at most once.
+    pub ops: Vec<CommitOp>,
+}
+
+/// A session operation a consumer commits with its checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommitOp {
+    /// Open a session of `kind` with these records; with `store_s`, store it at once for
+    /// delivery to the kind's handler after that many seconds (plus the kind's jitter).
+    New {
+        kind: Kind,
+        #[serde(with = "records_serde")]
+        records: Vec<Vec<u8>>,
+        store_s: Option<u32>,
+    },
+    Append {
+        handle: Handle,
+        #[serde(with = "serde_bytes")]
+        record: Vec<u8>,
+    },
+    Replace {
+        handle: Handle,
+        #[serde(with = "serde_bytes")]
+        record: Vec<u8>,
+    },
+    Delete {
+        handle: Handle,
+    },
+    Store {
+        handle: Handle,
+        timeout_s: u32,
+    },
+    KeepAlive {
+        handle: Handle,
+    },
+}
+
+impl CommitOp {
+    /// The same operation as a request on an existing session (`None` for a creation).
+    pub fn as_request(&self) -> Option<Request> {
+        Some(match self {
+            CommitOp::New { .. } => return None,
+            CommitOp::Append { handle, record } => Request::Append { handle: *handle, record: record.clone() },
+            CommitOp::Replace { handle, record } => Request::Replace { handle: *handle, record: record.clone() },
+            CommitOp::Delete { handle } => Request::Delete { handle: *handle },
+            CommitOp::Store { handle, timeout_s } => Request::Store { handle: *handle, timeout_s: *timeout_s },
+            CommitOp::KeepAlive { handle } => Request::KeepAlive { handle: *handle },
+        })
+    }
+
+    /// The store timeout the leader draws a repeat time for, if the operation stores.
+    pub fn store_s(&self) -> Option<u32> {
+        match self {
+            CommitOp::New { store_s, .. } => *store_s,
+            CommitOp::Store { timeout_s, .. } => Some(*timeout_s),
+            _ => None,
+        }
+    }
 }
 
 /// What a redrive moves back.
@@ -116,7 +192,11 @@ impl Request {
             | Request::Delete { handle }
             | Request::Store { handle, .. }
             | Request::KeepAlive { handle } => Some(*handle),
-            Request::Redrive { .. } | Request::DropDead { .. } => None,
+            Request::Redrive { .. }
+            | Request::DropDead { .. }
+            | Request::ConsumerOpen { .. }
+            | Request::ConsumerCommit(_)
+            | Request::ConsumerDrop { .. } => None,
         }
     }
 
@@ -139,6 +219,9 @@ impl Request {
             Request::KeepAlive { .. } => "keep-alive",
             Request::Redrive { .. } => "redrive",
             Request::DropDead { .. } => "drop",
+            Request::ConsumerOpen { .. } => "consumer-open",
+            Request::ConsumerCommit(_) => "consumer-commit",
+            Request::ConsumerDrop { .. } => "consumer-drop",
         }
     }
 
@@ -165,6 +248,16 @@ pub enum Reply {
     Redriven {
         count: u32,
         remaining: u64,
+    },
+    /// A consumer is open at `epoch`; its checkpoint is `through`.
+    ConsumerOpened {
+        epoch: u64,
+        through: Index,
+    },
+    /// A commit applied: the checkpoint, and each operation's answer in order.
+    Committed {
+        through: Index,
+        results: Vec<Reply>,
     },
 }
 
@@ -199,6 +292,20 @@ pub enum Command {
     /// A new leader's first entry. Committing an entry of its own term is how a leader learns
     /// which earlier entries are committed (Raft commits older terms only indirectly).
     Noop,
+    /// An index kept for a session the consumer commit right after it creates: session ids are
+    /// the indexes of the entries that created them, and one commit may create several.
+    Reserve,
+    /// A consumer's commit. The leader drew the repeat time of each storing operation (`dues`,
+    /// one per operation) and reserved the indexes from `ids_from` up to this entry's for the
+    /// sessions it creates, in order.
+    Commit {
+        client: ClientId,
+        seq: Seq,
+        principal: Option<String>,
+        commit: ConsumerCommit,
+        dues: Vec<Option<UnixSecs>>,
+        ids_from: Index,
+    },
 }
 
 impl Command {
@@ -213,6 +320,8 @@ impl Command {
             Command::Expire { .. } => "expire",
             Command::DeliveryFailed { .. } => "delivery-failed",
             Command::Noop => "noop",
+            Command::Reserve => "reserve",
+            Command::Commit { .. } => "consumer-commit",
         }
     }
 }
@@ -246,6 +355,25 @@ pub enum Query {
         after: Option<SessionId>,
         limit: u32,
     },
+    /// A consumer's checkpoint (a linearizable read, answered by the leader).
+    Checkpoint {
+        consumer: String,
+    },
+    /// Answered once the consumer's checkpoint covers `index` on this replica (read-your-writes
+    /// across a pipeline), or with `TimedOut` after `timeout_ms`. Any replica answers it.
+    ReadThrough {
+        consumer: String,
+        index: Index,
+        timeout_ms: u64,
+    },
+}
+
+/// A consumer's checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub consumer: String,
+    pub epoch: u64,
+    pub through: Index,
 }
 
 /// Where a session stands, as a query sees it.
@@ -312,6 +440,7 @@ pub enum QueryReply {
     Session(Result<SessionView, RequestError>),
     Status(StatusView),
     Dead(Result<DeadPage, RequestError>),
+    Checkpoint(Result<Checkpoint, RequestError>),
 }
 
 /// One dead session in a listing (records are left out; `Query::Session` shows them).

@@ -19,17 +19,19 @@ use crate::types::{Index, Kind, SessionId};
 use std::collections::VecDeque;
 
 /// A query answered from the replicated state, and so only once the leader knows it leads.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum ReadQuery {
     Session(SessionId),
     Dead { kind: Kind, after: Option<SessionId>, limit: u32 },
+    Checkpoint(String),
 }
 
 impl ReadQuery {
-    fn refused(self, e: RequestError) -> QueryReply {
+    fn refused(&self, e: RequestError) -> QueryReply {
         match self {
             ReadQuery::Session(_) => QueryReply::Session(Err(e)),
             ReadQuery::Dead { .. } => QueryReply::Dead(Err(e)),
+            ReadQuery::Checkpoint(_) => QueryReply::Checkpoint(Err(e)),
         }
     }
 }
@@ -99,6 +101,9 @@ impl Engine {
                     other => QueryReply::Session(other),
                 },
                 ReadQuery::Dead { kind, after, limit } => QueryReply::Dead(self.state.dead_page(kind, after, limit)),
+                ReadQuery::Checkpoint(name) => {
+                    QueryReply::Checkpoint(self.state.checkpoint(&name).ok_or(RequestError::UnknownConsumer(name)))
+                }
             };
             self.outputs.push_back(Output::QueryReply { id: r.id, reply });
         }

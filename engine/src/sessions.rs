@@ -6,8 +6,10 @@
 //! refused request changes nothing but the deduplication table, which remembers the answer.
 
 mod apply;
+mod commit;
 
 use crate::config::EngineConfig;
+use crate::consumers::ConsumerState;
 use crate::error::RequestError;
 use crate::events::{BriefStatus, Event, SessionBrief, What};
 use crate::hash::{digest, StateHash};
@@ -88,6 +90,8 @@ pub struct StateMachine {
     pub(crate) repeat_index: BTreeMap<Kind, (UnixSecs, Index, SessionId)>,
     /// Stored sessions spilled to source files (see `stored.rs`).
     pub(crate) sources: Sources,
+    /// Consumers and their checkpoints (see `consumers.rs`).
+    pub(crate) consumers: BTreeMap<String, ConsumerState>,
     // ---- derived: indexes and the hash, rebuilt from the fields above on load -------------
     /// Stored sessions held in memory (the memtable) in repeat order within each kind:
     /// (kind, due, stored_at, id). Spilled ones are in `sources`.
@@ -166,6 +170,10 @@ impl Session {
             source: None,
         }
     }
+}
+
+pub(crate) fn consumer_digest(name: &str, c: &ConsumerState) -> u64 {
+    digest(6, &(name, c.epoch, c.through))
 }
 
 fn dedup_digest(client: ClientId, e: &DedupEntry) -> u64 {
@@ -423,24 +431,45 @@ impl StateMachine {
     }
 
     fn create(&mut self, entry: &Entry, kind: Kind, record: Option<Vec<u8>>, cfg: &EngineConfig) -> Outcome {
+        let records: Vec<Vec<u8>> = record.into_iter().collect();
+        self.check_new(kind, &records, 1, cfg)?;
+        let id = SessionId(entry.index.0);
+        Ok(Reply::Created { handle: self.insert_new(id, kind, records, entry.at, cfg) })
+    }
+
+    /// Whether `count` new sessions fit, and one of `kind` with these records.
+    fn check_new(&self, kind: Kind, records: &[Vec<u8>], count: u64, cfg: &EngineConfig) -> Result<(), RequestError> {
         let kc = cfg.kind(kind).ok_or(RequestError::UnknownKind(kind))?;
-        if self.sessions.len() as u64 + self.sources.spilled_count() >= cfg.limits.sessions_max {
+        if self.sessions.len() as u64 + self.sources.spilled_count() + count > cfg.limits.sessions_max {
             return Err(RequestError::TooManySessions { max: cfg.limits.sessions_max });
         }
-        if let Some(r) = &record {
+        let mut bytes = 0;
+        for r in records {
             let size = r.len() as u64;
             if size > kc.record_bytes_max as u64 {
                 return Err(RequestError::RecordTooLarge { size, max: kc.record_bytes_max });
             }
-            if size > kc.session_bytes_max as u64 {
-                return Err(RequestError::SessionTooLarge { bytes: size, max: kc.session_bytes_max });
-            }
-            if kc.session_records_max == 0 {
-                return Err(RequestError::TooManyRecords { max: 0 });
-            }
+            bytes += size;
         }
-        let id = SessionId(entry.index.0);
-        let lease_until = entry.at.saturating_add_ms(kc.lease_ms);
+        if bytes > kc.session_bytes_max as u64 {
+            return Err(RequestError::SessionTooLarge { bytes, max: kc.session_bytes_max });
+        }
+        if records.len() as u64 > kc.session_records_max as u64 {
+            return Err(RequestError::TooManyRecords { max: kc.session_records_max });
+        }
+        Ok(())
+    }
+
+    /// Opens session `id` (checked with `check_new`), leased from `at`; returns its handle.
+    fn insert_new(
+        &mut self,
+        id: SessionId,
+        kind: Kind,
+        records: Vec<Vec<u8>>,
+        at: UnixMs,
+        cfg: &EngineConfig,
+    ) -> Handle {
+        let lease_until = at.saturating_add_ms(cfg.lease(kind).0);
         let mut s = Session {
             kind,
             attempt: Attempt(0),
@@ -451,13 +480,13 @@ impl StateMachine {
             failures: 0,
             last_failure: None,
         };
-        if let Some(r) = record {
+        for r in records {
             s.push(r);
         }
         self.hash.add(s.digest(id));
         self.leases.insert((lease_until, id));
         self.sessions.insert(id, s);
-        Ok(Reply::Created { handle: Handle { session: id, attempt: Attempt(0) } })
+        Handle { session: id, attempt: Attempt(0) }
     }
 
     fn check_handle(&self, handle: Handle) -> Result<&Session, RequestError> {
@@ -713,6 +742,9 @@ impl StateMachine {
         for (c, e) in &self.dedup {
             d.hash.add(dedup_digest(*c, e));
             d.dedup_lru.insert((e.last_index, *c));
+        }
+        for (name, c) in &self.consumers {
+            d.hash.add(consumer_digest(name, c));
         }
         for (id, at) in &self.tombstones {
             d.hash.add(digest(3, &(*id, *at)));

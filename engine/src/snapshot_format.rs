@@ -9,6 +9,7 @@
 //! `Held` sessions; and `End`, which counts the sections before it. The file around them (magic,
 //! index, term, length and a checksum of everything) is `codec.rs`'s.
 
+use crate::consumers::ConsumerState;
 use crate::op::UnixSecs;
 use crate::sessions::{DedupEntry, Session, StateMachine};
 use crate::stored::{PendingMerge, Source, Sources, Spilled};
@@ -44,6 +45,8 @@ pub(crate) struct Meta {
     pub merges: Vec<PendingMerge>,
     /// Sessions held in memory (in the `Sessions` sections).
     pub sessions: u64,
+    /// Consumers and their checkpoints (a few, by the limit on them).
+    pub consumers: BTreeMap<String, ConsumerState>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +159,7 @@ pub(crate) fn encode(state: &StateMachine, out: &mut Vec<u8>) {
         sources: metas.clone(),
         merges: src.merges.clone(),
         sessions: state.sessions.len() as u64,
+        consumers: state.consumers.clone(),
     };
     push(out, &SectionRef::Meta(&meta));
     let mut sections = 1;
@@ -186,7 +190,12 @@ pub(crate) fn decode(payload: &[u8]) -> Result<StateMachine, String> {
         Ok(section)
     };
     let Section::Meta(meta) = next()? else { return Err("the snapshot does not start with its meta section".into()) };
-    let mut state = StateMachine { applied: meta.applied, repeat_index: meta.repeat_index, ..StateMachine::default() };
+    let mut state = StateMachine {
+        applied: meta.applied,
+        repeat_index: meta.repeat_index,
+        consumers: meta.consumers,
+        ..StateMachine::default()
+    };
     let mut sections = 1;
     let mut section = next()?;
     while let Section::Dedup(items) = section {

@@ -916,6 +916,10 @@ pub(crate) mod tests {
                     reply: QueryReply::Dead(Ok(DeadPage { sessions, total: dead.len() as u64 })),
                 }
             }
+            ClientMsg::Query { id, query: Query::Checkpoint { consumer } | Query::ReadThrough { consumer, .. } } => {
+                let reply = QueryReply::Checkpoint(Err(RequestError::UnknownConsumer(consumer.clone())));
+                ServerMsg::QueryReply { id: *id, reply }
+            }
             ClientMsg::Query { id, query: Query::Status } => ServerMsg::QueryReply {
                 id: *id,
                 reply: QueryReply::Status(StatusView {

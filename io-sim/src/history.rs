@@ -125,6 +125,11 @@ pub fn describe_request(r: &Request) -> String {
         Request::Redrive { target: RedriveTarget::Session(id) } => format!("redrive {id}"),
         Request::Redrive { target: RedriveTarget::Kind(kind) } => format!("redrive k{}", kind.0),
         Request::DropDead { session } => format!("drop dead {session}"),
+        Request::ConsumerOpen { consumer } => format!("consumer open {consumer}"),
+        Request::ConsumerCommit(c) => {
+            format!("consumer commit {} epoch {} through {} ({} ops)", c.consumer, c.epoch, c.through.0, c.ops.len())
+        }
+        Request::ConsumerDrop { consumer } => format!("consumer drop {consumer}"),
     }
 }
 
@@ -137,6 +142,12 @@ fn describe(e: &Event) -> String {
             Ok(Reply::Stored { due }) => format!("{actor:?}#{seq} < stored, due {}", due.0),
             Ok(Reply::Redriven { count, remaining }) => {
                 format!("{actor:?}#{seq} < redrove {count}, {remaining} still dead")
+            }
+            Ok(Reply::ConsumerOpened { epoch, through }) => {
+                format!("{actor:?}#{seq} < opened at epoch {epoch}, through {}", through.0)
+            }
+            Ok(Reply::Committed { through, results }) => {
+                format!("{actor:?}#{seq} < committed through {} ({} ops)", through.0, results.len())
             }
             Err(e) => format!("{actor:?}#{seq} < error: {e}"),
         },

@@ -10,7 +10,15 @@ use crate::config::EngineConfig;
 use crate::error::RequestError;
 use crate::events::{Event, What};
 use crate::op::{Command, Entry, Outcome, RedriveTarget, Reply, Request, UnixSecs};
-use crate::types::{Handle, Index, Kind, SessionId, SourceId};
+use crate::types::{ClientId, Handle, Index, Kind, Seq, SessionId, SourceId};
+
+/// The kind a creation names (a refused one shows it in the ledger).
+fn new_kind(request: &Request) -> Option<Kind> {
+    match request {
+        Request::New { kind, .. } => Some(*kind),
+        _ => None,
+    }
+}
 
 impl StateMachine {
     /// Applies one committed entry. Entries must come in index order with no gaps.
@@ -20,24 +28,21 @@ impl StateMachine {
         let mut out = Applied::default();
         match &entry.command {
             Command::Client { client, seq, request, due, .. } => {
-                let retried = self.dedup_lookup(*client, *seq);
-                let outcome = match retried {
-                    Some(cached) if !cfg.mutation(|m| m.apply_retry_twice) => {
-                        out.events.push(self.repeated(request));
-                        cached
-                    }
-                    _ => {
-                        let due = self.effective_due(*due, request, entry, cfg, env);
-                        let outcome = self.execute(entry, request, due, cfg, &mut out.events);
-                        if let Err(e) = &outcome {
-                            out.events.push(self.refused(request, e.clone()));
-                        }
-                        self.remember(*client, *seq, outcome.clone(), entry.index, cfg);
-                        outcome
-                    }
-                };
+                let about = (request.name(), request.session(), new_kind(request));
+                let outcome = self.once(*client, *seq, entry.index, about, cfg, &mut out.events, |s, events| {
+                    let due = s.effective_due(*due, request, entry, cfg, env);
+                    s.execute(entry, request, due, cfg, events)
+                });
                 out.reply = Some((*client, *seq, outcome));
             }
+            Command::Commit { client, seq, commit, dues, ids_from, .. } => {
+                let about = ("consumer-commit", None, None);
+                let outcome = self.once(*client, *seq, entry.index, about, cfg, &mut out.events, |s, events| {
+                    s.commit(entry, commit, dues, *ids_from, cfg, events)
+                });
+                out.reply = Some((*client, *seq, outcome));
+            }
+            Command::Reserve => out.events.push(Event::pipe(What::Reserved)),
             Command::Take { sessions, unspilled } => {
                 for id in sessions {
                     let before = self.brief(*id);
@@ -94,29 +99,39 @@ impl StateMachine {
     }
 
     /// The event of a change to session `id` (which is of a known kind), from `before`.
-    fn event(&self, id: SessionId, what: What, before: Option<crate::events::SessionBrief>) -> Event {
+    pub(super) fn event(&self, id: SessionId, what: What, before: Option<crate::events::SessionBrief>) -> Event {
         let kind = self.kind_of(id);
         Event { session: Some(id), kind, what, before, after: self.brief(id) }
     }
 
-    /// The event of a client request that changed nothing.
-    fn refused(&self, request: &Request, error: RequestError) -> Event {
-        let session = request.session();
-        let kind = match request {
-            Request::New { kind, .. } => Some(*kind),
-            _ => session.and_then(|id| self.kind_of(id)),
-        };
+    /// Applies a client's request once: a retry of one already applied is answered from the
+    /// deduplication table. `about` (request name, session, kind of a creation) describes the
+    /// request in the events of a retry or a refusal; a refusal changed nothing but the table.
+    #[allow(clippy::too_many_arguments)]
+    fn once(
+        &mut self,
+        client: ClientId,
+        seq: Seq,
+        index: Index,
+        about: (&str, Option<SessionId>, Option<Kind>),
+        cfg: &EngineConfig,
+        events: &mut Vec<Event>,
+        run: impl FnOnce(&mut Self, &mut Vec<Event>) -> Outcome,
+    ) -> Outcome {
+        let (name, session, created_kind) = about;
+        let kind = created_kind.or_else(|| session.and_then(|id| self.kind_of(id)));
         let brief = session.and_then(|id| self.brief(id));
-        let what = What::Refused { request: request.name().into(), error };
-        Event { session, kind, what, before: brief.clone(), after: brief }
-    }
-
-    /// The event of a retry of a request already applied (answered from the dedup table).
-    fn repeated(&self, request: &Request) -> Event {
-        let session = request.session();
-        let brief = session.and_then(|id| self.brief(id));
-        let what = What::Repeated { request: request.name().into() };
-        Event { session, kind: session.and_then(|id| self.kind_of(id)), what, before: brief.clone(), after: brief }
+        let unchanged = |what| Event { session, kind, what, before: brief.clone(), after: brief.clone() };
+        if let Some(cached) = self.dedup_lookup(client, seq).filter(|_| !cfg.mutation(|m| m.apply_retry_twice)) {
+            events.push(unchanged(What::Repeated { request: name.into() }));
+            return cached;
+        }
+        let outcome = run(self, events);
+        if let Err(e) = &outcome {
+            events.push(unchanged(What::Refused { request: name.into(), error: e.clone() }));
+        }
+        self.remember(client, seq, outcome.clone(), index, cfg);
+        outcome
     }
 
     /// The repeat time written in the entry (the repeat-index floor is applied by `store`).
@@ -143,7 +158,7 @@ impl StateMachine {
 
     /// Carries out a client request, reporting what it changed in `events`; an error changed
     /// nothing.
-    fn execute(
+    pub(super) fn execute(
         &mut self,
         entry: &Entry,
         request: &Request,
@@ -206,6 +221,12 @@ impl StateMachine {
                 (Reply::Done, What::Renewed)
             }
             Request::Redrive { target } => return self.redrive(*target, due, entry.index, cfg, events),
+            Request::ConsumerOpen { consumer } => return self.open_consumer(entry, consumer, cfg, events),
+            Request::ConsumerDrop { consumer } => return self.drop_consumer(consumer, events),
+            Request::ConsumerCommit(_) => {
+                // Commits travel as `Command::Commit`, with what the leader drew for them.
+                return Err(RequestError::Malformed("a consumer commit outside a commit entry".into()));
+            }
             Request::DropDead { session: id } => {
                 self.dead_session(*id)?;
                 let kind = self.kind_of(*id);
