@@ -345,7 +345,7 @@ pub struct SessionSnapshot {
 
 /// One message of a stream. Items of one stream are numbered from 1 (see [`crate::Output`]),
 /// and a reader acknowledges them by number.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StreamItem {
     /// Whole ledger entries (each the postcard encoding of a [`LedgerEntry`] holding only the
     /// events the reader asked for), in index order; `through` is the last index they cover
