@@ -294,11 +294,32 @@ pub struct Mutations {
     /// The repeater and the replicas take a kind's sessions held in memory before any spilled
     /// one, whatever their repeat times.
     pub sources_out_of_order: bool,
+    /// A tail reading the ledger's files does not skip the records before its position in a
+    /// piece (it read from a remembered offset before it): they are sent again.
+    pub tail_resends_old: bool,
+    /// A tail reading a piece that ends inside a record steps over that record.
+    pub tail_skips_at_piece_end: bool,
+    /// An entry with several events goes out as one entry per event.
+    pub tail_splits_entries: bool,
+    /// Progress marks say one less than everything looked at (lower than an entry already sent).
+    pub progress_mark_behind: bool,
+    /// The ledger records the replica's own clock at apply as an entry's time, not the leader's.
+    pub ledger_local_clock: bool,
+    /// A watcher's resync leaves out the sessions whose records only a source file holds.
+    pub resync_skips_spilled: bool,
+    /// A watch's window is not enforced.
+    pub watch_window_ignored: bool,
+    /// A consumer's commit is not fenced by its epoch.
+    pub stale_epoch_accepted: bool,
+    /// A commit applies its operations one by one and keeps those before a refused one.
+    pub commit_not_atomic: bool,
+    /// A read-through answers when the checkpoint is one short of the index.
+    pub read_through_early: bool,
 }
 
 impl Mutations {
     /// Names accepted on the simulator's command line.
-    pub const NAMES: [&'static str; 21] = [
+    pub const NAMES: [&'static str; 31] = [
         "ack-before-fsync",
         "truncate-mid-log",
         "apply-retry-twice",
@@ -320,6 +341,16 @@ impl Mutations {
         "redrive-keeps-count",
         "source-rename-before-fsync",
         "sources-out-of-order",
+        "tail-resends-old",
+        "tail-skips-at-piece-end",
+        "tail-splits-entries",
+        "progress-mark-behind",
+        "ledger-local-clock",
+        "resync-skips-spilled",
+        "watch-window-ignored",
+        "stale-epoch-accepted",
+        "commit-not-atomic",
+        "read-through-early",
     ];
 
     pub fn from_name(name: &str) -> Option<Mutations> {
@@ -346,6 +377,16 @@ impl Mutations {
             "redrive-keeps-count" => m.redrive_keeps_count = true,
             "source-rename-before-fsync" => m.source_rename_before_fsync = true,
             "sources-out-of-order" => m.sources_out_of_order = true,
+            "tail-resends-old" => m.tail_resends_old = true,
+            "tail-skips-at-piece-end" => m.tail_skips_at_piece_end = true,
+            "tail-splits-entries" => m.tail_splits_entries = true,
+            "progress-mark-behind" => m.progress_mark_behind = true,
+            "ledger-local-clock" => m.ledger_local_clock = true,
+            "resync-skips-spilled" => m.resync_skips_spilled = true,
+            "watch-window-ignored" => m.watch_window_ignored = true,
+            "stale-epoch-accepted" => m.stale_epoch_accepted = true,
+            "commit-not-atomic" => m.commit_not_atomic = true,
+            "read-through-early" => m.read_through_early = true,
             _ => return None,
         }
         Some(m)

@@ -72,16 +72,18 @@ impl ReadThroughs {
 
     /// Answers the waiting read-throughs that `lookup` now settles (covered, or the consumer
     /// gone), and those past their deadline.
+    /// (`slack` is 0 but for a mutation test's deliberate bug.)
     pub fn settle(
         &mut self,
         now: Instant,
+        slack: u64,
         lookup: impl Fn(&str) -> Option<Checkpoint>,
         mut answer: impl FnMut(u64, QueryReply),
     ) {
         self.waiting.retain(|w| {
             let reply = match lookup(&w.consumer) {
                 None => Err(RequestError::UnknownConsumer(w.consumer.clone())),
-                Some(c) if c.through >= w.index => Ok(c),
+                Some(c) if c.through.0 + slack >= w.index.0 => Ok(c),
                 Some(_) if now >= w.deadline => Err(RequestError::TimedOut { ms: w.timeout_ms }),
                 Some(_) => return true,
             };

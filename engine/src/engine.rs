@@ -770,7 +770,7 @@ impl Engine {
             Query::Checkpoint { consumer } => return self.on_read(id, ReadQuery::Checkpoint(consumer)),
             Query::ReadThrough { consumer, index, timeout_ms } => match self.state.checkpoint(&consumer) {
                 None => QueryReply::Checkpoint(Err(RequestError::UnknownConsumer(consumer))),
-                Some(c) if c.through >= index => QueryReply::Checkpoint(Ok(c)),
+                Some(c) if c.through.0 + self.read_through_slack() >= index.0 => QueryReply::Checkpoint(Ok(c)),
                 Some(_) if self.read_throughs.len() >= self.cfg.limits.pending_requests_max as usize => {
                     QueryReply::Checkpoint(Err(RequestError::Overloaded { max: self.cfg.limits.pending_requests_max }))
                 }
@@ -789,10 +789,25 @@ impl Engine {
         if self.read_throughs.len() == 0 {
             return;
         }
+        let slack = self.read_through_slack();
         let (state, outputs) = (&self.state, &mut self.outputs);
         let lookup = |name: &str| state.checkpoint(name);
         let answer = |id, reply| outputs.push_back(Output::QueryReply { id, reply });
-        self.read_throughs.settle(self.now.mono, lookup, answer);
+        self.read_throughs.settle(self.now.mono, slack, lookup, answer);
+    }
+
+    /// How far short of the index a read-through's checkpoint may be: none, but for the
+    /// `read-through-early` mutation.
+    fn read_through_slack(&self) -> u64 {
+        self.cfg.mutation(|m| m.read_through_early) as u64
+    }
+
+    /// The ledger's records after `after` that are still in memory: every record applied since
+    /// the last input at least (for the simulator, which checks that replicas agree on them).
+    pub fn ledger_records_after(&self, after: Index) -> impl Iterator<Item = (Index, &bytes::Bytes)> + '_ {
+        let from = after.next().max(self.ledger.first());
+        let cached = matches!(self.ledger.locate(from), crate::ledger::Locate::Cached);
+        cached.then(|| self.ledger.cached_from(from).map(|r| (r.index, &r.body))).into_iter().flatten()
     }
 
     pub fn status(&self) -> StatusView {
@@ -1118,7 +1133,10 @@ impl Engine {
             let env = MutationEnv { rng: &mut self.rng, wall: self.now.wall };
             let delivering_before = self.state.delivering_total();
             let finished_by_handler = matches!(entry.command, Command::Client { .. } | Command::Commit { .. });
-            let audit = audit_of(entry);
+            let mut audit = audit_of(entry);
+            if self.cfg.mutation(|m| m.ledger_local_clock) {
+                audit.at = self.now.wall;
+            }
             let (term, entry_index) = (entry.term, entry.index);
             let mut applied = self.state.apply(entry, &self.cfg, env);
             let events = std::mem::take(&mut applied.events);
@@ -1237,6 +1255,7 @@ impl Engine {
         let mut ctx = Ctx {
             ledger: &self.ledger,
             limits: &self.cfg.limits,
+            cfg: &self.cfg,
             now: self.now.mono,
             log_last: self.log.last_index(),
             newest_snapshot: self.snapshots.newest(),

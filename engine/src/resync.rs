@@ -103,6 +103,9 @@ pub(crate) struct Resync {
     done: bool,
     /// Damaged reads of the same place in a row.
     pub failures: u32,
+    /// Only under the `resync-skips-spilled` mutation: sessions only a source file holds are
+    /// left out.
+    pub skip_spilled: bool,
 }
 
 /// Why a resync cannot go on.
@@ -125,6 +128,7 @@ impl Resync {
             ready: VecDeque::new(),
             done,
             failures: 0,
+            skip_spilled: false,
         }
     }
 
@@ -278,11 +282,12 @@ impl Resync {
                 }
             }
             Section::Spilled { source, entries } => {
+                let skip = self.skip_spilled;
                 let src = self.source_cursor(source)?;
                 for e in entries {
                     let pos = src.spilled_pos;
                     src.spilled_pos += 1;
-                    if pos >= src.meta.taken && src.file.is_some() {
+                    if pos >= src.meta.taken && src.file.is_some() && !skip {
                         src.pairing.push_back(e);
                     }
                 }

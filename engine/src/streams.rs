@@ -97,6 +97,8 @@ pub(crate) struct Streams {
 pub(crate) struct Ctx<'a> {
     pub ledger: &'a Ledger,
     pub limits: &'a Limits,
+    /// For the mutation tests' deliberate bugs.
+    pub cfg: &'a crate::config::EngineConfig,
     pub now: Instant,
     /// The replica's last log index (a tail may start at most one past it).
     pub log_last: Index,
@@ -149,7 +151,10 @@ impl Streams {
             }
             StreamOpen::Watch { kinds, resume_after, window } => {
                 let max = ctx.limits.watch_window_events_max;
-                let window = window.map_or(max, |w| w.clamp(1, max)) as u64;
+                let mut window = window.map_or(max, |w| w.clamp(1, max)) as u64;
+                if ctx.cfg.mutation(|m| m.watch_window_ignored) {
+                    window = u64::MAX;
+                }
                 if let Some(after) = resume_after.filter(|i| *i > ctx.log_last) {
                     return ctx.end(id, 0, StreamError::BeyondHead { from: after.next(), head: ctx.log_last });
                 }
@@ -239,7 +244,10 @@ impl Streams {
             let quiet = ctx.now.saturating_since(s.last_item_at) >= every;
             let shows_changes = !s.reading.resyncing();
             if moved && quiet && shows_changes && s.in_window < s.window {
-                let through = s.cursor.prev();
+                let mut through = s.cursor.prev();
+                if ctx.cfg.mutation(|m| m.progress_mark_behind) {
+                    through = through.prev();
+                }
                 s.reported = through;
                 let cost = match s.reading {
                     Reading::Tail => ITEM_COST_BYTES,
@@ -290,7 +298,7 @@ impl Streams {
                 Locate::Cached => {
                     s.disk = None;
                     let records = ctx.ledger.cached_from(s.cursor).map(|r| r.as_ref());
-                    let batch = Batch::take(s, records, ctx.limits);
+                    let batch = Batch::take(s, records, ctx);
                     self.send_batch(id, s, batch, ctx);
                 }
                 Locate::Disk { file, offset } => {
@@ -333,13 +341,18 @@ impl Streams {
             return Err(StreamError::Damaged { index: s.cursor });
         }
         // Records before the cursor (the piece starts at a remembered position before it).
+        let resends = ctx.cfg.mutation(|m| m.tail_resends_old);
         loop {
             match parse(&d.buf) {
-                Parsed::Whole(r, len) if r.index < s.cursor => {
+                Parsed::Whole(r, len) if r.index < s.cursor && !resends => {
                     d.buf = d.buf.slice(len..);
                     d.offset += len as u64;
                 }
                 Parsed::Whole(r, _) if r.index > s.cursor => return Err(StreamError::Damaged { index: s.cursor }),
+                Parsed::Whole(r, _) if resends => {
+                    s.cursor = r.index;
+                    break;
+                }
                 Parsed::Whole(..) => break,
                 Parsed::Short => return Ok(self.read_more(id, d, ctx)),
                 Parsed::Damaged => return self.damaged(id, s, ctx),
@@ -359,7 +372,7 @@ impl Streams {
             records.push((r, used));
         }
         let before = s.cursor;
-        let batch = Batch::take(s, records.iter().map(|(r, _)| r), ctx.limits);
+        let batch = Batch::take(s, records.iter().map(|(r, _)| r), ctx);
         let taken = (s.cursor.0 - before.0) as usize;
         if taken > 0 {
             let consumed = records[taken - 1].1;
@@ -367,6 +380,12 @@ impl Streams {
             d.buf = d.buf.slice(consumed..);
             d.offset += consumed as u64;
             d.failures = 0;
+            let cut = matches!(parse(&d.buf), Parsed::Short) && !d.buf.is_empty();
+            if cut && taken == records.len() && ctx.cfg.mutation(|m| m.tail_skips_at_piece_end) {
+                // The deliberate bug: the record the piece ends inside is stepped over.
+                s.cursor = s.cursor.next();
+                s.disk = None;
+            }
         }
         Ok(Some(batch))
     }
@@ -553,27 +572,34 @@ impl Batch {
     /// Takes records (from the stream's cursor on, in order) while the item and the window have
     /// room, moving the cursor past each one taken or filtered out. A record bigger than the
     /// room left goes alone rather than never.
-    fn take<'r>(s: &mut Stream, records: impl Iterator<Item = &'r Record>, limits: &Limits) -> Batch {
+    fn take<'r>(s: &mut Stream, records: impl Iterator<Item = &'r Record>, ctx: &Ctx) -> Batch {
+        let limits = ctx.limits;
         let mut b = Batch { through: s.cursor.prev(), ..Batch::default() };
         let room = s.window.saturating_sub(s.in_window);
         let watch = matches!(s.reading, Reading::Watch { .. });
+        let split = ctx.cfg.mutation(|m| m.tail_splits_entries);
         for r in records {
-            debug_assert_eq!(r.index, s.cursor);
             let matching = r.marks.iter().filter(|m| s.filter.matches(**m)).count();
             if matching > 0 {
-                let body = if matching == r.marks.len() { Some(r.body.clone()) } else { refiltered(r, &s.filter) };
-                let Some(body) = body else { break };
-                let cost = if watch { matching as u64 } else { body.len() as u64 };
+                let bodies = if split && matching > 1 {
+                    split_events(r, &s.filter)
+                } else if matching == r.marks.len() {
+                    vec![r.body.clone()]
+                } else {
+                    refiltered(r, &s.filter).into_iter().collect()
+                };
+                let size: u64 = bodies.iter().map(|b| b.len() as u64).sum();
+                let cost = if watch { matching as u64 } else { size };
                 let used = if watch { b.events as u64 } else { b.bytes };
                 let full = b.bytes >= limits.stream_batch_bytes_max as u64 || used + cost > room;
                 if !b.entries.is_empty() && full {
                     break;
                 }
-                b.bytes += body.len() as u64;
+                b.bytes += size;
                 b.events += matching as u32;
-                b.entries.push(body);
+                b.entries.extend(bodies);
             }
-            s.cursor = s.cursor.next();
+            s.cursor = r.index.next();
             b.through = r.index;
             if b.bytes >= limits.stream_batch_bytes_max as u64 {
                 break;
@@ -581,6 +607,19 @@ impl Batch {
         }
         b
     }
+}
+
+/// Only under the `tail-splits-entries` mutation: one entry per matching event.
+fn split_events(r: &Record, filter: &Filter) -> Vec<Bytes> {
+    let entry = r.entry().expect("the ledger's own records decode");
+    let kept = entry.filtered(filter).expect("some events match");
+    kept.events
+        .iter()
+        .map(|e| {
+            let one = crate::events::LedgerEntry { events: vec![e.clone()], ..kept.clone() };
+            Bytes::from(postcard::to_allocvec(&one).expect("postcard encoding into memory cannot fail"))
+        })
+        .collect()
 }
 
 /// The record's entry with only the events `filter` lets through, encoded again (`None` if it

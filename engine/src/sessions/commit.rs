@@ -72,14 +72,14 @@ impl StateMachine {
         cfg: &EngineConfig,
         events: &mut Vec<Event>,
     ) -> Outcome {
+        if cfg.mutation(|m| m.commit_not_atomic) {
+            return self.commit_piecemeal(entry, c, dues, ids_from, cfg, events);
+        }
         let ids = self.check_commit(entry, c, dues, ids_from, cfg)?;
         let mut ids = ids.into_iter();
         let mut results = Vec::with_capacity(c.ops.len());
         // The checkpoint first: the operations' events follow it in the entry.
-        let epoch = c.epoch;
-        self.set_consumer(&c.consumer, Some(ConsumerState { epoch, through: c.through }));
-        let what = What::CheckpointCommitted { consumer: c.consumer.clone(), epoch, through: c.through };
-        events.push(Event::pipe(what));
+        self.move_checkpoint(c, events);
         for (op, due) in c.ops.iter().zip(dues) {
             let due = due.unwrap_or_else(|| entry.at.as_secs());
             let reply = match op {
@@ -107,6 +107,47 @@ impl StateMachine {
         Ok(Reply::Committed { through: c.through, results })
     }
 
+    /// Only under the `commit-not-atomic` mutation: each operation is checked and applied in
+    /// turn, and a refused one leaves those before it applied (the checkpoint does not move).
+    fn commit_piecemeal(
+        &mut self,
+        entry: &Entry,
+        c: &ConsumerCommit,
+        dues: &[Option<UnixSecs>],
+        ids_from: Index,
+        cfg: &EngineConfig,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let first = ConsumerCommit { ops: Vec::new(), ..c.clone() };
+        self.check_commit(entry, &first, &[], entry.index, cfg)?;
+        let mut next_id = ids_from.0;
+        for (n, (op, due)) in c.ops.iter().zip(dues).enumerate() {
+            let due = due.unwrap_or_else(|| entry.at.as_secs());
+            let failed = |e| RequestError::CommitOpFailed { op: n as u32, error: Box::new(e) };
+            self.check_op(op, 1, cfg, &mut BTreeSet::new()).map_err(failed)?;
+            match op {
+                CommitOp::New { kind, records, .. } => {
+                    let id = SessionId(next_id);
+                    next_id += 1;
+                    self.insert_new(id, *kind, records.clone(), entry.at, cfg);
+                    events.push(self.event(id, What::Created { records: records.clone() }, None));
+                }
+                other => {
+                    let request = other.as_request().expect("not a creation");
+                    self.execute(entry, &request, due, cfg, events).map_err(failed)?;
+                }
+            }
+        }
+        self.move_checkpoint(c, events);
+        Ok(Reply::Committed { through: c.through, results: Vec::new() })
+    }
+
+    fn move_checkpoint(&mut self, c: &ConsumerCommit, events: &mut Vec<Event>) {
+        let (epoch, through) = (c.epoch, c.through);
+        self.set_consumer(&c.consumer, Some(ConsumerState { epoch, through }));
+        events.push(Event::pipe(What::CheckpointCommitted { consumer: c.consumer.clone(), epoch, through }));
+    }
+
     /// Every check a commit must pass, before anything is applied. Returns the ids of the
     /// sessions it creates.
     fn check_commit(
@@ -119,7 +160,7 @@ impl StateMachine {
     ) -> Result<Vec<SessionId>, RequestError> {
         let current =
             self.consumers.get(&c.consumer).ok_or_else(|| RequestError::UnknownConsumer(c.consumer.clone()))?;
-        if c.epoch != current.epoch {
+        if c.epoch != current.epoch && !cfg.mutation(|m| m.stale_epoch_accepted) {
             return Err(RequestError::StaleEpoch { epoch: c.epoch, current: current.epoch });
         }
         if c.through < current.through {
