@@ -240,11 +240,14 @@ pub struct Mutations {
     /// The repeater and the replicas take a kind's sessions held in memory before any spilled
     /// one, whatever their repeat times.
     pub sources_out_of_order: bool,
+    /// A leader answers a session read from its applied state at once, without the confirmation
+    /// round that proves it still leads: a deposed leader that has not noticed answers stale.
+    pub read_without_confirmation: bool,
 }
 
 impl Mutations {
     /// Names accepted on the simulator's command line.
-    pub const NAMES: [&'static str; 21] = [
+    pub const NAMES: [&'static str; 22] = [
         "ack-before-fsync",
         "truncate-mid-log",
         "apply-retry-twice",
@@ -266,6 +269,7 @@ impl Mutations {
         "redrive-keeps-count",
         "source-rename-before-fsync",
         "sources-out-of-order",
+        "read-without-confirmation",
     ];
 
     pub fn from_name(name: &str) -> Option<Mutations> {
@@ -292,6 +296,7 @@ impl Mutations {
             "redrive-keeps-count" => m.redrive_keeps_count = true,
             "source-rename-before-fsync" => m.source_rename_before_fsync = true,
             "sources-out-of-order" => m.sources_out_of_order = true,
+            "read-without-confirmation" => m.read_without_confirmation = true,
             _ => return None,
         }
         Some(m)
