@@ -294,6 +294,9 @@ pub struct Mutations {
     /// The repeater and the replicas take a kind's sessions held in memory before any spilled
     /// one, whatever their repeat times.
     pub sources_out_of_order: bool,
+    /// A leader answers a session read from its applied state at once, without the confirmation
+    /// round that proves it still leads: a deposed leader that has not noticed answers stale.
+    pub read_without_confirmation: bool,
     /// A tail reading the ledger's files does not skip the records before its position in a
     /// piece (it read from a remembered offset before it): they are sent again.
     pub tail_resends_old: bool,
@@ -319,7 +322,7 @@ pub struct Mutations {
 
 impl Mutations {
     /// Names accepted on the simulator's command line.
-    pub const NAMES: [&'static str; 31] = [
+    pub const NAMES: [&'static str; 32] = [
         "ack-before-fsync",
         "truncate-mid-log",
         "apply-retry-twice",
@@ -341,6 +344,7 @@ impl Mutations {
         "redrive-keeps-count",
         "source-rename-before-fsync",
         "sources-out-of-order",
+        "read-without-confirmation",
         "tail-resends-old",
         "tail-skips-at-piece-end",
         "tail-splits-entries",
@@ -377,6 +381,7 @@ impl Mutations {
             "redrive-keeps-count" => m.redrive_keeps_count = true,
             "source-rename-before-fsync" => m.source_rename_before_fsync = true,
             "sources-out-of-order" => m.sources_out_of_order = true,
+            "read-without-confirmation" => m.read_without_confirmation = true,
             "tail-resends-old" => m.tail_resends_old = true,
             "tail-skips-at-piece-end" => m.tail_skips_at_piece_end = true,
             "tail-splits-entries" => m.tail_splits_entries = true,

@@ -3,7 +3,10 @@
 //! real-time figures) is what snapshot tests compare.
 
 use std::fmt::Write as _;
-use truba_engine::{FailureReason, Handle, Kind, Outcome, RedriveTarget, Reply, Request, UnixSecs};
+use truba_engine::{
+    FailureReason, Handle, Kind, Outcome, RedriveTarget, Reply, Request, RequestError, SessionState, SessionView,
+    UnixSecs,
+};
 
 /// Who issued a request: a workload client or a handler working on a delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -79,6 +82,26 @@ pub enum Event {
     },
     Phase {
         name: &'static str,
+    },
+    /// A reader asked for a session (`get`); `read` numbers the reader's questions.
+    ReadInvoke {
+        reader: u32,
+        read: u64,
+        session: u64,
+    },
+    /// The answer reached the reader: the session as the leader showed it, or why it could not
+    /// ("unknown", "deleted"). Redirects to the leader are the client library's, not answers.
+    ReadComplete {
+        reader: u32,
+        read: u64,
+        session: u64,
+        answer: Result<SessionView, RequestError>,
+    },
+    /// The reader stopped waiting for an answer (the replica may have crashed or lost its role).
+    ReadGiveUp {
+        reader: u32,
+        read: u64,
+        session: u64,
     },
 }
 
@@ -169,5 +192,30 @@ fn describe(e: &Event) -> String {
         Event::Leader { replica, term } => format!("replica {replica} leads term {term}"),
         Event::Fault { what } => format!("fault: {what}"),
         Event::Phase { name } => format!("--- {name} phase ---"),
+        Event::ReadInvoke { reader, read, session } => format!("Reader({reader})#{read} > get {session}"),
+        Event::ReadComplete { reader, read, session, answer } => {
+            format!("Reader({reader})#{read} < get {session} = {}", describe_view(answer))
+        }
+        Event::ReadGiveUp { reader, read, session } => format!("Reader({reader})#{read} gave up on get {session}"),
     }
+}
+
+/// A `get` answer in one line: handle, state, records (or where they are, when not shown).
+fn describe_view(answer: &Result<SessionView, RequestError>) -> String {
+    let v = match answer {
+        Ok(v) => v,
+        Err(e) => return format!("error: {e}"),
+    };
+    let state = match &v.state {
+        SessionState::Active { delivering: true, .. } => "active, delivering".to_string(),
+        SessionState::Active { .. } => "active".to_string(),
+        SessionState::Stored { due } => format!("stored, due {}", due.0),
+        SessionState::Dead { since } => format!("dead since {}", since.0),
+    };
+    let records = match v.source {
+        Some((source, n)) if v.records.len() != n as usize => format!("{n} records in source {} (not shown)", source.0),
+        Some((source, _)) => format!("[{}] from source {}", ids(&v.records), source.0),
+        None => format!("[{}]", ids(&v.records)),
+    };
+    format!("{} {state} {records}", v.handle)
 }

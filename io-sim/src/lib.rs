@@ -8,6 +8,7 @@
 //! - [`world`]: the event loop that drives the engine.
 //! - [`disk`], [`clock`]: the simulated disk and clocks.
 //! - [`workload`]: simulated clients and handlers.
+//! - [`reader`]: simulated readers (`get`, answered with a linearizable read).
 //! - [`history`]: ground-truth events and their condensed form.
 //! - [`checkers`]: the properties.
 //! - [`runner`]: running seeds and ranges, reporting.
@@ -20,6 +21,7 @@ pub mod disk;
 pub mod downtime;
 pub mod history;
 pub mod network;
+pub mod reader;
 pub mod runner;
 pub mod scenario;
 pub mod workload;

@@ -27,6 +27,10 @@ impl SeedRun {
     pub fn failed_deliveries(&self) -> u64 {
         self.output.history.events.iter().filter(|(_, e)| matches!(e, Event::DeliveryFailed { .. })).count() as u64
     }
+    /// Answers readers got (a session, or "unknown" or "deleted").
+    pub fn reads(&self) -> u64 {
+        self.output.history.events.iter().filter(|(_, e)| matches!(e, Event::ReadComplete { .. })).count() as u64
+    }
     /// Sessions in a dead-letter set at the end.
     pub fn dead(&self) -> u64 {
         let finals = self.output.final_sessions.iter().flatten();
@@ -92,8 +96,10 @@ pub fn failure_report(path: &Path, run: &SeedRun, mutation: Option<&str>) -> Str
     let lines = run.output.history.condensed();
     let related: Vec<&str> = match v.session {
         Some(id) => {
-            let needle = format!(" {id}@");
-            lines.lines().filter(|l| l.contains(&needle) || l.contains("replica")).collect()
+            // A reader's lines name the session as `get {id}`, at the end or before a space.
+            let (needle, get, get_sp) = (format!(" {id}@"), format!("get {id}"), format!("get {id} "));
+            let read = |l: &str| l.ends_with(&get) || l.contains(&get_sp);
+            lines.lines().filter(|l| l.contains(&needle) || read(l) || l.contains("replica")).collect()
         }
         None => lines.lines().filter(|l| l.contains("replica") || l.contains("fault")).collect(),
     };
@@ -123,6 +129,7 @@ pub struct Summary {
     pub sources_merged: u64,
     pub sources_installed: u64,
     pub crashes_mid_merge: u64,
+    pub reads: u64,
     pub virtual_s: f64,
 }
 
@@ -144,6 +151,7 @@ impl Summary {
         self.sources_merged += r.output.stats.sources_merged;
         self.sources_installed += r.output.stats.sources_installed;
         self.crashes_mid_merge += r.output.stats.crashes_mid_merge;
+        self.reads += r.reads();
         self.virtual_s += r.output.stats.virtual_us as f64 / 1e6;
     }
 
@@ -151,7 +159,7 @@ impl Summary {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>20}",
+            "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>8} {:>20}",
             "scenario",
             "seeds",
             "failed",
@@ -162,12 +170,13 @@ impl Summary {
             "dead",
             "crashes",
             "hash ok",
+            "reads",
             "src wr/mrg/inst/cut"
         );
         for r in rows {
             let _ = writeln!(
                 out,
-                "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>20}",
+                "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>8} {:>20}",
                 r.scenario,
                 r.seeds,
                 r.failed,
@@ -178,6 +187,7 @@ impl Summary {
                 r.dead,
                 r.crashes,
                 r.hash_checks,
+                r.reads,
                 format!("{}/{}/{}/{}", r.sources_written, r.sources_merged, r.sources_installed, r.crashes_mid_merge)
             );
         }

@@ -106,6 +106,14 @@ pub struct Workload {
     /// (with `operator_drop_share`) drops it.
     pub operator_every_ms: Option<(u64, u64)>,
     pub operator_drop_share: f64,
+    /// Readers: each asks the replica it believes leads for one session at a time (`get`, a
+    /// linearizable read), waiting `read_every_ms` between an answer and its next question, and
+    /// gives up on a question unanswered after `read_give_up_ms`.
+    pub readers: u32,
+    pub read_every_ms: (u64, u64),
+    pub read_give_up_ms: u64,
+    /// Readers go on asking through the liveness phase (otherwise they stop when it starts).
+    pub reads_in_liveness: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -135,6 +143,10 @@ impl Default for Workload {
             crash_storm: None,
             operator_every_ms: None,
             operator_drop_share: 0.3,
+            readers: 0,
+            read_every_ms: (10, 100),
+            read_give_up_ms: 2_000,
+            reads_in_liveness: false,
         }
     }
 }
@@ -293,6 +305,9 @@ impl Scenario {
             if a > b {
                 return Err(format!("workload.{name}: {a} > {b}"));
             }
+        }
+        if w.read_every_ms.0 > w.read_every_ms.1 {
+            return Err(format!("workload.read_every_ms: {} > {}", w.read_every_ms.0, w.read_every_ms.1));
         }
         if w.record_bytes.0 < 32 {
             return Err("workload.record_bytes must be at least 32 (records carry their id)".into());

@@ -92,11 +92,16 @@ pub fn record_bytes(client: ClientId, seq: u64, len: u32) -> Vec<u8> {
     r
 }
 
+/// The request a record claims to come from, `(client, seq)`, read from its id.
+pub fn record_origin(r: &[u8]) -> Option<(u64, u64)> {
+    let id = crate::history::record_id(r);
+    let (c, s) = id.strip_prefix('c')?.split_once('.')?;
+    Some((c.parse().ok()?, s.parse().ok()?))
+}
+
 /// Whether `r` is exactly a record some client generated with [`record_bytes`].
 pub fn record_is_genuine(r: &[u8]) -> bool {
-    let id = crate::history::record_id(r);
-    let Some((c, s)) = id.strip_prefix('c').and_then(|x| x.split_once('.')) else { return false };
-    let (Ok(c), Ok(s)) = (c.parse::<u64>(), s.parse::<u64>()) else { return false };
+    let Some((c, s)) = record_origin(r) else { return false };
     record_bytes(ClientId(c), s, r.len() as u32) == r
 }
 

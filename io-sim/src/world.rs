@@ -5,14 +5,16 @@
 //! Clients reach the cluster the way the client library does: they send to the replica they
 //! believe leads, and a "not the leader" answer makes the world resend the same request (same
 //! client id and sequence) to the hinted leader, or to the next replica, without the agent
-//! seeing it. Consensus properties are checked as the run goes: at most one leader per term,
-//! equal state hashes at equal applied indexes on every replica, and the same term for every
-//! applied index; log matching is checked across replicas at every crash and at the end.
+//! seeing it. Readers' questions (`get`) are carried and redirected the same way. Consensus
+//! properties are checked as the run goes: at most one leader per term, equal state hashes at
+//! equal applied indexes on every replica, and the same term for every applied index; log
+//! matching is checked across replicas at every crash and at the end.
 
 use crate::clock::SimClock;
 use crate::disk::SimDisk;
 use crate::history::{Event, History};
 use crate::network::SimNetwork;
+use crate::reader::{Question, Reader, Sightings};
 use crate::scenario::{HandlerSetup, Scenario};
 use crate::workload::{Action, Agent, Ctx};
 use rand::{Rng, SeedableRng};
@@ -20,7 +22,8 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use truba_engine::{
     ClientId, Engine, EngineConfig, Handle, Index, Input, IoId, IoOp, Kind, KindConfig, Message, Mutations, Outcome,
-    Output, RedriveTarget, ReplicaId, Request, RequestError, RoleName, Seq, SessionId, SessionState, SessionView,
+    Output, Query, QueryReply, RedriveTarget, ReplicaId, Request, RequestError, RoleName, Seq, SessionId, SessionState,
+    SessionView,
 };
 
 #[derive(Debug)]
@@ -42,6 +45,10 @@ enum Ev {
     Storm,
     CrashStorm,
     Operator,
+    ReadWake { reader: usize },
+    Query { to: usize, id: u64, session: SessionId },
+    QueryReply { id: u64, reply: QueryReply },
+    ReadTimeout { reader: usize, read: u64 },
     Liveness,
     End,
 }
@@ -160,6 +167,15 @@ pub struct World {
     kinds: Vec<(Kind, KindConfig, HandlerSetup)>,
     /// The operator agent, if the workload has one.
     operator: Option<usize>,
+    readers: Vec<Reader>,
+    /// Every draw for the readers (what to ask, when, and their network delays) comes from this
+    /// stream of its own, so that a scenario without readers makes exactly the draws it did
+    /// before readers existed.
+    read_rng: ChaCha8Rng,
+    sightings: Sightings,
+    /// Which reader each query sent and not yet answered belongs to.
+    query_owner: BTreeMap<u64, usize>,
+    next_query: u64,
     /// Per kind, the stretches of true time (µs) in which its handler cannot be reached.
     outages: BTreeMap<Kind, Vec<(u64, u64)>>,
     history: History,
@@ -187,6 +203,7 @@ const STREAM_SWARM: u64 = 3;
 const STREAM_ENGINE: u64 = 4;
 const STREAM_NET: u64 = 5;
 const STREAM_OUTAGES: u64 = 6;
+const STREAM_READERS: u64 = 7;
 const STREAM_AGENTS: u64 = 1000;
 
 impl World {
@@ -240,6 +257,11 @@ impl World {
             pools: BTreeMap::new(),
             outages: BTreeMap::new(),
             operator: None,
+            readers: (0..sc.workload.readers).map(Reader::new).collect(),
+            read_rng: sub_rng(seed, STREAM_READERS),
+            sightings: Sightings::default(),
+            query_owner: BTreeMap::new(),
+            next_query: 0,
             kinds,
             history: History::default(),
             hashes: BTreeMap::new(),
@@ -333,6 +355,9 @@ impl World {
             let ctx = self.ctx_owned();
             let actions = self.agents[i].start(0, &ctx.as_ctx());
             self.apply_actions(i, actions);
+        }
+        for i in 0..self.readers.len() {
+            self.next_read(i);
         }
         if let Some(r) = self.sc.faults.crash_every_ms {
             let t = self.after_ms(r);
@@ -507,6 +532,10 @@ impl World {
             Ev::Storm => self.storm(),
             Ev::CrashStorm => self.crash_storm(),
             Ev::Operator => self.operator(),
+            Ev::ReadWake { reader } => self.read_wake(reader),
+            Ev::Query { to, id, session } => self.feed(to, Input::Query { id, query: Query::Session(session) }),
+            Ev::QueryReply { id, reply } => self.on_query_reply(id, reply),
+            Ev::ReadTimeout { reader, read } => self.read_timeout(reader, read),
             Ev::Liveness => self.heal(),
             Ev::End => unreachable!("handled by the loop"),
         }
@@ -563,6 +592,9 @@ impl World {
             return;
         }
         self.redirects.remove(&(client, seq));
+        if let Ok(truba_engine::Reply::Created { handle }) = &outcome {
+            self.sightings.created(handle.session);
+        }
         let ctx = self.ctx_owned();
         let actions = self.agents[i].on_reply(self.now_us, client, seq, outcome, &ctx.as_ctx());
         self.apply_actions(i, actions);
@@ -572,6 +604,9 @@ impl World {
         for a in actions {
             match a {
                 Action::Send { client, seq, request } => {
+                    if let Some(handle) = request.handle() {
+                        self.sightings.touched(handle.session);
+                    }
                     self.by_client.insert(client, agent);
                     let to = self.leader_guess.get(&client).copied().unwrap_or(0);
                     let t = self.net_delay();
@@ -716,6 +751,7 @@ impl World {
                     });
                 }
                 let taken_at_ms = taken_at.0;
+                self.sightings.touched(handle.session);
                 self.delivered_by.insert(handle, r);
                 let take_index = take_index.0;
                 let event = Event::Deliver { kind, handle, due, records, taken_at_ms, take_index };
@@ -790,7 +826,13 @@ impl World {
                     self.schedule_restart(r);
                 }
             }
-            Output::QueryReply { .. } | Output::Stream { .. } => {}
+            Output::QueryReply { id, reply } => {
+                if self.query_owner.contains_key(&id) {
+                    let t = self.reader_delay();
+                    self.at(t, Ev::QueryReply { id, reply });
+                }
+            }
+            Output::Stream { .. } => {}
         }
     }
 
@@ -1064,6 +1106,96 @@ impl World {
             let t = self.after_ms(range);
             self.at(t, Ev::Operator);
         }
+    }
+
+    /// A reader asks its next question, of the replica it believes leads, unless the liveness
+    /// phase has begun (and the scenario keeps readers to the safety phase).
+    fn read_wake(&mut self, i: usize) {
+        if self.liveness && !self.sc.workload.reads_in_liveness {
+            return;
+        }
+        let session = self.sightings.pick(&mut self.read_rng);
+        let query = self.new_query(i);
+        let q = self.readers[i].ask(session, query);
+        let reader = self.readers[i].index;
+        self.history.push(self.now_us, Event::ReadInvoke { reader, read: q.read, session: session.0 });
+        self.send_query(self.readers[i].guess, query, session, 0);
+        let t = self.now_us + self.sc.workload.read_give_up_ms * 1000;
+        self.at(t, Ev::ReadTimeout { reader: i, read: q.read });
+    }
+
+    /// A new engine query id for one send of a reader's question.
+    fn new_query(&mut self, reader: usize) -> u64 {
+        self.next_query += 1;
+        self.query_owner.insert(self.next_query, reader);
+        self.next_query
+    }
+
+    fn send_query(&mut self, to: usize, id: u64, session: SessionId, pause_us: u64) {
+        let t = self.reader_delay() + pause_us;
+        self.at(t, Ev::Query { to, id, session });
+    }
+
+    /// The client network's delay for a reader's message, drawn from the readers' stream.
+    fn reader_delay(&mut self) -> u64 {
+        let (a, b) = self.sc.workload.net_delay_us;
+        self.now_us + self.read_rng.gen_range(a..=b.max(a))
+    }
+
+    fn next_read(&mut self, i: usize) {
+        let (a, b) = self.sc.workload.read_every_ms;
+        let t = self.now_us + self.read_rng.gen_range(a..=b.max(a)) * 1000;
+        self.at(t, Ev::ReadWake { reader: i });
+    }
+
+    /// An answer reaches a reader. "Not the leader", or a replica that cannot answer now, is
+    /// followed to the hinted leader or the next replica as the client library does, without
+    /// the reader seeing it; anything else is the answer.
+    fn on_query_reply(&mut self, id: u64, reply: QueryReply) {
+        let Some(i) = self.query_owner.remove(&id) else { return };
+        let QueryReply::Session(answer) = reply else { return };
+        let Some(q) = self.readers[i].asked(id) else { return };
+        if let Err(e) = &answer {
+            if e.is_retryable() || matches!(e, RequestError::Stopped(_)) {
+                self.redirect_question(i, q, e);
+                return;
+            }
+        }
+        self.readers[i].asking = None;
+        let (reader, session) = (self.readers[i].index, q.session.0);
+        self.history.push(self.now_us, Event::ReadComplete { reader, read: q.read, session, answer });
+        self.next_read(i);
+    }
+
+    fn redirect_question(&mut self, i: usize, q: Question, e: &RequestError) {
+        let n = self.replicas.len();
+        let hint = match e {
+            RequestError::NotLeader { leader: Some(l) } | RequestError::LeaderLost { leader: Some(l) } => {
+                Some(l.0 as usize % n)
+            }
+            _ => None,
+        };
+        let next = hint.unwrap_or((self.readers[i].guess + 1) % n);
+        self.readers[i].guess = next;
+        if q.redirects >= REDIRECTS_MAX {
+            return; // the reader's timeout gives the question up
+        }
+        let query = self.new_query(i);
+        self.readers[i].asking = Some(Question { query, redirects: q.redirects + 1, ..q });
+        let pause_us = if hint.is_some() { 0 } else { 20_000 };
+        self.send_query(next, query, q.session, pause_us);
+    }
+
+    /// A question unanswered for `read_give_up_ms` is given up; the replica asked may be down,
+    /// so the reader's next question goes to the next replica.
+    fn read_timeout(&mut self, i: usize, read: u64) {
+        let Some(q) = self.readers[i].asking.filter(|q| q.read == read) else { return };
+        self.query_owner.remove(&q.query);
+        self.readers[i].asking = None;
+        self.readers[i].guess = (self.readers[i].guess + 1) % self.replicas.len();
+        let (reader, session) = (self.readers[i].index, q.session.0);
+        self.history.push(self.now_us, Event::ReadGiveUp { reader, read, session });
+        self.next_read(i);
     }
 
     /// Whether `kind`'s handler is unreachable now (never in the liveness phase).

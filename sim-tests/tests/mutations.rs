@@ -1,7 +1,8 @@
 //! Every checker is shown to catch something: each deliberate bug, switched on through the
 //! engine's `mutations` feature, must make one of the named properties fail (whatever else
 //! fails as well, or first) within 200 seeds of the
-//! named scenario (500 for the consensus mutations, as the replication issue asks). A mutation
+//! named scenario (500 for the consensus mutations, as the replication issue asks, reads
+//! answered without confirming leadership among them). A mutation
 //! that slips through means a checker (or a scenario) lost its teeth.
 
 use sim_tests::first_failure;
@@ -155,4 +156,12 @@ fn a_repairing_member_that_votes_is_caught() {
 #[test]
 fn a_follower_running_the_repeater_is_caught() {
     caught_within("follower-runs-repeater", "cluster-faults", &["fencing", "delete-is-final"], CONSENSUS_SEEDS_MAX);
+}
+
+/// A leader cut off by a partition keeps its role until check-quorum ends it, while the others
+/// elect a new leader that delivers, creates and deletes sessions. Answering a read without the
+/// confirmation round shows readers that still ask the old leader what it applied before.
+#[test]
+fn reading_without_confirming_leadership_is_caught() {
+    caught_within("read-without-confirmation", "cluster-reads", &["linearizable-reads"], CONSENSUS_SEEDS_MAX);
 }

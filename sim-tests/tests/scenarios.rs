@@ -36,6 +36,12 @@ fn scenario(name: &str) {
     if s.faults.crash_every_ms.is_some() {
         assert!(summary.crashes > 0 && summary.hash_checks > 0, "{name}: crashes were configured but not exercised");
     }
+    if s.workload.readers > 0 {
+        assert!(
+            summary.reads > summary.seeds * 100,
+            "{name}: readers were configured but hardly any read was answered"
+        );
+    }
 }
 
 macro_rules! scenario_tests {
@@ -67,6 +73,7 @@ scenario_tests! {
     cluster_clock_steps => "cluster-clock-steps",
     source_merge_crash => "source-merge-crash",
     cluster_sources => "cluster-sources",
+    cluster_reads => "cluster-reads",
 }
 
 #[test]

@@ -7,11 +7,13 @@
 //! shows a session's records (a delivery, or the final state), they must be one of the
 //! possibilities, and the set collapses to what was shown.
 
+mod reads;
 mod redelivery;
 
 use crate::history::{describe_request, record_id, Actor, Event};
 use crate::workload::record_is_genuine;
 use crate::world::{RunOutput, Violation};
+use reads::ReadsChecker;
 use redelivery::RedeliveryChecker;
 use std::collections::{BTreeMap, BTreeSet};
 use truba_engine::{Reply, Request, RequestError, SessionState, UnixSecs};
@@ -99,6 +101,7 @@ struct Checker<'a> {
     adopted: BTreeSet<u64>,
     storm_dues: Vec<u64>,
     redelivery: RedeliveryChecker<'a>,
+    reads: ReadsChecker,
     violations: Vec<Violation>,
 }
 
@@ -113,6 +116,7 @@ pub fn check(run: &RunOutput) -> Vec<Violation> {
         adopted: BTreeSet::new(),
         storm_dues: Vec::new(),
         redelivery: RedeliveryChecker::new(run),
+        reads: ReadsChecker::new(run),
         violations: run.violations.clone(),
     };
     for (t, e) in &run.history.events {
@@ -126,6 +130,7 @@ pub fn check(run: &RunOutput) -> Vec<Violation> {
     c.storm_spread();
     c.redelivery.finish(run.end_us, run.final_sessions.as_ref());
     c.violations.append(&mut c.redelivery.violations);
+    c.violations.append(&mut c.reads.violations);
     c.violations.sort_by_key(|v| v.at_us);
     c.violations
 }
@@ -149,25 +154,29 @@ impl Checker<'_> {
             Event::Invoke { actor, client, seq, request } => {
                 self.deletes_in_flight(request, 1);
                 self.redelivery.invoked(request);
+                self.reads.write_invoked(*client, *seq, request);
                 self.inflight.insert((*client, *seq), (request.clone(), t));
                 self.last_request.insert(*actor, (*client, *seq));
             }
             Event::Complete { actor, client, seq, outcome } => {
                 let Some((request, invoked)) = self.inflight.remove(&(*client, *seq)) else { return };
                 self.deletes_in_flight(&request, -1);
+                self.reads.write_closed(*client, *seq, &request);
                 self.complete(t, *actor, &request, invoked, outcome);
                 self.redelivery.complete(t, *actor, &request, invoked, outcome);
             }
             Event::GiveUp { client, seq, .. } => {
                 if let Some((request, _)) = self.inflight.remove(&(*client, *seq)) {
                     self.deletes_in_flight(&request, -1);
+                    self.reads.write_closed(*client, *seq, &request);
                     self.unknown_outcome(&request);
                 }
             }
             Event::ClientCrash { actor } => {
-                let last = self.last_request.get(actor).copied();
-                if let Some((request, _)) = last.and_then(|k| self.inflight.remove(&k)) {
+                let Some((client, seq)) = self.last_request.get(actor).copied() else { return };
+                if let Some((request, _)) = self.inflight.remove(&(client, seq)) {
                     self.deletes_in_flight(&request, -1);
+                    self.reads.write_closed(client, seq, &request);
                     self.unknown_outcome(&request);
                 }
             }
@@ -176,6 +185,13 @@ impl Checker<'_> {
                 self.redelivery.delivered(t, kind.0, *handle, *due, *taken_at_ms, *take_index);
             }
             Event::DeliveryFailed { handle, .. } => self.redelivery.failure_reported(t, *handle),
+            Event::ReadInvoke { reader, read, session } => {
+                self.reads.invoked(t, *reader, *read, *session, self.sessions.get(session));
+            }
+            Event::ReadComplete { reader, read, session, answer } => {
+                self.reads.completed(t, *reader, *read, *session, answer);
+            }
+            Event::ReadGiveUp { reader, read, session } => self.reads.given_up(*reader, *read, *session),
             _ => {}
         }
     }
