@@ -149,8 +149,11 @@ pub struct Limits {
     pub watch_window_events_max: u32,
     /// A reader whose window stays full this long without an acknowledgement is cut off.
     pub stream_stall_ms_max: u64,
-    /// A reader sent nothing for this long while the log moved on gets a progress mark.
+    /// A reader sent nothing for this long while the log moved on gets a progress mark ...
     pub progress_every_ms: u64,
+    /// ... and one sent nothing for this long gets one anyway (a heartbeat: a reader that hears
+    /// nothing for much longer knows its connection is gone).
+    pub stream_heartbeat_ms: u64,
     /// Consumers the cluster keeps checkpoints for, at most.
     pub consumers_max: u32,
     /// Longest consumer name.
@@ -197,6 +200,7 @@ impl Default for Limits {
             watch_window_events_max: 1024,
             stream_stall_ms_max: 60_000,
             progress_every_ms: 1000,
+            stream_heartbeat_ms: 5000,
             consumers_max: 1024,
             consumer_name_bytes_max: 128,
             commit_ops_max: 256,

@@ -805,9 +805,7 @@ impl Engine {
     /// The ledger's records after `after` that are still in memory: every record applied since
     /// the last input at least (for the simulator, which checks that replicas agree on them).
     pub fn ledger_records_after(&self, after: Index) -> impl Iterator<Item = (Index, &bytes::Bytes)> + '_ {
-        let from = after.next().max(self.ledger.first());
-        let cached = matches!(self.ledger.locate(from), crate::ledger::Locate::Cached);
-        cached.then(|| self.ledger.cached_from(from).map(|r| (r.index, &r.body))).into_iter().flatten()
+        self.ledger.cached_after(after).map(|r| (r.index, &r.body))
     }
 
     pub fn status(&self) -> StatusView {

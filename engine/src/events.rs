@@ -272,6 +272,11 @@ impl Event {
 }
 
 impl LedgerEntry {
+    /// An entry as a stream carries it (the ledger's own encoding).
+    pub fn decode(bytes: &[u8]) -> Result<LedgerEntry, String> {
+        postcard::from_bytes(bytes).map_err(|e| format!("undecodable ledger entry: {e}"))
+    }
+
     /// The entry with only the events `filter` lets through (`None` if there are none).
     pub fn filtered(&self, filter: &Filter) -> Option<LedgerEntry> {
         let events: Vec<Event> = self.events.iter().filter(|e| filter.matches(e.mark())).cloned().collect();

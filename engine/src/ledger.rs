@@ -465,6 +465,12 @@ impl Ledger {
         self.cache.iter().skip(skip)
     }
 
+    /// The cached records after `index`, oldest first.
+    pub fn cached_after(&self, index: Index) -> impl Iterator<Item = &Arc<Record>> + '_ {
+        let skip = self.cache.front().map_or(0, |r| (index.0 + 1).saturating_sub(r.index.0) as usize);
+        self.cache.iter().skip(skip)
+    }
+
     /// The segment after `file`, where a reader goes on when it reached `file`'s end.
     pub fn segment_after(&self, file: &str) -> Option<&str> {
         let i = self.segments.iter().position(|s| s.name == file)?;
@@ -524,17 +530,24 @@ impl Ledger {
     }
 }
 
-/// Recovery's part for the ledger: the last segment is read in pieces and cut back to its last
-/// whole record; a ledger that does not reach the snapshot, or starts after it, is dropped.
+/// Recovery's part for the ledger. Segments that end at or before the snapshot were fsynced
+/// before it was renamed into place; those after may have lost a tail to a power cut (a segment
+/// is not fsynced when the next one starts), which would leave a hole before the next segment.
+/// So every segment that may hold an entry after the snapshot is read, in pieces, and the ledger
+/// is cut at its first whole record short of the next one expected (or at a torn record):
+/// everything after the snapshot is written again as the log is applied. A ledger that then
+/// does not reach the snapshot, or starts after it, is dropped and starts again after it.
 #[derive(Debug)]
 pub(crate) struct LedgerScan {
     /// (first index, created ms, name), in index order.
     segments: Vec<(Index, u64, String)>,
     snapshot: Index,
-    /// The last segment's bytes read and not yet parsed, and where they start.
+    /// The segment being read (an index into `segments`), its bytes read and not yet parsed,
+    /// and where they start in the file.
+    at: usize,
     buf: Bytes,
     offset: u64,
-    /// The next index the last segment should hold, and where its records end so far.
+    /// The next index the ledger should hold, and where the segment's records end so far.
     expect: Index,
     valid_end: u64,
     header_checked: bool,
@@ -554,39 +567,40 @@ impl LedgerScan {
         let mut segments: Vec<(Index, u64, String)> =
             names.iter().filter_map(|n| parse_ledger_name(n).map(|(first, at)| (first, at, n.clone()))).collect();
         segments.sort();
-        let expect = segments.last().map_or(Index(0), |s| s.0);
+        // The first segment to read: the last one starting at or before the entry after the
+        // snapshot (earlier ones end before it, and were made durable with it).
+        let at = segments.iter().rposition(|s| s.0 <= snapshot.next()).unwrap_or(0);
+        let expect = segments.get(at).map_or(Index(0), |s| s.0);
         let mut scan = LedgerScan {
             segments,
             snapshot,
+            at,
             buf: Bytes::new(),
             offset: 0,
             expect,
             valid_end: 0,
             header_checked: false,
         };
-        let step = match scan.segments.last() {
-            Some(_) => scan.read(),
-            None => scan.finish(Vec::new()),
-        };
+        let step = if scan.segments.is_empty() { scan.finish(Vec::new()) } else { scan.read() };
         (scan, step)
     }
 
-    fn last_name(&self) -> &str {
-        &self.segments.last().expect("scanning a segment").2
+    fn name(&self) -> &str {
+        &self.segments[self.at].2
     }
 
     fn read(&self) -> ScanStep {
         let offset = self.offset + self.buf.len() as u64;
-        ScanStep::Read(IoOp::ReadAt { file: self.last_name().to_string(), offset, len: SCAN_PIECE_BYTES })
+        ScanStep::Read(IoOp::ReadAt { file: self.name().to_string(), offset, len: SCAN_PIECE_BYTES })
     }
 
-    /// A piece of the last segment was read (an error or a missing file ends the scan there:
-    /// what cannot be read is cut, as a torn tail would be).
+    /// A piece of the segment being read arrived (an error or a missing file ends the scan
+    /// there: what cannot be read is cut, as a torn tail would be).
     pub fn on_read(&mut self, result: Result<IoReply, DiskError>) -> ScanStep {
         let data = match result {
             Ok(IoReply::Data(d)) if !d.is_empty() => d,
-            // The end of the file, just after a whole record: nothing to cut.
-            Ok(IoReply::Data(_)) if self.header_checked && self.buf.is_empty() => return self.finish(Vec::new()),
+            // The end of the file, just after a whole record: on to the next segment.
+            Ok(IoReply::Data(_)) if self.header_checked && self.buf.is_empty() => return self.next_segment(),
             _ => return self.cut(),
         };
         let mut joined = Vec::with_capacity(self.buf.len() + data.len());
@@ -597,8 +611,7 @@ impl LedgerScan {
             if self.buf.len() < LEDGER_HEADER_LEN as usize {
                 return self.read();
             }
-            let first = self.segments.last().expect("scanning").0;
-            if header_first(&self.buf) != Some(first) {
+            if header_first(&self.buf) != Some(self.segments[self.at].0) || self.segments[self.at].0 != self.expect {
                 return self.cut();
             }
             self.header_checked = true;
@@ -620,19 +633,33 @@ impl LedgerScan {
         }
     }
 
-    /// The last segment's records end at `valid_end` (0: not even its header is whole).
+    /// The segment read is whole: the next one must start where it ended.
+    fn next_segment(&mut self) -> ScanStep {
+        if self.at + 1 == self.segments.len() {
+            return self.finish(Vec::new());
+        }
+        self.at += 1;
+        (self.buf, self.offset, self.valid_end, self.header_checked) = (Bytes::new(), 0, 0, false);
+        self.read()
+    }
+
+    /// The ledger ends inside the segment being read, at `valid_end` (0: not even its header is
+    /// whole or right): it is cut there, and every later segment removed.
     fn cut(&mut self) -> ScanStep {
-        let (_, _, name) = self.segments.last().expect("scanning").clone();
         let mut repairs = Vec::new();
-        if !self.header_checked {
-            repairs.push(IoOp::Remove { file: name });
-            repairs.push(IoOp::SyncDir);
-            let (first, ..) = self.segments.pop().expect("scanning");
-            self.expect = first;
-        } else {
+        let later: Vec<String> = self.segments.drain(self.at + 1..).map(|s| s.2).collect();
+        for file in later {
+            repairs.push(IoOp::Remove { file });
+        }
+        let name = self.name().to_string();
+        if self.header_checked {
             repairs.push(IoOp::Truncate { file: name.clone(), len: self.valid_end });
             repairs.push(IoOp::Sync { file: name });
+        } else {
+            repairs.push(IoOp::Remove { file: name });
+            self.segments.pop();
         }
+        repairs.push(IoOp::SyncDir);
         self.finish(repairs)
     }
 
@@ -801,6 +828,18 @@ mod tests {
         let (r, ops) = scan(&files, Index(10));
         assert_eq!((r.next, r.segments.len()), (Index(11), 0));
         assert_eq!(ops.iter().filter(|o| matches!(o, IoOp::Remove { .. })).count(), files.len());
+        // A segment after the snapshot that lost its tail (it was never fsynced) leaves a hole
+        // before the next one: the ledger is cut at the hole, and the next ones removed.
+        let (r, _) = scan(&files, Index(3));
+        let mut holed = files.clone();
+        let names: Vec<String> = holed.keys().cloned().collect();
+        let middle = &names[names.len() / 2];
+        let len = holed[middle].len();
+        holed.get_mut(middle).unwrap().truncate(len - 10);
+        let (cut, ops) = scan(&holed, Index(3));
+        assert!(cut.next < r.next, "cut at the hole: {:?} then {:?}", r.next, cut.next);
+        assert!(ops.iter().any(|o| matches!(o, IoOp::Truncate { file, .. } if file == middle)));
+        assert!(ops.iter().any(|o| matches!(o, IoOp::Remove { file } if *file == names[names.len() - 1])));
         // No ledger at all after a snapshot (an older version's data, say): it starts after it.
         let (r, ops) = scan(&Default::default(), Index(40));
         assert_eq!((r.next, ops.len()), (Index(41), 0));

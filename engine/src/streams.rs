@@ -137,6 +137,10 @@ impl Streams {
         if self.open.len() >= max as usize {
             return ctx.end(id, 0, StreamError::TooManyStreams { max });
         }
+        let open_from = match &open {
+            StreamOpen::Tail { from, .. } => Some(*from),
+            StreamOpen::Watch { .. } => None,
+        };
         let (reading, filter, cursor, window) = match open {
             StreamOpen::Tail { from, filter } => {
                 let cursor = match from {
@@ -181,6 +185,15 @@ impl Streams {
             last_error: None,
         };
         let mut stream = stream;
+        if matches!(stream.reading, Reading::Tail) && cursor.0 > 0 {
+            // A tail from the oldest entry held or from the head learns at once where it starts,
+            // so that it can resume from there if its connection breaks before the first entry.
+            let opened_at_index = matches!(open_from, Some(TailFrom::Index(_)));
+            if !opened_at_index {
+                let through = cursor.prev();
+                ctx.emit(id, &mut stream, StreamItem::Progress { through }, ITEM_COST_BYTES);
+            }
+        }
         if matches!(stream.reading, Reading::Watch { .. }) {
             // A watcher resumes after the index it gave if the changes after it are still held,
             // and is resynced otherwise.
@@ -242,8 +255,11 @@ impl Streams {
             }
             let moved = s.cursor.prev() > s.reported;
             let quiet = ctx.now.saturating_since(s.last_item_at) >= every;
+            // A stream with nothing to say still says so now and then, so that a reader can
+            // tell a quiet log from a connection that died without a word.
+            let silent = ctx.now.saturating_since(s.last_item_at) >= Duration(ctx.limits.stream_heartbeat_ms);
             let shows_changes = !s.reading.resyncing();
-            if moved && quiet && shows_changes && s.in_window < s.window {
+            if (moved && quiet || silent) && shows_changes && s.in_window < s.window {
                 let mut through = s.cursor.prev();
                 if ctx.cfg.mutation(|m| m.progress_mark_behind) {
                     through = through.prev();
@@ -297,8 +313,14 @@ impl Streams {
                 }
                 Locate::Cached => {
                     s.disk = None;
+                    let before = s.cursor;
                     let records = ctx.ledger.cached_from(s.cursor).map(|r| r.as_ref());
                     let batch = Batch::take(s, records, ctx);
+                    if s.cursor == before {
+                        // The next entry does not fit the room left: it waits for acknowledgements.
+                        s.full_since.get_or_insert(ctx.now);
+                        return true;
+                    }
                     self.send_batch(id, s, batch, ctx);
                 }
                 Locate::Disk { file, offset } => {
@@ -374,7 +396,12 @@ impl Streams {
         let before = s.cursor;
         let batch = Batch::take(s, records.iter().map(|(r, _)| r), ctx);
         let taken = (s.cursor.0 - before.0) as usize;
-        if taken > 0 {
+        if taken == 0 {
+            // The next entry does not fit the room left: it waits for acknowledgements.
+            s.full_since.get_or_insert(ctx.now);
+            return Ok(None);
+        }
+        {
             let consumed = records[taken - 1].1;
             let d = s.disk.as_mut().expect("reading from disk");
             d.buf = d.buf.slice(consumed..);
@@ -443,8 +470,11 @@ impl Streams {
                     }
                     Ok(_) => {
                         // The end of the file: go on in the next segment, or look again where
-                        // the cursor is (the entries may be cached now, or compacted away).
+                        // the cursor is (the entries may be cached now, or compacted away). A
+                        // file that ends inside a record, or before the cursor's entry, counts
+                        // as a damaged read: read again, then reported.
                         let next = ctx.ledger.segment_after(&d.file).map(str::to_string);
+                        let elsewhere = !matches!(ctx.ledger.locate(s.cursor), Locate::Disk { .. });
                         match next {
                             Some(file) if d.buf.is_empty() => {
                                 *d = DiskRead {
@@ -455,7 +485,11 @@ impl Streams {
                                     failures: 0,
                                 }
                             }
-                            _ => s.disk = None,
+                            None if d.buf.is_empty() && elsewhere => s.disk = None,
+                            _ => {
+                                d.failures += 1;
+                                d.buf = Bytes::new();
+                            }
                         }
                     }
                     // Removed by retention meanwhile, or a read error: look again where the
@@ -592,7 +626,10 @@ impl Batch {
                 let cost = if watch { matching as u64 } else { size };
                 let used = if watch { b.events as u64 } else { b.bytes };
                 let full = b.bytes >= limits.stream_batch_bytes_max as u64 || used + cost > room;
-                if !b.entries.is_empty() && full {
+                if full && (!b.entries.is_empty() || s.in_window > 0) {
+                    // An entry bigger than the room left waits for acknowledgements; one bigger
+                    // than the whole window goes alone once nothing else is outstanding (an
+                    // entry is never split).
                     break;
                 }
                 b.bytes += size;

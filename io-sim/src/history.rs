@@ -4,8 +4,8 @@
 
 use std::fmt::Write as _;
 use truba_engine::{
-    FailureReason, Handle, Kind, Outcome, RedriveTarget, Reply, Request, RequestError, SessionState, SessionView,
-    UnixSecs,
+    Checkpoint, FailureReason, Handle, Kind, Outcome, RedriveTarget, Reply, Request, RequestError, SessionState,
+    SessionView, StreamItem, StreamOpen, UnixSecs,
 };
 
 /// Who issued a request: a workload client or a handler working on a delivery.
@@ -103,6 +103,70 @@ pub enum Event {
         read: u64,
         session: u64,
     },
+    /// A streamer (tailer, watcher, consumer) opened stream `stream` on a replica.
+    StreamOpen {
+        streamer: u32,
+        stream: u64,
+        replica: u32,
+        open: StreamOpen,
+    },
+    /// Item `seq` of a stream reached its streamer.
+    StreamItem {
+        streamer: u32,
+        stream: u64,
+        seq: u64,
+        item: StreamItem,
+    },
+    /// The streamer acknowledged the stream's items through `seq` (`error`: with a failure text).
+    StreamAck {
+        streamer: u32,
+        stream: u64,
+        seq: u64,
+        error: bool,
+    },
+    /// The connection carrying the stream broke (its replica crashed or stopped).
+    StreamBroken {
+        streamer: u32,
+        stream: u64,
+    },
+    /// A streamer's process died (and comes back later as a new one).
+    StreamerCrash {
+        streamer: u32,
+    },
+    /// A consumer's request (open, commit) and its final answer or give-up.
+    ConsumerInvoke {
+        streamer: u32,
+        client: u64,
+        seq: u64,
+        request: Request,
+    },
+    ConsumerComplete {
+        streamer: u32,
+        client: u64,
+        seq: u64,
+        outcome: Outcome,
+    },
+    ConsumerGiveUp {
+        streamer: u32,
+        client: u64,
+        seq: u64,
+    },
+    /// A pipeline reader asked a replica to read a consumer through an index, and the answer.
+    ReadThroughInvoke {
+        streamer: u32,
+        id: u64,
+        consumer: String,
+        index: u64,
+    },
+    ReadThroughComplete {
+        streamer: u32,
+        id: u64,
+        reply: Result<Checkpoint, RequestError>,
+    },
+    ReadThroughGiveUp {
+        streamer: u32,
+        id: u64,
+    },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -156,6 +220,36 @@ pub fn describe_request(r: &Request) -> String {
     }
 }
 
+fn describe_open(open: &StreamOpen) -> String {
+    match open {
+        StreamOpen::Tail { from, filter } => format!(
+            "tail from {from:?} kinds {:?}{}",
+            kinds(&filter.kinds),
+            if filter.internal { " +internal" } else { "" }
+        ),
+        StreamOpen::Watch { kinds: k, resume_after, window } => {
+            format!("watch kinds {:?} after {:?} window {:?}", kinds(k), resume_after.map(|i| i.0), window)
+        }
+    }
+}
+
+fn kinds(k: &[Kind]) -> Vec<u32> {
+    k.iter().map(|k| k.0).collect()
+}
+
+fn describe_item(item: &StreamItem) -> String {
+    match item {
+        StreamItem::Entries { entries, events, through } => {
+            format!("{} entries, {events} events, through {}", entries.len(), through.0)
+        }
+        StreamItem::Progress { through } => format!("progress through {}", through.0),
+        StreamItem::ResyncStart { at } => format!("resync at {}", at.0),
+        StreamItem::Resync { sessions } => format!("{} sessions", sessions.len()),
+        StreamItem::Synced { at } => format!("synced at {}", at.0),
+        StreamItem::End(e) => format!("end: {e}"),
+    }
+}
+
 fn describe(e: &Event) -> String {
     match e {
         Event::Invoke { actor, seq, request, .. } => format!("{actor:?}#{seq} > {}", describe_request(request)),
@@ -197,6 +291,39 @@ fn describe(e: &Event) -> String {
             format!("Reader({reader})#{read} < get {session} = {}", describe_view(answer))
         }
         Event::ReadGiveUp { reader, read, session } => format!("Reader({reader})#{read} gave up on get {session}"),
+        Event::StreamOpen { streamer, stream, replica, open } => {
+            format!("Streamer({streamer}) opens stream {stream} on replica {replica}: {}", describe_open(open))
+        }
+        Event::StreamItem { streamer, stream, seq, item } => {
+            format!("Streamer({streamer}) stream {stream} #{seq}: {}", describe_item(item))
+        }
+        Event::StreamAck { streamer, stream, seq, error } => {
+            format!("Streamer({streamer}) stream {stream} acks #{seq}{}", if *error { " with an error" } else { "" })
+        }
+        Event::StreamBroken { streamer, stream } => format!("Streamer({streamer}) stream {stream} broke"),
+        Event::StreamerCrash { streamer } => format!("Streamer({streamer}) crashed"),
+        Event::ConsumerInvoke { streamer, seq, request, .. } => {
+            format!("Streamer({streamer})#{seq} > {}", describe_request(request))
+        }
+        Event::ConsumerComplete { streamer, seq, outcome, .. } => match outcome {
+            Ok(Reply::ConsumerOpened { epoch, through }) => {
+                format!("Streamer({streamer})#{seq} < opened at epoch {epoch}, through {}", through.0)
+            }
+            Ok(Reply::Committed { through, results }) => {
+                format!("Streamer({streamer})#{seq} < committed through {} ({} ops)", through.0, results.len())
+            }
+            Ok(other) => format!("Streamer({streamer})#{seq} < {other:?}"),
+            Err(e) => format!("Streamer({streamer})#{seq} < error: {e}"),
+        },
+        Event::ConsumerGiveUp { streamer, seq, .. } => format!("Streamer({streamer})#{seq} gave up"),
+        Event::ReadThroughInvoke { streamer, id, consumer, index } => {
+            format!("Streamer({streamer})#{id} > read {consumer} through {index}")
+        }
+        Event::ReadThroughComplete { streamer, id, reply } => match reply {
+            Ok(c) => format!("Streamer({streamer})#{id} < checkpoint epoch {} through {}", c.epoch, c.through.0),
+            Err(e) => format!("Streamer({streamer})#{id} < error: {e}"),
+        },
+        Event::ReadThroughGiveUp { streamer, id } => format!("Streamer({streamer})#{id} gave up"),
     }
 }
 

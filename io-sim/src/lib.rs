@@ -24,5 +24,6 @@ pub mod network;
 pub mod reader;
 pub mod runner;
 pub mod scenario;
+pub mod streamers;
 pub mod workload;
 pub mod world;

@@ -31,6 +31,31 @@ impl SeedRun {
     pub fn reads(&self) -> u64 {
         self.output.history.events.iter().filter(|(_, e)| matches!(e, Event::ReadComplete { .. })).count() as u64
     }
+    /// What the readers of the ledger met (see [`StreamTally`]).
+    pub fn streams(&self) -> StreamTally {
+        let mut t = StreamTally::default();
+        for (_, e) in &self.output.history.events {
+            match e {
+                Event::StreamItem { item, .. } => match item {
+                    truba_engine::StreamItem::Entries { .. } => t.items += 1,
+                    truba_engine::StreamItem::ResyncStart { .. } => t.resyncs += 1,
+                    truba_engine::StreamItem::End(truba_engine::StreamError::Compacted { .. }) => t.compacted += 1,
+                    truba_engine::StreamItem::End(truba_engine::StreamError::TooSlow { .. }) => t.cut_off += 1,
+                    _ => {}
+                },
+                Event::ConsumerComplete { outcome, .. } => match outcome {
+                    Ok(truba_engine::Reply::Committed { .. }) => t.commits += 1,
+                    Err(truba_engine::RequestError::StaleEpoch { .. }) => t.fenced += 1,
+                    Err(truba_engine::RequestError::CommitOpFailed { .. }) => t.refused += 1,
+                    _ => {}
+                },
+                Event::ReadThroughComplete { reply: Ok(_), .. } => t.read_throughs += 1,
+                _ => {}
+            }
+        }
+        t
+    }
+
     /// Sessions in a dead-letter set at the end.
     pub fn dead(&self) -> u64 {
         let finals = self.output.final_sessions.iter().flatten();
@@ -111,6 +136,34 @@ pub fn failure_report(path: &Path, run: &SeedRun, mutation: Option<&str>) -> Str
     out
 }
 
+/// What the readers of the ledger met in a run: entry items received, resyncs begun, streams
+/// told their position was compacted away or cut off as too slow, consumer commits applied,
+/// stale ones fenced and ones refused whole, and read-throughs answered.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamTally {
+    pub items: u64,
+    pub resyncs: u64,
+    pub compacted: u64,
+    pub cut_off: u64,
+    pub commits: u64,
+    pub fenced: u64,
+    pub refused: u64,
+    pub read_throughs: u64,
+}
+
+impl StreamTally {
+    fn add(&mut self, o: StreamTally) {
+        self.items += o.items;
+        self.resyncs += o.resyncs;
+        self.compacted += o.compacted;
+        self.cut_off += o.cut_off;
+        self.commits += o.commits;
+        self.fenced += o.fenced;
+        self.refused += o.refused;
+        self.read_throughs += o.read_throughs;
+    }
+}
+
 /// Totals over a range of seeds.
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
@@ -130,6 +183,7 @@ pub struct Summary {
     pub sources_installed: u64,
     pub crashes_mid_merge: u64,
     pub reads: u64,
+    pub streams: StreamTally,
     pub virtual_s: f64,
 }
 
@@ -152,6 +206,7 @@ impl Summary {
         self.sources_installed += r.output.stats.sources_installed;
         self.crashes_mid_merge += r.output.stats.crashes_mid_merge;
         self.reads += r.reads();
+        self.streams.add(r.streams());
         self.virtual_s += r.output.stats.virtual_us as f64 / 1e6;
     }
 
@@ -159,7 +214,7 @@ impl Summary {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>8} {:>20}",
+            "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>8} {:>20} {:>24}",
             "scenario",
             "seeds",
             "failed",
@@ -171,12 +226,13 @@ impl Summary {
             "crashes",
             "hash ok",
             "reads",
-            "src wr/mrg/inst/cut"
+            "src wr/mrg/inst/cut",
+            "stream it/rs/cmt/fen/rt"
         );
         for r in rows {
             let _ = writeln!(
                 out,
-                "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>8} {:>20}",
+                "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>8} {:>20} {:>24}",
                 r.scenario,
                 r.seeds,
                 r.failed,
@@ -188,7 +244,11 @@ impl Summary {
                 r.crashes,
                 r.hash_checks,
                 r.reads,
-                format!("{}/{}/{}/{}", r.sources_written, r.sources_merged, r.sources_installed, r.crashes_mid_merge)
+                format!("{}/{}/{}/{}", r.sources_written, r.sources_merged, r.sources_installed, r.crashes_mid_merge),
+                {
+                    let t = r.streams;
+                    format!("{}/{}/{}/{}/{}", t.items, t.resyncs, t.commits, t.fenced, t.read_throughs)
+                }
             );
         }
         out

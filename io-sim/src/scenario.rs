@@ -42,6 +42,83 @@ pub struct Scenario {
     pub consensus: ConsensusConfig,
     #[serde(default)]
     pub checks: Checks,
+    /// Readers of the ledger: tails, watches, consumers (see `streamers.rs`).
+    #[serde(default)]
+    pub streams: StreamSetup,
+}
+
+/// `[streams]`: readers of the ledger and what they do.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamSetup {
+    pub tailers: u32,
+    pub watchers: u32,
+    pub consumers: u32,
+    /// Readers that ask a consumer to read through a session's creation (read-your-writes).
+    pub pipeline_readers: u32,
+    /// Consumers process the creations of sessions of `consumed_kind`, and for each one create a
+    /// session of `consumer_kind` (their effect), stored for `consumer_store_s` (longer than the
+    /// run, so it is never delivered).
+    pub consumed_kind: u32,
+    pub consumer_kind: u32,
+    pub consumer_store_s: u32,
+    /// A reader takes this long to process an item before it acknowledges it ...
+    pub ack_ms: (u64, u64),
+    /// ... except after a share of items, when it stops acknowledging for `stall_ms`.
+    pub stall_share: f64,
+    pub stall_ms: (u64, u64),
+    /// A reader whose stream broke or ended opens another after this long.
+    pub reconnect_ms: (u64, u64),
+    /// A reader process crashes this often (a consumer loses the batch it was working on).
+    pub crash_every_ms: Option<(u64, u64)>,
+    /// Share of consumer crashes after which the old process still sends its commit, as a
+    /// paused process waking up would: fenced by the new epoch, it must change nothing.
+    pub zombie_share: f64,
+    /// Share of consumer commits carrying an operation that is refused (an oversized record):
+    /// the whole commit must be refused, and the consumer sends it again without it.
+    pub bad_op_share: f64,
+    /// Events a consumer gathers before it commits, and the longest it waits with fewer.
+    pub batch_events: (u32, u32),
+    pub batch_ms: u64,
+    /// Watch windows (events) are drawn from this range.
+    pub watch_window: (u32, u32),
+    /// Pipeline readers ask this often.
+    pub read_through_every_ms: (u64, u64),
+    /// A reader's request (a consumer's open or commit, a read-through) unanswered this long is
+    /// given up: its outcome is unknown.
+    pub request_give_up_ms: u64,
+}
+
+impl Default for StreamSetup {
+    fn default() -> Self {
+        StreamSetup {
+            tailers: 0,
+            watchers: 0,
+            consumers: 0,
+            pipeline_readers: 0,
+            consumed_kind: 1,
+            consumer_kind: 3,
+            consumer_store_s: 100_000,
+            ack_ms: (0, 30),
+            stall_share: 0.0,
+            stall_ms: (500, 3_000),
+            reconnect_ms: (20, 300),
+            crash_every_ms: None,
+            zombie_share: 0.3,
+            bad_op_share: 0.1,
+            batch_events: (1, 8),
+            batch_ms: 300,
+            watch_window: (2, 64),
+            read_through_every_ms: (50, 400),
+            request_give_up_ms: 3_000,
+        }
+    }
+}
+
+impl StreamSetup {
+    pub fn any(&self) -> bool {
+        self.tailers + self.watchers + self.consumers + self.pipeline_readers > 0
+    }
 }
 
 fn default_replicas() -> u32 {

@@ -36,6 +36,25 @@ fn scenario(name: &str) {
     if s.faults.crash_every_ms.is_some() {
         assert!(summary.crashes > 0 && summary.hash_checks > 0, "{name}: crashes were configured but not exercised");
     }
+    let t = summary.streams;
+    if s.streams.tailers + s.streams.watchers > 0 {
+        assert!(t.items > summary.seeds * 100, "{name}: readers were configured but hardly any entry reached them");
+    }
+    if s.streams.watchers > 0 {
+        assert!(t.resyncs >= summary.seeds, "{name}: watchers were configured but few resyncs happened");
+    }
+    if s.streams.consumers > 0 {
+        assert!(t.commits > summary.seeds * 10, "{name}: consumers were configured but few commits applied");
+        if s.streams.bad_op_share > 0.0 {
+            assert!(t.refused > 0, "{name}: no commit was refused whole for an operation in it");
+        }
+        if s.streams.zombie_share > 0.0 && s.streams.crash_every_ms.is_some() {
+            assert!(t.fenced > 0, "{name}: no stale consumer's commit was fenced");
+        }
+    }
+    if s.streams.pipeline_readers > 0 {
+        assert!(t.read_throughs > 0, "{name}: no read-through was answered");
+    }
     if s.workload.readers > 0 {
         assert!(
             summary.reads > summary.seeds * 100,
@@ -53,6 +72,7 @@ macro_rules! scenario_tests {
 
 scenario_tests! {
     steady => "steady",
+    readers => "readers",
     crash_loop => "crash-loop",
     bit_rot => "bit-rot",
     disk_full => "disk-full",

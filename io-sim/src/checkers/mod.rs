@@ -7,8 +7,10 @@
 //! shows a session's records (a delivery, or the final state), they must be one of the
 //! possibilities, and the set collapses to what was shown.
 
+mod consumers;
 mod reads;
 mod redelivery;
+mod streams;
 
 use crate::history::{describe_request, record_id, Actor, Event};
 use crate::workload::record_is_genuine;
@@ -131,6 +133,8 @@ pub fn check(run: &RunOutput) -> Vec<Violation> {
     c.redelivery.finish(run.end_us, run.final_sessions.as_ref());
     c.violations.append(&mut c.redelivery.violations);
     c.violations.append(&mut c.reads.violations);
+    c.violations.extend(streams::check(run));
+    c.violations.extend(consumers::check(run));
     c.violations.sort_by_key(|v| v.at_us);
     c.violations
 }
@@ -403,6 +407,11 @@ impl Checker<'_> {
         let wall = self.run.final_wall_ms;
         let mut present = BTreeSet::new();
         for v in finals {
+            // Consumers' own sessions came from their commits, not from clients: the consumer
+            // checkers account for them.
+            if v.records.first().is_some_and(|r| r.starts_with(b"out:")) {
+                continue;
+            }
             let id = v.id.0;
             present.insert(id);
             match v.state {

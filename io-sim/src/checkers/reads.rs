@@ -460,6 +460,8 @@ mod tests {
     fn violations(reads: Vec<Event>) -> Vec<String> {
         let text = "name = \"t\"\nduration_s = 1\nliveness_s = 1\n[kinds.1]\n";
         let run = RunOutput {
+            ledger: Default::default(),
+            final_applied: None,
             history: history(reads),
             violations: Vec::new(),
             stats: RunStats::default(),

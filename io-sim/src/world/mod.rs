@@ -10,6 +10,8 @@
 //! equal applied indexes on every replica, and the same term for every applied index; log
 //! matching is checked across replicas at every crash and at the end.
 
+mod streams;
+
 use crate::clock::SimClock;
 use crate::disk::SimDisk;
 use crate::history::{Event, History};
@@ -23,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use truba_engine::{
     ClientId, Engine, EngineConfig, Handle, Index, Input, IoId, IoOp, Kind, KindConfig, Message, Mutations, Outcome,
     Output, Query, QueryReply, RedriveTarget, ReplicaId, Request, RequestError, RoleName, Seq, SessionId, SessionState,
-    SessionView,
+    SessionView, StreamId,
 };
 
 #[derive(Debug)]
@@ -49,6 +51,15 @@ enum Ev {
     Query { to: usize, id: u64, session: SessionId },
     QueryReply { id: u64, reply: QueryReply },
     ReadTimeout { reader: usize, read: u64 },
+    StreamOpen { stream: u64, open: truba_engine::StreamOpen },
+    StreamAck { stream: u64, seq: u64, error: Option<String> },
+    StreamClose { stream: u64 },
+    StreamItem { stream: u64, seq: u64, item: truba_engine::StreamItem },
+    StreamBroken { stream: u64 },
+    StreamerWake { streamer: usize, token: u64 },
+    StreamerCrash,
+    StreamerQuery { to: usize, id: u64, query: Query },
+    StreamerQueryReply { id: u64, reply: QueryReply },
     Liveness,
     End,
 }
@@ -125,6 +136,11 @@ impl RunStats {
 
 /// What a run leaves for the checkers.
 pub struct RunOutput {
+    /// Every ledger entry some replica applied, by index (all replicas agreed on each, or a
+    /// `ledger-agrees` violation says where not).
+    pub ledger: BTreeMap<u64, bytes::Bytes>,
+    /// The index the final leader (whose sessions are `final_sessions`) had applied.
+    pub final_applied: Option<u64>,
     pub history: History,
     pub violations: Vec<Violation>,
     pub stats: RunStats,
@@ -176,6 +192,23 @@ pub struct World {
     /// Which reader each query sent and not yet answered belongs to.
     query_owner: BTreeMap<u64, usize>,
     next_query: u64,
+    /// Readers of the ledger (see `streamers.rs` and `streams.rs`), their streams' connections
+    /// by stream number, and their requests and queries under way.
+    streamers: Vec<crate::streamers::Streamer>,
+    links: BTreeMap<u64, streams::Link>,
+    next_stream: u64,
+    streamer_clients: BTreeMap<ClientId, usize>,
+    streamer_pending: BTreeMap<(ClientId, Seq), Request>,
+    streamer_queries: BTreeMap<u64, (usize, u64)>,
+    /// Every draw for the streamers comes from here, so scenarios without them draw as before.
+    stream_rng: ChaCha8Rng,
+    /// Sessions of the consumed kind clients were told they created (pipeline readers ask
+    /// about them).
+    consumed_created: Vec<u64>,
+    /// Ground truth of the ledger: every replica's entry at each index, once they agree, and
+    /// per replica the last index looked at.
+    ledger: BTreeMap<u64, bytes::Bytes>,
+    ledger_seen: Vec<u64>,
     /// Per kind, the stretches of true time (µs) in which its handler cannot be reached.
     outages: BTreeMap<Kind, Vec<(u64, u64)>>,
     history: History,
@@ -204,6 +237,8 @@ const STREAM_ENGINE: u64 = 4;
 const STREAM_NET: u64 = 5;
 const STREAM_OUTAGES: u64 = 6;
 const STREAM_READERS: u64 = 7;
+/// The streamers' stream; each streamer's own generator is the one after it plus its number.
+const STREAM_STREAMERS: u64 = 8;
 const STREAM_AGENTS: u64 = 1000;
 
 impl World {
@@ -262,6 +297,16 @@ impl World {
             sightings: Sightings::default(),
             query_owner: BTreeMap::new(),
             next_query: 0,
+            streamers: Vec::new(),
+            links: BTreeMap::new(),
+            next_stream: 0,
+            streamer_clients: BTreeMap::new(),
+            streamer_pending: BTreeMap::new(),
+            streamer_queries: BTreeMap::new(),
+            stream_rng: sub_rng(seed, STREAM_STREAMERS),
+            consumed_created: Vec::new(),
+            ledger: BTreeMap::new(),
+            ledger_seen: vec![0; n],
             kinds,
             history: History::default(),
             hashes: BTreeMap::new(),
@@ -274,6 +319,7 @@ impl World {
             sc,
         };
         w.populate();
+        w.populate_streamers();
         w.outages = w.draw_outages();
         w
     }
@@ -387,6 +433,7 @@ impl World {
             let t = self.after_ms(range);
             self.at(t, Ev::Operator);
         }
+        self.start_streamers();
         self.at(safety_end, Ev::Liveness);
         self.at(end, Ev::End);
         while let Some(((t, _), ev)) = self.events.pop_first() {
@@ -446,7 +493,10 @@ impl World {
             views
         });
         let clock_of = leader.unwrap_or(0);
+        let final_applied = leader.and_then(|r| self.replicas[r].engine.as_ref()).map(|e| e.state().applied().0);
         RunOutput {
+            final_applied,
+            ledger: std::mem::take(&mut self.ledger),
             history: self.history,
             violations: self.violations,
             stats: self.stats,
@@ -461,6 +511,8 @@ impl World {
     pub fn aborted(mut self) -> RunOutput {
         self.stats.virtual_us = self.now_us;
         RunOutput {
+            final_applied: None,
+            ledger: std::mem::take(&mut self.ledger),
             history: self.history,
             violations: self.violations,
             stats: self.stats,
@@ -536,6 +588,22 @@ impl World {
             Ev::Query { to, id, session } => self.feed(to, Input::Query { id, query: Query::Session(session) }),
             Ev::QueryReply { id, reply } => self.on_query_reply(id, reply),
             Ev::ReadTimeout { reader, read } => self.read_timeout(reader, read),
+            Ev::StreamOpen { stream, open } => {
+                self.stream_input(stream, Input::StreamOpen { stream: StreamId(stream), open })
+            }
+            Ev::StreamAck { stream, seq, error } => {
+                self.stream_input(stream, Input::StreamAck { stream: StreamId(stream), seq, error })
+            }
+            Ev::StreamClose { stream } => {
+                self.stream_input(stream, Input::StreamClose { stream: StreamId(stream) });
+                self.links.remove(&stream);
+            }
+            Ev::StreamItem { stream, seq, item } => self.stream_item(stream, seq, item),
+            Ev::StreamBroken { stream } => self.stream_broken(stream),
+            Ev::StreamerWake { streamer, token } => self.streamer_wake(streamer, token),
+            Ev::StreamerCrash => self.streamer_crash(),
+            Ev::StreamerQuery { to, id, query } => self.feed(to, Input::Query { id, query }),
+            Ev::StreamerQueryReply { id, reply } => self.streamer_query_reply(id, reply),
             Ev::Liveness => self.heal(),
             Ev::End => unreachable!("handled by the loop"),
         }
@@ -572,6 +640,10 @@ impl World {
 
     /// A reply reaches the client library: "not the leader" is followed, not shown to the agent.
     fn on_reply(&mut self, client: ClientId, seq: Seq, outcome: Outcome) {
+        if self.streamer_clients.contains_key(&client) {
+            self.streamer_reply(client, seq, outcome);
+            return;
+        }
         let Some(&i) = self.by_client.get(&client) else { return };
         if let Err(RequestError::NotLeader { leader } | RequestError::LeaderLost { leader }) = &outcome {
             let n = self.replicas.len();
@@ -594,6 +666,8 @@ impl World {
         self.redirects.remove(&(client, seq));
         if let Ok(truba_engine::Reply::Created { handle }) = &outcome {
             self.sightings.created(handle.session);
+            let request = self.agents[i].pending_request(client, seq);
+            self.note_created(request.as_ref(), handle.session.0);
         }
         let ctx = self.ctx_owned();
         let actions = self.agents[i].on_reply(self.now_us, client, seq, outcome, &ctx.as_ctx());
@@ -700,6 +774,7 @@ impl World {
         for detail in found {
             self.violate("committed-entries-agree", detail);
         }
+        self.check_ledger(r);
         match self.hashes.get(&applied) {
             Some(&h) if h != hash => {
                 self.stats.hash_checks += 1;
@@ -814,6 +889,8 @@ impl World {
             Output::Stopped(fatal) => {
                 let replica = r as u32;
                 self.history.push(self.now_us, Event::Stopped { replica, reason: fatal.to_string() });
+                self.break_streams(r);
+                self.ledger_seen[r] = 0;
                 let rep = &mut self.replicas[r];
                 rep.engine = None;
                 rep.boot += 1;
@@ -830,9 +907,12 @@ impl World {
                 if self.query_owner.contains_key(&id) {
                     let t = self.reader_delay();
                     self.at(t, Ev::QueryReply { id, reply });
+                } else if self.streamer_queries.contains_key(&id) {
+                    let t = self.now_us + self.sc.workload.net_delay_us.1;
+                    self.at(t, Ev::StreamerQueryReply { id, reply });
                 }
             }
-            Output::Stream { .. } => {}
+            Output::Stream { stream, seq, item } => self.on_stream_output(stream, seq, item),
         }
     }
 
@@ -879,6 +959,8 @@ impl World {
             self.replicas[r].boot += 1;
             self.replicas[r].scheduled_tick = None;
             self.applied_seen[r] = 0;
+            self.ledger_seen[r] = 0;
+            self.break_streams(r);
             self.history.push(self.now_us, Event::Crash { replica: r as u32, disk: summary });
             // Rot is applied to the medium as a power loss leaves it (nothing pending).
             if !process_only {
