@@ -66,8 +66,10 @@ pub struct ServerLimits {
     /// are dropped (the protocol resends what matters).
     pub peer_queue_max: u32,
     /// Bytes of stream items queued for one connection and not yet written to its socket. The
-    /// engine's windows bound each stream; a connection whose streams together pass this has
-    /// them ended with a clear reason (its reader opens them again), never an item dropped.
+    /// engine's windows bound each stream (so keep this above `engine.tail_window_bytes_max`:
+    /// the client library opens one stream a connection); a connection whose streams together
+    /// pass it has them ended with a clear reason (its reader opens them again), never an item
+    /// dropped.
     pub stream_queue_bytes_max: u64,
 }
 

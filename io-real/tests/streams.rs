@@ -262,6 +262,75 @@ async fn a_shutdown_ends_streams_with_a_clear_reason() {
     stopping.await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// The engine bounds each stream by its window; a connection whose streams together queue more
+/// than `stream_queue_bytes_max` for its socket (here one stream whose window is far larger) has
+/// them ended with that reason, and everything it was given before is whole and in order.
+async fn a_connection_past_its_stream_queue_limit_has_its_streams_ended_never_an_item_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.kinds.get_mut(&1).unwrap().config.record_bytes_max = 64_000;
+    c.engine.streams_max = 1;
+    c.engine.tail_window_bytes_max = 64 << 20;
+    c.server.stream_queue_bytes_max = 256 * 1024;
+    let server = start(c).await;
+    let p = pipe(&server.addr).await;
+    // Some 5 MB of entries, twenty times the queue's limit.
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let p = p.clone();
+            tokio::spawn(async move {
+                for i in 0..10 {
+                    p.new_with(1, format!("{w}/{i} {:>60000}", "").into_bytes()).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let mut slow = Raw::connect(&server.addr).await;
+    slow.send(&ClientMsg::StreamOpen { stream: 1, open: tail_all(TailFrom::Index(Index(1))) }).await;
+    // Once the slow connection's stream is ended, the server's one stream place is free again.
+    let mut other = Raw::connect(&server.addr).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for n in 1.. {
+        other.send(&ClientMsg::StreamOpen { stream: n, open: tail_all(TailFrom::Next) }).await;
+        if other.quiet(Duration::from_millis(50)).await {
+            break;
+        }
+        let msg = other.recv().await;
+        assert!(
+            matches!(msg, Some(ServerMsg::Stream { item: StreamItem::End(StreamError::TooManyStreams { .. }), .. })),
+            "{msg:?}"
+        );
+        assert!(tokio::time::Instant::now() < deadline, "the slow connection's stream was never ended");
+    }
+    // Everything the slow reader is given is in order with no gap, then the reason.
+    let mut next_index = 1;
+    let mut next_seq = 1;
+    loop {
+        match slow.recv().await {
+            Some(ServerMsg::Stream { stream: 1, seq, item: StreamItem::Entries { entries, .. } }) => {
+                assert_eq!(seq, next_seq);
+                next_seq += 1;
+                for e in entries {
+                    let e: LedgerEntry = postcard::from_bytes(&e).unwrap();
+                    assert_eq!(e.index.0, next_index, "no entry dropped");
+                    next_index += 1;
+                }
+            }
+            Some(ServerMsg::StreamEnded { stream: 1, reason: StreamEnd::ConnectionBehind { queued_bytes, max } }) => {
+                assert!(queued_bytes > max && max == 256 * 1024);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(slow.quiet(Duration::from_millis(100)).await, "nothing more for the ended stream");
+    server.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Through the client library.
 
