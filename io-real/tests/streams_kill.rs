@@ -162,7 +162,7 @@ async fn a_tail_and_a_watch_survive_a_leader_sigkill_with_no_gap_and_no_repeat()
     let killed_addr = cluster.nodes[leader].client.clone();
     assert!(tail_got.lock().unwrap().members.contains(&killed_addr));
     cluster.nodes[leader].kill9();
-    cluster.wait_new_leader(leader, term, Duration::from_secs(10)).await;
+    let (new_leader, _, _) = cluster.wait_new_leader(leader, term, Duration::from_secs(10)).await;
     let at_kill = done.load(Ordering::Relaxed);
     wait_for(at_kill + 150).await;
     stop.store(true, Ordering::Relaxed);
@@ -186,7 +186,7 @@ async fn a_tail_and_a_watch_survive_a_leader_sigkill_with_no_gap_and_no_repeat()
     assert_eq!(reference.first().map(|e| e.index), Some(Index(1)));
     assert_eq!(reference.last().map(|e| e.index), Some(target));
 
-    let tail = tail_got.lock().unwrap();
+    let tail = std::mem::take(&mut *tail_got.lock().unwrap());
     assert!(tail.members.len() >= 2, "the tail went on at another member: {:?}", tail.members);
     let got: Vec<&LedgerEntry> = tail.entries.iter().filter(|e| e.index <= target).collect();
     let indexes: Vec<u64> = got.iter().map(|e| e.index.0).collect();
@@ -195,7 +195,7 @@ async fn a_tail_and_a_watch_survive_a_leader_sigkill_with_no_gap_and_no_repeat()
         assert_eq!(*g, r, "entry {} as the survivor holds it", r.index.0);
     }
 
-    let watch = watch_got.lock().unwrap();
+    let watch = std::mem::take(&mut *watch_got.lock().unwrap());
     assert!(watch.members.len() >= 2, "the watch went on at another member: {:?}", watch.members);
     let synced = watch.synced.expect("the watch synced");
     let expected: Vec<(Index, Event)> = reference
@@ -208,6 +208,17 @@ async fn a_tail_and_a_watch_survive_a_leader_sigkill_with_no_gap_and_no_repeat()
     let changes: Vec<(Index, Event)> = watch.changes.iter().filter(|(i, _)| *i <= target).cloned().collect();
     assert_eq!(changes.len(), expected.len(), "as many changes as the ledger has session events after {synced:?}");
     assert!(changes == expected, "the watch's changes are the ledger's session events, each once, in order");
+
+    // Consumers through a follower: requests and checkpoint reads follow the leader, a
+    // read-through is answered by the follower itself.
+    let follower = (0..3).find(|&i| cluster.running(i) && i != new_leader).expect("a running follower");
+    let via_follower = pipe(cluster.addrs_from(follower)).await;
+    let mut consumer = Consumer::open(&via_follower, "audit").await.expect("opened through a follower");
+    consumer.commit(target, vec![]).await.expect("committed through a follower");
+    assert_eq!(via_follower.checkpoint("audit").await.unwrap().through, target);
+    let only_follower = pipe(vec![cluster.nodes[follower].client.clone()]).await;
+    let covered = only_follower.read_through("audit", target, Duration::from_secs(5)).await;
+    assert_eq!(covered.expect("the follower answers a read-through").through, target);
     eprintln!(
         "tail: {} entries from {:?}; watch: synced at {}, {} changes from {:?}; killed {killed_addr}",
         got.len(),
