@@ -194,9 +194,12 @@ async fn a_closed_connection_closes_its_streams_and_an_open_stream_keeps_a_conne
     let p = pipe(&server.addr).await;
     sessions(&p, 1, 1).await; // serving
 
+    // Two tails from the start: their first items say they are open (connections are served
+    // concurrently, so `b` must not ask before then).
     let mut a = Raw::connect(&server.addr).await;
     for n in [1, 2] {
-        a.send(&ClientMsg::StreamOpen { stream: n, open: tail_all(TailFrom::Next) }).await;
+        a.send(&ClientMsg::StreamOpen { stream: n, open: tail_all(TailFrom::Index(Index(1))) }).await;
+        assert!(matches!(a.recv().await, Some(ServerMsg::Stream { stream, seq: 1, .. }) if stream == n));
     }
     let mut b = Raw::connect(&server.addr).await;
     b.send(&ClientMsg::StreamOpen { stream: 1, open: tail_all(TailFrom::Next) }).await;
@@ -209,7 +212,7 @@ async fn a_closed_connection_closes_its_streams_and_an_open_stream_keeps_a_conne
     assert_eq!(b.0.read_to_end(&mut rest).await.unwrap(), 0, "an idle connection is closed");
     sessions(&p, 1, 1).await;
     for n in [1, 2] {
-        assert!(matches!(a.recv().await, Some(ServerMsg::Stream { stream, seq: 1, .. }) if stream == n));
+        assert!(matches!(a.recv().await, Some(ServerMsg::Stream { stream, seq: 2, .. }) if stream == n));
     }
 
     // `a` goes away: its streams are closed, and their places are free again.
@@ -291,6 +294,12 @@ async fn a_connection_past_its_stream_queue_limit_has_its_streams_ended_never_an
     }
     let mut slow = Raw::connect(&server.addr).await;
     slow.send(&ClientMsg::StreamOpen { stream: 1, open: tail_all(TailFrom::Index(Index(1))) }).await;
+    // Its first item says it holds the server's one stream place (connections are served
+    // concurrently); after that it reads nothing for a while.
+    let mut next_index = 1;
+    let mut next_seq = 1;
+    let mut first = slow.recv().await;
+    assert!(matches!(first, Some(ServerMsg::Stream { stream: 1, seq: 1, .. })), "{first:?}");
     // Once the slow connection's stream is ended, the server's one stream place is free again.
     let mut other = Raw::connect(&server.addr).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -307,10 +316,12 @@ async fn a_connection_past_its_stream_queue_limit_has_its_streams_ended_never_an
         assert!(tokio::time::Instant::now() < deadline, "the slow connection's stream was never ended");
     }
     // Everything the slow reader is given is in order with no gap, then the reason.
-    let mut next_index = 1;
-    let mut next_seq = 1;
     loop {
-        match slow.recv().await {
+        let msg = match first.take() {
+            Some(msg) => Some(msg),
+            None => slow.recv().await,
+        };
+        match msg {
             Some(ServerMsg::Stream { stream: 1, seq, item: StreamItem::Entries { entries, .. } }) => {
                 assert_eq!(seq, next_seq);
                 next_seq += 1;
