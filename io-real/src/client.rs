@@ -33,7 +33,6 @@ use crate::wire::{self, ClientMsg, ServerMsg, ServerStatus, WireError};
 use rand_core::{OsRng, RngCore};
 use std::collections::HashMap;
 use std::fmt;
-use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 /// A request's send state (see `Call::written`).
@@ -47,9 +46,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use truba_engine::{
-    ClientId, DeadPage, Handle, Kind, Query, QueryReply, RedriveTarget, Reply, Request, RequestError, Seq, SessionId,
-    SessionView, UnixSecs,
+    Checkpoint, ClientId, DeadPage, Filter, Handle, Index, Kind, Query, QueryReply, RedriveTarget, Reply, Request,
+    RequestError, Seq, SessionId, SessionView, StreamError, TailFrom, UnixSecs,
 };
+
+pub use crate::reading::{Change, Consumer, Records, Tail, TailItem, Watch, WatchItem, WatchOptions};
 
 /// Default largest frame a client accepts from the server. Larger than the server's request
 /// frame limit because session views carry whole sessions (up to the kind's `session_bytes_max`,
@@ -105,6 +106,13 @@ pub enum ClientError {
     /// The server answered with a reply of the wrong type.
     #[error("unexpected reply: {0}")]
     Unexpected(String),
+    /// A reader's stream ended for a reason that opening it again would not change (the index
+    /// was compacted away, an unknown kind, a reader too slow for the server).
+    #[error("the stream ended: {0}")]
+    Stream(StreamError),
+    /// The server refused a reader's stream.
+    #[error("the stream was refused: {0}")]
+    StreamRefused(crate::wire::StreamRefusal),
 }
 
 impl ClientError {
@@ -163,7 +171,8 @@ pub struct Redriven {
 /// A connection to a truba server, shared by every clone (one background task owns it).
 pub struct Pipe<T: Transport = Tcp> {
     inner: Arc<Inner>,
-    _transport: PhantomData<fn() -> T>,
+    /// Readers' streams open connections of their own (see [`crate::reading`]).
+    transport: T,
 }
 
 struct Inner {
@@ -178,7 +187,7 @@ struct Inner {
 
 impl<T: Transport> Clone for Pipe<T> {
     fn clone(&self) -> Self {
-        Pipe { inner: self.inner.clone(), _transport: PhantomData }
+        Pipe { inner: self.inner.clone(), transport: self.transport.clone() }
     }
 }
 
@@ -221,7 +230,7 @@ impl<T: Transport> Pipe<T> {
             .await
             .map_err(|reason| ClientError::Connect { addrs: addrs.join(","), reason })?;
         let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE_MAX);
-        let mut task = ConnTask::new(transport, addrs.clone(), options.clone(), calls_rx);
+        let mut task = ConnTask::new(transport.clone(), addrs.clone(), options.clone(), calls_rx);
         task.adopt(stream, addr);
         tokio::spawn(task.run());
         Ok(Pipe {
@@ -233,7 +242,7 @@ impl<T: Transport> Pipe<T> {
                 next_client: AtomicU64::new(0),
                 next_query: AtomicU64::new(1),
             }),
-            _transport: PhantomData,
+            transport,
         })
     }
 
@@ -244,6 +253,10 @@ impl<T: Transport> Pipe<T> {
 
     pub fn options(&self) -> &ClientOptions {
         &self.inner.options
+    }
+
+    pub(crate) fn transport(&self) -> &T {
+        &self.transport
     }
 
     fn fresh_client(&self) -> ClientId {
@@ -278,7 +291,7 @@ impl<T: Transport> Pipe<T> {
     pub async fn get(&self, id: SessionId) -> Result<SessionView, ClientError> {
         let qid = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
         let msg = ClientMsg::Query { id: qid, query: Query::Session(id) };
-        match self.call(Key::Query(qid), &msg).await? {
+        match self.call(Key::Query(qid), &msg, Duration::ZERO).await? {
             ServerMsg::QueryReply { reply: QueryReply::Session(Ok(view)), .. } => Ok(view),
             ServerMsg::QueryReply { reply: QueryReply::Session(Err(e)), .. } => Err(ClientError::Refused(e)),
             other => Err(ClientError::Unexpected(format!("{other:?} to a session query"))),
@@ -292,7 +305,7 @@ impl<T: Transport> Pipe<T> {
     pub async fn dead_page(&self, kind: u32, after: Option<SessionId>, limit: u32) -> Result<DeadPage, ClientError> {
         let qid = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
         let msg = ClientMsg::Query { id: qid, query: Query::Dead { kind: Kind(kind), after, limit } };
-        match self.call(Key::Query(qid), &msg).await? {
+        match self.call(Key::Query(qid), &msg, Duration::ZERO).await? {
             ServerMsg::QueryReply { reply: QueryReply::Dead(Ok(page)), .. } => Ok(page),
             ServerMsg::QueryReply { reply: QueryReply::Dead(Err(e)), .. } => Err(ClientError::Refused(e)),
             other => Err(ClientError::Unexpected(format!("{other:?} to a dead-letter query"))),
@@ -331,19 +344,70 @@ impl<T: Transport> Pipe<T> {
         }
     }
 
+    /// A tail of the ledger: every committed entry's events that pass `filter`, in index order,
+    /// from `from` on, then new ones as they commit; see [`Tail`]. Any member serves it (it
+    /// starts with the first of the pipe's addresses that answers, and goes on at the next one
+    /// if that member stops). Nothing is sent until the first [`Tail::next`].
+    pub fn tail(&self, from: TailFrom, filter: Filter) -> Tail<T> {
+        Tail::new(self, from, filter, false)
+    }
+
+    /// A watch of the sessions of `kinds` (every kind if empty): a resync of every live one,
+    /// then their changes, acknowledged by the application; see [`Watch`].
+    pub fn watch(&self, options: WatchOptions) -> Watch<T> {
+        Watch::new(self, options)
+    }
+
+    /// A consumer's checkpoint: the epoch it was last opened at, and the index through which it
+    /// has committed. A linearizable read, answered by the leader.
+    pub async fn checkpoint(&self, consumer: &str) -> Result<Checkpoint, ClientError> {
+        let qid = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
+        let msg = ClientMsg::Query { id: qid, query: Query::Checkpoint { consumer: consumer.into() } };
+        checkpoint_reply(self.call(Key::Query(qid), &msg, Duration::ZERO).await?)
+    }
+
+    /// Waits until the consumer's checkpoint covers `index` (it has processed everything
+    /// through it: read-your-writes across a pipeline), at most `timeout`; then
+    /// `Refused(TimedOut)`. Any member answers, from what it has applied.
+    pub async fn read_through(
+        &self,
+        consumer: &str,
+        index: Index,
+        timeout: Duration,
+    ) -> Result<Checkpoint, ClientError> {
+        let qid = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
+        let timeout_ms = timeout.as_millis() as u64;
+        let query = Query::ReadThrough { consumer: consumer.into(), index, timeout_ms };
+        // Each attempt waits for the server's own deadline, plus the usual time for an answer.
+        checkpoint_reply(self.call(Key::Query(qid), &ClientMsg::Query { id: qid, query }, timeout).await?)
+    }
+
+    /// Removes a consumer and its checkpoint (an operator's call).
+    pub async fn consumer_drop(&self, consumer: &str) -> Result<(), ClientError> {
+        let client = self.fresh_client();
+        match self.request(client, Seq(1), Request::ConsumerDrop { consumer: consumer.into() }).await? {
+            Reply::Done => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?} to a consumer drop"))),
+        }
+    }
+
+    pub(crate) fn fresh_client_id(&self) -> ClientId {
+        self.fresh_client()
+    }
+
     /// The server's status (engine state, disk use, connections).
     pub async fn status(&self) -> Result<ServerStatus, ClientError> {
         let id = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
-        match self.call(Key::Status(id), &ClientMsg::Status { id }).await? {
+        match self.call(Key::Status(id), &ClientMsg::Status { id }, Duration::ZERO).await? {
             ServerMsg::Status { status, .. } => Ok(status),
             other => Err(ClientError::Unexpected(format!("{other:?} to a status request"))),
         }
     }
 
     /// Sends one request (retrying it as described in the module docs) and returns its reply.
-    async fn request(&self, client: ClientId, seq: Seq, request: Request) -> Result<Reply, ClientError> {
+    pub(crate) async fn request(&self, client: ClientId, seq: Seq, request: Request) -> Result<Reply, ClientError> {
         let msg = ClientMsg::Request { client, seq, request };
-        match self.call(Key::Request(client, seq), &msg).await? {
+        match self.call(Key::Request(client, seq), &msg, Duration::ZERO).await? {
             ServerMsg::Reply { outcome: Ok(reply), .. } => Ok(reply),
             ServerMsg::Reply { outcome: Err(e), .. } => Err(ClientError::Refused(e)),
             other => Err(ClientError::Unexpected(format!("{other:?} to a request"))),
@@ -351,12 +415,13 @@ impl<T: Transport> Pipe<T> {
     }
 
     /// The retry loop: the same frame is sent until it is answered (with something other than a
-    /// "not now" refusal), or `retry_for` has passed.
-    async fn call(&self, key: Key, msg: &ClientMsg) -> Result<ServerMsg, ClientError> {
+    /// "not now" refusal), or `retry_for` has passed. `waits`: how long the server itself may
+    /// take to answer (a read-through's deadline), added to each attempt's wait and the total.
+    async fn call(&self, key: Key, msg: &ClientMsg, waits: Duration) -> Result<ServerMsg, ClientError> {
         let options = &self.inner.options;
         let frame: Arc<[u8]> = wire::encode(msg).into();
         let started = Instant::now();
-        let deadline = started + options.retry_for;
+        let deadline = started + options.retry_for + waits;
         let written = Arc::new(AtomicU8::new(NOT_SENT));
         let mut backoff = BACKOFF_MIN;
         let mut last_problem = String::from("no attempt was made");
@@ -376,7 +441,7 @@ impl<T: Transport> Pipe<T> {
                 self.inner.calls.send(call).await.map_err(|_| ())?;
                 reply_rx.await.map_err(|_| ())
             };
-            let wait = options.request_timeout.min(deadline - now);
+            let wait = (options.request_timeout + waits).min(deadline - now);
             match tokio::time::timeout(wait, attempt).await {
                 Err(_) => {
                     // Sent again at once (the connection task reconnects if the old one went silent).
@@ -409,8 +474,19 @@ impl<T: Transport> Pipe<T> {
 fn refusal_in(msg: &ServerMsg) -> Option<&RequestError> {
     match msg {
         ServerMsg::Reply { outcome: Err(e), .. }
-        | ServerMsg::QueryReply { reply: QueryReply::Session(Err(e)) | QueryReply::Dead(Err(e)), .. } => Some(e),
+        | ServerMsg::QueryReply {
+            reply: QueryReply::Session(Err(e)) | QueryReply::Dead(Err(e)) | QueryReply::Checkpoint(Err(e)),
+            ..
+        } => Some(e),
         _ => None,
+    }
+}
+
+fn checkpoint_reply(msg: ServerMsg) -> Result<Checkpoint, ClientError> {
+    match msg {
+        ServerMsg::QueryReply { reply: QueryReply::Checkpoint(Ok(c)), .. } => Ok(c),
+        ServerMsg::QueryReply { reply: QueryReply::Checkpoint(Err(e)), .. } => Err(ClientError::Refused(e)),
+        other => Err(ClientError::Unexpected(format!("{other:?} to a checkpoint query"))),
     }
 }
 
@@ -774,6 +850,11 @@ impl<T: Transport> ConnTask<T> {
             ServerMsg::Reply { client, seq, .. } => Key::Request(*client, *seq),
             ServerMsg::QueryReply { id, .. } => Key::Query(*id),
             ServerMsg::Status { id, .. } => Key::Status(*id),
+            // The pipe's own connection opens no streams.
+            ServerMsg::Stream { .. } | ServerMsg::StreamRefused { .. } | ServerMsg::StreamEnded { .. } => {
+                tracing::debug!(addr = %conn.addr, "a stream message on a connection with no streams");
+                return;
+            }
             ServerMsg::Error { error } => {
                 tracing::warn!(addr = %conn.addr, %error, "the server closed the connection");
                 if let WireError::FrameTooLarge { len, max } = error {
@@ -915,6 +996,12 @@ pub(crate) mod tests {
                     id: *id,
                     reply: QueryReply::Dead(Ok(DeadPage { sessions, total: dead.len() as u64 })),
                 }
+            }
+            // The fake serves no streams.
+            ClientMsg::StreamOpen { stream, .. }
+            | ClientMsg::StreamAck { stream, .. }
+            | ClientMsg::StreamClose { stream } => {
+                ServerMsg::StreamRefused { stream: *stream, refusal: crate::wire::StreamRefusal::NotOpen }
             }
             ClientMsg::Query { id, query: Query::Checkpoint { consumer } | Query::ReadThrough { consumer, .. } } => {
                 let reply = QueryReply::Checkpoint(Err(RequestError::UnknownConsumer(consumer.clone())));

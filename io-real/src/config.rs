@@ -65,6 +65,12 @@ pub struct ServerLimits {
     /// Messages queued for one member while its connection is busy or down; beyond it they
     /// are dropped (the protocol resends what matters).
     pub peer_queue_max: u32,
+    /// Bytes of stream items queued for one connection and not yet written to its socket. The
+    /// engine's windows bound each stream (so keep this above `engine.tail_window_bytes_max`:
+    /// the client library opens one stream a connection); a connection whose streams together
+    /// pass it has them ended with a clear reason (its reader opens them again), never an item
+    /// dropped.
+    pub stream_queue_bytes_max: u64,
 }
 
 impl Default for ServerLimits {
@@ -77,6 +83,7 @@ impl Default for ServerLimits {
             idle_timeout_ms: 300_000,
             peer_frame_bytes_max: 512 * 1024 * 1024,
             peer_queue_max: 8192,
+            stream_queue_bytes_max: 64 * 1024 * 1024,
         }
     }
 }

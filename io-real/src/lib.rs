@@ -10,6 +10,7 @@
 //! - [`wire`]: framed postcard messages (length + crc32).
 //! - [`config`]: the TOML configuration and its defaults.
 //! - [`client`]: `Pipe` and `Session`, with retries that are never applied twice.
+//! - [`reading`]: readers of the ledger: `Tail`, `Watch` and `Consumer` (re-exported by `client`).
 //! - [`handler`]: `handler::serve` and the `Handler` trait for the pipe's deliveries.
 //! - [`bench`]: `truba bench`.
 //! - [`bench_stored`]: `truba bench-stored`.
@@ -21,5 +22,6 @@ pub mod config;
 pub mod disk;
 pub mod handler;
 pub mod net;
+pub mod reading;
 pub mod server;
 pub mod wire;

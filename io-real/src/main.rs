@@ -6,11 +6,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use truba::client::{ClientError, ClientOptions, Pipe, Redriven, Session};
+use truba::client::{ClientError, ClientOptions, Consumer, Pipe, Redriven, Session, TailItem, WatchItem, WatchOptions};
 use truba::config::Config;
 use truba::server::{self, Env as _, RealEnv};
 use truba::wire::ServerStatus;
-use truba_engine::{Attempt, FailureReason, Handle, SessionId, SessionState, SessionView};
+use truba_engine::{
+    Attempt, Audit, BriefStatus, CommitOp, Event, FailureReason, Filter, Handle, Index, Kind, LedgerEntry, Reply,
+    SessionBrief, SessionId, SessionSnapshot, SessionState, SessionView, TailFrom, What,
+};
 
 #[derive(Parser)]
 #[command(
@@ -129,6 +132,43 @@ enum Command {
     /// Sessions whose deliveries failed their kind's max_attempts in a row: list, inspect, redrive.
     #[command(subcommand)]
     Dead(DeadCommand),
+    /// Show the ledger: what every committed entry did, one line an event (any member serves it).
+    ///
+    /// Without --follow it stops once it has shown everything up to the head as of its start.
+    Tail {
+        /// Where to start: an index, `oldest` (the oldest entry the member still holds) or `now`
+        /// (only what happens from now on).
+        #[arg(long, value_name = "INDEX|oldest|now")]
+        from: String,
+        /// Only events of sessions of this kind (repeat for several kinds).
+        #[arg(long = "kind", value_name = "K")]
+        kinds: Vec<u32>,
+        /// Include internal events: keep-alives, refused and repeated requests, the pipe's own
+        /// housekeeping (no-ops, spills, merges).
+        #[arg(long)]
+        internal: bool,
+        /// Keep following new entries as they commit.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Watch sessions: the live ones (a resync), then their changes as they commit, each
+    /// acknowledged once printed. Runs until interrupted.
+    Watch {
+        /// Only sessions of this kind (repeat for several kinds).
+        #[arg(long = "kind", value_name = "K")]
+        kinds: Vec<u32>,
+        /// Go on after this index (the last one a watcher acknowledged) without a resync, if the
+        /// member still holds the changes after it.
+        #[arg(long, value_name = "INDEX")]
+        resume_after: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Named consumers and their checkpoints: open, commit, read, wait for, drop.
+    #[command(subcommand)]
+    Consumer(ConsumerCommand),
     /// A demo handler: prints every delivery and deletes the session.
     HandlerEcho {
         /// Address to listen on for the pipe's deliveries (the kind's `handler` address).
@@ -183,6 +223,60 @@ enum DeadCommand {
     Drop {
         /// The dead session to delete.
         session: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConsumerCommand {
+    /// Open a consumer (creating it if new); prints its epoch (which fences older openings)
+    /// and its checkpoint.
+    Open {
+        /// The consumer's name (letters, digits, `.`, `-`, `_`, `/`).
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Commit a checkpoint, with session operations applied in the same entry (all or none).
+    Commit {
+        name: String,
+        /// The epoch `truba consumer open` printed.
+        #[arg(long)]
+        epoch: u64,
+        /// Everything through this index is processed.
+        #[arg(long, value_name = "INDEX")]
+        through: u64,
+        /// Operations as JSON lines ("-" for standard input), one of:
+        /// {"op":"new","kind":1,"records":["..."],"store_s":60},
+        /// {"op":"append","handle":"17@0","record":"..."}, {"op":"replace","handle":"17@0","record":"..."},
+        /// {"op":"delete","handle":"17@0"}, {"op":"store","handle":"17@0","timeout_s":60},
+        /// {"op":"keep-alive","handle":"17@0"}.
+        #[arg(long, value_name = "FILE|-")]
+        ops: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show a consumer's epoch and checkpoint (read through the leader).
+    Get {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Wait until a consumer's checkpoint covers an index (it has processed it); fails after the
+    /// timeout. Any member answers.
+    Wait {
+        name: String,
+        #[arg(long, value_name = "INDEX")]
+        index: u64,
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Remove a consumer and its checkpoint.
+    Drop {
+        name: String,
         #[command(flatten)]
         conn: Conn,
     },
@@ -290,6 +384,9 @@ async fn run(command: Command) -> CliResult {
         }
         Command::Dead(DeadCommand::Redrive { .. }) => Err("give either a SESSION or --kind, not both".into()),
         Command::Dead(DeadCommand::Drop { session, conn }) => drop_dead(&conn, session).await,
+        Command::Tail { from, kinds, internal, follow, conn } => tail(&conn, &from, kinds, internal, follow).await,
+        Command::Watch { kinds, resume_after, conn } => watch(&conn, kinds, resume_after).await,
+        Command::Consumer(c) => consumer(c).await,
         Command::HandlerEcho { listen } => truba::handler::serve(&listen, Echo).await.map_err(|e| e.to_string()),
         Command::Bench(args) => truba::bench::run(args).await,
         Command::BenchStored(args) => truba::bench_stored::run(args).await,
@@ -697,4 +794,398 @@ impl truba::handler::Handler for Echo {
         println!("  deleted");
         Ok(())
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reading side: tail, watch, consumers.
+
+/// A time in the ledger (milliseconds since the Unix epoch) as a UTC date, e.g.
+/// 2026-12-02T12:45:27.123Z. The calendar arithmetic is the `time` crate's.
+fn utc(ms: u64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        ),
+        Err(_) => format!("{ms} ms after the epoch"),
+    }
+}
+
+fn utc_s(secs: u64) -> String {
+    utc(secs.saturating_mul(1000))
+}
+
+fn parse_from(from: &str) -> Result<TailFrom, String> {
+    match from {
+        "oldest" => Ok(TailFrom::Oldest),
+        "now" => Ok(TailFrom::Next),
+        i => i
+            .parse::<u64>()
+            .map(|i| TailFrom::Index(Index(i)))
+            .map_err(|_| format!("--from `{from}`: expected an index, `oldest` or `now`")),
+    }
+}
+
+async fn tail(conn: &Conn, from: &str, kinds: Vec<u32>, internal: bool, follow: bool) -> CliResult {
+    let from = parse_from(from)?;
+    let pipe = connect(conn).await?;
+    // Without --follow: the head as of the start, on the member the pipe reached first (the
+    // tail starts with the same one).
+    let head = match follow {
+        true => None,
+        false => Some(pipe.status().await.map_err(err)?.engine.applied),
+    };
+    let nothing_left = match (head, from) {
+        (Some(head), TailFrom::Index(i)) => i > head,
+        (Some(head), TailFrom::Oldest) => head.0 == 0,
+        (Some(_), TailFrom::Next) => true,
+        (None, _) => false,
+    };
+    if nothing_left {
+        return Ok(());
+    }
+    let filter = Filter { kinds: kinds.into_iter().map(Kind).collect(), internal, sessions_only: false };
+    let mut t = pipe.tail(from, filter);
+    loop {
+        if let (Some(head), Some(at)) = (head, t.position()) {
+            if at >= head {
+                return Ok(());
+            }
+        }
+        match t.next().await {
+            None => return Ok(()),
+            Some(Err(e)) => return Err(err(e)),
+            Some(Ok(TailItem::Progress { .. })) => {}
+            Some(Ok(TailItem::Entry(entry))) => print_entry(&entry, conn.json),
+        }
+    }
+}
+
+fn print_entry(entry: &LedgerEntry, json: bool) {
+    for event in &entry.events {
+        if json {
+            let mut v = serde_json::json!({"index": entry.index.0, "term": entry.term.0,
+                "at": utc(entry.audit.at.0), "at_unix_ms": entry.audit.at.0,
+                "session": event.session.map(|s| s.0), "kind": event.kind.map(|k| k.0),
+                "what": event.what.name(), "before": event.before.as_ref().map(brief_json),
+                "after": event.after.as_ref().map(brief_json), "audit": audit_json(&entry.audit)});
+            if let (serde_json::Value::Object(o), serde_json::Value::Object(fields)) = (&mut v, what_json(&event.what))
+            {
+                o.extend(fields);
+            }
+            println!("{v}");
+        } else {
+            println!("{}", event_line(entry.index, Some(entry.audit.at.0), event));
+        }
+    }
+}
+
+/// One event, for people: when (if known), the entry, what, the session, the details, and the
+/// session's state before and after.
+fn event_line(index: Index, at_ms: Option<u64>, e: &Event) -> String {
+    let whom = match (e.session, e.kind) {
+        (Some(s), Some(k)) => format!("  session {} kind {}", s.0, k.0),
+        (Some(s), None) => format!("  session {}", s.0),
+        _ => String::new(),
+    };
+    let detail = what_text(&e.what);
+    let detail = if detail.is_empty() { detail } else { format!("  {detail}") };
+    let states = if e.session.is_some() {
+        format!("  [{} -> {}]", brief_text(e.before.as_ref()), brief_text(e.after.as_ref()))
+    } else {
+        String::new()
+    };
+    let at = at_ms.map(|ms| format!("{}  ", utc(ms))).unwrap_or_default();
+    format!("{at}#{:<8} {:<20}{whom}{detail}{states}", index.0, e.what.name())
+}
+
+fn what_text(w: &What) -> String {
+    match w {
+        What::Created { records } => {
+            let shown: Vec<String> = records.iter().map(|r| show_record(r)).collect();
+            match shown.len() {
+                0 => "no records".into(),
+                _ => shown.join(" "),
+            }
+        }
+        What::Appended { record } | What::Replaced { record } => show_record(record),
+        What::Stored { due } | What::Taken { due } | What::LeaseExpired { due } | What::Redriven { due } => {
+            format!("due {}", utc_s(due.0))
+        }
+        What::DeliveryFailed { reason, due } => format!("{reason}; due {}", utc_s(due.0)),
+        What::DeadLettered { reason } => reason.to_string(),
+        What::ConsumerOpened { consumer, epoch } => format!("consumer {consumer} epoch {epoch}"),
+        What::CheckpointCommitted { consumer, epoch, through } => {
+            format!("consumer {consumer} epoch {epoch} through {}", through.0)
+        }
+        What::ConsumerDropped { consumer } => format!("consumer {consumer}"),
+        What::Refused { request, error } => format!("{request}: {error}"),
+        What::Repeated { request } => request.clone(),
+        What::NoEffect { entry } => entry.clone(),
+        What::Spilled { source, sessions } => format!("source {} ({sessions} sessions)", source.0),
+        What::Merging { source, older, newer } => format!("source {} from {} and {}", source.0, older.0, newer.0),
+        What::SourceReady { source } => format!("source {}", source.0),
+        What::Dropped | What::Deleted | What::Renewed | What::Noop | What::Reserved => String::new(),
+    }
+}
+
+/// The fields of what happened, for JSON output.
+fn what_json(w: &What) -> serde_json::Value {
+    let text = |r: &[u8]| String::from_utf8_lossy(r).into_owned();
+    let due = |d: &truba_engine::UnixSecs| serde_json::json!({"due": utc_s(d.0), "due_unix_s": d.0});
+    match w {
+        What::Created { records } => {
+            serde_json::json!({"records": records.iter().map(|r| text(r)).collect::<Vec<_>>()})
+        }
+        What::Appended { record } | What::Replaced { record } => serde_json::json!({"record": text(record)}),
+        What::Stored { due: d }
+        | What::Taken { due: d }
+        | What::LeaseExpired { due: d }
+        | What::Redriven { due: d } => due(d),
+        What::DeliveryFailed { reason, due: d } => {
+            let mut v = due(d);
+            v["reason"] = failure_json(&Some(reason.clone()));
+            v
+        }
+        What::DeadLettered { reason } => serde_json::json!({"reason": failure_json(&Some(reason.clone()))}),
+        What::ConsumerOpened { consumer, epoch } => serde_json::json!({"consumer": consumer, "epoch": epoch}),
+        What::CheckpointCommitted { consumer, epoch, through } => {
+            serde_json::json!({"consumer": consumer, "epoch": epoch, "through": through.0})
+        }
+        What::ConsumerDropped { consumer } => serde_json::json!({"consumer": consumer}),
+        What::Refused { request, error } => serde_json::json!({"request": request, "error": error.to_string()}),
+        What::Repeated { request } => serde_json::json!({"request": request}),
+        What::NoEffect { entry } => serde_json::json!({"entry": entry}),
+        What::Spilled { source, sessions } => serde_json::json!({"source": source.0, "sessions": sessions}),
+        What::Merging { source, older, newer } => {
+            serde_json::json!({"source": source.0, "older": older.0, "newer": newer.0})
+        }
+        What::SourceReady { source } => serde_json::json!({"source": source.0}),
+        What::Dropped | What::Deleted | What::Renewed | What::Noop | What::Reserved => serde_json::json!({}),
+    }
+}
+
+fn brief_text(b: Option<&SessionBrief>) -> String {
+    let Some(b) = b else { return "-".into() };
+    let status = match b.status {
+        BriefStatus::Active { delivering: false } => "active".to_string(),
+        BriefStatus::Active { delivering: true } => "delivering".to_string(),
+        BriefStatus::Stored { due } => format!("stored until {}", utc_s(due.0)),
+        BriefStatus::Dead { since } => format!("dead since #{}", since.0),
+    };
+    format!("{status}, attempt {}, {} records", b.attempt.0, b.records)
+}
+
+fn brief_json(b: &SessionBrief) -> serde_json::Value {
+    let mut v = serde_json::json!({"attempt": b.attempt.0, "failures": b.failures, "records": b.records,
+        "bytes": b.bytes});
+    match b.status {
+        BriefStatus::Active { delivering } => {
+            v["status"] = "active".into();
+            v["delivering"] = delivering.into();
+        }
+        BriefStatus::Stored { due } => {
+            v["status"] = "stored".into();
+            v["due"] = utc_s(due.0).into();
+            v["due_unix_s"] = due.0.into();
+        }
+        BriefStatus::Dead { since } => {
+            v["status"] = "dead".into();
+            v["dead_since_index"] = since.0.into();
+        }
+    }
+    v
+}
+
+fn audit_json(a: &Audit) -> serde_json::Value {
+    serde_json::json!({"at": utc(a.at.0), "at_unix_ms": a.at.0, "client": a.client.map(|c| c.0),
+        "seq": a.seq.map(|s| s.0), "attempt": a.attempt.map(|t| t.0), "principal": a.principal})
+}
+
+fn snapshot_json(s: &SessionSnapshot) -> serde_json::Value {
+    let records: Vec<String> = s.records.iter().map(|r| String::from_utf8_lossy(r).into_owned()).collect();
+    serde_json::json!({"type": "session", "session": s.session.0, "kind": s.kind.0, "state": brief_json(&s.brief),
+        "records": records, "last_failure": failure_json(&s.last_failure)})
+}
+
+async fn watch(conn: &Conn, kinds: Vec<u32>, resume_after: Option<u64>) -> CliResult {
+    let pipe = connect(conn).await?;
+    let options = WatchOptions {
+        kinds: kinds.into_iter().map(Kind).collect(),
+        resume_after: resume_after.map(Index),
+        window: None,
+    };
+    let mut w = pipe.watch(options);
+    while let Some(item) = w.next().await {
+        let json = conn.json;
+        match item.map_err(err)? {
+            WatchItem::ResyncStart { at } if json => {
+                println!("{}", serde_json::json!({"type": "resync_start", "at": at.0}))
+            }
+            WatchItem::ResyncStart { at } => println!("resync as of index {}", at.0),
+            WatchItem::Session(s) if json => println!("{}", snapshot_json(&s)),
+            WatchItem::Session(s) => {
+                let records: Vec<String> = s.records.iter().map(|r| show_record(r)).collect();
+                println!(
+                    "session {} kind {}  {}  {}",
+                    s.session.0,
+                    s.kind.0,
+                    brief_text(Some(&s.brief)),
+                    records.join(" ")
+                );
+            }
+            WatchItem::Synced { at } if json => println!("{}", serde_json::json!({"type": "synced", "at": at.0})),
+            WatchItem::Synced { at } => println!("synced at index {}; changes follow", at.0),
+            WatchItem::Change(c) => {
+                let event = Event {
+                    session: Some(c.session),
+                    kind: Some(c.kind),
+                    what: c.what.clone(),
+                    before: c.before.clone(),
+                    after: c.after.clone(),
+                };
+                if json {
+                    let mut v = serde_json::json!({"type": "change", "index": c.index.0, "session": c.session.0,
+                        "kind": c.kind.0, "what": c.what.name(), "before": c.before.as_ref().map(brief_json),
+                        "after": c.after.as_ref().map(brief_json), "at": utc(c.audit.at.0),
+                        "audit": audit_json(&c.audit)});
+                    if let (serde_json::Value::Object(o), serde_json::Value::Object(f)) = (&mut v, what_json(&c.what)) {
+                        o.extend(f);
+                    }
+                    println!("{v}");
+                } else {
+                    println!("{}", event_line(c.index, Some(c.audit.at.0), &event));
+                }
+            }
+        }
+        w.done(Ok(())).await;
+    }
+    Ok(())
+}
+
+/// One operation of `truba consumer commit --ops`, as a JSON line.
+#[derive(serde::Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+enum OpLine {
+    New {
+        kind: u32,
+        #[serde(default)]
+        records: Vec<String>,
+        store_s: Option<u32>,
+    },
+    Append {
+        handle: String,
+        record: String,
+    },
+    Replace {
+        handle: String,
+        record: String,
+    },
+    Delete {
+        handle: String,
+    },
+    Store {
+        handle: String,
+        timeout_s: u32,
+    },
+    KeepAlive {
+        handle: String,
+    },
+}
+
+fn parse_handle(spec: &str) -> Result<Handle, String> {
+    let bad = || format!("`{spec}` is not a handle (expected SESSION@ATTEMPT)");
+    let (s, a) = spec.split_once('@').ok_or_else(bad)?;
+    Ok(Handle { session: SessionId(s.parse().map_err(|_| bad())?), attempt: Attempt(a.parse().map_err(|_| bad())?) })
+}
+
+fn parse_ops(text: &str) -> Result<Vec<CommitOp>, String> {
+    let mut ops = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let op: OpLine = serde_json::from_str(line).map_err(|e| format!("operation on line {}: {e}", n + 1))?;
+        let at = |h: &str| parse_handle(h).map_err(|e| format!("operation on line {}: {e}", n + 1));
+        ops.push(match op {
+            OpLine::New { kind, records, store_s } => CommitOp::New {
+                kind: Kind(kind),
+                records: records.into_iter().map(String::into_bytes).collect(),
+                store_s,
+            },
+            OpLine::Append { handle, record } => CommitOp::Append { handle: at(&handle)?, record: record.into_bytes() },
+            OpLine::Replace { handle, record } => {
+                CommitOp::Replace { handle: at(&handle)?, record: record.into_bytes() }
+            }
+            OpLine::Delete { handle } => CommitOp::Delete { handle: at(&handle)? },
+            OpLine::Store { handle, timeout_s } => CommitOp::Store { handle: at(&handle)?, timeout_s },
+            OpLine::KeepAlive { handle } => CommitOp::KeepAlive { handle: at(&handle)? },
+        });
+    }
+    Ok(ops)
+}
+
+fn reply_json(r: &Reply) -> serde_json::Value {
+    match r {
+        Reply::Created { handle } => serde_json::json!({"created": handle.to_string()}),
+        Reply::Stored { due } => serde_json::json!({"stored": true, "due": utc_s(due.0), "due_unix_s": due.0}),
+        Reply::Done => serde_json::json!({"done": true}),
+        other => serde_json::json!({"reply": format!("{other:?}")}),
+    }
+}
+
+async fn consumer(command: ConsumerCommand) -> CliResult {
+    match command {
+        ConsumerCommand::Open { name, conn } => {
+            let pipe = connect(&conn).await?;
+            let c = Consumer::open(&pipe, &name).await.map_err(err)?;
+            let text = format!("consumer {name} opened at epoch {}; checkpoint {}", c.epoch(), c.checkpoint().0);
+            let json = serde_json::json!({"consumer": name, "epoch": c.epoch(), "checkpoint": c.checkpoint().0});
+            print(&conn, &text, json);
+        }
+        ConsumerCommand::Commit { name, epoch, through, ops, conn } => {
+            let ops = match ops {
+                Some(path) => parse_ops(&String::from_utf8_lossy(&read_file(&path)?))?,
+                None => Vec::new(),
+            };
+            let pipe = connect(&conn).await?;
+            let mut c = Consumer::at_epoch(&pipe, &name, epoch);
+            let results = c.commit(Index(through), ops).await.map_err(err)?;
+            if conn.json {
+                let results: Vec<_> = results.iter().map(reply_json).collect();
+                println!("{}", serde_json::json!({"consumer": name, "checkpoint": through, "results": results}));
+            } else {
+                println!("committed consumer {name} through {through}");
+                for r in &results {
+                    if let Reply::Created { handle } = r {
+                        println!("  created {handle}");
+                    }
+                }
+            }
+        }
+        ConsumerCommand::Get { name, conn } => {
+            let pipe = connect(&conn).await?;
+            let c = pipe.checkpoint(&name).await.map_err(err)?;
+            let text = format!("consumer {name} epoch {} checkpoint {}", c.epoch, c.through.0);
+            print(&conn, &text, serde_json::json!({"consumer": name, "epoch": c.epoch, "checkpoint": c.through.0}));
+        }
+        ConsumerCommand::Wait { name, index, timeout_ms, conn } => {
+            let pipe = connect(&conn).await?;
+            let c = pipe.read_through(&name, Index(index), Duration::from_millis(timeout_ms)).await.map_err(err)?;
+            let text = format!("consumer {name} has processed index {index} (checkpoint {})", c.through.0);
+            print(&conn, &text, serde_json::json!({"consumer": name, "epoch": c.epoch, "checkpoint": c.through.0}));
+        }
+        ConsumerCommand::Drop { name, conn } => {
+            let pipe = connect(&conn).await?;
+            pipe.consumer_drop(&name).await.map_err(err)?;
+            print(&conn, &format!("dropped consumer {name}"), serde_json::json!({"consumer": name, "dropped": true}));
+        }
+    }
+    Ok(())
 }

@@ -12,6 +12,14 @@
 //!  peer readers ─┘   handle / poll / tick  └──▶ peer writers (one per other member)
 //! ```
 //!
+//! Readers' streams (tails and watches of the ledger) are served by every member, leader or
+//! not. Each connection names its streams with numbers of its own; the driver gives each an
+//! engine stream id unique in the server, routes the engine's items to the connection, and
+//! closes the connection's streams when it closes. No stream item is ever dropped: the engine
+//! never has more than a window of them unacknowledged per stream, and a connection whose
+//! queued stream items still pass `stream_queue_bytes_max` has its streams ended with that
+//! reason (the reader opens them again from where it got to).
+//!
 //! In a cluster every member listens on its peer address too. Each member keeps one outgoing
 //! connection to every other member (a writer task that reconnects with backoff and drops what
 //! queued while the peer was unreachable: consensus resends what still matters), and reads the
@@ -21,11 +29,12 @@ use crate::config::{Config, ServerLimits};
 use crate::disk::Fs;
 use crate::net::Transport;
 use crate::wire::{
-    self, ClientMsg, FrameError, HandlerToPipe, PeerFrame, PipeToHandler, ServerMsg, ServerStatus, WireError,
+    self, ClientMsg, FrameError, HandlerToPipe, PeerFrame, PipeToHandler, ServerMsg, ServerStatus, StreamEnd,
+    StreamRefusal, WireError,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -33,19 +42,79 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 use truba_engine::{
     ClientId, DiskError, Engine, FailureReason, Handle, Input, Instant, IoId, IoOp, IoReply, Kind, Message, Now,
-    Output, Query, QueryReply, ReplicaId, Request, Seq, UnixMs,
+    Output, Query, QueryReply, ReplicaId, Request, Seq, StreamId, StreamItem, StreamOpen, UnixMs,
 };
 
 /// What the engine task hears about.
 pub enum ToEngine {
-    Request { conn: u64, client: ClientId, seq: Seq, request: Request },
-    Query { conn: u64, id: u64, query: Query },
-    Status { conn: u64, id: u64 },
-    IoDone { id: IoId, result: Result<IoReply, DiskError> },
-    DeliveryFailed { handle: Handle, reason: FailureReason },
-    Opened { conn: u64, tx: mpsc::Sender<ServerMsg> },
-    Closed { conn: u64 },
-    Message { from: ReplicaId, message: Message },
+    Request {
+        conn: u64,
+        client: ClientId,
+        seq: Seq,
+        request: Request,
+    },
+    Query {
+        conn: u64,
+        id: u64,
+        query: Query,
+    },
+    Status {
+        conn: u64,
+        id: u64,
+    },
+    IoDone {
+        id: IoId,
+        result: Result<IoReply, DiskError>,
+    },
+    DeliveryFailed {
+        handle: Handle,
+        reason: FailureReason,
+    },
+    Opened {
+        conn: u64,
+        link: ConnLink,
+    },
+    Closed {
+        conn: u64,
+    },
+    Message {
+        from: ReplicaId,
+        message: Message,
+    },
+    /// A client's stream messages; `stream` is the client's own number for the stream.
+    StreamOpen {
+        conn: u64,
+        stream: u64,
+        open: StreamOpen,
+    },
+    StreamAck {
+        conn: u64,
+        stream: u64,
+        seq: u64,
+        error: Option<String>,
+    },
+    StreamClose {
+        conn: u64,
+        stream: u64,
+    },
+}
+
+/// What a connection's writer is handed.
+pub enum Outgoing {
+    /// An answer, encoded by the writer.
+    Msg(ServerMsg),
+    /// A stream item's frame, encoded by the engine task so that its bytes count against the
+    /// connection's queue (see [`ConnLink::queued`]) until the writer has written them.
+    Frame(Vec<u8>),
+}
+
+/// The engine task's side of one client connection.
+pub struct ConnLink {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    /// Bytes of stream frames handed to the writer and not yet written to the socket.
+    queued: Arc<AtomicU64>,
+    /// Streams open on the connection: while it has any, it is not idle.
+    streams_open: Arc<AtomicU32>,
 }
 
 /// Where the server runs: its network, its disk worker, its wall clock and its entropy. The
@@ -202,6 +271,19 @@ impl DiskQueues {
     }
 }
 
+/// A client connection as the engine task sees it.
+struct Conn {
+    link: ConnLink,
+    /// Its open streams, by the client's numbers.
+    streams: BTreeMap<u64, Route>,
+}
+
+struct Route {
+    id: StreamId,
+    /// The last item sent (an acknowledgement beyond it is refused).
+    sent: u64,
+}
+
 struct Driver<E: Env> {
     config: Config,
     env: E,
@@ -210,7 +292,10 @@ struct Driver<E: Env> {
     start: tokio::time::Instant,
     to_engine: mpsc::UnboundedSender<ToEngine>,
     disk: DiskQueues,
-    conns: BTreeMap<u64, mpsc::Sender<ServerMsg>>,
+    conns: BTreeMap<u64, Conn>,
+    /// Every open stream: its connection and the client's number for it.
+    streams: BTreeMap<StreamId, (u64, u64)>,
+    next_stream: u64,
     /// Which connection waits for the answer to each request in flight.
     routes: BTreeMap<(ClientId, Seq), u64>,
     /// Queries in flight: internal id -> (connection, the client's id, is a status request).
@@ -249,6 +334,8 @@ impl<E: Env> Driver<E> {
             to_engine,
             disk,
             conns: BTreeMap::new(),
+            streams: BTreeMap::new(),
+            next_stream: 0,
             routes: BTreeMap::new(),
             queries: BTreeMap::new(),
             next_query: 0,
@@ -305,7 +392,14 @@ impl<E: Env> Driver<E> {
                 _ = &mut shutdown, if stopping.is_none() => {
                     info!("shutting down: no new connections or requests; finishing work in flight");
                     stopping = Some(tokio::time::Instant::now());
+                    // Readers are told before their connections' closing frame, so they know to
+                    // go on at another member.
+                    let conns: Vec<u64> = self.conns.keys().copied().collect();
+                    for conn in conns {
+                        self.end_streams(conn, StreamEnd::ShuttingDown);
+                    }
                     let _ = stop.send(true);
+                    self.drain()?;
                 }
             }
             if stopping.is_some() && self.engine.is_idle() {
@@ -337,13 +431,125 @@ impl<E: Env> Driver<E> {
             }
             ToEngine::IoDone { id, result } => self.feed(Input::IoDone { id, result }),
             ToEngine::DeliveryFailed { handle, reason } => self.feed(Input::DeliveryFailed { handle, reason }),
-            ToEngine::Opened { conn, tx } => {
-                self.conns.insert(conn, tx);
+            ToEngine::Opened { conn, link } => {
+                self.conns.insert(conn, Conn { link, streams: BTreeMap::new() });
             }
             ToEngine::Closed { conn } => {
-                self.conns.remove(&conn);
+                if let Some(c) = self.conns.remove(&conn) {
+                    for route in c.streams.values() {
+                        self.streams.remove(&route.id);
+                        self.feed(Input::StreamClose { stream: route.id });
+                    }
+                }
             }
             ToEngine::Message { from, message } => self.feed(Input::Message { from, message }),
+            ToEngine::StreamOpen { conn, stream, open } => self.open_stream(conn, stream, open, stopping),
+            ToEngine::StreamAck { conn, stream, seq, error } => {
+                let Some(c) = self.conns.get(&conn) else { return };
+                match c.streams.get(&stream) {
+                    None => self.refuse(conn, stream, StreamRefusal::NotOpen),
+                    Some(route) if seq > route.sent => {
+                        let refusal = StreamRefusal::AckBeyondSent { seq, sent: route.sent };
+                        self.refuse(conn, stream, refusal)
+                    }
+                    Some(route) => {
+                        let id = route.id;
+                        self.feed(Input::StreamAck { stream: id, seq, error })
+                    }
+                }
+            }
+            ToEngine::StreamClose { conn, stream } => {
+                let Some(c) = self.conns.get(&conn) else { return };
+                match c.streams.get(&stream) {
+                    None => self.refuse(conn, stream, StreamRefusal::NotOpen),
+                    Some(route) => {
+                        let id = route.id;
+                        self.forget_stream(id);
+                        self.feed(Input::StreamClose { stream: id });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Opens a client's stream: a number of its own, unique among its connection's open
+    /// streams, becomes an engine stream id unique in the server. The engine answers it (with
+    /// items, or an `End` that refuses it).
+    fn open_stream(&mut self, conn: u64, stream: u64, open: StreamOpen, stopping: bool) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if stopping {
+            let _ = c.link.tx.send(Outgoing::Msg(ServerMsg::StreamEnded { stream, reason: StreamEnd::ShuttingDown }));
+            return;
+        }
+        if c.streams.contains_key(&stream) {
+            return self.refuse(conn, stream, StreamRefusal::AlreadyOpen);
+        }
+        if matches!(open, StreamOpen::Watch { window: Some(0), .. }) {
+            return self.refuse(conn, stream, StreamRefusal::ZeroWindow);
+        }
+        self.next_stream += 1;
+        let id = StreamId(self.next_stream);
+        c.streams.insert(stream, Route { id, sent: 0 });
+        c.link.streams_open.fetch_add(1, Ordering::Relaxed);
+        self.streams.insert(id, (conn, stream));
+        self.feed(Input::StreamOpen { stream: id, open });
+    }
+
+    fn refuse(&self, conn: u64, stream: u64, refusal: StreamRefusal) {
+        debug!(conn, stream, %refusal, "refusing a stream message");
+        self.send(conn, ServerMsg::StreamRefused { stream, refusal });
+    }
+
+    /// The stream is no longer the server's to route (it ended or was closed).
+    fn forget_stream(&mut self, id: StreamId) {
+        let Some((conn, number)) = self.streams.remove(&id) else { return };
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.streams.remove(&number).is_some() {
+                c.link.streams_open.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Ends every stream of a connection for `reason`: each is closed in the engine and the
+    /// client is told.
+    fn end_streams(&mut self, conn: u64, reason: StreamEnd) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let routes = std::mem::take(&mut c.streams);
+        c.link.streams_open.store(0, Ordering::Relaxed);
+        for number in routes.keys() {
+            let _ = c.link.tx.send(Outgoing::Msg(ServerMsg::StreamEnded { stream: *number, reason: reason.clone() }));
+        }
+        for route in routes.into_values() {
+            self.streams.remove(&route.id);
+            self.feed(Input::StreamClose { stream: route.id });
+        }
+    }
+
+    /// Carries one stream item to its connection, never dropping it: if the connection's queue
+    /// of stream items is past its limit, the connection's streams are ended instead (the
+    /// reader opens them again from where it got to).
+    fn route_stream(&mut self, id: StreamId, seq: u64, item: StreamItem) {
+        let Some(&(conn, number)) = self.streams.get(&id) else {
+            return; // closed meanwhile: its connection went, or it was ended
+        };
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let end = matches!(item, StreamItem::End(_));
+        let frame = wire::encode(&ServerMsg::Stream { stream: number, seq, item });
+        let len = frame.len() as u64;
+        let queued = c.link.queued.load(Ordering::Relaxed);
+        let max = self.config.server.stream_queue_bytes_max;
+        // A single item larger than the limit still goes out once the queue is empty.
+        if queued > 0 && queued + len > max {
+            warn!(conn, queued_bytes = queued + len, max, "a connection fell behind its streams; ending them");
+            return self.end_streams(conn, StreamEnd::ConnectionBehind { queued_bytes: queued + len, max });
+        }
+        if let Some(route) = c.streams.get_mut(&number) {
+            route.sent = seq;
+        }
+        c.link.queued.fetch_add(len, Ordering::Relaxed);
+        let _ = c.link.tx.send(Outgoing::Frame(frame));
+        if end {
+            self.forget_stream(id);
         }
     }
 
@@ -361,9 +567,11 @@ impl<E: Env> Driver<E> {
     }
 
     fn send(&self, conn: u64, msg: ServerMsg) {
-        if let Some(tx) = self.conns.get(&conn) {
-            // A full writer queue means the client reads nothing; it retries after reconnecting.
-            let _ = tx.try_send(msg);
+        // The queue needs no bound of its own for answers: a connection has at most
+        // `inflight_per_connection_max` requests waiting for them (more close it), and an
+        // answer leaves the count only once the writer takes it.
+        if let Some(c) = self.conns.get(&conn) {
+            let _ = c.link.tx.send(Outgoing::Msg(msg));
         }
     }
 
@@ -414,8 +622,7 @@ impl<E: Env> Driver<E> {
                 let leader = leader.map(|l| l.to_string()).unwrap_or_else(|| "none".into());
                 info!(%role, term = term.0, %leader, "role")
             }
-            // Streams are not served over the network yet.
-            Output::Stream { .. } => {}
+            Output::Stream { stream, seq, item } => self.route_stream(stream, seq, item),
             Output::Send { to, message } => {
                 // A full queue means the member is slow or gone; the message may be lost.
                 if let Some(tx) = self.peers.get(&to) {
@@ -720,8 +927,9 @@ enum Pending {
     Query(u64),
 }
 
-/// One client connection: a reader forwarding requests to the engine, a writer sending answers.
-/// Bad bytes get an error frame and the connection is closed; nothing else is affected.
+/// One client connection: a reader forwarding requests and stream messages to the engine, a
+/// writer sending answers and stream items. Bad bytes get an error frame and the connection is
+/// closed; nothing else is affected.
 async fn connection<S>(
     stream: S,
     conn: u64,
@@ -735,8 +943,13 @@ async fn connection<S>(
     // Buffered, so a frame's header and payload usually come in with one read.
     let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, reader);
     let max_inflight = limits.inflight_per_connection_max;
-    let (out_tx, mut out_rx) = mpsc::channel::<ServerMsg>(max_inflight as usize + 16);
-    if to_engine.send(ToEngine::Opened { conn, tx: out_tx.clone() }).is_err() {
+    // Unbounded: answers are bounded by the requests a connection may have waiting, and stream
+    // items by the engine's windows and `stream_queue_bytes_max` (see `Driver::route_stream`).
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
+    let queued = Arc::new(AtomicU64::new(0));
+    let streams_open = Arc::new(AtomicU32::new(0));
+    let link = ConnLink { tx: out_tx.clone(), queued: queued.clone(), streams_open: streams_open.clone() };
+    if to_engine.send(ToEngine::Opened { conn, link }).is_err() {
         return;
     }
     let pending = Arc::new(Mutex::new(BTreeSet::<Pending>::new()));
@@ -748,23 +961,37 @@ async fn connection<S>(
         while let Some(first) = out_rx.recv().await {
             buf.clear();
             let mut last = false;
+            let mut stream_bytes = 0u64;
             let mut next = Some(first);
-            while let Some(msg) = next.take() {
-                let key = match &msg {
-                    ServerMsg::Reply { client, seq, .. } => Some(Pending::Request(*client, *seq)),
-                    ServerMsg::QueryReply { id, .. } | ServerMsg::Status { id, .. } => Some(Pending::Query(*id)),
-                    ServerMsg::Error { .. } => None,
-                };
-                if let Some(key) = key {
-                    answered.lock().expect("pending lock").remove(&key);
+            while let Some(out) = next.take() {
+                match out {
+                    Outgoing::Frame(frame) => {
+                        stream_bytes += frame.len() as u64;
+                        buf.extend_from_slice(&frame);
+                    }
+                    Outgoing::Msg(msg) => {
+                        let key = match &msg {
+                            ServerMsg::Reply { client, seq, .. } => Some(Pending::Request(*client, *seq)),
+                            ServerMsg::QueryReply { id, .. } | ServerMsg::Status { id, .. } => {
+                                Some(Pending::Query(*id))
+                            }
+                            _ => None,
+                        };
+                        if let Some(key) = key {
+                            answered.lock().expect("pending lock").remove(&key);
+                        }
+                        buf.extend_from_slice(&wire::encode(&msg));
+                        // An error frame is the connection's last.
+                        last = matches!(msg, ServerMsg::Error { .. });
+                    }
                 }
-                buf.extend_from_slice(&wire::encode(&msg));
-                last = key.is_none();
                 if !last && buf.len() < WRITE_BATCH_BYTES_MAX {
                     next = out_rx.try_recv().ok();
                 }
             }
-            if writer.write_all(&buf).await.is_err() || last {
+            let written = writer.write_all(&buf).await.is_ok();
+            queued.fetch_sub(stream_bytes, Ordering::Relaxed);
+            if !written || last {
                 break;
             }
         }
@@ -772,25 +999,37 @@ async fn connection<S>(
     });
     let idle = Duration::from_millis(limits.idle_timeout_ms);
     loop {
-        let waiting = !pending.lock().expect("pending lock").is_empty();
-        let idle_deadline = tokio::time::sleep(if waiting { Duration::from_secs(86_400 * 365) } else { idle });
-        let frame = tokio::select! {
-            f = wire::read::<ClientMsg, _>(&mut reader, limits.frame_bytes_max) => f,
-            _ = stop.changed() => {
-                let _ = out_tx.send(ServerMsg::Error { error: WireError::ShuttingDown }).await;
-                break;
-            }
-            _ = idle_deadline => {
-                debug!(conn, idle_ms = limits.idle_timeout_ms, "closing an idle connection");
-                break;
+        // The read stays the same future while idle periods pass (a frame's read cut off half
+        // way would lose its bytes); a connection waiting for answers or with streams open is
+        // not idle, however long it is quiet.
+        let frame = {
+            let read = wire::read::<ClientMsg, _>(&mut reader, limits.frame_bytes_max);
+            tokio::pin!(read);
+            loop {
+                tokio::select! {
+                    f = &mut read => break Some(f),
+                    _ = stop.changed() => {
+                        let _ = out_tx.send(Outgoing::Msg(ServerMsg::Error { error: WireError::ShuttingDown }));
+                        break None;
+                    }
+                    _ = tokio::time::sleep(idle) => {
+                        let waiting = !pending.lock().expect("pending lock").is_empty();
+                        if waiting || streams_open.load(Ordering::Relaxed) > 0 {
+                            continue;
+                        }
+                        debug!(conn, idle_ms = limits.idle_timeout_ms, "closing an idle connection");
+                        break None;
+                    }
+                }
             }
         };
+        let Some(frame) = frame else { break };
         let msg = match frame {
             Ok(Some(msg)) => msg,
             Ok(None) | Err(FrameError::Io(_)) => break,
             Err(FrameError::Wire(error)) => {
                 warn!(conn, %error, "refusing a client's frame and closing its connection");
-                let _ = out_tx.send(ServerMsg::Error { error }).await;
+                let _ = out_tx.send(Outgoing::Msg(ServerMsg::Error { error }));
                 break;
             }
         };
@@ -800,6 +1039,25 @@ async fn connection<S>(
             }
             ClientMsg::Query { id, query } => (Pending::Query(id), ToEngine::Query { conn, id, query }),
             ClientMsg::Status { id } => (Pending::Query(id), ToEngine::Status { conn, id }),
+            // Stream messages are answered by the stream's items (or a refusal), not waited for.
+            ClientMsg::StreamOpen { stream, open } => {
+                if to_engine.send(ToEngine::StreamOpen { conn, stream, open }).is_err() {
+                    break;
+                }
+                continue;
+            }
+            ClientMsg::StreamAck { stream, seq, error } => {
+                if to_engine.send(ToEngine::StreamAck { conn, stream, seq, error }).is_err() {
+                    break;
+                }
+                continue;
+            }
+            ClientMsg::StreamClose { stream } => {
+                if to_engine.send(ToEngine::StreamClose { conn, stream }).is_err() {
+                    break;
+                }
+                continue;
+            }
         };
         let too_many = {
             let mut p = pending.lock().expect("pending lock");
@@ -807,7 +1065,8 @@ async fn connection<S>(
             p.len() > max_inflight as usize
         };
         if too_many {
-            let _ = out_tx.send(ServerMsg::Error { error: WireError::TooManyInflight { max: max_inflight } }).await;
+            let error = WireError::TooManyInflight { max: max_inflight };
+            let _ = out_tx.send(Outgoing::Msg(ServerMsg::Error { error }));
             break;
         }
         if to_engine.send(input).is_err() {

@@ -1,7 +1,12 @@
 //! The network protocol: postcard-encoded messages, each framed as
 //! `len u32 LE | crc32 u32 LE | payload`, where the crc covers the payload.
 //!
-//! Clients send [`ClientMsg`] and receive [`ServerMsg`]. The pipe pushes deliveries to handlers
+//! Clients send [`ClientMsg`] and receive [`ServerMsg`]. A client reads the ledger through
+//! streams of its connection: it names each with a number of its own (unique among the
+//! connection's open streams), receives the stream's items numbered from 1 in
+//! [`ServerMsg::Stream`], and acknowledges them by number; entries travel as the ledger's own
+//! bytes (the postcard encoding of a `LedgerEntry`), which the server never decodes. The pipe
+//! pushes deliveries to handlers
 //! with [`PipeToHandler`] and hears back [`HandlerToPipe`]. Members of a cluster exchange
 //! [`PeerFrame`]s. A peer that sends a frame that is too
 //! large, fails its checksum or does not decode gets an [`ServerMsg::Error`] and is disconnected.
@@ -9,7 +14,8 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use truba_engine::{
-    ClientId, Handle, Kind, Message, Outcome, Query, QueryReply, ReplicaId, Request, Seq, StatusView, UnixSecs,
+    ClientId, Handle, Kind, Message, Outcome, Query, QueryReply, ReplicaId, Request, Seq, StatusView, StreamItem,
+    StreamOpen, UnixSecs,
 };
 
 pub const FRAME_HEADER_LEN: usize = 8;
@@ -30,6 +36,23 @@ pub enum ClientMsg {
     /// Server-wide status (engine status plus disk use and connections).
     Status {
         id: u64,
+    },
+    /// Opens a stream of the ledger (a tail or a watch) on this connection. `stream` is the
+    /// client's own number for it, unique among the connection's open streams.
+    StreamOpen {
+        stream: u64,
+        open: StreamOpen,
+    },
+    /// Every item of the stream through `seq` is processed; `error` is a watcher's report that
+    /// its processing failed (kept for operators; the stream goes on).
+    StreamAck {
+        stream: u64,
+        seq: u64,
+        error: Option<String>,
+    },
+    /// The client is done with the stream (closing the connection closes all of them).
+    StreamClose {
+        stream: u64,
     },
 }
 
@@ -52,6 +75,50 @@ pub enum ServerMsg {
     Error {
         error: WireError,
     },
+    /// Item `seq` (from 1) of the client's stream `stream`. After an `End` the stream is closed
+    /// and sends nothing more.
+    Stream {
+        stream: u64,
+        seq: u64,
+        item: StreamItem,
+    },
+    /// A message about stream `stream` was refused and changed nothing (a stream open under that
+    /// number goes on as before).
+    StreamRefused {
+        stream: u64,
+        refusal: StreamRefusal,
+    },
+    /// The server (not the engine) ended stream `stream`: it is closed and sends nothing more.
+    /// The stream may be opened again, here or on another member, from where the reader got to.
+    StreamEnded {
+        stream: u64,
+        reason: StreamEnd,
+    },
+}
+
+/// Why a message about a stream was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum StreamRefusal {
+    #[error("a stream with this number is already open on this connection")]
+    AlreadyOpen,
+    #[error("no stream with this number is open on this connection (it ended, was closed, or never was)")]
+    NotOpen,
+    #[error("acknowledges item {seq}, but only {sent} items were sent")]
+    AckBeyondSent { seq: u64, sent: u64 },
+    #[error("a window of 0 events lets nothing through")]
+    ZeroWindow,
+}
+
+/// Why the server ended a stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum StreamEnd {
+    #[error("the server is shutting down; open the stream again on another member")]
+    ShuttingDown,
+    /// The connection's queue of stream items not yet written to its socket passed the server's
+    /// limit: the client (or the network) does not read as fast as the items come. Items are
+    /// never dropped, so the server ends the connection's streams instead.
+    #[error("the connection fell behind: {queued_bytes} bytes of stream items waited to be written, over the limit of {max}")]
+    ConnectionBehind { queued_bytes: u64, max: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +187,25 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     out
 }
 
+/// Decodes the first frame in `buf` if it is all there: the message and the frame's length
+/// (`Ok(None)`: more bytes are needed). For readers that keep their own buffer, so that a read
+/// cut off half way (a cancelled future) loses nothing.
+pub fn decode_frame<T: DeserializeOwned>(buf: &[u8], max: u32) -> Result<Option<(T, usize)>, WireError> {
+    let Some(header) = buf.get(..FRAME_HEADER_LEN) else { return Ok(None) };
+    let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+    if len > max {
+        return Err(WireError::FrameTooLarge { len, max });
+    }
+    let end = FRAME_HEADER_LEN + len as usize;
+    let Some(payload) = buf.get(FRAME_HEADER_LEN..end) else { return Ok(None) };
+    if crc32fast::hash(payload) != crc {
+        return Err(WireError::BadChecksum);
+    }
+    let msg = postcard::from_bytes(payload).map_err(|e| WireError::Malformed(e.to_string()))?;
+    Ok(Some((msg, end)))
+}
+
 /// Reads one frame and decodes it. `Ok(None)` at a clean end of stream (between frames).
 pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(r: &mut R, max: u32) -> Result<Option<T>, FrameError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
@@ -177,5 +263,115 @@ mod tests {
         ));
 
         assert!(read::<ClientMsg, _>(&mut &[][..], 1024).await.unwrap().is_none());
+    }
+
+    /// Every stream message, from both ends, comes back as it was sent; entries are the
+    /// ledger's bytes, carried untouched.
+    #[tokio::test]
+    async fn stream_messages_round_trip() {
+        use truba_engine::{
+            Audit, Event, Filter, Index, LedgerEntry, SessionBrief, SessionSnapshot, StreamError, TailFrom, Term, What,
+        };
+        let entry = LedgerEntry {
+            index: Index(7),
+            term: Term(2),
+            audit: Audit { at: truba_engine::UnixMs(1_700_000_000_123), ..Audit::default() },
+            events: vec![Event::pipe(What::Noop)],
+        };
+        let bytes = bytes::Bytes::from(postcard::to_allocvec(&entry).unwrap());
+        let brief = SessionBrief {
+            status: truba_engine::BriefStatus::Active { delivering: false },
+            attempt: truba_engine::Attempt(0),
+            failures: 0,
+            records: 1,
+            bytes: 3,
+        };
+        let client = [
+            ClientMsg::StreamOpen {
+                stream: 1,
+                open: StreamOpen::Tail {
+                    from: TailFrom::Index(Index(5)),
+                    filter: Filter { kinds: vec![Kind(1), Kind(2)], internal: true, sessions_only: false },
+                },
+            },
+            ClientMsg::StreamOpen {
+                stream: u64::MAX,
+                open: StreamOpen::Watch { kinds: vec![], resume_after: Some(Index(9)), window: Some(3) },
+            },
+            ClientMsg::StreamAck { stream: 1, seq: 42, error: Some("no such account".into()) },
+            ClientMsg::StreamAck { stream: 1, seq: 43, error: None },
+            ClientMsg::StreamClose { stream: 1 },
+        ];
+        for msg in client {
+            let got: ClientMsg = read(&mut &encode(&msg)[..], 1 << 20).await.unwrap().unwrap();
+            assert_eq!(got, msg);
+        }
+        let server = [
+            ServerMsg::Stream {
+                stream: 3,
+                seq: 1,
+                item: StreamItem::Entries { entries: vec![bytes.clone(), bytes.clone()], events: 2, through: Index(8) },
+            },
+            ServerMsg::Stream { stream: 3, seq: 2, item: StreamItem::Progress { through: Index(9) } },
+            ServerMsg::Stream { stream: 3, seq: 3, item: StreamItem::ResyncStart { at: Index(4) } },
+            ServerMsg::Stream {
+                stream: 3,
+                seq: 4,
+                item: StreamItem::Resync {
+                    sessions: vec![SessionSnapshot {
+                        session: truba_engine::SessionId(3),
+                        kind: Kind(1),
+                        brief,
+                        records: vec![b"abc".to_vec()],
+                        last_failure: None,
+                    }],
+                },
+            },
+            ServerMsg::Stream { stream: 3, seq: 5, item: StreamItem::Synced { at: Index(4) } },
+            ServerMsg::Stream {
+                stream: 3,
+                seq: 6,
+                item: StreamItem::End(StreamError::Compacted { requested: Index(1), first_available: Index(3) }),
+            },
+            ServerMsg::StreamRefused { stream: 3, refusal: StreamRefusal::AckBeyondSent { seq: 9, sent: 6 } },
+            ServerMsg::StreamRefused { stream: 4, refusal: StreamRefusal::NotOpen },
+            ServerMsg::StreamEnded { stream: 3, reason: StreamEnd::ConnectionBehind { queued_bytes: 10, max: 5 } },
+            ServerMsg::StreamEnded { stream: 3, reason: StreamEnd::ShuttingDown },
+        ];
+        for msg in server {
+            let frame = encode(&msg);
+            let got: ServerMsg = read(&mut &frame[..], 1 << 20).await.unwrap().unwrap();
+            assert_eq!(got, msg);
+            // The same through the buffered decoder, fed a byte short and then whole.
+            assert_eq!(decode_frame::<ServerMsg>(&frame[..frame.len() - 1], 1 << 20), Ok(None));
+            assert_eq!(decode_frame::<ServerMsg>(&frame, 1 << 20), Ok(Some((msg, frame.len()))));
+        }
+        let ServerMsg::Stream { item: StreamItem::Entries { entries, .. }, .. } = read::<ServerMsg, _>(
+            &mut &encode(&ServerMsg::Stream {
+                stream: 1,
+                seq: 1,
+                item: StreamItem::Entries { entries: vec![bytes.clone()], events: 1, through: Index(7) },
+            })[..],
+            1 << 20,
+        )
+        .await
+        .unwrap()
+        .unwrap() else {
+            panic!("an entries item")
+        };
+        assert_eq!(entries[0], bytes, "the entry's bytes are carried as they are");
+        assert_eq!(postcard::from_bytes::<LedgerEntry>(&entries[0]).unwrap(), entry);
+    }
+
+    #[test]
+    fn the_buffered_decoder_refuses_what_read_refuses() {
+        let frame = encode(&ClientMsg::StreamClose { stream: 1 });
+        let mut flipped = frame.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert_eq!(decode_frame::<ClientMsg>(&flipped, 1024), Err(WireError::BadChecksum));
+        assert!(matches!(decode_frame::<ClientMsg>(&frame, 1), Err(WireError::FrameTooLarge { .. })));
+        assert_eq!(decode_frame::<ClientMsg>(&frame[..3], 1024), Ok(None));
+        let garbage = encode(&(9u8, 250u8, 250u8));
+        assert!(matches!(decode_frame::<ClientMsg>(&garbage, 1024), Err(WireError::Malformed(_))));
     }
 }
