@@ -521,11 +521,15 @@ impl Ledger {
         assert!(self.first <= self.next, "the ledger's first index is at most its next");
         assert!(self.written < self.next, "written records were appended");
         assert!(self.durable <= self.written, "durable records were written");
-        let unwritten = self.next.0 - self.written.0 - 1;
-        let cached_unwritten = self.cache.iter().filter(|r| r.index > self.written).count() as u64;
-        assert_eq!(unwritten, cached_unwritten, "every record not yet written is cached");
-        if let Some(r) = self.cache.back() {
-            assert_eq!(r.index.next(), self.next, "the cache ends with the last record");
+        // The cache holds consecutive records (readers index into it by arithmetic), so its two
+        // ends say all: it ends with the last record and starts at or before the first one not
+        // yet written. Checking the ends keeps this check constant-time after every step.
+        if let (Some(front), Some(back)) = (self.cache.front(), self.cache.back()) {
+            assert_eq!(back.index.next(), self.next, "the cache ends with the last record");
+            assert_eq!(front.index.0 + self.cache.len() as u64, self.next.0, "the cache is consecutive");
+            assert!(front.index <= self.written.next(), "every record not yet written is cached");
+        } else {
+            assert_eq!(self.written.next(), self.next, "every record not yet written is cached");
         }
     }
 }
