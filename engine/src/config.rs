@@ -308,8 +308,9 @@ pub struct Mutations {
     pub tail_skips_at_piece_end: bool,
     /// An entry with several events goes out as one entry per event.
     pub tail_splits_entries: bool,
-    /// Progress marks say one less than everything looked at (lower than an entry already sent).
-    pub progress_mark_behind: bool,
+    /// Progress marks say the head of the ledger instead of what the reader was shown (ahead of
+    /// entries it has yet to get: one that resumes after the mark skips them).
+    pub progress_mark_ahead: bool,
     /// The ledger records the replica's own clock at apply as an entry's time, not the leader's.
     pub ledger_local_clock: bool,
     /// A watcher's resync leaves out the sessions whose records only a source file holds.
@@ -320,8 +321,8 @@ pub struct Mutations {
     pub stale_epoch_accepted: bool,
     /// A commit applies its operations one by one and keeps those before a refused one.
     pub commit_not_atomic: bool,
-    /// A read-through answers when the checkpoint is one short of the index.
-    pub read_through_early: bool,
+    /// A read-through answers once the replica has applied the index, whatever the checkpoint.
+    pub read_through_on_applied: bool,
 }
 
 impl Mutations {
@@ -352,13 +353,13 @@ impl Mutations {
         "tail-resends-old",
         "tail-skips-at-piece-end",
         "tail-splits-entries",
-        "progress-mark-behind",
+        "progress-mark-ahead",
         "ledger-local-clock",
         "resync-skips-spilled",
         "watch-window-ignored",
         "stale-epoch-accepted",
         "commit-not-atomic",
-        "read-through-early",
+        "read-through-on-applied",
     ];
 
     pub fn from_name(name: &str) -> Option<Mutations> {
@@ -389,13 +390,13 @@ impl Mutations {
             "tail-resends-old" => m.tail_resends_old = true,
             "tail-skips-at-piece-end" => m.tail_skips_at_piece_end = true,
             "tail-splits-entries" => m.tail_splits_entries = true,
-            "progress-mark-behind" => m.progress_mark_behind = true,
+            "progress-mark-ahead" => m.progress_mark_ahead = true,
             "ledger-local-clock" => m.ledger_local_clock = true,
             "resync-skips-spilled" => m.resync_skips_spilled = true,
             "watch-window-ignored" => m.watch_window_ignored = true,
             "stale-epoch-accepted" => m.stale_epoch_accepted = true,
             "commit-not-atomic" => m.commit_not_atomic = true,
-            "read-through-early" => m.read_through_early = true,
+            "read-through-on-applied" => m.read_through_on_applied = true,
             _ => return None,
         }
         Some(m)

@@ -72,18 +72,19 @@ impl ReadThroughs {
 
     /// Answers the waiting read-throughs that `lookup` now settles (covered, or the consumer
     /// gone), and those past their deadline.
-    /// (`slack` is 0 but for a mutation test's deliberate bug.)
+    /// (`applied` is `None` but for a mutation test's deliberate bug, which answers once this
+    /// replica's applied index covers the index.)
     pub fn settle(
         &mut self,
         now: Instant,
-        slack: u64,
+        applied: Option<Index>,
         lookup: impl Fn(&str) -> Option<Checkpoint>,
         mut answer: impl FnMut(u64, QueryReply),
     ) {
         self.waiting.retain(|w| {
             let reply = match lookup(&w.consumer) {
                 None => Err(RequestError::UnknownConsumer(w.consumer.clone())),
-                Some(c) if c.through.0 + slack >= w.index.0 => Ok(c),
+                Some(c) if c.through >= w.index || applied.is_some_and(|a| a >= w.index) => Ok(c),
                 Some(_) if now >= w.deadline => Err(RequestError::TimedOut { ms: w.timeout_ms }),
                 Some(_) => return true,
             };

@@ -770,7 +770,7 @@ impl Engine {
             Query::Checkpoint { consumer } => return self.on_read(id, ReadQuery::Checkpoint(consumer)),
             Query::ReadThrough { consumer, index, timeout_ms } => match self.state.checkpoint(&consumer) {
                 None => QueryReply::Checkpoint(Err(RequestError::UnknownConsumer(consumer))),
-                Some(c) if c.through.0 + self.read_through_slack() >= index.0 => QueryReply::Checkpoint(Ok(c)),
+                Some(c) if c.through >= index || self.read_through_early(index) => QueryReply::Checkpoint(Ok(c)),
                 Some(_) if self.read_throughs.len() >= self.cfg.limits.pending_requests_max as usize => {
                     QueryReply::Checkpoint(Err(RequestError::Overloaded { max: self.cfg.limits.pending_requests_max }))
                 }
@@ -789,17 +789,17 @@ impl Engine {
         if self.read_throughs.len() == 0 {
             return;
         }
-        let slack = self.read_through_slack();
+        let early = self.cfg.mutation(|m| m.read_through_on_applied).then_some(self.state.applied());
         let (state, outputs) = (&self.state, &mut self.outputs);
         let lookup = |name: &str| state.checkpoint(name);
         let answer = |id, reply| outputs.push_back(Output::QueryReply { id, reply });
-        self.read_throughs.settle(self.now.mono, slack, lookup, answer);
+        self.read_throughs.settle(self.now.mono, early, lookup, answer);
     }
 
-    /// How far short of the index a read-through's checkpoint may be: none, but for the
-    /// `read-through-early` mutation.
-    fn read_through_slack(&self) -> u64 {
-        self.cfg.mutation(|m| m.read_through_early) as u64
+    /// Only under the `read-through-on-applied` mutation: a read-through of `index` answers once
+    /// the replica has applied it, whatever the checkpoint says.
+    fn read_through_early(&self, index: Index) -> bool {
+        self.cfg.mutation(|m| m.read_through_on_applied) && self.state.applied() >= index
     }
 
     /// The ledger's records after `after` that are still in memory: every record applied since

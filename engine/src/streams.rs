@@ -261,8 +261,8 @@ impl Streams {
             let shows_changes = !s.reading.resyncing();
             if (moved && quiet || silent) && shows_changes && s.in_window < s.window {
                 let mut through = s.cursor.prev();
-                if ctx.cfg.mutation(|m| m.progress_mark_behind) {
-                    through = through.prev();
+                if ctx.cfg.mutation(|m| m.progress_mark_ahead) {
+                    through = through.max(ctx.ledger.next().prev());
                 }
                 s.reported = through;
                 let cost = match s.reading {
@@ -680,9 +680,8 @@ fn start_resync(id: StreamId, s: &mut Stream, ctx: &mut Ctx) {
         None => (Index(0), None, Vec::new()),
     };
     s.disk = None;
-    s.reading = Reading::Watch {
-        resync: Some(Box::new(Resync::new(at, file, pins, s.filter.kinds.clone()))),
-        resync_read: None,
-    };
+    let mut resync = Resync::new(at, file, pins, s.filter.kinds.clone());
+    resync.skip_spilled = ctx.cfg.mutation(|m| m.resync_skips_spilled);
+    s.reading = Reading::Watch { resync: Some(Box::new(resync)), resync_read: None };
     ctx.emit(id, s, StreamItem::ResyncStart { at }, 0);
 }

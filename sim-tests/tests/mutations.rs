@@ -165,3 +165,73 @@ fn a_follower_running_the_repeater_is_caught() {
 fn reading_without_confirming_leadership_is_caught() {
     caught_within("read-without-confirmation", "cluster-reads", &["linearizable-reads"], CONSENSUS_SEEDS_MAX);
 }
+
+// ---- the reading side -------------------------------------------------------------------------
+// All in `readers`: one replica losing power every 0.5-4 s, with tailers, watchers, consumers and
+// pipeline readers whose connections break with it. Each was caught within 3 seeds when written;
+// the limit is 40 (about 40 s).
+
+const READER_SEEDS_MAX: u64 = 40;
+
+/// A tail resumed after a break sends again an entry its reader already had.
+#[test]
+fn a_tail_that_resends_old_entries_is_caught() {
+    caught_within("tail-resends-old", "readers", &["tail-ordered"], READER_SEEDS_MAX);
+}
+
+/// A tail that reads old entries from segment files in pieces loses the entry a piece ends in.
+#[test]
+fn a_tail_that_skips_an_entry_at_a_piece_end_is_caught() {
+    caught_within("tail-skips-at-piece-end", "readers", &["tail-reliable"], READER_SEEDS_MAX);
+}
+
+/// An entry with several events (a commit's operations, say) goes out as one entry per event.
+#[test]
+fn a_tail_that_splits_entries_is_caught() {
+    caught_within("tail-splits-entries", "readers", &["tail-atomic"], READER_SEEDS_MAX);
+}
+
+/// A progress mark that says the head of the ledger while older entries are still to be sent:
+/// the reader is shown entries below a mark it already had.
+#[test]
+fn a_progress_mark_ahead_of_what_was_sent_is_caught() {
+    caught_within("progress-mark-ahead", "readers", &["tail-marks"], READER_SEEDS_MAX);
+}
+
+/// Each replica writing its own clock as an entry's time makes ledgers differ between replicas
+/// and across a replay of the same log after a restart.
+#[test]
+fn a_ledger_with_the_replicas_own_clock_is_caught() {
+    caught_within("ledger-local-clock", "readers", &["ledger-agrees"], READER_SEEDS_MAX);
+}
+
+/// A resync that leaves out the sessions only a source file holds.
+#[test]
+fn a_resync_without_spilled_sessions_is_caught() {
+    caught_within("resync-skips-spilled", "readers", &["watch-rebuild"], READER_SEEDS_MAX);
+}
+
+/// A server that sends past a watcher's window.
+#[test]
+fn a_watch_that_ignores_its_window_is_caught() {
+    caught_within("watch-window-ignored", "readers", &["watch-window"], READER_SEEDS_MAX);
+}
+
+/// A commit from a process whose epoch was fenced by a newer open is applied.
+#[test]
+fn a_commit_with_a_stale_epoch_is_caught() {
+    caught_within("stale-epoch-accepted", "readers", &["consumer-epoch"], READER_SEEDS_MAX);
+}
+
+/// A commit whose operations are applied one by one, keeping those before a refused one.
+#[test]
+fn a_commit_that_is_not_atomic_is_caught() {
+    caught_within("commit-not-atomic", "readers", &["consumer-exactly-once"], READER_SEEDS_MAX);
+}
+
+/// A read-through that answers once the replica has applied the index, before the consumer's
+/// checkpoint covers it.
+#[test]
+fn a_read_through_that_does_not_wait_for_the_checkpoint_is_caught() {
+    caught_within("read-through-on-applied", "readers", &["read-through"], READER_SEEDS_MAX);
+}
