@@ -271,7 +271,16 @@ impl Streamer {
                 }
             }
             StreamItem::Synced { at } => self.covers.push((seq, *at)),
-            StreamItem::ResyncStart { .. } | StreamItem::Resync { .. } => {}
+            StreamItem::ResyncStart { .. } => {
+                // The watcher drops its copy for the new one, so until that one is complete it
+                // holds nothing to resume from: a stream may resync again after a `Synced` (the
+                // changes after it were gone), and what covered the old copy is void.
+                self.covers.clear();
+                if let Role::Watcher { resume_after, .. } = &mut self.role {
+                    *resume_after = None;
+                }
+            }
+            StreamItem::Resync { .. } => {}
             StreamItem::End(e) => return self.ended(now_us, e),
         }
         let mut out = Vec::new();

@@ -94,6 +94,7 @@ scenario_tests! {
     source_merge_crash => "source-merge-crash",
     cluster_sources => "cluster-sources",
     cluster_reads => "cluster-reads",
+    cluster_readers => "cluster-readers",
 }
 
 #[test]
