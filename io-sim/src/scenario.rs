@@ -453,6 +453,31 @@ impl Scenario {
             s.limits.source_io_chunk_bytes = rng.gen_range(256..4096);
             s.limits.source_read_ahead_bytes = rng.gen_range(256..8192);
         }
+        // Two seeds in five have readers of the ledger (unless the scenario names its own), with
+        // a ledger that keeps little in memory and often rotates and retains little, so that
+        // readers read old entries from files and are told of compaction.
+        if !s.streams.any() && s.kinds.len() >= 2 && rng.gen_bool(0.4) {
+            let st = &mut s.streams;
+            st.tailers = rng.gen_range(0..=3);
+            st.watchers = rng.gen_range(0..=3);
+            st.consumers = rng.gen_range(0..=2);
+            st.pipeline_readers = if st.consumers > 0 { rng.gen_range(0..=2) } else { 0 };
+            st.consumed_kind = *s.kinds.keys().next().expect("two kinds");
+            st.consumer_kind = *s.kinds.keys().next_back().expect("two kinds");
+            st.stall_share = [0.0, 0.02, 0.1][rng.gen_range(0..3)];
+            st.crash_every_ms = rng.gen_bool(0.5).then_some((500, 4000));
+            st.zombie_share = rng.gen_range(0.0..1.0);
+            let l = &mut s.limits;
+            if rng.gen_bool(0.5) {
+                l.ledger_cache_bytes_max = rng.gen_range(1024..64 * 1024);
+                l.ledger_segment_bytes_max = rng.gen_range(4096..64 * 1024);
+                l.stream_read_bytes = rng.gen_range(512..8192);
+            }
+            if rng.gen_bool(0.5) {
+                l.ledger_retain_bytes_max = rng.gen_range(64 * 1024..1024 * 1024);
+            }
+            l.progress_every_ms = rng.gen_range(100..2000);
+        }
         s
     }
 }
