@@ -9,7 +9,9 @@
 #
 # Clients reach the nodes on 127.0.0.1:7401-7403 (TRUBA_ADDR is printed); members talk on
 # 7411-7413. DIR (default ./truba-cluster) holds node1..3.toml, the data directories and logs.
-# TRUBA_BIN overrides the binary (default: target/release/truba, built if missing).
+# TRUBA_BIN overrides the binary (default: target/release/truba, built if missing). ENGINE_TOML,
+# if set, is written under an [engine] section of every node's config at start (TOML lines, e.g.
+# ENGINE_TOML='ledger_retain_bytes_max = 4294967296').
 set -euo pipefail
 
 cmd=${1:-}
@@ -39,6 +41,9 @@ members = [
 handler = "127.0.0.1:7500"
 default_delay_s = 60
 TOML
+    if [ -n "${ENGINE_TOML:-}" ]; then
+      printf '\n[engine]\n%s\n' "$ENGINE_TOML" >>"$dir/node$i.toml"
+    fi
   done
 }
 
@@ -109,7 +114,7 @@ case "$cmd" in
     echo "stopped"
     ;;
   *)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

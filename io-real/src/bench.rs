@@ -5,6 +5,8 @@ use crate::client::Pipe;
 use hdrhistogram::Histogram;
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -12,29 +14,14 @@ pub struct BenchArgs {
     /// Server address(es).
     #[arg(long, env = "TRUBA_ADDR", default_value = "127.0.0.1:7400")]
     pub addr: String,
-    /// Concurrent sessions, each with one append outstanding.
-    #[arg(long, default_value_t = 64)]
-    pub clients: u32,
-    /// Connections the sessions share (0: one connection per session). An application usually
-    /// keeps one `Pipe`, with all its sessions multiplexed over it.
-    #[arg(long, default_value_t = 0)]
-    pub connections: u32,
-    /// Size of each appended record.
-    #[arg(long, default_value_t = 256)]
-    pub record_bytes: u32,
+    #[command(flatten)]
+    pub load: LoadArgs,
     /// Run for this long ...
     #[arg(long, default_value_t = 10)]
     pub duration_s: u64,
     /// ... or until this many appends have been acknowledged.
     #[arg(long)]
     pub ops: Option<u64>,
-    /// Kind of the sessions opened.
-    #[arg(long, default_value_t = 1)]
-    pub kind: u32,
-    /// Each session is deleted and replaced by a new one after this many appends, so sessions
-    /// stay within their kind's size limits.
-    #[arg(long, default_value_t = 1000)]
-    pub appends_per_session: u32,
     /// Directory on the server's disk where the raw write+fsync rate is measured.
     #[arg(long, default_value = ".")]
     pub probe_dir: PathBuf,
@@ -50,6 +37,38 @@ pub struct BenchArgs {
     /// fewer appends/s here). More suits a load generator on a many-core machine of its own.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+}
+
+/// The closed-loop append load's shape: `truba bench` and `truba bench-read` (which fills the
+/// log with it, or runs it beside readers) share it.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LoadArgs {
+    /// Concurrent sessions, each with one append outstanding.
+    #[arg(long, default_value_t = 64)]
+    pub clients: u32,
+    /// Connections the sessions share (0: one connection per session). An application usually
+    /// keeps one `Pipe`, with all its sessions multiplexed over it.
+    #[arg(long, default_value_t = 0)]
+    pub connections: u32,
+    /// Size of each appended record.
+    #[arg(long, default_value_t = 256)]
+    pub record_bytes: u32,
+    /// Kind of the sessions opened.
+    #[arg(long, default_value_t = 1)]
+    pub kind: u32,
+    /// Each session is deleted and replaced by a new one after this many appends, so sessions
+    /// stay within their kind's size limits.
+    #[arg(long, default_value_t = 1000)]
+    pub appends_per_session: u32,
+}
+
+/// What a run of the load did: acknowledged appends, their latencies (microseconds), how long it
+/// ran, and over how many connections.
+pub struct LoadResult {
+    pub hist: Histogram<u64>,
+    pub ops: u64,
+    pub secs: f64,
+    pub connections: u32,
 }
 
 /// Blocks of the preallocated probe file, overwritten in turn.
@@ -92,9 +111,7 @@ pub fn raw_fsync_rate(dir: &std::path::Path, secs: u64, preallocated: bool) -> R
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), String> {
-    if args.clients == 0 || args.record_bytes == 0 {
-        return Err("--clients and --record-bytes must be positive".into());
-    }
+    check_load(&args.load)?;
     let (raw, raw_prealloc) = if args.probe_s > 0 {
         let probe = |preallocated: bool| {
             let (dir, secs) = (args.probe_dir.clone(), args.probe_s);
@@ -115,32 +132,13 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     } else {
         (None, None)
     };
-    let deadline = Instant::now() + Duration::from_secs(args.duration_s);
-    let per_client = args.ops.map(|n| n.div_ceil(args.clients as u64));
-    let connections = if args.connections == 0 { args.clients } else { args.connections.min(args.clients) };
-    let mut pipes = Vec::new();
-    for _ in 0..connections {
-        pipes.push(Pipe::connect(&args.addr).await.map_err(|e| e.to_string())?);
-    }
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..args.clients {
-        let (args, pipe) = (args.clone(), pipes[i as usize % pipes.len()].clone());
-        tasks.push(tokio::spawn(async move { client_loop(args, pipe, deadline, per_client).await }));
-    }
-    let mut hist = Histogram::<u64>::new(3).expect("histogram");
-    let mut ops = 0u64;
-    for t in tasks {
-        let (h, n) = t.await.map_err(|e| e.to_string())??;
-        hist.add(&h).map_err(|e| e.to_string())?;
-        ops += n;
-    }
-    let secs = started.elapsed().as_secs_f64();
+    let LoadResult { hist, ops, secs, connections } =
+        load(&args.addr, &args.load, Duration::from_secs(args.duration_s), args.ops, None).await?;
     let rate = ops as f64 / secs;
-    let mib = rate * args.record_bytes as f64 / (1 << 20) as f64;
+    let mib = rate * args.load.record_bytes as f64 / (1 << 20) as f64;
     let q = |x: f64| hist.value_at_quantile(x) as f64 / 1000.0;
     if args.json {
-        let v = serde_json::json!({"clients": args.clients, "connections": connections, "record_bytes": args.record_bytes, "seconds": secs,
+        let v = serde_json::json!({"clients": args.load.clients, "connections": connections, "record_bytes": args.load.record_bytes, "seconds": secs,
             "ops": ops, "ops_per_s": rate, "mib_per_s": mib, "p50_ms": q(0.5), "p99_ms": q(0.99), "p999_ms": q(0.999),
             "raw_fsync_per_s": raw.map(|r| r.0), "ratio_to_raw": raw.map(|r| rate / r.0),
             "raw_preallocated_fsync_per_s": raw_prealloc.map(|r| r.0), "ratio_to_raw_preallocated": raw_prealloc.map(|r| rate / r.0)});
@@ -148,7 +146,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     } else {
         println!(
             "truba: {} clients over {connections} connections, {} B appends, {secs:.1} s: {ops} appends, {rate:.0} ops/s, {mib:.2} MiB/s",
-            args.clients, args.record_bytes
+            args.load.clients, args.load.record_bytes
         );
         println!("latency: p50 {:.2} ms  p99 {:.2} ms  p999 {:.2} ms  max {:.2} ms", q(0.5), q(0.99), q(0.999), q(1.0));
         if let (Some((r, _)), Some((p, _))) = (raw, raw_prealloc) {
@@ -163,11 +161,56 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
+pub fn check_load(load: &LoadArgs) -> Result<(), String> {
+    if load.clients == 0 || load.record_bytes == 0 {
+        return Err("--clients and --record-bytes must be positive".into());
+    }
+    Ok(())
+}
+
+/// Runs the closed-loop append load against `addr`: `load.clients` sessions, each keeping one
+/// append outstanding, for `duration` or until `ops` appends were acknowledged (each session
+/// does its share, and `duration` may be `Duration::MAX`). `acked`, if given, counts the acknowledged appends as they come (for
+/// progress lines).
+pub async fn load(
+    addr: &str,
+    load: &LoadArgs,
+    duration: Duration,
+    ops: Option<u64>,
+    acked: Option<Arc<AtomicU64>>,
+) -> Result<LoadResult, String> {
+    check_load(load)?;
+    // A run bounded by `ops` may be given Duration::MAX.
+    let deadline =
+        Instant::now().checked_add(duration).unwrap_or_else(|| Instant::now() + Duration::from_secs(1 << 32));
+    let per_client = ops.map(|n| n.div_ceil(load.clients as u64));
+    let connections = if load.connections == 0 { load.clients } else { load.connections.min(load.clients) };
+    let mut pipes = Vec::new();
+    for _ in 0..connections {
+        pipes.push(Pipe::connect(addr).await.map_err(|e| e.to_string())?);
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..load.clients {
+        let (load, pipe, acked) = (load.clone(), pipes[i as usize % pipes.len()].clone(), acked.clone());
+        tasks.push(tokio::spawn(async move { client_loop(load, pipe, deadline, per_client, acked).await }));
+    }
+    let mut hist = Histogram::<u64>::new(3).expect("histogram");
+    let mut ops = 0u64;
+    for t in tasks {
+        let (h, n) = t.await.map_err(|e| e.to_string())??;
+        hist.add(&h).map_err(|e| e.to_string())?;
+        ops += n;
+    }
+    Ok(LoadResult { hist, ops, secs: started.elapsed().as_secs_f64(), connections })
+}
+
 async fn client_loop(
-    args: BenchArgs,
+    args: LoadArgs,
     pipe: Pipe,
     deadline: Instant,
     ops: Option<u64>,
+    acked: Option<Arc<AtomicU64>>,
 ) -> Result<(Histogram<u64>, u64), String> {
     let mut hist = Histogram::<u64>::new(3).expect("histogram");
     let record = vec![b'r'; args.record_bytes as usize];
@@ -188,6 +231,9 @@ async fn client_loop(
         hist.record(t.elapsed().as_micros() as u64).ok();
         done += 1;
         in_session += 1;
+        if let Some(a) = &acked {
+            a.fetch_add(1, Ordering::Relaxed);
+        }
     }
     let _ = session.delete().await;
     Ok((hist, done))

@@ -14,8 +14,10 @@
 //! - [`handler`]: `handler::serve` and the `Handler` trait for the pipe's deliveries.
 //! - [`bench`]: `truba bench`.
 //! - [`bench_stored`]: `truba bench-stored`.
+//! - [`bench_read`]: `truba bench-read`.
 
 pub mod bench;
+pub mod bench_read;
 pub mod bench_stored;
 pub mod client;
 pub mod config;

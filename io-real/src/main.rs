@@ -181,6 +181,9 @@ enum Command {
     /// Many stored sessions of one record each, all due at once, then redelivered to an echo
     /// handler this command serves: store rate, then deliveries per second.
     BenchStored(truba::bench_stored::BenchStoredArgs),
+    /// The reading side: a tail catching up, tails following the head during the append load
+    /// (with their lag), a watch's resync (with the server's RSS), a consumer's commits.
+    BenchRead(truba::bench_read::BenchReadArgs),
 }
 
 #[derive(Subcommand)]
@@ -390,6 +393,7 @@ async fn run(command: Command) -> CliResult {
         Command::HandlerEcho { listen } => truba::handler::serve(&listen, Echo).await.map_err(|e| e.to_string()),
         Command::Bench(args) => truba::bench::run(args).await,
         Command::BenchStored(args) => truba::bench_stored::run(args).await,
+        Command::BenchRead(args) => truba::bench_read::run(args).await,
     }
 }
 

@@ -293,6 +293,8 @@ struct TailPart {
     completes: Option<u64>,
     /// Where the tail resumes once the application has this part.
     resume_from: Index,
+    /// The entry's encoded size, as the server sent it (0 for a progress mark).
+    bytes: u64,
 }
 
 /// A tail of the ledger ([`Pipe::tail`]). [`Tail::next`] gives the entries one at a time, and
@@ -314,6 +316,8 @@ pub struct Tail<T: Transport = Tcp> {
     processed: u64,
     acked: u64,
     ended: bool,
+    /// Encoded bytes of the entries handed to the application so far.
+    entry_bytes: u64,
 }
 
 impl<T: Transport> Tail<T> {
@@ -329,7 +333,14 @@ impl<T: Transport> Tail<T> {
             processed: 0,
             acked: 0,
             ended: false,
+            entry_bytes: 0,
         }
+    }
+
+    /// Bytes of the entries this tail has handed to the application so far, as the server sent
+    /// them (encoded, before decoding): what a reader's throughput is measured in.
+    pub fn entry_bytes(&self) -> u64 {
+        self.entry_bytes
     }
 
     /// The index the tail would go on from if it were opened again: one past the last entry (or
@@ -366,6 +377,7 @@ impl<T: Transport> Tail<T> {
         loop {
             if let Some(part) = self.ready.pop_front() {
                 self.handed = Some((part.completes, part.resume_from));
+                self.entry_bytes += part.bytes;
                 return Some(Ok(part.item));
             }
             match self.receive().await {
@@ -448,7 +460,8 @@ impl<T: Transport> Tail<T> {
                     // Never again what was delivered before the stream was opened again.
                     if entry.index >= delivered {
                         let resume_from = entry.index.next();
-                        parts.push(TailPart { item: TailItem::Entry(entry), completes: None, resume_from });
+                        let bytes = bytes.len() as u64;
+                        parts.push(TailPart { item: TailItem::Entry(entry), completes: None, resume_from, bytes });
                     }
                 }
                 match parts.last_mut() {
@@ -461,6 +474,7 @@ impl<T: Transport> Tail<T> {
                         item: TailItem::Progress { through },
                         completes: Some(seq),
                         resume_from: through.next(),
+                        bytes: 0,
                     }),
                 }
                 Ok(())
@@ -471,6 +485,7 @@ impl<T: Transport> Tail<T> {
                     item: TailItem::Progress { through },
                     completes: Some(seq),
                     resume_from: through.next(),
+                    bytes: 0,
                 };
                 self.ready.push_back(part);
                 Ok(())
