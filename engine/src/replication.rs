@@ -54,6 +54,10 @@ pub(crate) struct Progress {
     pub round: u64,
     /// What the follower last reported of its source files (see `Message::AppendReply`).
     pub sources_mark: Index,
+    /// The highest commit index sent to the follower (capped, as the follower caps it, by the
+    /// last entry of the message that carried it): when it lags the commit through the
+    /// follower's matched entries, an empty append tells it (see `tell_commit`).
+    commit_told: Index,
 }
 
 impl Progress {
@@ -68,6 +72,7 @@ impl Progress {
             heard_at: now,
             round: 0,
             sources_mark: Index(0),
+            commit_told: Index(0),
         }
     }
 
@@ -127,6 +132,7 @@ impl Engine {
                     let prev_index = p.next.prev();
                     let prev_term = log.term_at(prev_index).expect("prev is at or after the base");
                     sends.push(Message::Append { term, prev_index, prev_term, commit, round, entries });
+                    p.commit_told = p.commit_told.max(commit.min(last));
                     p.inflight.push_back((last, bytes, now));
                     p.inflight_bytes += bytes;
                     p.next = last.next();
@@ -192,6 +198,9 @@ impl Engine {
         let Some(prev_term) = self.log.term_at(prev_index) else { return };
         let commit = self.commit.min(prev_index);
         let round = self.reads.round_sent;
+        if let Some(p) = self.progress_mut(peer) {
+            p.commit_told = p.commit_told.max(commit);
+        }
         let m = Message::Append { term: self.term(), prev_index, prev_term, commit, round, entries: Vec::new() };
         self.send(peer, m);
     }
@@ -220,11 +229,20 @@ impl Engine {
     /// committed entry up to a heartbeat later than the leader's do when writes are sparse.
     fn announce_commit(&mut self) {
         for peer in self.peers() {
-            let before = self.outputs.len() + self.held.len();
             self.replicate(peer);
-            if self.outputs.len() + self.held.len() == before {
-                self.send_heartbeat(peer);
-            }
+            self.tell_commit(peer);
+        }
+    }
+
+    /// Sends `peer` an empty append if it has not been told the commit index through the
+    /// entries it holds. Called after the commit moves and after the peer acknowledges: a peer
+    /// whose acknowledgement came after the commit (the slower follower of three) would
+    /// otherwise learn it only at the next heartbeat.
+    fn tell_commit(&mut self, peer: ReplicaId) {
+        let commit = self.commit;
+        let Some(p) = self.progress_mut(peer) else { return };
+        if p.commit_told < commit.min(p.matched) {
+            self.send_heartbeat(peer);
         }
     }
 
@@ -285,6 +303,7 @@ impl Engine {
             self.serve_reads();
         }
         self.replicate(from);
+        self.tell_commit(from);
     }
 
     /// A follower's acknowledgement: what is durable here and known to match the leader's log.
