@@ -376,6 +376,11 @@ impl Engine {
         self.me
     }
 
+    /// The leader this replica knows of (itself when it leads), if any.
+    pub fn leader(&self) -> Option<ReplicaId> {
+        self.leader
+    }
+
     pub fn term(&self) -> Term {
         self.hard.wanted.term
     }

@@ -29,9 +29,9 @@
 //!   happen).
 
 use crate::net::{Tcp, Transport};
-use crate::wire::{self, ClientMsg, ServerMsg, ServerStatus, WireError};
+use crate::wire::{self, ClientMsg, MemberAddr, ServerMsg, ServerStatus, WireError};
 use rand_core::{OsRng, RngCore};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
@@ -46,8 +46,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use truba_engine::{
-    Checkpoint, ClientId, DeadPage, Filter, Handle, Index, Kind, Query, QueryReply, RedriveTarget, Reply, Request,
-    RequestError, Seq, SessionId, SessionView, StreamError, TailFrom, UnixSecs,
+    Checkpoint, ClientId, DeadPage, Filter, Handle, Index, Kind, Query, QueryReply, RedriveTarget, ReplicaId, Reply,
+    Request, RequestError, Seq, SessionId, SessionView, StreamError, TailFrom, UnixSecs,
 };
 
 pub use crate::reading::{Change, Consumer, Records, Tail, TailItem, Watch, WatchItem, WatchOptions};
@@ -68,25 +68,43 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// After a failed round of connection attempts, calls fail at once for this long (their callers
 /// back off and retry) instead of each waiting for its own round.
 const CONNECT_QUIET: Duration = Duration::from_millis(20);
+/// How long a connection attempt to one member goes on alone before the next member is tried
+/// beside it (see `connect_any`).
+const CONNECT_STAGGER: Duration = Duration::from_millis(250);
+/// Addresses a pipe tries at most, given and learned from the members' `Hello`s together (a
+/// cluster has at most a handful of members; this only bounds what a confused server can add).
+const LEARNED_ADDRS_MAX: usize = 32;
 /// How often answers nobody waits for any more (callers gave up) are forgotten.
 const PURGE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
-    /// How long one attempt waits for its answer before the request is sent again. Default 5 s.
+    /// How long connecting to one member may take, until its `Hello` (the first frame, sent by
+    /// the thread that runs its engine). A member that accepts connections but does not answer
+    /// (a paused process, say) is given up on after this and the next one is tried. Default 1 s.
+    pub connect_timeout: Duration,
+    /// How long one attempt waits for its answer before the request is sent again (a connection
+    /// on which nothing at all was heard meanwhile is then taken for dead, and the next member
+    /// is tried). Default 5 s.
     pub request_timeout: Duration,
     /// How long a request is retried in total before [`ClientError::Timeout`]. Default 30 s.
     pub retry_for: Duration,
     /// Largest frame accepted from the server. Default [`CLIENT_FRAME_BYTES_MAX_DEFAULT`].
     pub frame_bytes_max: u32,
+    /// Add the members' addresses that they tell in their `Hello` to the ones given, so that a
+    /// pipe given one member reaches the others when it fails. Default true; false keeps the
+    /// pipe on exactly the addresses given (asking one member for its own status, say).
+    pub learn_members: bool,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
+            connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(5),
             retry_for: Duration::from_secs(30),
             frame_bytes_max: CLIENT_FRAME_BYTES_MAX_DEFAULT,
+            learn_members: true,
         }
     }
 }
@@ -215,8 +233,10 @@ impl Pipe<Tcp> {
 }
 
 impl<T: Transport> Pipe<T> {
-    /// Connects to the first of `addrs` that answers (each entry may itself be comma-separated).
-    /// Fails with [`ClientError::Connect`] if none does; later breaks reconnect by themselves.
+    /// Connects to the first of `addrs` that answers (each entry may itself be comma-separated),
+    /// trying them again with a short backoff for up to `options.retry_for` (a member restarting
+    /// for a second is waited for). Fails with [`ClientError::Connect`] if none answers by then;
+    /// later breaks reconnect by themselves.
     pub async fn connect_with(
         transport: T,
         addrs: Vec<String>,
@@ -226,12 +246,24 @@ impl<T: Transport> Pipe<T> {
         if addrs.is_empty() {
             return Err(ClientError::Connect { addrs: String::new(), reason: "no server address given".into() });
         }
-        let (stream, addr) = connect_any(&transport, &addrs, options.request_timeout)
-            .await
-            .map_err(|reason| ClientError::Connect { addrs: addrs.join(","), reason })?;
+        let deadline = Instant::now() + options.retry_for;
+        let mut backoff = BACKOFF_MIN;
+        let (stream, addr, hello) = loop {
+            match connect_any(&transport, &addrs, &options).await {
+                Ok(connected) => break connected,
+                Err(reason) if Instant::now() + backoff >= deadline => {
+                    return Err(ClientError::Connect { addrs: addrs.join(","), reason });
+                }
+                Err(reason) => {
+                    tracing::debug!(%reason, "no member answered; trying again");
+                    tokio::time::sleep(jittered(backoff)).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        };
         let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE_MAX);
         let mut task = ConnTask::new(transport.clone(), addrs.clone(), options.clone(), calls_rx);
-        task.adopt(stream, addr);
+        task.adopt(stream, addr, hello);
         tokio::spawn(task.run());
         Ok(Pipe {
             inner: Arc::new(Inner {
@@ -688,23 +720,84 @@ struct ConnTask<T: Transport> {
     generation: u64,
     pending: HashMap<Key, Pending>,
     connect_failed: Option<(Instant, String)>,
+    /// Where clients reach each member, as the members said in their `Hello`s: a `NotLeader`
+    /// hint names a member, and this says where to find it.
+    members: BTreeMap<ReplicaId, String>,
 }
 
-/// Tries each address in order; the first that connects wins.
+/// What a member says first on a new connection (its `ServerMsg::Hello`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Hello {
+    pub member: ReplicaId,
+    pub leader: Option<ReplicaId>,
+    pub members: Vec<MemberAddr>,
+}
+
+/// Connects to `addr` and waits for the member's `Hello`, both within `timeout`. A member that
+/// accepts connections but whose engine does not run (a paused process: the kernel still
+/// accepts) is given up on here, instead of holding every request for a request timeout.
+pub(crate) async fn connect_member<T: Transport>(
+    transport: &T,
+    addr: &str,
+    timeout: Duration,
+    frame_bytes_max: u32,
+) -> Result<(T::Stream, Hello), String> {
+    let attempt = async {
+        let mut stream = transport.connect(addr).await.map_err(|e| e.to_string())?;
+        match wire::read::<ServerMsg, _>(&mut stream, frame_bytes_max).await {
+            Ok(Some(ServerMsg::Hello { member, leader, members })) => Ok((stream, Hello { member, leader, members })),
+            Ok(Some(ServerMsg::Error { error })) => Err(format!("refused: {error}")),
+            Ok(Some(_)) => Err("the server did not open with a hello (an older or foreign server?)".into()),
+            Ok(None) => Err("the server closed the connection".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("no hello within {} ms (is the member paused or overloaded?)", timeout.as_millis())),
+    }
+}
+
+/// Tries the addresses in order, staggered as "happy eyeballs" (RFC 8305) does: the next one is
+/// tried as soon as the one before fails, or after [`CONNECT_STAGGER`] without a hello while it
+/// is still trying; the first member to say hello wins and the other attempts are dropped. So a
+/// silent member (paused, or cut off) listed first costs a new connection the stagger, not its
+/// whole connect timeout.
 async fn connect_any<T: Transport>(
     transport: &T,
     addrs: &[String],
-    timeout: Duration,
-) -> Result<(T::Stream, String), String> {
+    options: &ClientOptions,
+) -> Result<(T::Stream, String, Hello), String> {
+    let mut attempts = tokio::task::JoinSet::new();
     let mut problems = Vec::new();
-    for addr in addrs {
-        match tokio::time::timeout(timeout, transport.connect(addr)).await {
-            Ok(Ok(stream)) => return Ok((stream, addr.clone())),
-            Ok(Err(e)) => problems.push(format!("{addr}: {e}")),
-            Err(_) => problems.push(format!("{addr}: no connection within {} ms", timeout.as_millis())),
+    let mut next = 0;
+    loop {
+        if next < addrs.len() {
+            let (t, addr) = (transport.clone(), addrs[next].clone());
+            let (timeout, max) = (options.connect_timeout, options.frame_bytes_max);
+            attempts.spawn(async move {
+                let result = connect_member(&t, &addr, timeout, max).await;
+                (addr, result)
+            });
+            next += 1;
+        }
+        let done = if next < addrs.len() {
+            tokio::select! {
+                done = attempts.join_next() => done,
+                _ = tokio::time::sleep(CONNECT_STAGGER) => continue,
+            }
+        } else {
+            attempts.join_next().await
+        };
+        match done {
+            // Dropping `attempts` aborts the others.
+            Some(Ok((addr, Ok((stream, hello))))) => return Ok((stream, addr, hello)),
+            Some(Ok((addr, Err(e)))) => problems.push(format!("{addr}: {e}")),
+            Some(Err(e)) => problems.push(format!("a connection attempt failed: {e}")),
+            None if next < addrs.len() => {}
+            None => return Err(problems.join("; ")),
         }
     }
-    Err(problems.join("; "))
 }
 
 impl<T: Transport> ConnTask<T> {
@@ -721,6 +814,7 @@ impl<T: Transport> ConnTask<T> {
             generation: 0,
             pending: HashMap::new(),
             connect_failed: None,
+            members: BTreeMap::new(),
         }
     }
 
@@ -747,7 +841,8 @@ impl<T: Transport> ConnTask<T> {
         self.drop_conn("the pipe was dropped".into());
     }
 
-    fn adopt(&mut self, stream: T::Stream, addr: String) {
+    fn adopt(&mut self, stream: T::Stream, addr: String, hello: Hello) {
+        self.learn(&hello);
         self.generation += 1;
         let generation = self.generation;
         let (reader, writer) = tokio::io::split(stream);
@@ -785,10 +880,10 @@ impl<T: Transport> ConnTask<T> {
                 return Err(reason.clone());
             }
         }
-        match connect_any(&self.transport, &self.addrs, self.options.request_timeout).await {
-            Ok((stream, addr)) => {
+        match connect_any(&self.transport, &self.addrs, &self.options).await {
+            Ok((stream, addr, hello)) => {
                 self.connect_failed = None;
-                self.adopt(stream, addr);
+                self.adopt(stream, addr, hello);
                 Ok(())
             }
             Err(reason) => {
@@ -807,7 +902,10 @@ impl<T: Transport> ConnTask<T> {
             // connection is taken for dead. Otherwise it is alive and the retry goes on it.
             if conn.last_rx <= p.sent_at {
                 let silent = p.sent_at.elapsed().as_millis();
+                let addr = conn.addr.clone();
                 self.drop_conn(format!("nothing heard for {silent} ms"));
+                // A member gone silent (paused, or cut off) is tried last from now on.
+                self.move_past(&addr);
             }
         }
         if self.conn.is_none() {
@@ -850,6 +948,10 @@ impl<T: Transport> ConnTask<T> {
             ServerMsg::Reply { client, seq, .. } => Key::Request(*client, *seq),
             ServerMsg::QueryReply { id, .. } => Key::Query(*id),
             ServerMsg::Status { id, .. } => Key::Status(*id),
+            ServerMsg::Hello { .. } => {
+                tracing::debug!(addr = %conn.addr, "a second hello on one connection");
+                return;
+            }
             // The pipe's own connection opens no streams.
             ServerMsg::Stream { .. } | ServerMsg::StreamRefused { .. } | ServerMsg::StreamEnded { .. } => {
                 tracing::debug!(addr = %conn.addr, "a stream message on a connection with no streams");
@@ -871,28 +973,60 @@ impl<T: Transport> ConnTask<T> {
                 return self.drop_conn(format!("server error: {error}"));
             }
         };
-        let redirected =
-            matches!(refusal_in(&msg), Some(RequestError::NotLeader { .. } | RequestError::LeaderLost { .. }));
+        let redirected = match refusal_in(&msg) {
+            Some(RequestError::NotLeader { leader }) => Some(*leader),
+            Some(RequestError::LeaderLost { .. }) => Some(None),
+            _ => None,
+        };
         match self.pending.remove(&key) {
             Some(p) => {
                 let _ = p.reply.send(Answer::Msg(msg));
             }
             None => tracing::debug!(?key, "answer nobody waits for (the caller gave up)"),
         }
-        if redirected {
-            self.follow_leader();
+        if let Some(hint) = redirected {
+            self.follow_leader(hint);
         }
     }
 
-    /// This server does not lead: the connection goes, and the next one starts with the next
-    /// address, so the retry finds the leader within one pass over the cluster.
-    fn follow_leader(&mut self) {
+    /// This server does not lead: the connection goes, and the next one starts with the leader
+    /// it named, if the members said where it is, or else with the next address, so the retry
+    /// finds the leader within one pass over the cluster.
+    fn follow_leader(&mut self, hint: Option<ReplicaId>) {
         let Some(addr) = self.conn.as_ref().map(|c| c.addr.clone()) else { return };
         self.drop_conn(format!("{addr} is not the leader"));
-        if let Some(i) = self.addrs.iter().position(|a| *a == addr) {
-            self.addrs.rotate_left(i + 1);
+        self.move_past(&addr);
+        if let Some(leader_addr) = hint.and_then(|id| self.members.get(&id)).filter(|a| **a != addr) {
+            if let Some(i) = self.addrs.iter().position(|a| a == leader_addr) {
+                let leader_addr = self.addrs.remove(i);
+                self.addrs.insert(0, leader_addr);
+            }
         }
         self.connect_failed = None;
+    }
+
+    /// `addr` is tried after every other address from now on (the round-robin order stays).
+    fn move_past(&mut self, addr: &str) {
+        if let Some(i) = self.addrs.iter().position(|a| a == addr) {
+            self.addrs.rotate_left(i + 1);
+        }
+    }
+
+    /// Takes in what a member said about the cluster: the addresses of members the pipe was
+    /// not given are added (tried after the given ones), so a pipe given one member reaches the
+    /// others when it fails.
+    fn learn(&mut self, hello: &Hello) {
+        for m in &hello.members {
+            if m.client.is_empty() {
+                continue;
+            }
+            let room = self.addrs.len() < LEARNED_ADDRS_MAX;
+            if self.options.learn_members && room && !self.addrs.contains(&m.client) {
+                tracing::debug!(member = m.id.0, addr = %m.client, "learned a member's address");
+                self.addrs.push(m.client.clone());
+            }
+            self.members.insert(m.id, m.client.clone());
+        }
     }
 }
 
@@ -937,6 +1071,8 @@ pub(crate) mod tests {
     /// times that same message was seen before; every message received is logged.
     pub(crate) struct FakeServer {
         pub addr: String,
+        /// What each new connection is greeted with (a tenth member of nothing, by default).
+        pub hello: Arc<Mutex<ServerMsg>>,
         pub log: Arc<Mutex<Vec<ClientMsg>>>,
         pub connections: Arc<AtomicU64>,
         task: JoinHandle<()>,
@@ -1058,7 +1194,18 @@ pub(crate) mod tests {
 
     impl FakeServer {
         pub(crate) async fn start(behaviour: impl Fn(&ClientMsg, usize) -> Act + Send + Sync + 'static) -> FakeServer {
-            let listener = Tcp.bind("127.0.0.1:0").await.unwrap();
+            FakeServer::start_on("127.0.0.1:0", behaviour).await
+        }
+
+        pub(crate) async fn start_on(
+            addr: &str,
+            behaviour: impl Fn(&ClientMsg, usize) -> Act + Send + Sync + 'static,
+        ) -> FakeServer {
+            let listener = Tcp.bind(addr).await.unwrap();
+            let members = vec![MemberAddr { id: ReplicaId(0), client: String::new() }];
+            let hello = ServerMsg::Hello { member: ReplicaId(0), leader: Some(ReplicaId(0)), members };
+            let hello = Arc::new(Mutex::new(hello));
+            let hello2 = hello.clone();
             let addr = Tcp.local_addr(&listener).unwrap().to_string();
             let log = Arc::new(Mutex::new(Vec::new()));
             let connections = Arc::new(AtomicU64::new(0));
@@ -1071,9 +1218,13 @@ pub(crate) mod tests {
                     let (stream, _) = Tcp.accept(&listener).await.unwrap();
                     conns2.fetch_add(1, Ordering::Relaxed);
                     let (log, behaviour) = (log2.clone(), behaviour.clone());
+                    let hello = hello2.lock().unwrap().clone();
                     connection_tasks.spawn(async move {
                         let (r, mut w) = tokio::io::split(stream);
                         let mut r = BufReader::new(r);
+                        if wire::write(&mut w, &hello).await.is_err() {
+                            return;
+                        }
                         while let Ok(Some(msg)) = wire::read::<ClientMsg, _>(&mut r, u32::MAX).await {
                             let seen = {
                                 let mut log = log.lock().unwrap();
@@ -1094,7 +1245,7 @@ pub(crate) mod tests {
                     });
                 }
             });
-            FakeServer { addr, log, connections, task }
+            FakeServer { addr, hello, log, connections, task }
         }
 
         pub(crate) fn requests(&self) -> Vec<(ClientId, Seq, Request)> {
@@ -1399,7 +1550,8 @@ pub(crate) mod tests {
             let l = Tcp.bind("127.0.0.1:0").await.unwrap();
             Tcp.local_addr(&l).unwrap().to_string()
         };
-        let e = Pipe::connect(&format!("{addr}, {addr}")).await.unwrap_err();
+        let options = ClientOptions { retry_for: Duration::from_millis(300), ..fast() };
+        let e = Pipe::connect_with(Tcp, vec![format!("{addr}, {addr}")], options.clone()).await.unwrap_err();
         match &e {
             ClientError::Connect { addrs, .. } => assert_eq!(*addrs, format!("{addr},{addr}")),
             other => panic!("{other:?}"),
@@ -1410,6 +1562,89 @@ pub(crate) mod tests {
         let server = FakeServer::start(|msg, _| Act::Answer(ordinary(msg))).await;
         let pipe = Pipe::connect(&format!("{addr},{}", server.addr)).await.unwrap();
         pipe.new(1).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_server_that_starts_late_is_waited_for_within_the_timeout() {
+        let addr = {
+            let l = Tcp.bind("127.0.0.1:0").await.unwrap();
+            Tcp.local_addr(&l).unwrap().to_string()
+        };
+        let late = addr.clone();
+        let server = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            FakeServer::start_on(&late, |msg, _| Act::Answer(ordinary(msg))).await
+        });
+        let options = ClientOptions { retry_for: Duration::from_secs(5), ..fast() };
+        let pipe = Pipe::connect_with(Tcp, vec![addr], options).await.expect("connected once it listened");
+        pipe.new(1).await.unwrap();
+        drop(server.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_member_that_accepts_but_never_says_hello_is_left_after_the_connect_timeout() {
+        // The kernel accepts for a paused process: a listener nobody reads from.
+        let silent = Tcp.bind("127.0.0.1:0").await.unwrap();
+        let silent_addr = Tcp.local_addr(&silent).unwrap().to_string();
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = Tcp.accept(&silent).await {
+                held.push(stream);
+            }
+        });
+        let server = FakeServer::start(|msg, _| Act::Answer(ordinary(msg))).await;
+        // The silent member is tried first, and alone for the stagger; then the next beside it.
+        let options = ClientOptions { connect_timeout: Duration::from_secs(3), ..fast() };
+        let started = Instant::now();
+        let pipe = Pipe::connect_with(Tcp, vec![silent_addr.clone(), server.addr.clone()], options).await.unwrap();
+        pipe.new(1).await.unwrap();
+        let took = started.elapsed();
+        assert!(took >= CONNECT_STAGGER, "it did give the silent member the stagger first: {took:?}");
+        assert!(took < Duration::from_millis(1_500), "and did not wait for its connect timeout: {took:?}");
+        assert_eq!(server.requests().len(), 1);
+
+        // Alone, it is given up on after the connect timeout, with a reason that says so.
+        let options = ClientOptions {
+            connect_timeout: Duration::from_millis(200),
+            retry_for: Duration::from_millis(300),
+            ..fast()
+        };
+        match Pipe::connect_with(Tcp, vec![silent_addr], options).await {
+            Err(ClientError::Connect { reason, .. }) => assert!(reason.contains("no hello within 200 ms"), "{reason}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        holder.abort();
+    }
+
+    #[tokio::test]
+    async fn a_not_leader_hint_leads_to_a_member_the_pipe_was_not_given() {
+        let leader = FakeServer::start(|msg, _| Act::Answer(ordinary(msg))).await;
+        let follower = FakeServer::start(|msg, _| match msg {
+            ClientMsg::Request { client, seq, .. } => Act::Answer(ServerMsg::Reply {
+                client: *client,
+                seq: *seq,
+                outcome: Err(RequestError::NotLeader { leader: Some(ReplicaId(2)) }),
+            }),
+            _ => Act::Answer(ordinary(msg)),
+        })
+        .await;
+        let members = vec![
+            MemberAddr { id: ReplicaId(1), client: follower.addr.clone() },
+            MemberAddr { id: ReplicaId(2), client: leader.addr.clone() },
+        ];
+        let hello = ServerMsg::Hello { member: ReplicaId(1), leader: Some(ReplicaId(2)), members };
+        *follower.hello.lock().unwrap() = hello.clone();
+        *leader.hello.lock().unwrap() = hello;
+        let pipe = pipe(&follower, fast()).await;
+        pipe.new(1).await.expect("the follower's hint and hello lead to the leader");
+        assert_eq!(follower.requests().len(), 1, "refused once");
+        assert_eq!(leader.requests().len(), 1, "then served by the leader it named");
+
+        // Told to stay on the addresses given, it does not go there.
+        let alone = ClientOptions { learn_members: false, retry_for: Duration::from_millis(300), ..fast() };
+        let pipe = Pipe::connect_with(Tcp, vec![follower.addr.clone()], alone).await.unwrap();
+        assert!(pipe.new(1).await.is_err());
+        assert_eq!(leader.requests().len(), 1);
     }
 
     #[tokio::test]

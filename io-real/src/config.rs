@@ -244,6 +244,17 @@ impl Config {
 
     /// Addresses handed to handlers: the configured ones, else every member's client address
     /// (a handler then follows the leader like any client), else `listen`.
+    /// Where clients reach each member (told to every client connection in its `Hello`).
+    pub fn client_addrs(&self) -> Vec<(ReplicaId, String)> {
+        match &self.cluster {
+            Some(c) => c.members.iter().map(|m| (ReplicaId(m.id), m.client.clone())).collect(),
+            None => {
+                let addr = self.advertise.as_ref().and_then(|a| a.first().cloned());
+                vec![(ReplicaId(0), addr.unwrap_or_else(|| self.listen.clone()))]
+            }
+        }
+    }
+
     pub fn advertised(&self) -> Vec<String> {
         if let Some(a) = &self.advertise {
             return a.clone();

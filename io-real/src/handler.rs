@@ -78,13 +78,20 @@ pub async fn serve<H: Handler>(addr: &str, handler: H) -> Result<(), HandlerErro
     serve_with(Tcp, listener, handler).await
 }
 
-/// [`serve`] on any transport and an already bound listener, with default client options.
+/// [`serve`] on any transport and an already bound listener, with [`handler_options`].
 pub async fn serve_with<T: Transport, H: Handler<T>>(
     transport: T,
     listener: T::Listener,
     handler: H,
 ) -> Result<(), HandlerError> {
-    serve_with_options(transport, listener, handler, ClientOptions::default()).await
+    serve_with_options(transport, listener, handler, handler_options()).await
+}
+
+/// The default options of a handler's pipes: the client's, but giving up after 10 s in all, so
+/// that a delivery whose servers cannot be reached is acknowledged as failed well within the
+/// pipe's default `handler_timeout_ms` (30 s), rather than after the pipe stopped waiting.
+pub fn handler_options() -> ClientOptions {
+    ClientOptions { retry_for: Duration::from_secs(10), ..ClientOptions::default() }
 }
 
 /// [`serve_with`], with the options of the pipes that reach the servers. `options.frame_bytes_max`
@@ -227,7 +234,9 @@ mod tests {
         let addr = Tcp.local_addr(&listener).unwrap().to_string();
         let seen = Seen::default();
         let handler = Recorder { seen: seen.clone(), mode };
-        tokio::spawn(async move { serve_with(Tcp, listener, handler).await.unwrap() });
+        // Quick to give up: one test gives the handler no server that answers.
+        let options = ClientOptions { retry_for: Duration::from_millis(500), ..handler_options() };
+        tokio::spawn(async move { serve_with_options(Tcp, listener, handler, options).await.unwrap() });
         (addr, seen)
     }
 

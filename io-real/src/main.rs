@@ -34,6 +34,47 @@ struct Conn {
     /// Print results as JSON.
     #[arg(long)]
     json: bool,
+    /// Give up after this long in all (e.g. 500ms, 10s, 2m): members that are down or silent
+    /// are retried until then. A request that timed out may or may not have been applied.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    timeout: Duration,
+    /// How long to wait for one member to answer a new connection before trying the next.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    connect_timeout: Duration,
+}
+
+/// "250ms", "10s", "2m" or a plain number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (digits, unit_ms) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1_000)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (t, 1_000)
+    };
+    let n: u64 = digits.trim().parse().map_err(|_| format!("`{text}` is not a duration (like 500ms, 10s or 2m)"))?;
+    match n.checked_mul(unit_ms) {
+        Some(0) => Err("a timeout of zero would never let anything through".into()),
+        Some(ms) if ms <= 24 * 3_600_000 => Ok(Duration::from_millis(ms)),
+        _ => Err(format!("`{text}` is longer than a day")),
+    }
+}
+
+impl Conn {
+    fn options(&self) -> ClientOptions {
+        // One attempt waits at most the whole timeout; a silent member is left after the
+        // request timeout, so keep that well inside the overall one.
+        let request_timeout = (self.timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        ClientOptions {
+            connect_timeout: self.connect_timeout.min(self.timeout),
+            request_timeout,
+            retry_for: self.timeout,
+            ..ClientOptions::default()
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -430,7 +471,7 @@ fn err(e: ClientError) -> String {
 }
 
 async fn connect(conn: &Conn) -> Result<Pipe, String> {
-    Pipe::connect(&conn.addr).await.map_err(err)
+    Pipe::connect_with(truba::net::Tcp, vec![conn.addr.clone()], conn.options()).await.map_err(err)
 }
 
 /// A session from "SID" or "SID@ATTEMPT". Without the attempt, the current one is looked up,
@@ -691,7 +732,10 @@ async fn status(conn: &Conn) -> CliResult {
     }
     let mut rows = Vec::new();
     for addr in &addrs {
-        let options = ClientOptions { retry_for: Duration::from_secs(2), ..ClientOptions::default() };
+        // Each member alone, and briefly: one that is down must not hold up the others' rows.
+        let base = conn.options();
+        let options =
+            ClientOptions { learn_members: false, retry_for: base.retry_for.min(Duration::from_secs(2)), ..base };
         let s = match Pipe::connect_with(truba::net::Tcp, vec![addr.clone()], options).await {
             Ok(pipe) => pipe.status().await.map_err(err),
             Err(e) => Err(err(e)),

@@ -164,8 +164,9 @@ impl<T: Transport> Members<T> {
         for k in 0..n {
             let i = (self.at + k) % n;
             let addr = &self.addrs[i];
-            match tokio::time::timeout(self.options.request_timeout, self.transport.connect(addr)).await {
-                Ok(Ok(stream)) => {
+            let (timeout, max) = (self.options.connect_timeout, self.options.frame_bytes_max);
+            match crate::client::connect_member(&self.transport, addr, timeout, max).await {
+                Ok((stream, _hello)) => {
                     self.at = i;
                     let mut link = Link::new(stream, addr.clone());
                     link.queue(&ClientMsg::StreamOpen { stream: STREAM, open });
@@ -174,9 +175,7 @@ impl<T: Transport> Members<T> {
                     self.opened = Instant::now();
                     return Ok(());
                 }
-                Ok(Err(e)) => problems.push(format!("{addr}: {e}")),
-                Err(_) => problems
-                    .push(format!("{addr}: no connection within {} ms", self.options.request_timeout.as_millis())),
+                Err(e) => problems.push(format!("{addr}: {e}")),
             }
         }
         Err(problems.join("; "))

@@ -29,8 +29,8 @@ use crate::config::{Config, ServerLimits};
 use crate::disk::Fs;
 use crate::net::Transport;
 use crate::wire::{
-    self, ClientMsg, FrameError, HandlerToPipe, PeerFrame, PipeToHandler, ServerMsg, ServerStatus, StreamEnd,
-    StreamRefusal, WireError,
+    self, ClientMsg, FrameError, HandlerToPipe, MemberAddr, PeerFrame, PipeToHandler, ServerMsg, ServerStatus,
+    StreamEnd, StreamRefusal, WireError,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -432,6 +432,13 @@ impl<E: Env> Driver<E> {
             ToEngine::IoDone { id, result } => self.feed(Input::IoDone { id, result }),
             ToEngine::DeliveryFailed { handle, reason } => self.feed(Input::DeliveryFailed { handle, reason }),
             ToEngine::Opened { conn, link } => {
+                let members = self.config.client_addrs().into_iter().map(|(id, client)| MemberAddr { id, client });
+                let hello = ServerMsg::Hello {
+                    member: self.engine.id(),
+                    leader: self.engine.leader(),
+                    members: members.collect(),
+                };
+                let _ = link.tx.send(Outgoing::Msg(hello));
                 self.conns.insert(conn, Conn { link, streams: BTreeMap::new() });
             }
             ToEngine::Closed { conn } => {

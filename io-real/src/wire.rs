@@ -58,6 +58,17 @@ pub enum ClientMsg {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerMsg {
+    /// The first frame on every client connection, sent by the thread that runs the engine:
+    /// a member that accepts connections but whose engine does not run (a paused process, a
+    /// wedged thread) never sends it, so a client gives up on it within its connect timeout
+    /// and tries the next member. It also says which member answers, the leader it knows of,
+    /// and where clients reach every member, so a client given one address finds the others
+    /// and follows a `NotLeader` hint straight to the leader.
+    Hello {
+        member: ReplicaId,
+        leader: Option<ReplicaId>,
+        members: Vec<MemberAddr>,
+    },
     Reply {
         client: ClientId,
         seq: Seq,
@@ -128,6 +139,13 @@ pub struct ServerStatus {
     pub disk_bytes: u64,
     pub connections: u32,
     pub role: String,
+}
+
+/// Where clients reach one member of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberAddr {
+    pub id: ReplicaId,
+    pub client: String,
 }
 
 /// Replication traffic: one consensus message from member `from`. Members connect to each

@@ -150,7 +150,7 @@ async fn bad_bytes_are_refused_and_other_clients_carry_on() {
     let mut s = p.new(1).await.unwrap();
 
     // Garbage: a frame whose checksum does not match.
-    let mut raw = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let mut raw = raw_connect(&server.addr).await;
     raw.write_all(&[5, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9, 9, 9]).await.unwrap();
     let reply: Option<ServerMsg> = wire::read(&mut raw, 1 << 20).await.unwrap();
     assert_eq!(reply, Some(ServerMsg::Error { error: WireError::BadChecksum }));
@@ -158,14 +158,14 @@ async fn bad_bytes_are_refused_and_other_clients_carry_on() {
     assert_eq!(raw.read_to_end(&mut rest).await.unwrap(), 0, "then the connection is closed");
 
     // An oversized frame header.
-    let mut raw = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let mut raw = raw_connect(&server.addr).await;
     raw.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
     raw.write_all(&[0; 4]).await.unwrap();
     let reply: Option<ServerMsg> = wire::read(&mut raw, 1 << 20).await.unwrap();
     assert!(matches!(reply, Some(ServerMsg::Error { error: WireError::FrameTooLarge { .. } })), "{reply:?}");
 
     // A well-formed frame of an unknown message type.
-    let mut raw = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let mut raw = raw_connect(&server.addr).await;
     raw.write_all(&wire::encode(&(77u32, 1u8))).await.unwrap();
     let reply: Option<ServerMsg> = wire::read(&mut raw, 1 << 20).await.unwrap();
     assert!(matches!(reply, Some(ServerMsg::Error { error: WireError::Malformed(_) })), "{reply:?}");
@@ -253,7 +253,7 @@ async fn a_restart_on_the_same_directory_keeps_everything_acknowledged() {
     }
     assert!(p.get(SessionId(10_000)).await.unwrap_err().is_unknown());
     // Queries work on a raw connection too.
-    let mut raw = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let mut raw = raw_connect(&server.addr).await;
     wire::write(&mut raw, &ClientMsg::Query { id: 5, query: Query::Status }).await.unwrap();
     let reply: Option<ServerMsg> = wire::read(&mut raw, 1 << 20).await.unwrap();
     assert!(matches!(reply, Some(ServerMsg::QueryReply { id: 5, .. })), "{reply:?}");
@@ -680,4 +680,12 @@ async fn a_long_job_that_renews_its_lease_is_not_redelivered_under_its_feet() {
         server.stop().await;
         handler.abort();
     }
+}
+
+/// A raw connection to the server, past the `Hello` every client connection opens with.
+async fn raw_connect(addr: &str) -> tokio::net::TcpStream {
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let hello: Option<ServerMsg> = wire::read(&mut raw, 1 << 20).await.unwrap();
+    assert!(matches!(hello, Some(ServerMsg::Hello { .. })), "{hello:?}");
+    raw
 }

@@ -66,8 +66,12 @@ async fn pipe(addr: &str) -> Pipe {
 struct Raw(TcpStream);
 
 impl Raw {
+    /// Connects and reads the `Hello` every client connection opens with.
     async fn connect(addr: &str) -> Raw {
-        Raw(TcpStream::connect(addr).await.unwrap())
+        let mut raw = Raw(TcpStream::connect(addr).await.unwrap());
+        let hello = raw.recv().await;
+        assert!(matches!(hello, Some(ServerMsg::Hello { .. })), "{hello:?}");
+        raw
     }
 
     async fn send(&mut self, msg: &ClientMsg) {

@@ -405,7 +405,16 @@ fn stored_sessions_across_crashes(seed: u64) -> turmoil::Result {
 async fn answer_to(bytes: &[u8]) -> Result<Option<WireError>, String> {
     let mut stream = SimNet.connect(SERVER).await.map_err(|e| e.to_string())?;
     stream.write_all(bytes).await.map_err(|e| e.to_string())?;
-    let answer = tokio::time::timeout(Duration::from_secs(5), wire::read::<ServerMsg, _>(&mut stream, 1 << 20))
+    let read = async {
+        loop {
+            // Past the `Hello` the server opens every client connection with.
+            match wire::read::<ServerMsg, _>(&mut stream, 1 << 20).await {
+                Ok(Some(ServerMsg::Hello { .. })) => continue,
+                other => break other,
+            }
+        }
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(5), read)
         .await
         .map_err(|_| "no answer and the connection stayed open".to_string())?;
     let error = match answer {

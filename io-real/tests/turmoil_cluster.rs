@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use truba::client::{ClientError, Pipe};
+use truba::client::{ClientError, ClientOptions, Pipe};
 use truba::config::{ClusterSection, Config, Member};
 use truba_engine::{RoleName, SessionId, StatusView};
 use turmoil::Sim;
@@ -127,7 +127,8 @@ impl Watch {
 /// does not answer within about 200 ms.
 async fn status_of(i: usize, pipe: &mut Option<Pipe<SimNet>>) -> Option<StatusView> {
     if pipe.is_none() {
-        *pipe = Pipe::connect_with(SimNet, vec![CLIENT_ADDRS[i].into()], options(100, 200)).await.ok();
+        let alone = ClientOptions { learn_members: false, ..options(100, 200) };
+        *pipe = Pipe::connect_with(SimNet, vec![CLIENT_ADDRS[i].into()], alone).await.ok();
     }
     pipe.as_ref()?.status().await.ok().map(|s| s.engine)
 }
@@ -400,6 +401,61 @@ fn cluster_survives_a_cut_off_leader_and_a_member_power_loss() -> turmoil::Resul
 #[test]
 fn cluster_heals_after_a_partition() -> turmoil::Result {
     for_seeds(&[1, 2, 3, 4], |seed| cut_off_leader(seed, Cut::Partition))
+}
+
+/// A gray failure: a member that accepts connections but never answers (a paused process, for
+/// which the kernel still accepts), listed first in every client's addresses. Before clients
+/// waited for a hello, each new pipe sent its request there and waited a whole request timeout
+/// (the CLI's `new` waited 30 s and failed). Now a new pipe waits for a hello and tries the next
+/// member beside the silent one after a stagger of 250 ms, so the bound asserted on every
+/// command (a fresh pipe, a `new` and an `append`) is the stagger plus `SLACK`, well under the
+/// connect timeout. A pipe already connected elsewhere pays nothing at all.
+#[test]
+fn a_silent_member_listed_first_costs_a_new_client_one_stagger() -> turmoil::Result {
+    for_seeds(&[1, 2, 3], silent_member_first)
+}
+
+fn silent_member_first(seed: u64) -> turmoil::Result {
+    const CONNECT_TIMEOUT: Duration = Duration::from_millis(1_000);
+    const STAGGER: Duration = Duration::from_millis(250);
+    const SLACK: Duration = Duration::from_millis(300);
+    let mut sim = builder(seed, 60).build();
+    let _members = cluster(&mut sim, seed);
+    sim.host("paused", || async {
+        let listener = turmoil::net::TcpListener::bind("0.0.0.0:7400").await?;
+        let mut held = Vec::new();
+        loop {
+            let (stream, _) = listener.accept().await?;
+            held.push(stream); // accepted, never read, never answered
+        }
+    });
+    sim.client("client", async move {
+        let opts = ClientOptions { connect_timeout: CONNECT_TIMEOUT, ..options(1_000, 10_000) };
+        // A leader first (the cluster is starting up).
+        let warm = connect(&CLIENT_ADDRS, opts.clone()).await?;
+        warm.new(1).await?.delete().await?;
+        let mut addrs = vec!["paused:7400".to_string()];
+        addrs.extend(CLIENT_ADDRS.iter().map(|a| a.to_string()));
+        let mut slowest = Duration::ZERO;
+        for n in 0..10 {
+            let started = tokio::time::Instant::now();
+            let pipe = Pipe::connect_with(SimNet, addrs.clone(), opts.clone()).await?;
+            let mut session = pipe.new_with(1, record(0, n)).await?;
+            session.append(record(1, n)).await?;
+            let took = started.elapsed();
+            slowest = slowest.max(took);
+            check(took <= STAGGER + SLACK, || {
+                format!("command {n} took {} ms with the silent member first", took.as_millis())
+            })?;
+            // The same pipe again: it stays on the member it found.
+            let again = tokio::time::Instant::now();
+            session.append(record(2, n)).await?;
+            check(again.elapsed() <= SLACK, || format!("a second append took {} ms", again.elapsed().as_millis()))?;
+        }
+        eprintln!("  slowest command with a silent member first: {} ms", slowest.as_millis());
+        Ok(())
+    });
+    sim.run()
 }
 
 fn cut_off_leader(seed: u64, how: Cut) -> turmoil::Result {

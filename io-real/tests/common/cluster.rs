@@ -397,6 +397,7 @@ async fn node_status(addr: &str) -> Option<ServerStatus> {
     let options = ClientOptions {
         request_timeout: Duration::from_millis(500),
         retry_for: Duration::from_secs(1),
+        learn_members: false,
         ..Default::default()
     };
     let pipe = Pipe::connect_with(Tcp, vec![addr.to_string()], options).await.ok()?;

@@ -443,6 +443,7 @@ pub fn run_with_faults(sim: &mut Sim<'_>, faults: Vec<Fault>) -> turmoil::Result
 
 pub fn options(request_timeout_ms: u64, retry_for_ms: u64) -> ClientOptions {
     ClientOptions {
+        connect_timeout: Duration::from_millis(request_timeout_ms),
         request_timeout: Duration::from_millis(request_timeout_ms),
         retry_for: Duration::from_millis(retry_for_ms),
         ..ClientOptions::default()
