@@ -138,6 +138,11 @@ if live:
     lag = lambda k: med(live, lambda r: r['lag_all'][k])
     rows.append(("  lag, every tail (upper bound, see below)",
                  f"p50 {lag('p50_ms'):.2f} ms, p99 {lag('p99_ms'):.2f} ms, p999 {lag('p999_ms'):.2f} ms, max {lag('max_ms'):.2f} ms"))
+    if all(r.get('behind_ack') for r in live):
+        ba = lambda k: med(live, lambda r: r['behind_ack']['behind'][k])
+        ahead = med(live, lambda r: r['behind_ack']['ahead_fraction']) * 100
+        rows.append(("  behind the writer's ack (see below)",
+                     f"p50 {ba('p50_ms'):.2f} ms, p99 {ba('p99_ms'):.2f} ms, p999 {ba('p999_ms'):.2f} ms; {ahead:.0f}% came first"))
 for r in runs.get("consumer", []):
     rows.append((f"consumer, {r['ops_per_commit']} ops a commit",
                  f"{r['commits_per_s']:.0f} commits/s, {r['ops_per_s']:.0f} ops/s, "

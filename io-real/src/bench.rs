@@ -69,6 +69,9 @@ pub struct LoadResult {
     pub ops: u64,
     pub secs: f64,
     pub connections: u32,
+    /// With `record_acks`: every acknowledged append as (client id, sequence, the Unix time in
+    /// microseconds its acknowledgement came), for readers' lag behind the writer.
+    pub acks: Vec<(u64, u64, u64)>,
 }
 
 /// Blocks of the preallocated probe file, overwritten in turn.
@@ -132,8 +135,8 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     } else {
         (None, None)
     };
-    let LoadResult { hist, ops, secs, connections } =
-        load(&args.addr, &args.load, Duration::from_secs(args.duration_s), args.ops, None).await?;
+    let LoadResult { hist, ops, secs, connections, .. } =
+        load(&args.addr, &args.load, Duration::from_secs(args.duration_s), args.ops, None, false).await?;
     let rate = ops as f64 / secs;
     let mib = rate * args.load.record_bytes as f64 / (1 << 20) as f64;
     let q = |x: f64| hist.value_at_quantile(x) as f64 / 1000.0;
@@ -171,13 +174,14 @@ pub fn check_load(load: &LoadArgs) -> Result<(), String> {
 /// Runs the closed-loop append load against `addr`: `load.clients` sessions, each keeping one
 /// append outstanding, for `duration` or until `ops` appends were acknowledged (each session
 /// does its share, and `duration` may be `Duration::MAX`). `acked`, if given, counts the acknowledged appends as they come (for
-/// progress lines).
+/// progress lines); `record_acks` keeps each append's acknowledgement time ([`LoadResult::acks`]).
 pub async fn load(
     addr: &str,
     load: &LoadArgs,
     duration: Duration,
     ops: Option<u64>,
     acked: Option<Arc<AtomicU64>>,
+    record_acks: bool,
 ) -> Result<LoadResult, String> {
     check_load(load)?;
     // A run bounded by `ops` may be given Duration::MAX.
@@ -193,16 +197,23 @@ pub async fn load(
     let mut tasks = Vec::new();
     for i in 0..load.clients {
         let (load, pipe, acked) = (load.clone(), pipes[i as usize % pipes.len()].clone(), acked.clone());
-        tasks.push(tokio::spawn(async move { client_loop(load, pipe, deadline, per_client, acked).await }));
+        tasks
+            .push(tokio::spawn(async move { client_loop(load, pipe, deadline, per_client, acked, record_acks).await }));
     }
     let mut hist = Histogram::<u64>::new(3).expect("histogram");
     let mut ops = 0u64;
+    let mut acks = Vec::new();
     for t in tasks {
-        let (h, n) = t.await.map_err(|e| e.to_string())??;
+        let (h, n, a) = t.await.map_err(|e| e.to_string())??;
         hist.add(&h).map_err(|e| e.to_string())?;
         ops += n;
+        acks.extend(a);
     }
-    Ok(LoadResult { hist, ops, secs: started.elapsed().as_secs_f64(), connections })
+    Ok(LoadResult { hist, ops, secs: started.elapsed().as_secs_f64(), connections, acks })
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 async fn client_loop(
@@ -211,8 +222,10 @@ async fn client_loop(
     deadline: Instant,
     ops: Option<u64>,
     acked: Option<Arc<AtomicU64>>,
-) -> Result<(Histogram<u64>, u64), String> {
+    record_acks: bool,
+) -> Result<(Histogram<u64>, u64, Vec<(u64, u64, u64)>), String> {
     let mut hist = Histogram::<u64>::new(3).expect("histogram");
+    let mut acks = Vec::new();
     let record = vec![b'r'; args.record_bytes as usize];
     let mut done = 0u64;
     let mut session = pipe.new(args.kind).await.map_err(|e| e.to_string())?;
@@ -229,6 +242,9 @@ async fn client_loop(
         let t = Instant::now();
         session.append(record.clone()).await.map_err(|e| e.to_string())?;
         hist.record(t.elapsed().as_micros() as u64).ok();
+        if let (true, Some((client, seq))) = (record_acks, session.last_request()) {
+            acks.push((client.0, seq.0, unix_us()));
+        }
         done += 1;
         in_session += 1;
         if let Some(a) = &acked {
@@ -236,5 +252,5 @@ async fn client_loop(
         }
     }
     let _ = session.delete().await;
-    Ok((hist, done))
+    Ok((hist, done, acks))
 }

@@ -40,7 +40,9 @@ const APPLY_WAIT: Duration = Duration::from_secs(120);
 const LAG_NOTE: &str = "lag = when the tail got the event - the entry's audit time (the leader's wall clock, in whole \
                         ms, when the request reached it and the entry was proposed): it includes the commit latency \
                         (replication, fsync) and up to 1 ms of rounding, so it is an upper bound of how far the tail is \
-                        behind the commit";
+                        behind the commit. behind ack = when the tail got an append's event - when the writer got \
+                        that append's acknowledgement (the leader answers once it is committed and applied): how far \
+                        the tail is behind the commit as the writer sees it, counted as 0 when the tail was first";
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -188,6 +190,7 @@ async fn load_with_progress(
     load: &LoadArgs,
     duration: Duration,
     ops: Option<u64>,
+    record_acks: bool,
 ) -> Result<LoadResult, String> {
     let acked = Arc::new(AtomicU64::new(0));
     let progress = {
@@ -210,7 +213,7 @@ async fn load_with_progress(
             }
         })
     };
-    let result = bench::load(addr, load, duration, ops, Some(acked)).await;
+    let result = bench::load(addr, load, duration, ops, Some(acked), record_acks).await;
     progress.abort();
     result
 }
@@ -229,7 +232,7 @@ async fn tail_catchup(args: &BenchReadArgs) -> Result<(), String> {
     if let Some(n) = args.fill {
         let fill_addr = args.fill_addr.as_deref().unwrap_or(&args.addr);
         eprintln!("fill: {n} appends of {} B through {fill_addr}", args.load.record_bytes);
-        let r = load_with_progress("fill", fill_addr, &args.load, Duration::MAX, Some(n)).await?;
+        let r = load_with_progress("fill", fill_addr, &args.load, Duration::MAX, Some(n), false).await?;
         let rate = r.ops as f64 / r.secs;
         // The leader's commit index once the fill is acknowledged: the member read from must
         // have applied that far, so that the catch-up measures reading, not replication.
@@ -350,6 +353,9 @@ struct Tailed {
     lag: Histogram<u64>,
     /// Events that arrived before their audit time (clocks: counted as 0).
     early: u64,
+    /// Every client request's entry as (client id, sequence, the Unix time in microseconds it
+    /// arrived here), to set against the writer's acknowledgements.
+    arrivals: Vec<(u64, u64, u64)>,
     /// Where the tail stood when it stopped, and whether it reached the target by then.
     position: Index,
     caught_up: bool,
@@ -442,7 +448,7 @@ async fn tail_live(args: &BenchReadArgs) -> Result<(), String> {
     };
     let (load_cpu, servers_cpu) =
         (thread_cpu_ns(), args.server_pids.iter().map(|p| process_cpu_ns(*p)).collect::<Vec<_>>());
-    let r = load_with_progress("live", &args.addr, &args.load, Duration::from_secs(args.duration_s), None).await;
+    let r = load_with_progress("live", &args.addr, &args.load, Duration::from_secs(args.duration_s), None, true).await;
     progress.abort();
     let load_ended = Instant::now();
     let cpu = Cpu {
@@ -497,6 +503,7 @@ async fn live_tail(
         bytes: 0,
         lag: histogram(),
         early: 0,
+        arrivals: Vec::new(),
         position: Index(0),
         caught_up: false,
         drain_s: None,
@@ -550,6 +557,9 @@ async fn live_tail(
                     }
                 };
                 t.lag.record_n(lag, n).ok();
+                if let (Some(client), Some(seq)) = (entry.audit.client, entry.audit.seq) {
+                    t.arrivals.push((client.0, seq.0, now));
+                }
                 t.events += n;
                 t.entries += 1;
                 counter.fetch_add(n, Ordering::Relaxed);
@@ -591,8 +601,37 @@ fn process_cpu_ns(pid: u32) -> Option<u64> {
     Some(tasks.flatten().filter_map(|t| schedstat_ns(&format!("{}/schedstat", t.path().display()))).sum())
 }
 
+/// How far behind the writer's acknowledgements the tails got the appends, in microseconds, over
+/// every matched append (those that came to a tail before their acknowledgement count as 0 and
+/// are counted as `ahead`).
+struct BehindAck {
+    behind: Histogram<u64>,
+    ahead: u64,
+    matched: u64,
+}
+
+fn behind_ack(r: &LoadResult, tailed: &[Tailed]) -> BehindAck {
+    let acks: std::collections::HashMap<(u64, u64), u64> = r.acks.iter().map(|&(c, s, at)| ((c, s), at)).collect();
+    let mut out = BehindAck { behind: histogram(), ahead: 0, matched: 0 };
+    for &(c, s, got) in tailed.iter().flat_map(|t| t.arrivals.iter()) {
+        let Some(&acked) = acks.get(&(c, s)) else { continue }; // not an append of the load
+        out.matched += 1;
+        match got.checked_sub(acked) {
+            Some(us) => {
+                out.behind.record(us).ok();
+            }
+            None => {
+                out.ahead += 1;
+                out.behind.record(0).ok();
+            }
+        }
+    }
+    out
+}
+
 fn report_live(args: &BenchReadArgs, r: &LoadResult, tailed: &[Tailed], target: Index, cpu: Cpu) -> Result<(), String> {
     let rate = r.ops as f64 / r.secs;
+    let ba = behind_ack(r, tailed);
     let mut all = histogram();
     for t in tailed {
         all.add(&t.lag).map_err(|e| e.to_string())?;
@@ -614,6 +653,9 @@ fn report_live(args: &BenchReadArgs, r: &LoadResult, tailed: &[Tailed], target: 
             "lag_all": if tailed.is_empty() { serde_json::Value::Null } else { quantiles_json(&all) },
             "events_per_s_per_tail": if tailed.is_empty() { serde_json::Value::Null } else {
                 (tailed.iter().map(|t| t.events).sum::<u64>() as f64 / tailed.len() as f64 / r.secs).into() },
+            "behind_ack": if ba.matched == 0 { serde_json::Value::Null } else {
+                serde_json::json!({"matched": ba.matched, "ahead": ba.ahead, "ahead_fraction": ba.ahead as f64 / ba.matched as f64,
+                    "behind": quantiles_json(&ba.behind)}) },
             "tails": tails, "lag_note": LAG_NOTE, "cpu": {"load_thread_s": cpu.load_thread_s,
             "tails_thread_s": cpu.tails_thread_s, "servers": cpu.servers_s.iter()
                 .map(|(pid, s)| serde_json::json!({"pid": pid, "cpu_s": s})).collect::<Vec<_>>()}});
@@ -642,6 +684,14 @@ fn report_live(args: &BenchReadArgs, r: &LoadResult, tailed: &[Tailed], target: 
                 );
             }
             println!("  every tail: lag {}", quantiles_text(&all));
+            if ba.matched > 0 {
+                println!(
+                    "  behind the writer's acknowledgement: {:.1}% of {} appends came to the tails first (0); all {}",
+                    100.0 * ba.ahead as f64 / ba.matched as f64,
+                    ba.matched,
+                    quantiles_text(&ba.behind)
+                );
+            }
             let early: u64 = tailed.iter().map(|t| t.early).sum();
             if early > 0 {
                 println!("  {early} events arrived before their audit time (a clock step?) and count as 0 lag");

@@ -573,6 +573,12 @@ impl<T: Transport> Session<T> {
         &self.pipe
     }
 
+    /// The client id and sequence number of the last request sent on this session (what the
+    /// ledger's audit shows for its entry); `None` before the first.
+    pub fn last_request(&self) -> Option<(ClientId, Seq)> {
+        (self.next_seq > 1).then(|| (self.client, Seq(self.next_seq - 1)))
+    }
+
     async fn send(&mut self, request: Request) -> Result<Reply, ClientError> {
         let seq = Seq(self.next_seq);
         self.next_seq += 1;
