@@ -160,8 +160,9 @@ enum Command {
     },
     /// Show a session's state, deliveries, failures and records.
     Get {
-        /// The session id.
-        session: u64,
+        /// SESSION or SESSION@ATTEMPT (a handle as the other commands print it; the session is
+        /// shown whatever its current attempt, with a note if that is not the one given).
+        session: String,
         #[command(flatten)]
         conn: Conn,
     },
@@ -416,7 +417,7 @@ async fn run(command: Command) -> CliResult {
             );
             Ok(())
         }
-        Command::Get { session, conn } => get(&conn, session).await,
+        Command::Get { session, conn } => get(&conn, &session).await,
         Command::Status { conn } => status(&conn).await,
         Command::Dead(DeadCommand::List { kind, after, limit, conn }) => dead_list(&conn, kind, after, limit).await,
         Command::Dead(DeadCommand::Show { session, conn }) => dead_show(&conn, session).await,
@@ -477,10 +478,7 @@ async fn connect(conn: &Conn) -> Result<Pipe, String> {
 /// A session from "SID" or "SID@ATTEMPT". Without the attempt, the current one is looked up,
 /// which skips fencing: fine for a person at a shell, not for a program.
 async fn open(conn: &Conn, spec: &str) -> Result<(Pipe, Session), String> {
-    let (sid, attempt) = match spec.split_once('@') {
-        Some((s, a)) => (parse_u64(s, spec)?, Some(a.parse::<u32>().map_err(|_| format!("bad attempt in `{spec}`"))?)),
-        None => (parse_u64(spec, spec)?, None),
-    };
+    let (sid, attempt) = parse_session_spec(spec)?;
     let pipe = connect(conn).await?;
     let attempt = match attempt {
         Some(a) => a,
@@ -532,11 +530,25 @@ fn show_record(r: &[u8]) -> String {
     }
 }
 
-async fn get(conn: &Conn, session: u64) -> CliResult {
+async fn get(conn: &Conn, spec: &str) -> CliResult {
+    let (session, attempt) = parse_session_spec(spec)?;
     let pipe = connect(conn).await?;
     let v = pipe.get(SessionId(session)).await.map_err(err)?;
+    if let Some(a) = attempt.filter(|a| *a != v.handle.attempt.0) {
+        eprintln!("note: session {session} is at attempt {} now, not {a}", v.handle.attempt.0);
+    }
     print_view(conn, &v);
     Ok(())
+}
+
+/// "SID" or "SID@ATTEMPT".
+fn parse_session_spec(spec: &str) -> Result<(u64, Option<u32>), String> {
+    match spec.split_once('@') {
+        Some((s, a)) => {
+            Ok((parse_u64(s, spec)?, Some(a.parse::<u32>().map_err(|_| format!("bad attempt in `{spec}`"))?)))
+        }
+        None => Ok((parse_u64(spec, spec)?, None)),
+    }
 }
 
 /// A session's state by name, and its details as JSON.

@@ -571,6 +571,14 @@ async fn the_command_line_lists_shows_and_redrives_dead_sessions() {
     assert_eq!(v["last_failure"]["type"], "handler");
     let (_, out, _) = truba(addr, &["get", &ids[0].to_string()]).await;
     assert!(out.contains("deliveries 1  failures in a row 1  last failure: the handler failed: boom"), "{out}");
+    // A handle works too, as in every other command; an old attempt gets a note, not a refusal.
+    let (rc, by_handle, _) = truba(addr, &["get", &format!("{}@1", ids[0])]).await;
+    assert_eq!((rc, &by_handle), (0, &out));
+    let (rc, _, err) = truba(addr, &["get", &format!("{}@9", ids[0])]).await;
+    assert_eq!(rc, 0);
+    assert!(err.contains(&format!("session {} is at attempt 1 now, not 9", ids[0])), "{err}");
+    let (rc, _, err) = truba(addr, &["get", "7@x"]).await;
+    assert_eq!((rc, err.as_str()), (1, "truba: bad attempt in `7@x`\n"));
     let (_, out, _) = truba(addr, &["status"]).await;
     assert!(out.contains("dead 3"), "{out}");
     let (_, out, _) = truba(addr, &["status", "--json"]).await;
