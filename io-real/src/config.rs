@@ -34,6 +34,11 @@ pub struct ClusterSection {
     /// This node's member id.
     pub id: u32,
     pub members: Vec<Member>,
+    /// Tells apart clusters with the same member ids (like etcd's `initial-cluster-token`): with
+    /// the member ids it makes the cluster id, fixed in each data directory at its first start.
+    /// Every member's file must give the same token. Default "truba".
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

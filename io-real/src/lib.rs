@@ -9,6 +9,7 @@
 //! - [`net`]: the network behind a trait, so tests can run it over turmoil.
 //! - [`wire`]: framed postcard messages (length + crc32).
 //! - [`config`]: the TOML configuration and its defaults.
+//! - [`identity`]: the cluster id, the data directory's owner, and the member connections' hello.
 //! - [`client`]: `Pipe` and `Session`, with retries that are never applied twice.
 //! - [`reading`]: readers of the ledger: `Tail`, `Watch` and `Consumer` (re-exported by `client`).
 //! - [`handler`]: `handler::serve` and the `Handler` trait for the pipe's deliveries.
@@ -23,6 +24,7 @@ pub mod client;
 pub mod config;
 pub mod disk;
 pub mod handler;
+pub mod identity;
 pub mod net;
 pub mod reading;
 pub mod server;

@@ -27,6 +27,7 @@
 
 use crate::config::{Config, ServerLimits};
 use crate::disk::Fs;
+use crate::identity::{Identity, PeerHello, PEER_HELLO_BYTES_MAX};
 use crate::net::Transport;
 use crate::wire::{
     self, ClientMsg, FrameError, HandlerToPipe, MemberAddr, PeerFrame, PipeToHandler, ServerMsg, ServerStatus,
@@ -189,6 +190,8 @@ const DRAIN_TIME_MAX: Duration = Duration::from_secs(10);
 pub enum ServerError {
     #[error("cannot listen on {addr}: {reason}")]
     Bind { addr: String, reason: String },
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
     #[error("the engine stopped: {0}")]
     Fatal(String),
 }
@@ -207,6 +210,9 @@ pub async fn run<E: Env>(
     listener: <E::Net as Transport>::Listener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let identity = crate::identity::configured(&config);
+    crate::identity::check_data_dir(fs.as_ref(), identity)?;
+    info!(cluster = %identity.cluster, member = %identity.member, "identity");
     let (to_engine, from_world) = mpsc::unbounded_channel::<ToEngine>();
     // Two disk workers: one for the log (and everything small), one for the big background files
     // (snapshots, stored-session sources), so that a group commit's fsync never waits behind a
@@ -222,9 +228,10 @@ pub async fn run<E: Env>(
         Some(addr) => {
             let listener = bind(&env.transport(), &addr).await?;
             info!(peer_listen = addr, members = config.peers().len() + 1, "listening for cluster members");
-            let (_, voters) = config.membership();
+            let others: Vec<ReplicaId> = config.peers().into_iter().map(|(id, _)| id).collect();
             let max = config.server.peer_frame_bytes_max;
-            let task = peer_accept_loop(env.transport(), listener, to_engine.clone(), voters, max, stop_rx.clone());
+            let task =
+                peer_accept_loop(env.transport(), listener, to_engine.clone(), identity, others, max, stop_rx.clone());
             Some(tokio::spawn(task))
         }
         None => None,
@@ -237,7 +244,7 @@ pub async fn run<E: Env>(
         stop_rx,
         connections.clone(),
     ));
-    let mut driver = Driver::new(config, env, fs.clone(), to_engine, disk_tx, connections);
+    let mut driver = Driver::new(config, identity, env, fs.clone(), to_engine, disk_tx, connections);
     let result = driver.run(from_world, shutdown, stop_tx).await;
     accept.abort();
     if let Some(p) = peers {
@@ -310,6 +317,7 @@ struct Driver<E: Env> {
 impl<E: Env> Driver<E> {
     fn new(
         config: Config,
+        identity: Identity,
         env: E,
         fs: Arc<dyn Fs>,
         to_engine: mpsc::UnboundedSender<ToEngine>,
@@ -322,7 +330,7 @@ impl<E: Env> Driver<E> {
         let mut peers = BTreeMap::new();
         for (id, addr) in config.peers() {
             let (tx, rx) = mpsc::channel(config.server.peer_queue_max as usize);
-            tokio::spawn(peer_writer(env.transport(), me, id, addr, rx));
+            tokio::spawn(peer_writer(env.transport(), identity, id, addr, rx));
             peers.insert(id, tx);
         }
         Driver {
@@ -665,7 +673,7 @@ fn role_text(config: &Config, s: &truba_engine::StatusView) -> String {
 /// connection that is already gone.
 async fn peer_writer<N: Transport>(
     net: N,
-    me: ReplicaId,
+    identity: Identity,
     to: ReplicaId,
     addr: String,
     mut rx: mpsc::Receiver<Message>,
@@ -701,8 +709,11 @@ async fn peer_writer<N: Transport>(
             }
         };
         quiet_reconnect = false;
+        let me = identity.member;
         let (mut read_half, mut write_half) = tokio::io::split(stream);
         let mut buf = Vec::with_capacity(64 * 1024);
+        // Every connection opens with who we are (it goes out with the first batch).
+        buf.extend_from_slice(&wire::encode(&PeerHello::new(identity)));
         let mut probe = [0u8; 64];
         loop {
             let first = match pending.take() {
@@ -723,13 +734,14 @@ async fn peer_writer<N: Transport>(
                     }
                 },
             };
-            buf.clear();
             buf.extend_from_slice(&wire::encode(&PeerFrame { from: me, message: first }));
             while buf.len() < WRITE_BATCH_BYTES_MAX {
                 let Ok(message) = rx.try_recv() else { break };
                 buf.extend_from_slice(&wire::encode(&PeerFrame { from: me, message }));
             }
-            match tokio::time::timeout(PEER_IO_TIMEOUT, write_half.write_all(&buf)).await {
+            let written = tokio::time::timeout(PEER_IO_TIMEOUT, write_half.write_all(&buf)).await;
+            buf.clear();
+            match written {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     warn!(%to, %addr, %e, "lost the connection to a member");
@@ -761,10 +773,12 @@ async fn peer_accept_loop<N: Transport>(
     net: N,
     listener: N::Listener,
     to_engine: mpsc::UnboundedSender<ToEngine>,
-    members: Vec<ReplicaId>,
+    identity: Identity,
+    others: Vec<ReplicaId>,
     frame_bytes_max: u32,
     mut stop: watch::Receiver<bool>,
 ) {
+    let refusals = Arc::new(Mutex::new(Refusals::default()));
     loop {
         let accepted = tokio::select! {
             r = net.accept(&listener) => r,
@@ -772,8 +786,9 @@ async fn peer_accept_loop<N: Transport>(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let (tx, members) = (to_engine.clone(), members.clone());
-                tokio::spawn(peer_reader(stream, peer.to_string(), tx, members, frame_bytes_max));
+                let (tx, others, refusals) = (to_engine.clone(), others.clone(), refusals.clone());
+                let gate = PeerGate { identity, others, refusals };
+                tokio::spawn(peer_reader(stream, peer.to_string(), tx, gate, frame_bytes_max));
             }
             Err(e) => {
                 warn!(%e, "accepting a member's connection failed");
@@ -783,18 +798,71 @@ async fn peer_accept_loop<N: Transport>(
     }
 }
 
-/// Reads one member's messages into the engine. A frame that is damaged, or that claims to come
-/// from a replica outside the cluster, ends the connection (the member reconnects).
+/// Refusals of member connections already logged: (the member id claimed, the reason). A member
+/// of another cluster reconnects every second; its refusal is logged once, not every time.
+#[derive(Default)]
+struct Refusals(BTreeSet<(ReplicaId, String)>);
+
+/// Refusals remembered at most (beyond it, they are logged again: a bound, not a feature).
+const REFUSALS_LOGGED_MAX: usize = 256;
+
+impl Refusals {
+    /// True the first time this refusal is seen.
+    fn first(&mut self, member: ReplicaId, reason: &str) -> bool {
+        if self.0.len() >= REFUSALS_LOGGED_MAX {
+            self.0.clear();
+        }
+        self.0.insert((member, reason.to_string()))
+    }
+}
+
+/// What a member connection is checked against before anything from it reaches the engine.
+struct PeerGate {
+    identity: Identity,
+    /// The other members.
+    others: Vec<ReplicaId>,
+    refusals: Arc<Mutex<Refusals>>,
+}
+
+impl PeerGate {
+    /// Reads and checks the connection's hello: the member it comes from, or `None` (logged,
+    /// and the connection is to be closed).
+    async fn admit<R: tokio::io::AsyncRead + Unpin>(&self, reader: &mut R, peer: &str) -> Option<ReplicaId> {
+        let read = wire::read::<PeerHello, _>(reader, PEER_HELLO_BYTES_MAX);
+        let hello = match tokio::time::timeout(PEER_IO_TIMEOUT, read).await {
+            Ok(Ok(Some(hello))) => hello,
+            Ok(Ok(None)) | Ok(Err(FrameError::Io(_))) => return None,
+            Ok(Err(FrameError::Wire(e))) => {
+                warn!(%peer, %e, "a connection to the member port did not open with a member hello; closing it");
+                return None;
+            }
+            Err(_) => {
+                debug!(%peer, "a connection to the member port said nothing; closing it");
+                return None;
+            }
+        };
+        let Some(reason) = hello.refusal(self.identity, &self.others) else { return Some(hello.member) };
+        if self.refusals.lock().expect("refusals lock").first(hello.member, &reason) {
+            warn!(%peer, member = %hello.member, %reason, "refusing a member connection (logged once per member and reason)");
+        }
+        None
+    }
+}
+
+/// Reads one member's messages into the engine, once its hello is checked. A frame that is
+/// damaged, or that claims to come from another member than the hello said, ends the
+/// connection (the member reconnects).
 async fn peer_reader<S>(
     stream: S,
     peer: String,
     to_engine: mpsc::UnboundedSender<ToEngine>,
-    members: Vec<ReplicaId>,
+    gate: PeerGate,
     frame_bytes_max: u32,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, stream);
+    let Some(member) = gate.admit(&mut reader, &peer).await else { return };
     loop {
         let Ok(frame) =
             tokio::time::timeout(PEER_IDLE_TIMEOUT, wire::read::<PeerFrame, _>(&mut reader, frame_bytes_max)).await
@@ -803,13 +871,13 @@ async fn peer_reader<S>(
             return;
         };
         match frame {
-            Ok(Some(PeerFrame { from, message })) if members.contains(&from) => {
+            Ok(Some(PeerFrame { from, message })) if from == member => {
                 if to_engine.send(ToEngine::Message { from, message }).is_err() {
                     return;
                 }
             }
             Ok(Some(PeerFrame { from, .. })) => {
-                warn!(%peer, %from, "a connection claims a member id outside this cluster; closing it");
+                warn!(%peer, %from, %member, "a member connection sent a frame from another member than its hello said; closing it");
                 return;
             }
             Ok(None) | Err(FrameError::Io(_)) => return,
