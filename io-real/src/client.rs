@@ -197,6 +197,8 @@ struct Inner {
     calls: mpsc::Sender<Call>,
     options: ClientOptions,
     addrs: Vec<String>,
+    /// The members and their client addresses, as the last member connected to said.
+    members: Arc<std::sync::Mutex<Vec<MemberAddr>>>,
     /// Random per pipe; client ids are this plus a counter.
     id_base: u64,
     next_client: AtomicU64,
@@ -262,7 +264,8 @@ impl<T: Transport> Pipe<T> {
             }
         };
         let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE_MAX);
-        let mut task = ConnTask::new(transport.clone(), addrs.clone(), options.clone(), calls_rx);
+        let members = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut task = ConnTask::new(transport.clone(), addrs.clone(), options.clone(), calls_rx, members.clone());
         task.adopt(stream, addr, hello);
         tokio::spawn(task.run());
         Ok(Pipe {
@@ -270,6 +273,7 @@ impl<T: Transport> Pipe<T> {
                 calls: calls_tx,
                 options,
                 addrs,
+                members,
                 id_base: OsRng.next_u64(),
                 next_client: AtomicU64::new(0),
                 next_query: AtomicU64::new(1),
@@ -281,6 +285,13 @@ impl<T: Transport> Pipe<T> {
     /// The server addresses, in the order they are tried.
     pub fn addrs(&self) -> &[String] {
         &self.inner.addrs
+    }
+
+    /// The cluster's members and where clients reach them, as the member this pipe last
+    /// connected to said in its hello (a single node lists itself).
+    pub fn members(&self) -> Vec<(ReplicaId, String)> {
+        let members = self.inner.members.lock().expect("members lock");
+        members.iter().map(|m| (m.id, m.client.clone())).collect()
     }
 
     pub fn options(&self) -> &ClientOptions {
@@ -729,6 +740,8 @@ struct ConnTask<T: Transport> {
     /// Where clients reach each member, as the members said in their `Hello`s: a `NotLeader`
     /// hint names a member, and this says where to find it.
     members: BTreeMap<ReplicaId, String>,
+    /// The last hello's member list, for [`Pipe::members`].
+    told: Arc<std::sync::Mutex<Vec<MemberAddr>>>,
 }
 
 /// What a member says first on a new connection (its `ServerMsg::Hello`).
@@ -807,7 +820,13 @@ async fn connect_any<T: Transport>(
 }
 
 impl<T: Transport> ConnTask<T> {
-    fn new(transport: T, addrs: Vec<String>, options: ClientOptions, calls: mpsc::Receiver<Call>) -> Self {
+    fn new(
+        transport: T,
+        addrs: Vec<String>,
+        options: ClientOptions,
+        calls: mpsc::Receiver<Call>,
+        told: Arc<std::sync::Mutex<Vec<MemberAddr>>>,
+    ) -> Self {
         let (events_tx, events) = mpsc::unbounded_channel();
         ConnTask {
             transport,
@@ -821,6 +840,7 @@ impl<T: Transport> ConnTask<T> {
             pending: HashMap::new(),
             connect_failed: None,
             members: BTreeMap::new(),
+            told,
         }
     }
 
@@ -1022,6 +1042,7 @@ impl<T: Transport> ConnTask<T> {
     /// not given are added (tried after the given ones), so a pipe given one member reaches the
     /// others when it fails.
     fn learn(&mut self, hello: &Hello) {
+        *self.told.lock().expect("members lock") = hello.members.iter().take(LEARNED_ADDRS_MAX).cloned().collect();
         for m in &hello.members {
             if m.client.is_empty() {
                 continue;

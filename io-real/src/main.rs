@@ -166,8 +166,13 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Show the server's index, sessions and disk use.
+    /// Show the server's index, sessions and disk use; with several addresses or --cluster,
+    /// every member's role, term, commit, applied index and lag.
     Status {
+        /// Ask every member of the cluster, as the first member reached lists them (so one
+        /// address is enough).
+        #[arg(long)]
+        cluster: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -418,7 +423,7 @@ async fn run(command: Command) -> CliResult {
             Ok(())
         }
         Command::Get { session, conn } => get(&conn, &session).await,
-        Command::Status { conn } => status(&conn).await,
+        Command::Status { cluster, conn } => status(&conn, cluster).await,
         Command::Dead(DeadCommand::List { kind, after, limit, conn }) => dead_list(&conn, kind, after, limit).await,
         Command::Dead(DeadCommand::Show { session, conn }) => dead_show(&conn, session).await,
         Command::Dead(DeadCommand::Redrive { session: Some(session), kind: None, conn }) => {
@@ -734,9 +739,16 @@ async fn redrive_kind(conn: &Conn, kind: u32) -> CliResult {
 
 /// One node's status, or every node's when several addresses are given (a cluster): role,
 /// term, commit and applied index, and how far each lags behind the highest commit seen.
-async fn status(conn: &Conn) -> CliResult {
-    let addrs: Vec<String> = conn.addr.split(',').map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect();
-    if addrs.len() <= 1 {
+async fn status(conn: &Conn, cluster: bool) -> CliResult {
+    let mut addrs: Vec<String> = conn.addr.split(',').map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect();
+    if cluster {
+        let pipe = connect(conn).await?;
+        let members = pipe.members();
+        if !members.is_empty() && members.iter().all(|(_, a)| !a.is_empty()) {
+            addrs = members.into_iter().map(|(_, a)| a).collect();
+        }
+    }
+    if addrs.len() <= 1 && !cluster {
         let pipe = connect(conn).await?;
         let s = pipe.status().await.map_err(err)?;
         print_one(&s, conn.json);

@@ -92,6 +92,17 @@ async fn a_paused_member_listed_first_costs_a_command_one_connect_timeout() {
     assert!(err.contains("no hello within 300 ms"), "{err}");
     assert!(took < Duration::from_secs(2) + SLACK, "took {}", ms(took));
 
+    // One address is enough for every member's row, the paused one's an error.
+    let (code, out, err, _) = truba(&cluster.nodes[other].client, &["status", "--cluster", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("JSON rows");
+    let rows = rows.as_array().expect("an array of members");
+    assert_eq!(rows.len(), NODES, "{out}");
+    let roles: Vec<&str> = rows.iter().filter_map(|r| r["role"].as_str()).collect();
+    assert_eq!(roles.iter().filter(|r| **r == "leader").count(), 1, "{out}");
+    let paused_row = rows.iter().find(|r| r["addr"] == cluster.nodes[paused].client.as_str()).expect("its row");
+    assert!(paused_row["error"].is_string(), "{out}");
+
     signal(pid, "-CONT");
     cluster.wait_leader(Duration::from_secs(20)).await;
     for node in &mut cluster.nodes {
