@@ -833,7 +833,13 @@ impl PeerGate {
             Ok(Ok(Some(hello))) => hello,
             Ok(Ok(None)) | Ok(Err(FrameError::Io(_))) => return None,
             Ok(Err(FrameError::Wire(e))) => {
-                warn!(%peer, %e, "a connection to the member port did not open with a member hello; closing it");
+                // Logged once per address (and reason), as refusals are: a scanner that keeps
+                // knocking does not fill the log.
+                let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h);
+                let reason = format!("no member hello from {host}: {e}");
+                if self.refusals.lock().expect("refusals lock").first(ReplicaId(0), &reason) {
+                    warn!(%peer, %e, "a connection to the member port did not open with a member hello; closing it (logged once per address)");
+                }
                 return None;
             }
             Err(_) => {

@@ -4,6 +4,7 @@
 //!   id), followed by a heartbeat of a much higher term, again and again: the cluster keeps
 //!   its leader and term (nothing reached an engine), and the member logs one refusal line, not
 //!   one per connection.
+//! - Bytes of another protocol on the peer port are closed and logged once per address.
 //! - A member started on its own data directory with a configuration of another cluster (another
 //!   `cluster.token`) refuses to start, saying whose directory it is.
 //!
@@ -59,6 +60,13 @@ async fn members_of_another_cluster_are_refused_at_the_door_and_at_start() {
         let _ = s.write_all(&wire::encode(&PeerFrame { from: ReplicaId(2), message: vote.clone() })).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Bytes that are no member protocol at all, twice: closed, and logged once.
+    for _ in 0..2 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(&peer).await {
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = cluster.statuses().await;
     for (i, s) in after.iter().enumerate() {
@@ -70,6 +78,8 @@ async fn members_of_another_cluster_are_refused_at_the_door_and_at_start() {
     let refusals: Vec<&str> = log.lines().filter(|l| l.contains("refusing a member connection")).collect();
     assert_eq!(refusals.len(), 1, "one line for {ATTEMPTS} attempts:\n{}", refusals.join("\n"));
     assert!(refusals[0].contains(&format!("it belongs to cluster {}", stranger.cluster)), "{}", refusals[0]);
+    let garbage = log.lines().filter(|l| l.contains("did not open with a member hello")).count();
+    assert_eq!(garbage, 1, "{log}");
 
     // Member 3 restarted with another cluster's configuration on its own data directory.
     let node = &mut cluster.nodes[2];
