@@ -212,7 +212,8 @@ pub async fn load(
     Ok(LoadResult { hist, ops, secs: started.elapsed().as_secs_f64(), connections, acks })
 }
 
-fn unix_us() -> u64 {
+/// The wall clock in microseconds since the Unix epoch (for lags against audit times).
+pub(crate) fn unix_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 

@@ -23,13 +23,13 @@
 //!   events (in the same process) has delivered; commits/s, ops/s, commit latency. A consumer
 //!   behind the head first commits through the head, untimed (`--keep-checkpoint`: not).
 
-use crate::bench::{self, LoadArgs, LoadResult};
+use crate::bench::{self, unix_us, LoadArgs, LoadResult};
 use crate::client::{Consumer, Pipe, TailItem, WatchItem, WatchOptions};
 use hdrhistogram::Histogram;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use truba_engine::{CommitOp, Filter, Index, Kind, TailFrom};
 
 /// Progress lines on standard error this often.
@@ -153,10 +153,6 @@ fn filter(args: &BenchReadArgs) -> Filter {
 
 fn split_addrs(s: &str) -> Vec<String> {
     s.split(',').map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect()
-}
-
-fn unix_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 fn mib(bytes: u64) -> f64 {

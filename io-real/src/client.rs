@@ -29,7 +29,7 @@
 //!   happen).
 
 use crate::net::{Tcp, Transport};
-use crate::wire::{self, ClientMsg, MemberAddr, ServerMsg, ServerStatus, WireError};
+use crate::wire::{self, ClientMsg, Hello, ServerMsg, ServerStatus, WireError};
 use rand_core::{OsRng, RngCore};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -197,8 +197,9 @@ struct Inner {
     calls: mpsc::Sender<Call>,
     options: ClientOptions,
     addrs: Vec<String>,
-    /// The members and their client addresses, as the last member connected to said.
-    members: Arc<std::sync::Mutex<Vec<MemberAddr>>>,
+    /// The members and their client addresses, as the members connected to said (shared with
+    /// the connection task, which learns them).
+    members: Members,
     /// Random per pipe; client ids are this plus a counter.
     id_base: u64,
     next_client: AtomicU64,
@@ -264,7 +265,7 @@ impl<T: Transport> Pipe<T> {
             }
         };
         let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE_MAX);
-        let members = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let members = Members::default();
         let mut task = ConnTask::new(transport.clone(), addrs.clone(), options.clone(), calls_rx, members.clone());
         task.adopt(stream, addr, hello);
         tokio::spawn(task.run());
@@ -287,11 +288,11 @@ impl<T: Transport> Pipe<T> {
         &self.inner.addrs
     }
 
-    /// The cluster's members and where clients reach them, as the member this pipe last
-    /// connected to said in its hello (a single node lists itself).
+    /// The cluster's members and where clients reach them, as the members this pipe connected
+    /// to said in their hellos (a single node lists itself).
     pub fn members(&self) -> Vec<(ReplicaId, String)> {
         let members = self.inner.members.lock().expect("members lock");
-        members.iter().map(|m| (m.id, m.client.clone())).collect()
+        members.iter().map(|(id, addr)| (*id, addr.clone())).collect()
     }
 
     pub fn options(&self) -> &ClientOptions {
@@ -738,19 +739,12 @@ struct ConnTask<T: Transport> {
     pending: HashMap<Key, Pending>,
     connect_failed: Option<(Instant, String)>,
     /// Where clients reach each member, as the members said in their `Hello`s: a `NotLeader`
-    /// hint names a member, and this says where to find it.
-    members: BTreeMap<ReplicaId, String>,
-    /// The last hello's member list, for [`Pipe::members`].
-    told: Arc<std::sync::Mutex<Vec<MemberAddr>>>,
+    /// hint names a member, and this says where to find it (shared with the pipe).
+    members: Members,
 }
 
-/// What a member says first on a new connection (its `ServerMsg::Hello`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Hello {
-    pub member: ReplicaId,
-    pub leader: Option<ReplicaId>,
-    pub members: Vec<MemberAddr>,
-}
+/// Member id -> client address, learned from hellos.
+type Members = Arc<std::sync::Mutex<BTreeMap<ReplicaId, String>>>;
 
 /// Connects to `addr` and waits for the member's `Hello`, both within `timeout`. A member that
 /// accepts connections but whose engine does not run (a paused process: the kernel still
@@ -764,7 +758,7 @@ pub(crate) async fn connect_member<T: Transport>(
     let attempt = async {
         let mut stream = transport.connect(addr).await.map_err(|e| e.to_string())?;
         match wire::read::<ServerMsg, _>(&mut stream, frame_bytes_max).await {
-            Ok(Some(ServerMsg::Hello { member, leader, members })) => Ok((stream, Hello { member, leader, members })),
+            Ok(Some(ServerMsg::Hello(hello))) => Ok((stream, hello)),
             Ok(Some(ServerMsg::Error { error })) => Err(format!("refused: {error}")),
             Ok(Some(_)) => Err("the server did not open with a hello (an older or foreign server?)".into()),
             Ok(None) => Err("the server closed the connection".into()),
@@ -825,7 +819,7 @@ impl<T: Transport> ConnTask<T> {
         addrs: Vec<String>,
         options: ClientOptions,
         calls: mpsc::Receiver<Call>,
-        told: Arc<std::sync::Mutex<Vec<MemberAddr>>>,
+        members: Members,
     ) -> Self {
         let (events_tx, events) = mpsc::unbounded_channel();
         ConnTask {
@@ -839,8 +833,7 @@ impl<T: Transport> ConnTask<T> {
             generation: 0,
             pending: HashMap::new(),
             connect_failed: None,
-            members: BTreeMap::new(),
-            told,
+            members,
         }
     }
 
@@ -974,7 +967,7 @@ impl<T: Transport> ConnTask<T> {
             ServerMsg::Reply { client, seq, .. } => Key::Request(*client, *seq),
             ServerMsg::QueryReply { id, .. } => Key::Query(*id),
             ServerMsg::Status { id, .. } => Key::Status(*id),
-            ServerMsg::Hello { .. } => {
+            ServerMsg::Hello(_) => {
                 tracing::debug!(addr = %conn.addr, "a second hello on one connection");
                 return;
             }
@@ -1022,8 +1015,9 @@ impl<T: Transport> ConnTask<T> {
         let Some(addr) = self.conn.as_ref().map(|c| c.addr.clone()) else { return };
         self.drop_conn(format!("{addr} is not the leader"));
         self.move_past(&addr);
-        if let Some(leader_addr) = hint.and_then(|id| self.members.get(&id)).filter(|a| **a != addr) {
-            if let Some(i) = self.addrs.iter().position(|a| a == leader_addr) {
+        let leader_addr = hint.and_then(|id| self.members.lock().expect("members lock").get(&id).cloned());
+        if let Some(leader_addr) = leader_addr.filter(|a| *a != addr) {
+            if let Some(i) = self.addrs.iter().position(|a| *a == leader_addr) {
                 let leader_addr = self.addrs.remove(i);
                 self.addrs.insert(0, leader_addr);
             }
@@ -1042,8 +1036,9 @@ impl<T: Transport> ConnTask<T> {
     /// not given are added (tried after the given ones), so a pipe given one member reaches the
     /// others when it fails.
     fn learn(&mut self, hello: &Hello) {
-        *self.told.lock().expect("members lock") = hello.members.iter().take(LEARNED_ADDRS_MAX).cloned().collect();
-        for m in &hello.members {
+        let mut members = self.members.lock().expect("members lock");
+        for m in hello.members.iter().take(LEARNED_ADDRS_MAX) {
+            members.insert(m.id, m.client.clone());
             if m.client.is_empty() {
                 continue;
             }
@@ -1052,7 +1047,6 @@ impl<T: Transport> ConnTask<T> {
                 tracing::debug!(member = m.id.0, addr = %m.client, "learned a member's address");
                 self.addrs.push(m.client.clone());
             }
-            self.members.insert(m.id, m.client.clone());
         }
     }
 }
@@ -1080,6 +1074,7 @@ async fn read_loop<S: tokio::io::AsyncRead>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::wire::MemberAddr;
     use std::sync::Mutex;
     use truba_engine::{Attempt, DeadView, FailureReason, Index, Outcome, ReplicaId, RoleName, StatusView};
 
@@ -1230,7 +1225,7 @@ pub(crate) mod tests {
         ) -> FakeServer {
             let listener = Tcp.bind(addr).await.unwrap();
             let members = vec![MemberAddr { id: ReplicaId(0), client: String::new() }];
-            let hello = ServerMsg::Hello { member: ReplicaId(0), leader: Some(ReplicaId(0)), members };
+            let hello = ServerMsg::Hello(Hello { member: ReplicaId(0), leader: Some(ReplicaId(0)), members });
             let hello = Arc::new(Mutex::new(hello));
             let hello2 = hello.clone();
             let addr = Tcp.local_addr(&listener).unwrap().to_string();
@@ -1659,7 +1654,7 @@ pub(crate) mod tests {
             MemberAddr { id: ReplicaId(1), client: follower.addr.clone() },
             MemberAddr { id: ReplicaId(2), client: leader.addr.clone() },
         ];
-        let hello = ServerMsg::Hello { member: ReplicaId(1), leader: Some(ReplicaId(2)), members };
+        let hello = ServerMsg::Hello(Hello { member: ReplicaId(1), leader: Some(ReplicaId(2)), members });
         *follower.hello.lock().unwrap() = hello.clone();
         *leader.hello.lock().unwrap() = hello;
         let pipe = pipe(&follower, fast()).await;

@@ -115,20 +115,25 @@ pub enum IdentityError {
 
 /// Checks the data directory's identity against `expected`, recording it on first start.
 pub fn check_data_dir(fs: &dyn Fs, expected: Identity) -> Result<(), IdentityError> {
-    let names = fs.list().map_err(|e| IdentityError::Unreadable(e.to_string()))?;
-    if names.iter().any(|n| n == IDENTITY_FILE) {
-        let bytes = fs.read(IDENTITY_FILE).map_err(|e| IdentityError::Unreadable(e.to_string()))?;
-        let found = parse(&bytes).map_err(IdentityError::Unreadable)?;
-        if found != expected {
-            return Err(IdentityError::Foreign {
-                found_cluster: found.cluster,
-                found_member: found.member.0,
-                cluster: expected.cluster,
-                member: expected.member.0,
-            });
+    match fs.read(IDENTITY_FILE) {
+        Ok(bytes) => {
+            let found = parse(&bytes).map_err(IdentityError::Unreadable)?;
+            if found != expected {
+                return Err(IdentityError::Foreign {
+                    found_cluster: found.cluster,
+                    found_member: found.member.0,
+                    cluster: expected.cluster,
+                    member: expected.member.0,
+                });
+            }
+            return Ok(());
         }
-        return Ok(());
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(IdentityError::Unreadable(e.to_string())),
     }
+    // A directory with files already (a log written before identities existed) is adopted.
+    let names = fs.list().map_err(|e| IdentityError::Unreadable(e.to_string()))?;
+    let adopted = names.iter().any(|n| !n.ends_with(".tmp") && n != "LOCK");
     let tmp = format!("{IDENTITY_FILE}.tmp");
     let write = || -> std::io::Result<()> {
         fs.write_at(&tmp, 0, render(expected).as_bytes())?;
@@ -137,8 +142,6 @@ pub fn check_data_dir(fs: &dyn Fs, expected: Identity) -> Result<(), IdentityErr
         fs.sync_dir()
     };
     write().map_err(|e| IdentityError::Write(e.to_string()))?;
-    // A directory with files already (a log written before identities existed) is adopted.
-    let adopted = names.iter().any(|n| !n.ends_with(".tmp") && n != "LOCK");
     tracing::info!(cluster = %expected.cluster, member = %expected.member, adopted, "recorded the data directory's identity");
     Ok(())
 }

@@ -30,7 +30,7 @@ use crate::disk::Fs;
 use crate::identity::{Identity, PeerHello, PEER_HELLO_BYTES_MAX};
 use crate::net::Transport;
 use crate::wire::{
-    self, ClientMsg, FrameError, HandlerToPipe, MemberAddr, PeerFrame, PipeToHandler, ServerMsg, ServerStatus,
+    self, ClientMsg, FrameError, HandlerToPipe, Hello, MemberAddr, PeerFrame, PipeToHandler, ServerMsg, ServerStatus,
     StreamEnd, StreamRefusal, WireError,
 };
 use std::collections::{BTreeMap, BTreeSet};
@@ -312,6 +312,8 @@ struct Driver<E: Env> {
     handlers: BTreeMap<Kind, String>,
     /// Outgoing queues to the other members' writer tasks.
     peers: BTreeMap<ReplicaId, mpsc::Sender<Message>>,
+    /// Where clients reach every member, told in each client connection's hello.
+    client_addrs: Vec<MemberAddr>,
 }
 
 impl<E: Env> Driver<E> {
@@ -327,6 +329,7 @@ impl<E: Env> Driver<E> {
         let (me, voters) = config.membership();
         let engine = Engine::replica(config.engine_config(), me, voters, env.seed());
         let handlers = config.kinds.iter().filter_map(|(k, s)| Some((Kind(*k), s.handler.clone()?))).collect();
+        let client_addrs = config.client_addrs().into_iter().map(|(id, client)| MemberAddr { id, client }).collect();
         let mut peers = BTreeMap::new();
         for (id, addr) in config.peers() {
             let (tx, rx) = mpsc::channel(config.server.peer_queue_max as usize);
@@ -350,6 +353,7 @@ impl<E: Env> Driver<E> {
             connections,
             handlers,
             peers,
+            client_addrs,
         }
     }
 
@@ -440,13 +444,9 @@ impl<E: Env> Driver<E> {
             ToEngine::IoDone { id, result } => self.feed(Input::IoDone { id, result }),
             ToEngine::DeliveryFailed { handle, reason } => self.feed(Input::DeliveryFailed { handle, reason }),
             ToEngine::Opened { conn, link } => {
-                let members = self.config.client_addrs().into_iter().map(|(id, client)| MemberAddr { id, client });
-                let hello = ServerMsg::Hello {
-                    member: self.engine.id(),
-                    leader: self.engine.leader(),
-                    members: members.collect(),
-                };
-                let _ = link.tx.send(Outgoing::Msg(hello));
+                let members = self.client_addrs.clone();
+                let hello = Hello { member: self.engine.id(), leader: self.engine.leader(), members };
+                let _ = link.tx.send(Outgoing::Msg(ServerMsg::Hello(hello)));
                 self.conns.insert(conn, Conn { link, streams: BTreeMap::new() });
             }
             ToEngine::Closed { conn } => {

@@ -64,11 +64,7 @@ pub enum ServerMsg {
     /// and tries the next member. It also says which member answers, the leader it knows of,
     /// and where clients reach every member, so a client given one address finds the others
     /// and follows a `NotLeader` hint straight to the leader.
-    Hello {
-        member: ReplicaId,
-        leader: Option<ReplicaId>,
-        members: Vec<MemberAddr>,
-    },
+    Hello(Hello),
     Reply {
         client: ClientId,
         seq: Seq,
@@ -139,6 +135,15 @@ pub struct ServerStatus {
     pub disk_bytes: u64,
     pub connections: u32,
     pub role: String,
+}
+
+/// What a member says first on every client connection (see [`ServerMsg::Hello`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub member: ReplicaId,
+    /// The leader the member knows of, if any.
+    pub leader: Option<ReplicaId>,
+    pub members: Vec<MemberAddr>,
 }
 
 /// Where clients reach one member of the cluster.

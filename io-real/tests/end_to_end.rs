@@ -1,6 +1,10 @@
 //! The real server in-process (real TCP on loopback, real files in a temporary directory),
 //! driven through the client library and raw sockets.
 
+#[allow(dead_code)] // each test file uses part of the shared harness
+mod common;
+
+use common::truba_cli as truba;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -489,20 +493,6 @@ async fn a_kind_is_listed_page_by_page_and_redriven_batch_by_batch() {
     assert_eq!(p.dead_page(1, None, 100).await.unwrap().total, 0);
     assert_eq!(p.redrive_kind(1).await.unwrap(), Redriven { count: 0, remaining: 0 });
     server.stop().await;
-}
-
-/// Runs the `truba` binary against `addr`: exit status, standard output, standard error.
-async fn truba(addr: &str, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_truba"))
-        .args(args)
-        .args(["--addr", addr])
-        .env_remove("RUST_LOG")
-        .env_remove("TRUBA_ADDR")
-        .output()
-        .await
-        .expect("running truba");
-    let text = |b: Vec<u8>| String::from_utf8(b).expect("utf-8 output");
-    (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
 }
 
 fn json(text: &str) -> serde_json::Value {

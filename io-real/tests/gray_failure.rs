@@ -18,7 +18,7 @@
 mod common;
 
 use common::cluster::{Cluster, ClusterConfig, NODES};
-use common::{ms, KIND};
+use common::{ms, truba_cli, KIND};
 use std::time::{Duration, Instant};
 
 const CLUSTER: ClusterConfig =
@@ -28,19 +28,11 @@ const SLACK: Duration = Duration::from_millis(1_000);
 /// The client library's `CONNECT_STAGGER`.
 const STAGGER: Duration = Duration::from_millis(250);
 
-/// Runs `truba ARGS --addr ADDR`; its exit code, standard output and error, and how long it took.
+/// [`truba_cli`], and how long it took.
 async fn truba(addr: &str, args: &[&str]) -> (i32, String, String, Duration) {
     let started = Instant::now();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_truba"))
-        .args(args)
-        .args(["--addr", addr])
-        .env_remove("RUST_LOG")
-        .env_remove("TRUBA_ADDR")
-        .output()
-        .await
-        .expect("running truba");
-    let text = |b: Vec<u8>| String::from_utf8(b).expect("utf-8 output");
-    (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr), started.elapsed())
+    let (code, out, err) = truba_cli(addr, args).await;
+    (code, out, err, started.elapsed())
 }
 
 fn signal(pid: u32, sig: &str) {

@@ -117,6 +117,22 @@ pub async fn terminate(child: &mut Option<Child>, within: Duration) -> Option<Ex
 }
 
 /// The last `lines` lines of a process's log, to print when a test fails.
+/// Runs `truba ARGS --addr ADDR` (without the caller's `RUST_LOG` and `TRUBA_ADDR`): its exit
+/// code, standard output and standard error.
+#[allow(dead_code)] // not every test file runs the command line
+pub async fn truba_cli(addr: &str, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_truba"))
+        .args(args)
+        .args(["--addr", addr])
+        .env_remove("RUST_LOG")
+        .env_remove("TRUBA_ADDR")
+        .output()
+        .await
+        .expect("running truba");
+    let text = |b: Vec<u8>| String::from_utf8(b).expect("utf-8 output");
+    (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
+}
+
 pub fn log_tail(log: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_else(|e| format!("(cannot read the log: {e})"));
     let all: Vec<&str> = text.lines().collect();
