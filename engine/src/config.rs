@@ -1,6 +1,6 @@
 //! Configuration: per-kind behaviour and the limits that bound every queue and size.
 
-use crate::types::{Duration, Kind};
+use crate::types::{Duration, Kind, ReplicaId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -43,6 +43,23 @@ impl KindConfig {
         let doublings = failures.saturating_sub(1).min(31);
         let delay = (self.backoff_base_s as u64) << doublings;
         delay.min(self.backoff_cap_s as u64) as u32
+    }
+
+    /// Each setting by name, for diffs.
+    pub fn named(&self) -> [(&'static str, u64); 11] {
+        [
+            ("default_delay_s", self.default_delay_s as u64),
+            ("jitter_window_s", self.jitter_window_s as u64),
+            ("record_bytes_max", self.record_bytes_max as u64),
+            ("session_bytes_max", self.session_bytes_max as u64),
+            ("session_records_max", self.session_records_max as u64),
+            ("lease_ms", self.lease_ms),
+            ("handler_slots", self.handler_slots as u64),
+            ("store_timeout_s_max", self.store_timeout_s_max as u64),
+            ("backoff_base_s", self.backoff_base_s as u64),
+            ("backoff_cap_s", self.backoff_cap_s as u64),
+            ("max_attempts", self.max_attempts as u64),
+        ]
     }
 
     /// Whether `failures` failed deliveries in a row send a session to the dead-letter set.
@@ -209,6 +226,214 @@ impl Default for Limits {
     }
 }
 
+/// The limits that applying an entry depends on. They are part of the cluster's replicated
+/// configuration ([`ClusterConfig`]), not of a node's file: were they read from each node's own
+/// settings, two replicas could apply the same log differently. A new cluster takes them from
+/// its first leader's [`Limits`]; afterwards only a committed configuration change moves them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppliedLimits {
+    pub sessions_max: u64,
+    pub dedup_clients_max: u32,
+    pub tombstones_max: u32,
+    pub redrive_batch_max: u32,
+    pub consumers_max: u32,
+    pub consumer_name_bytes_max: u32,
+    pub commit_ops_max: u32,
+}
+
+impl From<&Limits> for AppliedLimits {
+    fn from(l: &Limits) -> Self {
+        AppliedLimits {
+            sessions_max: l.sessions_max,
+            dedup_clients_max: l.dedup_clients_max,
+            tombstones_max: l.tombstones_max,
+            redrive_batch_max: l.redrive_batch_max,
+            consumers_max: l.consumers_max,
+            consumer_name_bytes_max: l.consumer_name_bytes_max,
+            commit_ops_max: l.commit_ops_max,
+        }
+    }
+}
+
+impl AppliedLimits {
+    /// Each limit by name, for diffs and for telling an operator which of a file's settings the
+    /// cluster does not follow.
+    pub fn named(&self) -> [(&'static str, u64); 7] {
+        [
+            ("sessions_max", self.sessions_max),
+            ("dedup_clients_max", self.dedup_clients_max as u64),
+            ("tombstones_max", self.tombstones_max as u64),
+            ("redrive_batch_max", self.redrive_batch_max as u64),
+            ("consumers_max", self.consumers_max as u64),
+            ("consumer_name_bytes_max", self.consumer_name_bytes_max as u64),
+            ("commit_ops_max", self.commit_ops_max as u64),
+        ]
+    }
+}
+
+/// A member's part in consensus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum MemberRole {
+    /// Counts toward quorums and may lead.
+    Voter,
+    /// Replicates everything, never votes and never counts (not yet used: see the README).
+    Learner,
+}
+
+/// Most kinds a cluster may configure.
+pub const KINDS_MAX: usize = 1024;
+
+/// The cluster's configuration as replicated state: what applying depends on (the kinds and the
+/// applied limits) and who the members are. It lives in the state machine and its snapshots and
+/// changes only through committed entries, each raising `version` by one. Version 0 is a state
+/// that has not applied its bootstrap entry yet (a new cluster's first leader proposes one, made
+/// from its own file).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    pub version: u64,
+    pub members: BTreeMap<ReplicaId, MemberRole>,
+    pub kinds: BTreeMap<Kind, KindConfig>,
+    pub limits: AppliedLimits,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            version: 0,
+            members: BTreeMap::new(),
+            kinds: BTreeMap::new(),
+            limits: AppliedLimits::from(&Limits::default()),
+        }
+    }
+}
+
+/// Why a proposed configuration is not valid.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidConfig(pub String);
+
+impl ClusterConfig {
+    /// The configuration a new cluster starts with: the first leader's kinds and limits, and
+    /// the voters it was started with.
+    pub fn bootstrap(cfg: &EngineConfig, voters: &[ReplicaId]) -> ClusterConfig {
+        ClusterConfig {
+            version: 1,
+            members: voters.iter().map(|&v| (v, MemberRole::Voter)).collect(),
+            kinds: cfg.kinds.clone(),
+            limits: AppliedLimits::from(&cfg.limits),
+        }
+    }
+
+    pub fn kind(&self, kind: Kind) -> Option<&KindConfig> {
+        self.kinds.get(&kind)
+    }
+
+    /// Checks what every configuration must satisfy, whatever the state it would apply to.
+    pub fn validate(kinds: &BTreeMap<Kind, KindConfig>, limits: &AppliedLimits) -> Result<(), InvalidConfig> {
+        let bad = |what: String| Err(InvalidConfig(what));
+        if kinds.is_empty() {
+            return bad("at least one kind must be configured".into());
+        }
+        if kinds.len() > KINDS_MAX {
+            return bad(format!("{} kinds configured; at most {KINDS_MAX}", kinds.len()));
+        }
+        for (kind, k) in kinds {
+            let positive = [
+                ("record_bytes_max", k.record_bytes_max as u64),
+                ("session_bytes_max", k.session_bytes_max as u64),
+                ("session_records_max", k.session_records_max as u64),
+                ("lease_ms", k.lease_ms),
+                ("handler_slots", k.handler_slots as u64),
+            ];
+            if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+                return bad(format!("kind {}: {name} must be above 0", kind.0));
+            }
+            if k.record_bytes_max > k.session_bytes_max {
+                return bad(format!(
+                    "kind {}: record_bytes_max ({}) is above session_bytes_max ({})",
+                    kind.0, k.record_bytes_max, k.session_bytes_max
+                ));
+            }
+            if k.backoff_base_s > k.backoff_cap_s {
+                return bad(format!(
+                    "kind {}: backoff_base_s ({}) is above backoff_cap_s ({})",
+                    kind.0, k.backoff_base_s, k.backoff_cap_s
+                ));
+            }
+        }
+        if let Some((name, _)) = limits.named().iter().find(|(_, v)| *v == 0) {
+            return bad(format!("limit {name} must be above 0"));
+        }
+        Ok(())
+    }
+
+    /// What differs from `other`, one line a setting, in this configuration's terms (`other`'s
+    /// value, then this one's). Empty when they agree on kinds and limits.
+    pub fn differences(&self, other_kinds: &BTreeMap<Kind, KindConfig>, other_limits: &AppliedLimits) -> Vec<String> {
+        let mut out = Vec::new();
+        for (kind, theirs) in other_kinds {
+            match self.kinds.get(kind) {
+                None => out.push(format!("kind {}: configured there, not in the cluster", kind.0)),
+                Some(ours) if ours != theirs => {
+                    for ((name, a), (_, b)) in theirs.named().iter().zip(ours.named().iter()) {
+                        if a != b {
+                            out.push(format!("kind {}: {name} {a} there, {b} in the cluster", kind.0));
+                        }
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        for kind in self.kinds.keys().filter(|k| !other_kinds.contains_key(k)) {
+            out.push(format!("kind {}: in the cluster, not configured there", kind.0));
+        }
+        for ((name, a), (_, b)) in other_limits.named().iter().zip(self.limits.named().iter()) {
+            if a != b {
+                out.push(format!("limit {name}: {a} there, {b} in the cluster"));
+            }
+        }
+        out
+    }
+}
+
+/// What applying an entry consults: the replicated configuration, and the deliberate bugs of
+/// the mutation tests. Never a node's own settings (see `sessions.rs`).
+pub(crate) struct Rules<'a> {
+    pub config: &'a ClusterConfig,
+    pub limits: &'a AppliedLimits,
+    pub mutations: &'a Mutations,
+}
+
+impl<'a> Rules<'a> {
+    pub fn new(config: &'a ClusterConfig, mutations: &'a Mutations) -> Rules<'a> {
+        Rules { config, limits: &config.limits, mutations }
+    }
+
+    pub fn kind(&self, kind: Kind) -> Option<&'a KindConfig> {
+        self.config.kinds.get(&kind)
+    }
+
+    /// Whether a mutation is on (always false without the `mutations` feature).
+    #[inline]
+    pub fn mutation(&self, pick: impl Fn(&Mutations) -> bool) -> bool {
+        cfg!(feature = "mutations") && pick(self.mutations)
+    }
+
+    /// The clock reading from which a lease ending at `lease_until` counts as run out.
+    pub fn lease_end(&self, kind: Kind, lease_until: crate::types::UnixMs) -> crate::types::UnixMs {
+        if self.mutation(|m| m.expire_early) {
+            crate::types::UnixMs(lease_until.0.saturating_sub(self.lease(kind).0 / 2))
+        } else {
+            lease_until
+        }
+    }
+
+    pub fn lease(&self, kind: Kind) -> Duration {
+        Duration(self.kind(kind).map_or(30_000, |k| k.lease_ms))
+    }
+}
+
 /// Consensus timing and flow control. Every replica of a cluster should use the same values.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -323,11 +548,13 @@ pub struct Mutations {
     pub commit_not_atomic: bool,
     /// A read-through answers once the replica has applied the index, whatever the checkpoint.
     pub read_through_on_applied: bool,
+    /// Applying consults this node's own kinds and limits instead of the replicated ones.
+    pub apply_local_config: bool,
 }
 
 impl Mutations {
     /// Names accepted on the simulator's command line.
-    pub const NAMES: [&'static str; 32] = [
+    pub const NAMES: [&'static str; 33] = [
         "ack-before-fsync",
         "truncate-mid-log",
         "apply-retry-twice",
@@ -360,6 +587,7 @@ impl Mutations {
         "stale-epoch-accepted",
         "commit-not-atomic",
         "read-through-on-applied",
+        "apply-local-config",
     ];
 
     pub fn from_name(name: &str) -> Option<Mutations> {
@@ -397,6 +625,7 @@ impl Mutations {
             "stale-epoch-accepted" => m.stale_epoch_accepted = true,
             "commit-not-atomic" => m.commit_not_atomic = true,
             "read-through-on-applied" => m.read_through_on_applied = true,
+            "apply-local-config" => m.apply_local_config = true,
             _ => return None,
         }
         Some(m)
@@ -437,19 +666,6 @@ impl EngineConfig {
     #[inline]
     pub(crate) fn mutation(&self, pick: impl Fn(&Mutations) -> bool) -> bool {
         cfg!(feature = "mutations") && pick(&self.mutations)
-    }
-
-    /// The clock reading from which a lease ending at `lease_until` counts as run out.
-    pub(crate) fn lease_end(&self, kind: Kind, lease_until: crate::types::UnixMs) -> crate::types::UnixMs {
-        if self.mutation(|m| m.expire_early) {
-            crate::types::UnixMs(lease_until.0.saturating_sub(self.lease(kind).0 / 2))
-        } else {
-            lease_until
-        }
-    }
-
-    pub(crate) fn lease(&self, kind: Kind) -> Duration {
-        Duration(self.kinds.get(&kind).map_or(30_000, |k| k.lease_ms))
     }
 }
 

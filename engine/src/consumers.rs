@@ -12,7 +12,7 @@
 //!   until its applied checkpoint covers an index; a replica's applied state is a committed
 //!   prefix, so it never answers early.
 
-use crate::config::Limits;
+use crate::config::AppliedLimits;
 use crate::error::RequestError;
 use crate::op::{Checkpoint, QueryReply};
 use crate::types::{Index, Instant};
@@ -33,7 +33,7 @@ impl ConsumerState {
 
 /// A consumer's name: 1 to `consumer_name_bytes_max` bytes of letters, digits, `.`, `_`, `-`
 /// and `/`, so that it reads the same in a log line, a shell and a URL.
-pub(crate) fn check_name(name: &str, limits: &Limits) -> Result<(), RequestError> {
+pub(crate) fn check_name(name: &str, limits: &AppliedLimits) -> Result<(), RequestError> {
     let max = limits.consumer_name_bytes_max as usize;
     if name.is_empty() || name.len() > max {
         return Err(RequestError::InvalidName(format!("a name has 1 to {max} bytes")));

@@ -151,6 +151,12 @@ impl Engine {
         self.heartbeat_due = self.now.mono;
         self.report_role();
         self.term_start = self.propose(Command::Noop);
+        if self.state.config().version == 0 {
+            // A new cluster (or one whose first leader's bootstrap this replica has not applied
+            // yet): propose this node's own configuration. It comes before every request of
+            // this term, and only the first bootstrap the log applies takes effect.
+            self.propose(Command::Bootstrap { config: self.local_config.clone() });
+        }
         self.reads = Default::default();
         self.heartbeat();
     }

@@ -8,7 +8,7 @@
 //! meanwhile, and a batch of one goes out at once under low load). Entries are applied once they
 //! are committed (durable on a majority) and durable here; the leader then answers the clients.
 
-use crate::config::EngineConfig;
+use crate::config::{ClusterConfig, EngineConfig, Rules};
 use crate::error::{Fatal, RequestError};
 use crate::events::{Audit, LedgerEntry, StreamError, StreamId, StreamItem, StreamOpen};
 use crate::hardstate::{HardState, HardStateWriter, HsStep};
@@ -147,7 +147,14 @@ impl Installing {
 }
 
 pub struct Engine {
+    /// This node's own settings. Applying never reads its kinds or applied limits: those come
+    /// from the replicated configuration in the state (see `config.rs`).
     pub(crate) cfg: EngineConfig,
+    /// This node's kinds and applied limits as a configuration: what a new cluster's first
+    /// leader proposes, and what the replicated one is compared with for the operator.
+    pub(crate) local_config: ClusterConfig,
+    /// The replicated configuration version last compared with this node's own.
+    config_noticed: u64,
     pub(crate) rng: ChaCha8Rng,
     pub(crate) now: Now,
     pub(crate) phase: Phase,
@@ -244,6 +251,8 @@ impl Engine {
         voters.dedup();
         assert!(voters.contains(&me), "a replica is one of the cluster's voters");
         Engine {
+            local_config: ClusterConfig::bootstrap(&cfg, &voters),
+            config_noticed: 0,
             cfg,
             rng: ChaCha8Rng::seed_from_u64(seed),
             now: Now::default(),
@@ -500,6 +509,7 @@ impl Engine {
                     self.apply_committed();
                 }
                 self.state.full_invariants();
+                self.notice_config();
                 self.outputs.push_back(Output::Recovered {
                     applied: self.state.applied(),
                     state_hash: self.state.state_hash(),
@@ -694,9 +704,10 @@ impl Engine {
         self.proposed.insert(index, (client, seq));
     }
 
+    /// A repeat time drawn with the jitter of the kind as the cluster configures it.
     fn draw_due(&mut self, kind: Option<crate::types::Kind>, timeout_s: u32) -> crate::op::UnixSecs {
-        let kc = kind.and_then(|k| self.cfg.kind(k)).cloned();
-        draw_due(self.now.wall, timeout_s, kc.as_ref(), &mut self.rng)
+        let kc = kind.and_then(|k| self.state.config().kind(k));
+        draw_due(self.now.wall, timeout_s, kc, &mut self.rng)
     }
 
     /// A consumer's commit as an entry: the repeat time of each storing operation is drawn
@@ -719,23 +730,32 @@ impl Engine {
         Command::Commit { client, seq, principal: None, commit, dues, ids_from }
     }
 
-    /// Refusals that need no log entry: limits fixed by configuration. The same checks are made
-    /// again at apply time, which is what every replica agrees on.
+    /// Refusals that need no log entry, by the replicated configuration as this leader has
+    /// applied it. The same checks are made again at apply time, which is what every replica
+    /// agrees on (the configuration may change in between).
     fn precheck(&self, request: &Request) -> Result<(), RequestError> {
+        let config = self.state.config();
+        if config.version == 0 {
+            // The bootstrap entry is on its way; applying decides.
+            return Ok(());
+        }
         if let Request::ConsumerCommit(c) = request {
-            let max = self.cfg.limits.commit_ops_max;
+            let max = config.limits.commit_ops_max;
             if c.ops.len() > max as usize {
                 return Err(RequestError::TooManyOps { max });
             }
-            crate::consumers::check_name(&c.consumer, &self.cfg.limits)?;
+            crate::consumers::check_name(&c.consumer, &config.limits)?;
             return Ok(());
+        }
+        if let Request::Configure { kinds, limits, .. } = request {
+            return crate::config::ClusterConfig::validate(kinds, limits).map_err(|e| RequestError::InvalidConfig(e.0));
         }
         let kind = match request {
             Request::New { kind, .. } => Some(*kind),
             other => other.handle().and_then(|h| self.state.session(h.session)).map(|s| s.kind),
         };
         let Some(kind) = kind else { return Ok(()) };
-        let kc = self.cfg.kind(kind).ok_or(RequestError::UnknownKind(kind))?;
+        let kc = config.kind(kind).ok_or(RequestError::UnknownKind(kind))?;
         let size = request.record_len() as u64;
         if size > kc.record_bytes_max as u64 {
             return Err(RequestError::RecordTooLarge { size, max: kc.record_bytes_max });
@@ -761,7 +781,7 @@ impl Engine {
             }
             Query::Dead { .. } if !self.is_serving() => QueryReply::Dead(Err(RequestError::NotReady)),
             Query::Session(sid) => return self.on_read(id, ReadQuery::Session(sid)),
-            Query::Dead { kind, .. } if self.cfg.kind(kind).is_none() => {
+            Query::Dead { kind, .. } if self.state.config().kind(kind).is_none() => {
                 QueryReply::Dead(Err(RequestError::UnknownKind(kind)))
             }
             Query::Dead { kind, after, limit } => {
@@ -773,6 +793,8 @@ impl Engine {
                 QueryReply::Checkpoint(Err(RequestError::NotReady))
             }
             Query::Checkpoint { consumer } => return self.on_read(id, ReadQuery::Checkpoint(consumer)),
+            Query::Config if !self.is_serving() => QueryReply::Config(Err(RequestError::NotReady)),
+            Query::Config => return self.on_read(id, ReadQuery::Config),
             Query::ReadThrough { consumer, index, timeout_ms } => match self.state.checkpoint(&consumer) {
                 None => QueryReply::Checkpoint(Err(RequestError::UnknownConsumer(consumer))),
                 Some(c) if c.through >= index || self.read_through_early(index) => QueryReply::Checkpoint(Ok(c)),
@@ -848,7 +870,8 @@ impl Engine {
         let Some(session) = self.state.session(handle.session).filter(|s| s.attempt == handle.attempt) else {
             return; // a report about a delivery already superseded changes nothing
         };
-        let due = draw_retry_due(self.now.wall, session, &self.cfg, &mut self.rng);
+        let rules = Rules::new(&self.state.config, &self.cfg.mutations);
+        let due = draw_retry_due(self.now.wall, session, &rules, &mut self.rng);
         let reason = reason.truncated(self.cfg.limits.failure_reason_bytes_max as usize);
         self.propose(Command::DeliveryFailed { handle, due, reason });
     }
@@ -888,7 +911,8 @@ impl Engine {
             return;
         }
         let wall = self.now.wall;
-        if let Some(c) = self.repeater.plan_expire(&self.state, wall, &self.cfg, &mut self.rng) {
+        let rules = Rules::new(&self.state.config, &self.cfg.mutations);
+        if let Some(c) = self.repeater.plan_expire(&self.state, wall, &rules, &self.cfg.limits, &mut self.rng) {
             self.propose(c);
         }
         self.plan_sources();
@@ -1141,7 +1165,8 @@ impl Engine {
                 audit.at = self.now.wall;
             }
             let (term, entry_index) = (entry.term, entry.index);
-            let mut applied = self.state.apply(entry, &self.cfg, env);
+            let local = self.cfg.mutation(|m| m.apply_local_config).then_some(&self.local_config);
+            let mut applied = self.state.apply(entry, &self.cfg.mutations, local, env);
             let events = std::mem::take(&mut applied.events);
             self.ledger.append(Record::of(&LedgerEntry { index: entry_index, term, audit, events }));
             slots_finished |= finished_by_handler && self.state.delivering_total() < delivering_before;
@@ -1164,6 +1189,7 @@ impl Engine {
             }
         }
         self.after_apply_sources();
+        self.notice_config();
         self.ledger_step();
         if self.streams.len() > 0 {
             self.with_streams(|s, c| s.pump(c));
@@ -1182,6 +1208,20 @@ impl Engine {
         }
     }
 
+    /// Tells the operator, once per version, where this node's own kinds and applied limits
+    /// differ from the replicated configuration it follows.
+    pub(crate) fn notice_config(&mut self) {
+        let config = self.state.config();
+        if config.version == self.config_noticed {
+            return;
+        }
+        self.config_noticed = config.version;
+        let differences = config.differences(&self.local_config.kinds, &self.local_config.limits);
+        if !differences.is_empty() {
+            self.outputs.push_back(Output::ConfigDiffers { version: config.version, differences });
+        }
+    }
+
     /// Proposes a take of due sessions for the free handler slots, if this replica leads and
     /// the log has room.
     fn take_due(&mut self) {
@@ -1190,7 +1230,9 @@ impl Engine {
         }
         let (files, state) = (&self.files, &self.state);
         let records = |id| files.records(state, id);
-        if let Some(c) = self.repeater.plan_take(&self.state, self.now.wall, &self.cfg, &records) {
+        let rules = Rules::new(&self.state.config, &self.cfg.mutations);
+        let limits = &self.cfg.limits;
+        if let Some(c) = self.repeater.plan_take(&self.state, self.now.wall, &rules, limits, &records) {
             self.propose(c);
         }
     }
@@ -1253,8 +1295,10 @@ impl Engine {
     /// ask for.
     fn with_streams(&mut self, f: impl FnOnce(&mut Streams, &mut Ctx)) {
         let mut reads = Vec::new();
-        let kinds = &self.cfg.kinds;
-        let known = |k: crate::types::Kind| kinds.contains_key(&k);
+        let kinds = &self.state.config().kinds;
+        // Before the bootstrap applied every kind is let through: the configuration decides.
+        let bootstrapped = self.state.config().version > 0;
+        let known = |k: crate::types::Kind| !bootstrapped || kinds.contains_key(&k);
         let mut ctx = Ctx {
             ledger: &self.ledger,
             limits: &self.cfg.limits,
@@ -1390,7 +1434,8 @@ impl Engine {
         if self.is_serving() {
             self.ledger.invariants();
         }
-        let session_bytes_max = self.cfg.kinds.values().map(|k| k.session_bytes_max as u64).max().unwrap_or(0);
+        let session_bytes_max =
+            self.state.config().kinds.values().map(|k| k.session_bytes_max as u64).max().unwrap_or(0);
         self.streams.invariants(&self.cfg.limits, session_bytes_max);
         let early = self.cfg.mutation(|m| m.ack_before_fsync || m.follower_ack_before_fsync);
         if !early {

@@ -75,6 +75,18 @@ pub enum RequestError {
     /// leader wrote): refused whole.
     #[error("malformed entry: {0}")]
     Malformed(String),
+    #[error("the configuration is at version {current}, not {expected}: show it again and base the change on it")]
+    ConfigVersion { expected: u64, current: u64 },
+    #[error(
+        "kind {kind} still has {sessions} sessions (active, stored or dead); it cannot be removed until they are gone"
+    )]
+    KindInUse { kind: Kind, sessions: u64 },
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    #[error("the cluster has no configuration yet (its first leader has not committed one); retry shortly")]
+    NotConfigured,
+    #[error("{0} is not supported by this version of truba")]
+    Unsupported(String),
 }
 
 impl RequestError {

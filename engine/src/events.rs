@@ -174,6 +174,10 @@ pub enum What {
     SourceReady {
         source: SourceId,
     },
+    /// The cluster's configuration is now at this version (its bootstrap, or a change).
+    Configured {
+        version: u64,
+    },
 }
 
 impl What {
@@ -220,6 +224,7 @@ impl What {
             What::Spilled { .. } => "spilled",
             What::Merging { .. } => "merging",
             What::SourceReady { .. } => "source-ready",
+            What::Configured { .. } => "configured",
         }
     }
 }

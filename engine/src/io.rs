@@ -184,6 +184,12 @@ pub enum Output {
         seq: u64,
         item: StreamItem,
     },
+    /// The replicated configuration (at `version`) differs from this node's own file in these
+    /// settings; the node follows the replicated one. Said once per version, for the log.
+    ConfigDiffers {
+        version: u64,
+        differences: Vec<String>,
+    },
     /// This replica's role or term changed (for logs, status and the simulator's checkers).
     Role {
         role: RoleName,

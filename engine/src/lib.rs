@@ -55,7 +55,10 @@ mod stored;
 mod streams;
 pub mod types;
 
-pub use config::{ConsensusConfig, EngineConfig, KindConfig, Limits, Mutations};
+pub use config::{
+    AppliedLimits, ClusterConfig, ConsensusConfig, EngineConfig, InvalidConfig, KindConfig, Limits, MemberRole,
+    Mutations,
+};
 pub use engine::Engine;
 pub use error::{Fatal, RequestError};
 pub use events::{

@@ -1,8 +1,10 @@
 //! What clients ask for, what they are answered, and what the log records.
 
+use crate::config::{AppliedLimits, ClusterConfig, KindConfig};
 use crate::error::RequestError;
 use crate::types::{ClientId, Handle, Index, Kind, ReplicaId, Seq, SessionId, SourceId, Term, UnixMs};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Repeat time of a stored session, in whole seconds of the proposing replica's wall clock.
 /// Sessions due in the same second go out in the order they were stored.
@@ -61,6 +63,10 @@ pub enum Request {
     ConsumerCommit(ConsumerCommit),
     /// Operator: remove a consumer and its checkpoint.
     ConsumerDrop { consumer: String },
+    /// Operator: replace the cluster's kinds and applied limits, if its configuration is still
+    /// at `expect_version` (so that two operators cannot overwrite each other's change unseen).
+    /// Refused whole if it is invalid or would strand sessions of a removed kind.
+    Configure { expect_version: u64, kinds: BTreeMap<Kind, KindConfig>, limits: AppliedLimits },
 }
 
 /// A consumer's commit (see [`Request::ConsumerCommit`]).
@@ -196,7 +202,8 @@ impl Request {
             | Request::DropDead { .. }
             | Request::ConsumerOpen { .. }
             | Request::ConsumerCommit(_)
-            | Request::ConsumerDrop { .. } => None,
+            | Request::ConsumerDrop { .. }
+            | Request::Configure { .. } => None,
         }
     }
 
@@ -222,6 +229,7 @@ impl Request {
             Request::ConsumerOpen { .. } => "consumer-open",
             Request::ConsumerCommit(_) => "consumer-commit",
             Request::ConsumerDrop { .. } => "consumer-drop",
+            Request::Configure { .. } => "configure",
         }
     }
 
@@ -258,6 +266,10 @@ pub enum Reply {
     Committed {
         through: Index,
         results: Vec<Reply>,
+    },
+    /// The configuration changed to this version.
+    Configured {
+        version: u64,
     },
 }
 
@@ -306,6 +318,11 @@ pub enum Command {
         dues: Vec<Option<UnixSecs>>,
         ids_from: Index,
     },
+    /// A new cluster's configuration, proposed by a leader whose state has none yet, right
+    /// after its no-op (so it comes before every request of the leader's term). Only the first
+    /// one applied takes effect; a later one (from a leader that had not yet applied an earlier
+    /// one) changes nothing.
+    Bootstrap { config: ClusterConfig },
 }
 
 impl Command {
@@ -322,6 +339,7 @@ impl Command {
             Command::Noop => "noop",
             Command::Reserve => "reserve",
             Command::Commit { .. } => "consumer-commit",
+            Command::Bootstrap { .. } => "bootstrap",
         }
     }
 }
@@ -366,6 +384,8 @@ pub enum Query {
         index: Index,
         timeout_ms: u64,
     },
+    /// The cluster's replicated configuration (a linearizable read, answered by the leader).
+    Config,
 }
 
 /// A consumer's checkpoint.
@@ -441,6 +461,7 @@ pub enum QueryReply {
     Status(StatusView),
     Dead(Result<DeadPage, RequestError>),
     Checkpoint(Result<Checkpoint, RequestError>),
+    Config(Result<ClusterConfig, RequestError>),
 }
 
 /// One dead session in a listing (records are left out; `Query::Session` shows them).

@@ -24,6 +24,7 @@ pub(crate) enum ReadQuery {
     Session(SessionId),
     Dead { kind: Kind, after: Option<SessionId>, limit: u32 },
     Checkpoint(String),
+    Config,
 }
 
 impl ReadQuery {
@@ -32,6 +33,7 @@ impl ReadQuery {
             ReadQuery::Session(_) => QueryReply::Session(Err(e)),
             ReadQuery::Dead { .. } => QueryReply::Dead(Err(e)),
             ReadQuery::Checkpoint(_) => QueryReply::Checkpoint(Err(e)),
+            ReadQuery::Config => QueryReply::Config(Err(e)),
         }
     }
 }
@@ -105,6 +107,10 @@ impl Engine {
                 ReadQuery::Checkpoint(name) => {
                     QueryReply::Checkpoint(self.state.checkpoint(&name).ok_or(RequestError::UnknownConsumer(name)))
                 }
+                ReadQuery::Config => match self.state.config().version {
+                    0 => QueryReply::Config(Err(RequestError::NotConfigured)),
+                    _ => QueryReply::Config(Ok(self.state.config().clone())),
+                },
             };
             self.outputs.push_back(Output::QueryReply { id: r.id, reply });
         }

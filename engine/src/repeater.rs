@@ -2,7 +2,7 @@
 //! which leases have run out. It only proposes; the replicated `Take` and `Expire` commands are
 //! what change state, so every replica agrees on what was taken. Followers never run it.
 
-use crate::config::{EngineConfig, KindConfig};
+use crate::config::{KindConfig, Limits, Rules};
 use crate::op::{Command, UnixSecs, Unspilled};
 use crate::sessions::{Session, StateMachine, Status};
 use crate::types::{Handle, Kind, SessionId, UnixMs};
@@ -19,7 +19,7 @@ pub(crate) fn draw_due(wall: UnixMs, timeout_s: u32, kind: Option<&KindConfig>, 
 
 /// Repeat time after a failed delivery: the kind's backoff for the session's failures in a row
 /// (this one included), plus the jitter.
-pub(crate) fn draw_retry_due(wall: UnixMs, session: &Session, cfg: &EngineConfig, rng: &mut ChaCha8Rng) -> UnixSecs {
+pub(crate) fn draw_retry_due(wall: UnixMs, session: &Session, cfg: &Rules<'_>, rng: &mut ChaCha8Rng) -> UnixSecs {
     let kc = cfg.kind(session.kind);
     let mut delay = kc.map_or(60, |k| k.backoff_s(session.failures + 1));
     if cfg.mutation(|m| m.no_backoff) {
@@ -59,7 +59,8 @@ impl Repeater {
         &mut self,
         state: &StateMachine,
         wall: UnixMs,
-        cfg: &EngineConfig,
+        cfg: &Rules<'_>,
+        limits: &Limits,
         records: &dyn Fn(SessionId) -> Option<Unspilled>,
     ) -> Option<Command> {
         let mut horizon = wall.as_secs();
@@ -67,8 +68,8 @@ impl Repeater {
             horizon.0 += 5;
         }
         let (mut taken, mut unspilled, mut carried) = (Vec::new(), Vec::new(), 0u64);
-        for (kind, kc) in &cfg.kinds {
-            let room = cfg.limits.take_batch_max as usize - taken.len();
+        for (kind, kc) in &cfg.config.kinds {
+            let room = limits.take_batch_max as usize - taken.len();
             let busy = state.delivering(*kind) as usize + self.taking_of(*kind);
             let free = (kc.handler_slots as usize).saturating_sub(busy).min(room);
             let due = state
@@ -86,7 +87,7 @@ impl Repeater {
                 if state.is_spilled(*id) {
                     // The entry carries spilled sessions' records: at most half a batch's bytes
                     // of them (and always one), so a take stays an ordinary log entry.
-                    let full = carried > cfg.limits.batch_bytes_max as u64 / 2;
+                    let full = carried > limits.batch_bytes_max as u64 / 2;
                     match records(*id).filter(|_| !full) {
                         Some(u) => {
                             carried += u.records.iter().map(|r| r.len() as u64).sum::<u64>();
@@ -117,7 +118,8 @@ impl Repeater {
         &mut self,
         state: &StateMachine,
         wall: UnixMs,
-        cfg: &EngineConfig,
+        cfg: &Rules<'_>,
+        limits: &Limits,
         rng: &mut ChaCha8Rng,
     ) -> Option<Command> {
         let mut expired = Vec::new();
@@ -131,7 +133,7 @@ impl Repeater {
                 }
                 break;
             }
-            if expired.len() >= cfg.limits.take_batch_max as usize {
+            if expired.len() >= limits.take_batch_max as usize {
                 break;
             }
             if self.expiring.contains(&id) {

@@ -590,6 +590,7 @@ impl Engine {
     pub(crate) fn installed(&mut self) {
         let inst = self.installing.take().expect("an install is under way");
         self.state = *inst.state;
+        self.notice_config();
         let unreferenced = self.files.installed(&mut self.state, inst.fetch.shipped());
         self.remove_files(unreferenced);
         if let Some(op) = self.files.next_job(&self.state, &self.cfg) {

@@ -8,7 +8,7 @@
 mod apply;
 mod commit;
 
-use crate::config::EngineConfig;
+use crate::config::{ClusterConfig, Rules};
 use crate::consumers::ConsumerState;
 use crate::error::RequestError;
 use crate::events::{BriefStatus, Event, SessionBrief, What};
@@ -20,6 +20,7 @@ use crate::stored::{InOrder, Sources, MEMTABLE_SESSION_OVERHEAD_BYTES};
 use crate::types::{Attempt, ClientId, Handle, Index, Kind, Seq, SessionId, SourceId, UnixMs};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Status {
@@ -92,6 +93,11 @@ pub struct StateMachine {
     pub(crate) sources: Sources,
     /// Consumers and their checkpoints (see `consumers.rs`).
     pub(crate) consumers: BTreeMap<String, ConsumerState>,
+    /// The cluster's configuration: everything applying consults besides the state itself.
+    /// Shared so that an apply can hold it while it changes the rest of the state.
+    pub(crate) config: Arc<ClusterConfig>,
+    /// The configuration's part of the state hash, kept with it (see `set_config`).
+    pub(crate) config_digest: u64,
     // ---- derived: indexes and the hash, rebuilt from the fields above on load -------------
     /// Stored sessions held in memory (the memtable) in repeat order within each kind:
     /// (kind, due, stored_at, id). Spilled ones are in `sources`.
@@ -176,6 +182,15 @@ pub(crate) fn consumer_digest(name: &str, c: &ConsumerState) -> u64 {
     digest(6, &(name, c.epoch, c.through))
 }
 
+/// The configuration's part of the state hash (0 before the bootstrap, so that a state without
+/// one hashes as it did before configurations were replicated).
+fn config_digest(config: &ClusterConfig) -> u64 {
+    match config.version {
+        0 => 0,
+        _ => digest(7, config),
+    }
+}
+
 fn dedup_digest(client: ClientId, e: &DedupEntry) -> u64 {
     digest(2, &(client, e.seq, &e.outcome))
 }
@@ -186,7 +201,21 @@ impl StateMachine {
     }
 
     pub fn state_hash(&self) -> u64 {
-        self.hash.value(self.applied, &self.repeat_index).wrapping_add(self.sources.summary_digest())
+        self.hash
+            .value(self.applied, &self.repeat_index)
+            .wrapping_add(self.sources.summary_digest())
+            .wrapping_add(self.config_digest)
+    }
+
+    /// Replaces the configuration (a committed change, the bootstrap, or a snapshot's).
+    pub(crate) fn set_config(&mut self, config: ClusterConfig) {
+        self.config_digest = config_digest(&config);
+        self.config = Arc::new(config);
+    }
+
+    /// The cluster's replicated configuration (version 0 until the bootstrap entry applied).
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
     }
 
     fn repeat_floor(&self, kind: Kind) -> UnixSecs {
@@ -313,7 +342,7 @@ impl StateMachine {
     pub(crate) fn stored_in_order(
         &self,
         kind: Kind,
-        cfg: &EngineConfig,
+        cfg: &Rules<'_>,
     ) -> impl Iterator<Item = (UnixSecs, Index, SessionId)> + '_ {
         let memtable_first = cfg.mutation(|m| m.sources_out_of_order);
         InOrder::new(self.memtable_in_order(kind), self.sources.untaken_of(kind), memtable_first)
@@ -410,7 +439,7 @@ impl StateMachine {
     /// A delivery failed: the session is stored again at `due` (the leader drew it with the
     /// kind's backoff), or goes to the dead-letter set once its failures reach max attempts.
     /// Returns what became of it.
-    fn fail(&mut self, id: SessionId, due: UnixSecs, reason: FailureReason, at: Index, cfg: &EngineConfig) -> What {
+    fn fail(&mut self, id: SessionId, due: UnixSecs, reason: FailureReason, at: Index, cfg: &Rules<'_>) -> What {
         let kind = self.sessions[&id].kind;
         let failures = self.sessions[&id].failures + 1;
         let early = cfg.mutation(|m| m.dead_letter_early) as u32;
@@ -430,7 +459,7 @@ impl StateMachine {
         What::DeliveryFailed { reason, due }
     }
 
-    fn create(&mut self, entry: &Entry, kind: Kind, record: Option<Vec<u8>>, cfg: &EngineConfig) -> Outcome {
+    fn create(&mut self, entry: &Entry, kind: Kind, record: Option<Vec<u8>>, cfg: &Rules<'_>) -> Outcome {
         let records: Vec<Vec<u8>> = record.into_iter().collect();
         self.check_new(kind, &records, 1, cfg)?;
         let id = SessionId(entry.index.0);
@@ -438,7 +467,7 @@ impl StateMachine {
     }
 
     /// Whether `count` new sessions fit, and one of `kind` with these records.
-    fn check_new(&self, kind: Kind, records: &[Vec<u8>], count: u64, cfg: &EngineConfig) -> Result<(), RequestError> {
+    fn check_new(&self, kind: Kind, records: &[Vec<u8>], count: u64, cfg: &Rules<'_>) -> Result<(), RequestError> {
         let kc = cfg.kind(kind).ok_or(RequestError::UnknownKind(kind))?;
         if self.sessions.len() as u64 + self.sources.spilled_count() + count > cfg.limits.sessions_max {
             return Err(RequestError::TooManySessions { max: cfg.limits.sessions_max });
@@ -461,14 +490,7 @@ impl StateMachine {
     }
 
     /// Opens session `id` (checked with `check_new`), leased from `at`; returns its handle.
-    fn insert_new(
-        &mut self,
-        id: SessionId,
-        kind: Kind,
-        records: Vec<Vec<u8>>,
-        at: UnixMs,
-        cfg: &EngineConfig,
-    ) -> Handle {
+    fn insert_new(&mut self, id: SessionId, kind: Kind, records: Vec<Vec<u8>>, at: UnixMs, cfg: &Rules<'_>) -> Handle {
         let lease_until = at.saturating_add_ms(cfg.lease(kind).0);
         let mut s = Session {
             kind,
@@ -507,7 +529,7 @@ impl StateMachine {
         }
     }
 
-    fn check_handle_active(&self, handle: Handle, cfg: &EngineConfig) -> Result<(), RequestError> {
+    fn check_handle_active(&self, handle: Handle, cfg: &Rules<'_>) -> Result<(), RequestError> {
         let checked = if cfg.mutation(|m| m.accept_stale_attempt) {
             self.sessions.get(&handle.session).ok_or_else(|| self.missing_for(handle))
         } else {
@@ -520,7 +542,7 @@ impl StateMachine {
         }
     }
 
-    fn check_room(&self, id: SessionId, add: u64, replace: bool, cfg: &EngineConfig) -> Result<(), RequestError> {
+    fn check_room(&self, id: SessionId, add: u64, replace: bool, cfg: &Rules<'_>) -> Result<(), RequestError> {
         let s = &self.sessions[&id];
         let kc = cfg.kind(s.kind).expect("a session's kind stays configured");
         if add > kc.record_bytes_max as u64 {
@@ -595,7 +617,7 @@ impl StateMachine {
         }
     }
 
-    fn renew(&mut self, id: SessionId, at: UnixMs, cfg: &EngineConfig) {
+    fn renew(&mut self, id: SessionId, at: UnixMs, cfg: &Rules<'_>) {
         let lease = cfg.lease(self.sessions[&id].kind);
         self.change(id, |s| {
             if let Status::Active { lease_until, .. } = &mut s.status {
@@ -612,7 +634,7 @@ impl StateMachine {
         due
     }
 
-    fn delete(&mut self, id: SessionId, at: Index, cfg: &EngineConfig) {
+    fn delete(&mut self, id: SessionId, at: Index, cfg: &Rules<'_>) {
         let s = self.sessions.remove(&id).expect("deleted session exists");
         self.hash.remove(s.digest(id));
         self.reindex(id, s.kind, s.bytes, Some(&s.status), None);
@@ -629,7 +651,7 @@ impl StateMachine {
     /// Moves a stored session to a new attempt held by its handler. Returns the due time it had.
     /// A session not yet due at the take's clock reading is left alone: every replica enforces
     /// "never before the repeat time", whatever the proposer's planning did.
-    fn take(&mut self, id: SessionId, at: UnixMs, cfg: &EngineConfig, carried: &[Unspilled]) -> Option<UnixSecs> {
+    fn take(&mut self, id: SessionId, at: UnixMs, cfg: &Rules<'_>, carried: &[Unspilled]) -> Option<UnixSecs> {
         let (kind, due, stored_at) = match self.sessions.get(&id) {
             Some(s) => match s.status {
                 Status::Stored { due, stored_at } => (s.kind, due, stored_at),
@@ -684,7 +706,7 @@ impl StateMachine {
     /// A lease ran out. A session its owner left is stored; a delivery whose handler let the
     /// lease run out has failed (the leader drew `due` with the kind's backoff).
     /// Returns what became of the session, if the lease had really run out.
-    fn expire(&mut self, handle: Handle, due: UnixSecs, entry: &Entry, cfg: &EngineConfig) -> Option<What> {
+    fn expire(&mut self, handle: Handle, due: UnixSecs, entry: &Entry, cfg: &Rules<'_>) -> Option<What> {
         let s = self.check_handle(handle).ok()?;
         let Status::Active { lease_until, delivering } = s.status else { return None };
         if cfg.lease_end(s.kind, lease_until) > entry.at {
@@ -697,7 +719,7 @@ impl StateMachine {
         Some(What::LeaseExpired { due })
     }
 
-    fn remember(&mut self, client: ClientId, seq: Seq, outcome: Outcome, index: Index, cfg: &EngineConfig) {
+    fn remember(&mut self, client: ClientId, seq: Seq, outcome: Outcome, index: Index, cfg: &Rules<'_>) {
         let entry = DedupEntry { seq, outcome, last_index: index };
         if let Some(old) = self.dedup.insert(client, entry) {
             self.hash.remove(dedup_digest(client, &old));

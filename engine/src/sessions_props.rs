@@ -85,7 +85,7 @@ struct Run {
 impl Run {
     fn new() -> Run {
         let state = StateMachine::default();
-        Run {
+        let mut run = Run {
             cfg: cfg(),
             state,
             entries: Vec::new(),
@@ -93,14 +93,18 @@ impl Run {
             ids: Vec::new(),
             seq: 0,
             reset_attempt: BTreeMap::new(),
-        }
+        };
+        // A cluster's log starts with its configuration: applying consults nothing else.
+        let config = crate::config::ClusterConfig::bootstrap(&run.cfg, &[crate::types::ReplicaId(0)]);
+        run.apply(Command::Bootstrap { config });
+        run
     }
 
     fn apply(&mut self, command: Command) -> Option<crate::op::Outcome> {
         let entry = Entry { term: Term(1), index: self.state.applied().next(), at: UnixMs(self.at), command };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let env = MutationEnv { rng: &mut rng, wall: UnixMs(self.at) };
-        let applied = self.state.apply(&entry, &self.cfg, env);
+        let applied = self.state.apply(&entry, &self.cfg.mutations, None, env);
         self.entries.push(entry);
         self.state.full_invariants();
         applied.reply.map(|(_, _, outcome)| outcome)
@@ -247,7 +251,7 @@ proptest! {
         let mut again = StateMachine::default();
         for e in &run.entries {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(99);
-            again.apply(e, &run.cfg, MutationEnv { rng: &mut rng, wall: UnixMs(0) });
+            again.apply(e, &run.cfg.mutations, None, MutationEnv { rng: &mut rng, wall: UnixMs(0) });
         }
         prop_assert_eq!(again.state_hash(), state.state_hash());
         prop_assert_eq!(again.applied(), Index(run.entries.len() as u64));

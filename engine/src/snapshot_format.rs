@@ -9,6 +9,7 @@
 //! `Held` sessions; and `End`, which counts the sections before it. The file around them (magic,
 //! index, term, length and a checksum of everything) is `codec.rs`'s.
 
+use crate::config::ClusterConfig;
 use crate::consumers::ConsumerState;
 use crate::op::UnixSecs;
 use crate::sessions::{DedupEntry, Session, StateMachine};
@@ -47,6 +48,8 @@ pub(crate) struct Meta {
     pub sessions: u64,
     /// Consumers and their checkpoints (a few, by the limit on them).
     pub consumers: BTreeMap<String, ConsumerState>,
+    /// The cluster's replicated configuration.
+    pub config: ClusterConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,6 +163,7 @@ pub(crate) fn encode(state: &StateMachine, out: &mut Vec<u8>) {
         merges: src.merges.clone(),
         sessions: state.sessions.len() as u64,
         consumers: state.consumers.clone(),
+        config: (*state.config).clone(),
     };
     push(out, &SectionRef::Meta(&meta));
     let mut sections = 1;
@@ -196,6 +200,7 @@ pub(crate) fn decode(payload: &[u8]) -> Result<StateMachine, String> {
         consumers: meta.consumers,
         ..StateMachine::default()
     };
+    state.set_config(meta.config);
     let mut sections = 1;
     let mut section = next()?;
     while let Section::Dedup(items) = section {

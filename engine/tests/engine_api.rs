@@ -97,14 +97,15 @@ fn boot_on_empty_dir_recovers_at_zero_and_refuses_requests_until_then() {
     assert!(d.engine.is_serving());
     let st = d.status();
     assert!(st.serving);
-    // A lone replica elects itself at once; its first entry as leader is a no-op at index 1.
-    assert_eq!((st.applied, st.durable, st.sessions_active, st.sessions_stored), (Index(1), Index(1), 0, 0));
+    // A lone replica elects itself at once; its first entries as leader are a no-op at index 1
+    // and the new cluster's configuration at index 2.
+    assert_eq!((st.applied, st.durable, st.sessions_active, st.sessions_stored), (Index(2), Index(2), 0, 0));
     assert_eq!((st.role, st.term, st.leader), (RoleName::Leader, Term(1), Some(ReplicaId(0))));
     assert_ne!(st.state_hash, hash, "the hash covers the applied index");
 
     // NotReady was not remembered: the same (client, seq) now goes through.
     let h = created(d.call(1, 2, new(1, Some(b"x"))));
-    assert_eq!(h, Handle { session: SessionId(2), attempt: Attempt(0) });
+    assert_eq!(h, Handle { session: SessionId(3), attempt: Attempt(0) });
 }
 
 // ---- 2. round trip -----------------------------------------------------------------------------
@@ -120,7 +121,7 @@ fn new_append_replace_delete_store_round_trip() {
     assert_eq!(d.req(2, append(a, b"a3")), Ok(Reply::Done));
 
     let b = created(d.req(2, new(1, None)));
-    assert_eq!(b.session, SessionId(5));
+    assert_eq!(b.session, SessionId(6));
     assert_eq!(b.session.0, d.status().applied.0, "session id is the index of the creating entry");
 
     let v = d.session(a.session).unwrap();
@@ -244,7 +245,7 @@ fn group_commit_takes_everything_waiting_in_one_write_and_one_fsync() {
     assert!(sync_at < first_group_reply);
     for (i, (c, s, o)) in replies[1..].iter().enumerate() {
         assert_eq!((c.0, s.0), (i as u64 + 1, 1));
-        assert_eq!(created(o.clone()).session, SessionId(4 + i as u64));
+        assert_eq!(created(o.clone()).session, SessionId(5 + i as u64));
     }
 }
 

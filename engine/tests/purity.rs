@@ -96,3 +96,52 @@ fn the_scanner_catches_what_it_must() {
     }
     assert!(violations("// a comment about std::fs is fine\nlet x = 1; // and HashMap here too").is_empty());
 }
+
+/// The files whose code applies committed entries (the state machine and what it owns).
+/// Applying may consult the replicated state only: were it to read a node's own settings, two
+/// replicas could apply the same log differently (see `config.rs`'s `ClusterConfig`).
+const APPLY_SOURCES: &[&str] = &["sessions.rs", "sessions/apply.rs", "sessions/commit.rs", "stored.rs", "consumers.rs"];
+
+/// Node-local configuration that applying must not see.
+const NODE_LOCAL: &[(&str, &str)] = &[
+    ("EngineConfig", "a node's own configuration; apply takes `Rules` (the replicated configuration)"),
+    ("ConsensusConfig", "a node's own consensus settings"),
+    ("Limits", "a node's own limits; apply sees `AppliedLimits`, which are replicated"),
+    ("local_config", "a node's own kinds"),
+];
+
+/// Lines of code that name node-local configuration (`AppliedLimits` is the replicated one).
+fn node_local_uses(source: &str) -> Vec<(usize, &'static str, &'static str)> {
+    let mut found = Vec::new();
+    for (n, line) in source.lines().enumerate() {
+        let code = line.split("//").next().unwrap_or("").replace("AppliedLimits", "");
+        for (pattern, why) in NODE_LOCAL {
+            if code.contains(pattern) {
+                found.push((n + 1, *pattern, *why));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn applying_reads_no_node_local_settings() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut report = String::new();
+    for file in APPLY_SOURCES {
+        let source = std::fs::read_to_string(src.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let source = source.split("#[cfg(test)]").next().unwrap_or("");
+        for (line, pattern, why) in node_local_uses(source) {
+            report.push_str(&format!("{file}:{line}: `{pattern}`: {why}\n"));
+        }
+    }
+    assert!(report.is_empty(), "applying reads node-local settings:\n{report}");
+}
+
+#[test]
+fn the_node_local_scanner_catches_what_it_must() {
+    let bad = "fn f(cfg: &EngineConfig) {}\nlet l: &Limits = x;";
+    let found: Vec<_> = node_local_uses(bad).into_iter().map(|(_, p, _)| p).collect();
+    assert_eq!(found, ["EngineConfig", "Limits"]);
+    assert!(node_local_uses("fn f(l: &AppliedLimits) {} // EngineConfig in a comment").is_empty());
+}

@@ -46,8 +46,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use truba_engine::{
-    Checkpoint, ClientId, DeadPage, Filter, Handle, Index, Kind, Query, QueryReply, RedriveTarget, ReplicaId, Reply,
-    Request, RequestError, Seq, SessionId, SessionView, StreamError, TailFrom, UnixSecs,
+    AppliedLimits, Checkpoint, ClientId, ClusterConfig, DeadPage, Filter, Handle, Index, Kind, KindConfig, Query,
+    QueryReply, RedriveTarget, ReplicaId, Reply, Request, RequestError, Seq, SessionId, SessionView, StreamError,
+    TailFrom, UnixSecs,
 };
 
 pub use crate::reading::{Change, Consumer, Records, Tail, TailItem, Watch, WatchItem, WatchOptions};
@@ -435,6 +436,35 @@ impl<T: Transport> Pipe<T> {
         }
     }
 
+    /// The cluster's replicated configuration (kinds, applied limits, members, version). A
+    /// linearizable read, answered by the leader.
+    pub async fn config(&self) -> Result<ClusterConfig, ClientError> {
+        let qid = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
+        let msg = ClientMsg::Query { id: qid, query: Query::Config };
+        match self.call(Key::Query(qid), &msg, Duration::ZERO).await? {
+            ServerMsg::QueryReply { reply: QueryReply::Config(Ok(c)), .. } => Ok(c),
+            ServerMsg::QueryReply { reply: QueryReply::Config(Err(e)), .. } => Err(ClientError::Refused(e)),
+            other => Err(ClientError::Unexpected(format!("{other:?} to a configuration query"))),
+        }
+    }
+
+    /// Replaces the cluster's kinds and applied limits (an operator's call), if its
+    /// configuration is still at `expect_version`; answers the new version. Refused whole with
+    /// `ConfigVersion` if someone changed it meanwhile, `InvalidConfig`, or `KindInUse` if a
+    /// removed kind still has sessions.
+    pub async fn configure(
+        &self,
+        expect_version: u64,
+        kinds: BTreeMap<Kind, KindConfig>,
+        limits: AppliedLimits,
+    ) -> Result<u64, ClientError> {
+        let client = self.fresh_client();
+        match self.request(client, Seq(1), Request::Configure { expect_version, kinds, limits }).await? {
+            Reply::Configured { version } => Ok(version),
+            other => Err(ClientError::Unexpected(format!("{other:?} to a configuration change"))),
+        }
+    }
+
     pub(crate) fn fresh_client_id(&self) -> ClientId {
         self.fresh_client()
     }
@@ -519,7 +549,11 @@ fn refusal_in(msg: &ServerMsg) -> Option<&RequestError> {
     match msg {
         ServerMsg::Reply { outcome: Err(e), .. }
         | ServerMsg::QueryReply {
-            reply: QueryReply::Session(Err(e)) | QueryReply::Dead(Err(e)) | QueryReply::Checkpoint(Err(e)),
+            reply:
+                QueryReply::Session(Err(e))
+                | QueryReply::Dead(Err(e))
+                | QueryReply::Checkpoint(Err(e))
+                | QueryReply::Config(Err(e)),
             ..
         } => Some(e),
         _ => None,
@@ -544,6 +578,7 @@ fn not_now(msg: &ServerMsg) -> Option<&RequestError> {
             | RequestError::Stopped(_)
             | RequestError::NotLeader { .. }
             | RequestError::LeaderLost { .. }
+            | RequestError::NotConfigured
     );
     not_now.then_some(e)
 }
@@ -1164,6 +1199,9 @@ pub(crate) mod tests {
             ClientMsg::Query { id, query: Query::Checkpoint { consumer } | Query::ReadThrough { consumer, .. } } => {
                 let reply = QueryReply::Checkpoint(Err(RequestError::UnknownConsumer(consumer.clone())));
                 ServerMsg::QueryReply { id: *id, reply }
+            }
+            ClientMsg::Query { id, query: Query::Config } => {
+                ServerMsg::QueryReply { id: *id, reply: QueryReply::Config(Err(RequestError::NotConfigured)) }
             }
             ClientMsg::Query { id, query: Query::Status } => ServerMsg::QueryReply {
                 id: *id,

@@ -21,6 +21,7 @@ pub mod bench;
 pub mod bench_read;
 pub mod bench_stored;
 pub mod client;
+pub mod cluster_config;
 pub mod config;
 pub mod disk;
 pub mod handler;

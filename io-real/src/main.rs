@@ -216,6 +216,10 @@ enum Command {
     /// Named consumers and their checkpoints: open, commit, read, wait for, drop.
     #[command(subcommand)]
     Consumer(ConsumerCommand),
+    /// The cluster's replicated configuration (kinds and the limits applying depends on):
+    /// show it, or change it from a file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// A demo handler: prints every delivery and deletes the session.
     HandlerEcho {
         /// Address to listen on for the pipe's deliveries (the kind's `handler` address).
@@ -273,6 +277,29 @@ enum DeadCommand {
     Drop {
         /// The dead session to delete.
         session: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the live configuration as TOML (the shape of a node's file), with its version and
+    /// members; with --json, as JSON.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Propose the kinds and replicated limits in FILE (a node's file, or `config show`'s
+    /// output, edited): shows what changes, checks it, and commits it as one entry, refused
+    /// whole if the configuration changed meanwhile or a removed kind still has sessions.
+    Apply {
+        /// TOML with `[kinds.N]` and `[engine]` tables; node-local settings in it are ignored
+        /// (and listed).
+        file: PathBuf,
+        /// Show what would change and stop.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -437,6 +464,8 @@ async fn run(command: Command) -> CliResult {
         Command::Tail { from, kinds, internal, follow, conn } => tail(&conn, &from, kinds, internal, follow).await,
         Command::Watch { kinds, resume_after, conn } => watch(&conn, kinds, resume_after).await,
         Command::Consumer(c) => consumer(c).await,
+        Command::Config(ConfigCommand::Show { conn }) => config_show(&conn).await,
+        Command::Config(ConfigCommand::Apply { file, dry_run, conn }) => config_apply(&conn, &file, dry_run).await,
         Command::HandlerEcho { listen } => truba::handler::serve(&listen, Echo).await.map_err(|e| e.to_string()),
         Command::Bench(args) => truba::bench::run(args).await,
         Command::BenchStored(args) => truba::bench_stored::run(args).await,
@@ -1003,6 +1032,7 @@ fn what_text(w: &What) -> String {
         What::Spilled { source, sessions } => format!("source {} ({sessions} sessions)", source.0),
         What::Merging { source, older, newer } => format!("source {} from {} and {}", source.0, older.0, newer.0),
         What::SourceReady { source } => format!("source {}", source.0),
+        What::Configured { version } => format!("configuration version {version}"),
         What::Dropped | What::Deleted | What::Renewed | What::Noop | What::Reserved => String::new(),
     }
 }
@@ -1039,6 +1069,7 @@ fn what_json(w: &What) -> serde_json::Value {
             serde_json::json!({"source": source.0, "older": older.0, "newer": newer.0})
         }
         What::SourceReady { source } => serde_json::json!({"source": source.0}),
+        What::Configured { version } => serde_json::json!({"version": version}),
         What::Dropped | What::Deleted | What::Renewed | What::Noop | What::Reserved => serde_json::json!({}),
     }
 }
@@ -1210,6 +1241,46 @@ fn reply_json(r: &Reply) -> serde_json::Value {
         Reply::Done => serde_json::json!({"done": true}),
         other => serde_json::json!({"reply": format!("{other:?}")}),
     }
+}
+
+async fn config_show(conn: &Conn) -> CliResult {
+    let pipe = connect(conn).await?;
+    let config = pipe.config().await.map_err(err)?;
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(&config).map_err(|e| e.to_string())?);
+    } else {
+        print!("{}", truba::cluster_config::render(&config));
+    }
+    Ok(())
+}
+
+async fn config_apply(conn: &Conn, file: &PathBuf, dry_run: bool) -> CliResult {
+    let text = String::from_utf8(read_file(file)?).map_err(|_| format!("{} is not UTF-8 text", file.display()))?;
+    let proposed = truba::cluster_config::parse(&text, file).map_err(|e| e.to_string())?;
+    truba_engine::ClusterConfig::validate(&proposed.kinds, &proposed.limits)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    if !proposed.ignored.is_empty() {
+        eprintln!("node-local settings in {} are ignored: {}", file.display(), proposed.ignored.join(", "));
+    }
+    let pipe = connect(conn).await?;
+    let current = pipe.config().await.map_err(err)?;
+    let changes = truba::cluster_config::diff(&current, &proposed);
+    let report = |version: u64, applied: bool| {
+        let json = serde_json::json!({"version": version, "applied": applied, "changes": changes});
+        let text = match (applied, changes.is_empty()) {
+            (_, true) => format!("nothing to change: the configuration is at version {version}"),
+            (false, false) => format!("would change version {version}:\n  {}", changes.join("\n  ")),
+            (true, false) => format!("configuration version {version}:\n  {}", changes.join("\n  ")),
+        };
+        print(conn, &text, json);
+    };
+    if changes.is_empty() || dry_run {
+        report(current.version, false);
+        return Ok(());
+    }
+    let version = pipe.configure(current.version, proposed.kinds, proposed.limits).await.map_err(err)?;
+    report(version, true);
+    Ok(())
 }
 
 async fn consumer(command: ConsumerCommand) -> CliResult {

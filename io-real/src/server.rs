@@ -637,6 +637,13 @@ impl<E: Env> Driver<E> {
                 let leader = leader.map(|l| l.to_string()).unwrap_or_else(|| "none".into());
                 info!(%role, term = term.0, %leader, "role")
             }
+            Output::ConfigDiffers { version, differences } => {
+                warn!(
+                    version,
+                    differences = %differences.join("; "),
+                    "this node's file differs from the cluster's configuration, which it follows                      (`truba config show` prints it; `truba config apply` changes it)"
+                )
+            }
             Output::Stream { stream, seq, item } => self.route_stream(stream, seq, item),
             Output::Send { to, message } => {
                 // A full queue means the member is slow or gone; the message may be lost.

@@ -217,6 +217,12 @@ pub fn describe_request(r: &Request) -> String {
             format!("consumer commit {} epoch {} through {} ({} ops)", c.consumer, c.epoch, c.through.0, c.ops.len())
         }
         Request::ConsumerDrop { consumer } => format!("consumer drop {consumer}"),
+        Request::Configure { expect_version, kinds, .. } => {
+            format!(
+                "configure from version {expect_version}: kinds {:?}",
+                kinds.keys().map(|k| k.0).collect::<Vec<_>>()
+            )
+        }
     }
 }
 
@@ -266,6 +272,7 @@ fn describe(e: &Event) -> String {
             Ok(Reply::Committed { through, results }) => {
                 format!("{actor:?}#{seq} < committed through {} ({} ops)", through.0, results.len())
             }
+            Ok(Reply::Configured { version }) => format!("{actor:?}#{seq} < configured, version {version}"),
             Err(e) => format!("{actor:?}#{seq} < error: {e}"),
         },
         Event::GiveUp { actor, seq, .. } => format!("{actor:?}#{seq} gave up"),

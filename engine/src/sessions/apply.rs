@@ -6,11 +6,13 @@
 //! for the ledger (see `events.rs`): the events are as deterministic as the state.
 
 use super::{Applied, MutationEnv, StateMachine, Status};
-use crate::config::EngineConfig;
+use crate::config::{AppliedLimits, ClusterConfig, KindConfig, Mutations, Rules};
 use crate::error::RequestError;
 use crate::events::{Event, What};
 use crate::op::{Command, Entry, Outcome, RedriveTarget, Reply, Request, UnixSecs};
 use crate::types::{ClientId, Handle, Index, Kind, Seq, SessionId, SourceId};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// The kind a creation names (a refused one shows it in the ledger).
 fn new_kind(request: &Request) -> Option<Kind> {
@@ -22,9 +24,22 @@ fn new_kind(request: &Request) -> Option<Kind> {
 
 impl StateMachine {
     /// Applies one committed entry. Entries must come in index order with no gaps.
-    pub(crate) fn apply(&mut self, entry: &Entry, cfg: &EngineConfig, env: MutationEnv<'_>) -> Applied {
+    /// `mutations` are the mutation tests' deliberate bugs; `local` stands in for the
+    /// replicated configuration only under the `apply-local-config` mutation.
+    pub(crate) fn apply(
+        &mut self,
+        entry: &Entry,
+        mutations: &Mutations,
+        local: Option<&ClusterConfig>,
+        env: MutationEnv<'_>,
+    ) -> Applied {
         assert_eq!(entry.index, self.applied.next(), "entries are applied in order without gaps");
         self.applied = entry.index;
+        // The configuration is held apart from the state while the entry changes the state; an
+        // entry that changes the configuration replaces it, for the entries after it.
+        let config = Arc::clone(&self.config);
+        let config = local.filter(|_| cfg!(feature = "mutations")).unwrap_or(&config);
+        let cfg = &Rules::new(config, mutations);
         let mut out = Applied::default();
         match &entry.command {
             Command::Client { client, seq, request, due, .. } => {
@@ -72,6 +87,10 @@ impl StateMachine {
                 }
             }
             Command::Noop => out.events.push(Event::pipe(What::Noop)),
+            Command::Bootstrap { config } => {
+                let what = self.bootstrap(config);
+                out.events.push(Event::pipe(what));
+            }
             Command::Spill { kind } => {
                 let sessions = self.spill(*kind, SourceId(entry.index.0));
                 let what = What::Spilled { source: SourceId(entry.index.0), sessions };
@@ -114,7 +133,7 @@ impl StateMachine {
         seq: Seq,
         index: Index,
         about: (&str, Option<SessionId>, Option<Kind>),
-        cfg: &EngineConfig,
+        cfg: &Rules<'_>,
         events: &mut Vec<Event>,
         run: impl FnOnce(&mut Self, &mut Vec<Event>) -> Outcome,
     ) -> Outcome {
@@ -140,7 +159,7 @@ impl StateMachine {
         due: Option<UnixSecs>,
         request: &Request,
         entry: &Entry,
-        cfg: &EngineConfig,
+        cfg: &Rules<'_>,
         env: MutationEnv<'_>,
     ) -> UnixSecs {
         let Request::Store { handle, timeout_s } = request else {
@@ -163,7 +182,7 @@ impl StateMachine {
         entry: &Entry,
         request: &Request,
         due: UnixSecs,
-        cfg: &EngineConfig,
+        cfg: &Rules<'_>,
         events: &mut Vec<Event>,
     ) -> Outcome {
         let session = request.session();
@@ -227,6 +246,11 @@ impl StateMachine {
                 // Commits travel as `Command::Commit`, with what the leader drew for them.
                 return Err(RequestError::Malformed("a consumer commit outside a commit entry".into()));
             }
+            Request::Configure { expect_version, kinds, limits } => {
+                let version = self.configure(*expect_version, kinds, limits)?;
+                events.push(Event::pipe(What::Configured { version }));
+                return Ok(Reply::Configured { version });
+            }
             Request::DropDead { session: id } => {
                 self.dead_session(*id)?;
                 let kind = self.kind_of(*id);
@@ -240,13 +264,62 @@ impl StateMachine {
         Ok(reply)
     }
 
+    /// Takes a new cluster's configuration if there is none yet; a later bootstrap (proposed by
+    /// a leader that had not yet applied an earlier one) changes nothing.
+    fn bootstrap(&mut self, config: &ClusterConfig) -> What {
+        if self.config.version != 0 {
+            return What::NoEffect { entry: "bootstrap".into() };
+        }
+        // A bootstrap is the first leader's own file, checked when the server started; one that
+        // is not valid anyway (bytes no leader wrote) is taken all the same rather than leave
+        // the cluster without a configuration, and shows in `truba config show`.
+        let version = 1;
+        self.set_config(ClusterConfig { version, ..config.clone() });
+        What::Configured { version }
+    }
+
+    /// Replaces the kinds and the applied limits, refused whole unless the configuration is
+    /// still at `expect_version`, the new one is valid and no removed kind has sessions.
+    fn configure(
+        &mut self,
+        expect_version: u64,
+        kinds: &BTreeMap<Kind, KindConfig>,
+        limits: &AppliedLimits,
+    ) -> Result<u64, RequestError> {
+        let current = self.config.version;
+        if current == 0 {
+            return Err(RequestError::NotConfigured);
+        }
+        if expect_version != current {
+            return Err(RequestError::ConfigVersion { expected: expect_version, current });
+        }
+        ClusterConfig::validate(kinds, limits).map_err(|e| RequestError::InvalidConfig(e.0))?;
+        for kind in self.config.kinds.keys().filter(|k| !kinds.contains_key(k)) {
+            let sessions = self.sessions_of_kind(*kind);
+            if sessions > 0 {
+                return Err(RequestError::KindInUse { kind: *kind, sessions });
+            }
+        }
+        let version = current + 1;
+        let members = self.config.members.clone();
+        self.set_config(ClusterConfig { version, members, kinds: kinds.clone(), limits: *limits });
+        Ok(version)
+    }
+
+    /// Sessions of `kind` in any state, in memory or spilled (a scan: configuration changes are
+    /// rare).
+    fn sessions_of_kind(&self, kind: Kind) -> u64 {
+        let held = self.sessions.values().filter(|s| s.kind == kind).count() as u64;
+        held + self.sources.untaken_of(kind).map(|e| e.len() as u64).sum::<u64>()
+    }
+
     /// Moves dead sessions back to the stored set with their failure count cleared.
     fn redrive(
         &mut self,
         target: RedriveTarget,
         due: UnixSecs,
         at: Index,
-        cfg: &EngineConfig,
+        cfg: &Rules<'_>,
         events: &mut Vec<Event>,
     ) -> Outcome {
         let (kind, ids): (Kind, Vec<SessionId>) = match target {

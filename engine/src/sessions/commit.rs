@@ -6,7 +6,7 @@
 //! first one is applied. Applying then cannot fail.
 
 use super::{consumer_digest, StateMachine};
-use crate::config::EngineConfig;
+use crate::config::Rules;
 use crate::consumers::{check_name, ConsumerState};
 use crate::error::RequestError;
 use crate::events::{Event, What};
@@ -36,10 +36,10 @@ impl StateMachine {
         &mut self,
         entry: &Entry,
         name: &str,
-        cfg: &EngineConfig,
+        cfg: &Rules<'_>,
         events: &mut Vec<Event>,
     ) -> Outcome {
-        check_name(name, &cfg.limits)?;
+        check_name(name, cfg.limits)?;
         let through = match self.consumers.get(name) {
             Some(c) => c.through,
             None if self.consumers.len() >= cfg.limits.consumers_max as usize => {
@@ -69,7 +69,7 @@ impl StateMachine {
         c: &ConsumerCommit,
         dues: &[Option<UnixSecs>],
         ids_from: Index,
-        cfg: &EngineConfig,
+        cfg: &Rules<'_>,
         events: &mut Vec<Event>,
     ) -> Outcome {
         if cfg.mutation(|m| m.commit_not_atomic) {
@@ -115,7 +115,7 @@ impl StateMachine {
         c: &ConsumerCommit,
         dues: &[Option<UnixSecs>],
         ids_from: Index,
-        cfg: &EngineConfig,
+        cfg: &Rules<'_>,
         events: &mut Vec<Event>,
     ) -> Outcome {
         let first = ConsumerCommit { ops: Vec::new(), ..c.clone() };
@@ -156,7 +156,7 @@ impl StateMachine {
         c: &ConsumerCommit,
         dues: &[Option<UnixSecs>],
         ids_from: Index,
-        cfg: &EngineConfig,
+        cfg: &Rules<'_>,
     ) -> Result<Vec<SessionId>, RequestError> {
         let current =
             self.consumers.get(&c.consumer).ok_or_else(|| RequestError::UnknownConsumer(c.consumer.clone()))?;
@@ -196,7 +196,7 @@ impl StateMachine {
         &self,
         op: &CommitOp,
         news: u64,
-        cfg: &EngineConfig,
+        cfg: &Rules<'_>,
         named: &mut BTreeSet<SessionId>,
     ) -> Result<(), RequestError> {
         let (handle, add, replace) = match op {
