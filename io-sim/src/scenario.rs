@@ -45,6 +45,11 @@ pub struct Scenario {
     /// Readers of the ledger: tails, watches, consumers (see `streamers.rs`).
     #[serde(default)]
     pub streams: StreamSetup,
+    /// Give each replica its own file's kinds and limits, drifted from the scenario's (leases,
+    /// delays, attempts, session limits differ per replica), as operators' files drift in real
+    /// clusters. Replicas must still agree: applying follows the replicated configuration.
+    #[serde(default)]
+    pub local_config_drift: bool,
 }
 
 /// `[streams]`: readers of the ledger and what they do.

@@ -235,3 +235,10 @@ fn a_commit_that_is_not_atomic_is_caught() {
 fn a_read_through_that_does_not_wait_for_the_checkpoint_is_caught() {
     caught_within("read-through-on-applied", "readers", &["read-through"], READER_SEEDS_MAX);
 }
+
+/// Applying by a replica's own file instead of the replicated configuration: replicas whose
+/// files drifted apart apply the same log differently.
+#[test]
+fn applying_by_a_node_local_kind_setting_is_caught() {
+    caught_within("apply-local-config", "cluster-config-drift", &["state-hash"], 10);
+}

@@ -95,6 +95,7 @@ scenario_tests! {
     cluster_sources => "cluster-sources",
     cluster_reads => "cluster-reads",
     cluster_readers => "cluster-readers",
+    cluster_config_drift => "cluster-config-drift",
 }
 
 #[test]

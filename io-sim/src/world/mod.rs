@@ -919,6 +919,22 @@ impl World {
         }
     }
 
+    /// Replica `r`'s own file: the scenario's, or under `local_config_drift` one that differs
+    /// from every other replica's in what applying depends on.
+    fn replica_config(&self, r: usize) -> EngineConfig {
+        let mut cfg = self.cfg.clone();
+        if self.sc.local_config_drift {
+            let n = r as u64;
+            for kc in cfg.kinds.values_mut() {
+                kc.lease_ms += 700 * n;
+                kc.default_delay_s += n as u32;
+                kc.max_attempts = kc.max_attempts.saturating_add(n as u32);
+                kc.record_bytes_max = kc.record_bytes_max.saturating_sub(64 * n as u32).max(1);
+            }
+        }
+        cfg
+    }
+
     fn schedule_restart(&mut self, r: usize) {
         if !self.replicas[r].restart_pending {
             self.replicas[r].restart_pending = true;
@@ -938,7 +954,8 @@ impl World {
         let stream = STREAM_ENGINE + boot as u64 + ((r as u64) << 32);
         let seed = sub_rng(self.seed, stream).gen();
         let voters: Vec<ReplicaId> = (0..self.replicas.len() as u32).map(ReplicaId).collect();
-        self.replicas[r].engine = Some(Engine::replica(self.cfg.clone(), ReplicaId(r as u32), voters, seed));
+        let cfg = self.replica_config(r);
+        self.replicas[r].engine = Some(Engine::replica(cfg, ReplicaId(r as u32), voters, seed));
         self.history.push(self.now_us, Event::Restart { replica: r as u32, boot });
         self.feed(r, Input::Boot);
     }
