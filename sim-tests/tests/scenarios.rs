@@ -120,6 +120,7 @@ fn seeds_that_once_failed() {
         ("crash-loop", 820, "checker: a deleted answer while another delete was in flight"),
         ("cluster-elections", 293, "a truncation durable before the removal of later segments"),
         ("cluster-bit-rot", 220, "a leader kept resending above a repaired follower's end"),
+        ("swarm", 5005, "checker: a read-through between a consumer's open and its first commit"),
     ];
     for &(name, seed, what) in found {
         eprintln!("{name} seed {seed}: {what}");

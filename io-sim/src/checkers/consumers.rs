@@ -7,7 +7,7 @@
 //! - `consumer-epoch`: every checkpoint committed carries the epoch of the consumer's latest
 //!   open before it (a stale epoch's commit never applies).
 //! - `read-through`: a read-through's answer covers the index asked about, and is a checkpoint
-//!   that was committed.
+//!   that was committed (or kept by an open, under the open's epoch).
 
 use crate::history::Event;
 use crate::world::{RunOutput, Violation};
@@ -34,6 +34,10 @@ pub fn check(run: &RunOutput) -> Vec<Violation> {
             match &ev.what {
                 What::ConsumerOpened { consumer, epoch } => {
                     epochs.insert(consumer.clone(), *epoch);
+                    // An open keeps the checkpoint under the new epoch: until the new epoch's
+                    // first commit, a read answers (new epoch, old checkpoint), and rightly so.
+                    let kept = through.get(consumer).copied().unwrap_or(0);
+                    committed.insert((consumer.clone(), *epoch, kept));
                 }
                 What::CheckpointCommitted { consumer, epoch, through: t } => {
                     let current = epochs.get(consumer).copied().unwrap_or(0);
