@@ -201,7 +201,7 @@ async fn bad_stream_messages_are_refused_and_change_nothing() {
         }
     }
     assert_eq!(whats.iter().filter(|w| **w == "created").count(), 4);
-    assert!(whats.iter().all(|w| ["noop", "created", "appended"].contains(w)), "{whats:?}");
+    assert!(whats.iter().all(|w| ["noop", "configured", "created", "appended"].contains(w)), "{whats:?}");
     server.stop().await;
 }
 
@@ -585,8 +585,9 @@ async fn the_command_line_tails_and_runs_consumers() {
     let ids = sessions(&p, 1, 2).await;
     let addr = &server.addr;
 
-    // Without --follow it stops at the head; --json is one object an event.
-    let (code, out, err) = truba(addr, &["tail", "--from", "1", "--json"], None).await;
+    // Without --follow it stops at the head; --json is one object an event. (Index 1 is the
+    // first leader's no-op and 2 the cluster's configuration: the sessions start at 3.)
+    let (code, out, err) = truba(addr, &["tail", "--from", "3", "--json"], None).await;
     assert_eq!(code, 0, "{err}");
     let events: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let whats: Vec<&str> = events.iter().map(|e| e["what"].as_str().unwrap()).collect();
