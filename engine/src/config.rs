@@ -368,46 +368,72 @@ impl ClusterConfig {
         Ok(())
     }
 
-    /// What differs from `other`, one line a setting, in this configuration's terms (`other`'s
-    /// value, then this one's). Empty when they agree on kinds and limits.
-    pub fn differences(&self, other_kinds: &BTreeMap<Kind, KindConfig>, other_limits: &AppliedLimits) -> Vec<String> {
+    /// What it takes to go from this configuration's kinds and applied limits to `kinds` and
+    /// `limits`: kinds added (in kind order) with the settings of kinds in both that change,
+    /// then kinds removed, then limits that change. Empty when they agree.
+    pub fn changes(&self, kinds: &BTreeMap<Kind, KindConfig>, limits: &AppliedLimits) -> Vec<ConfigChange> {
         let mut out = Vec::new();
-        for (kind, theirs) in other_kinds {
-            match self.kinds.get(kind) {
-                None => out.push(format!("kind {}: configured there, not in the cluster", kind.0)),
-                Some(ours) if ours != theirs => {
-                    for ((name, a), (_, b)) in theirs.named().iter().zip(ours.named().iter()) {
-                        if a != b {
-                            out.push(format!("kind {}: {name} {a} there, {b} in the cluster", kind.0));
-                        }
-                    }
+        for (&kind, to) in kinds {
+            match self.kinds.get(&kind) {
+                None => out.push(ConfigChange::KindAdded(kind)),
+                Some(from) => {
+                    let settings = from.named().into_iter().zip(to.named());
+                    out.extend(
+                        settings
+                            .filter(|((_, a), (_, b))| a != b)
+                            .map(|((name, from), (_, to))| ConfigChange::KindSetting { kind, name, from, to }),
+                    );
                 }
-                Some(_) => {}
             }
         }
-        for kind in self.kinds.keys().filter(|k| !other_kinds.contains_key(k)) {
-            out.push(format!("kind {}: in the cluster, not configured there", kind.0));
-        }
-        for ((name, a), (_, b)) in other_limits.named().iter().zip(self.limits.named().iter()) {
-            if a != b {
-                out.push(format!("limit {name}: {a} there, {b} in the cluster"));
-            }
-        }
+        out.extend(self.kinds.keys().filter(|k| !kinds.contains_key(k)).map(|&k| ConfigChange::KindRemoved(k)));
+        let settings = self.limits.named().into_iter().zip(limits.named());
+        out.extend(settings.filter(|((_, a), (_, b))| a != b).map(|((name, from), (_, to))| ConfigChange::Limit {
+            name,
+            from,
+            to,
+        }));
         out
     }
+
+    /// Where `kinds` and `limits` (a node's own file) differ from this configuration (the
+    /// cluster's), one line a setting.
+    pub fn differences(&self, kinds: &BTreeMap<Kind, KindConfig>, limits: &AppliedLimits) -> Vec<String> {
+        let line = |change: ConfigChange| match change {
+            ConfigChange::KindAdded(k) => format!("kind {}: configured there, not in the cluster", k.0),
+            ConfigChange::KindRemoved(k) => format!("kind {}: in the cluster, not configured there", k.0),
+            ConfigChange::KindSetting { kind, name, from, to } => {
+                format!("kind {}: {name} {to} there, {from} in the cluster", kind.0)
+            }
+            ConfigChange::Limit { name, from, to } => format!("limit {name}: {to} there, {from} in the cluster"),
+        };
+        self.changes(kinds, limits).into_iter().map(line).collect()
+    }
+}
+
+/// One setting in which two configurations differ (see [`ClusterConfig::changes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigChange {
+    KindAdded(Kind),
+    KindRemoved(Kind),
+    KindSetting { kind: Kind, name: &'static str, from: u64, to: u64 },
+    Limit { name: &'static str, from: u64, to: u64 },
 }
 
 /// What applying an entry consults: the replicated configuration, and the deliberate bugs of
 /// the mutation tests. Never a node's own settings (see `sessions.rs`).
 pub(crate) struct Rules<'a> {
     pub config: &'a ClusterConfig,
-    pub limits: &'a AppliedLimits,
     pub mutations: &'a Mutations,
 }
 
 impl<'a> Rules<'a> {
     pub fn new(config: &'a ClusterConfig, mutations: &'a Mutations) -> Rules<'a> {
-        Rules { config, limits: &config.limits, mutations }
+        Rules { config, mutations }
+    }
+
+    pub fn limits(&self) -> &'a AppliedLimits {
+        &self.config.limits
     }
 
     pub fn kind(&self, kind: Kind) -> Option<&'a KindConfig> {

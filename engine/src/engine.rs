@@ -1295,10 +1295,9 @@ impl Engine {
     /// ask for.
     fn with_streams(&mut self, f: impl FnOnce(&mut Streams, &mut Ctx)) {
         let mut reads = Vec::new();
-        let kinds = &self.state.config().kinds;
         // Before the bootstrap applied every kind is let through: the configuration decides.
-        let bootstrapped = self.state.config().version > 0;
-        let known = |k: crate::types::Kind| !bootstrapped || kinds.contains_key(&k);
+        let config = self.state.config();
+        let known = |k: crate::types::Kind| config.version == 0 || config.kinds.contains_key(&k);
         let mut ctx = Ctx {
             ledger: &self.ledger,
             limits: &self.cfg.limits,

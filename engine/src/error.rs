@@ -85,8 +85,6 @@ pub enum RequestError {
     InvalidConfig(String),
     #[error("the cluster has no configuration yet (its first leader has not committed one); retry shortly")]
     NotConfigured,
-    #[error("{0} is not supported by this version of truba")]
-    Unsupported(String),
 }
 
 impl RequestError {

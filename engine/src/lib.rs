@@ -56,8 +56,8 @@ mod streams;
 pub mod types;
 
 pub use config::{
-    AppliedLimits, ClusterConfig, ConsensusConfig, EngineConfig, InvalidConfig, KindConfig, Limits, MemberRole,
-    Mutations,
+    AppliedLimits, ClusterConfig, ConfigChange, ConsensusConfig, EngineConfig, InvalidConfig, KindConfig, Limits,
+    MemberRole, Mutations,
 };
 pub use engine::Engine;
 pub use error::{Fatal, RequestError};

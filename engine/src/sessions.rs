@@ -469,8 +469,8 @@ impl StateMachine {
     /// Whether `count` new sessions fit, and one of `kind` with these records.
     fn check_new(&self, kind: Kind, records: &[Vec<u8>], count: u64, cfg: &Rules<'_>) -> Result<(), RequestError> {
         let kc = cfg.kind(kind).ok_or(RequestError::UnknownKind(kind))?;
-        if self.sessions.len() as u64 + self.sources.spilled_count() + count > cfg.limits.sessions_max {
-            return Err(RequestError::TooManySessions { max: cfg.limits.sessions_max });
+        if self.sessions.len() as u64 + self.sources.spilled_count() + count > cfg.limits().sessions_max {
+            return Err(RequestError::TooManySessions { max: cfg.limits().sessions_max });
         }
         let mut bytes = 0;
         for r in records {
@@ -641,7 +641,7 @@ impl StateMachine {
         self.tombstones.insert(id, at);
         self.tombstone_order.insert((at, id));
         self.hash.add(digest(3, &(id, at)));
-        while self.tombstones.len() > cfg.limits.tombstones_max as usize {
+        while self.tombstones.len() > cfg.limits().tombstones_max as usize {
             let (at, oldest) = self.tombstone_order.pop_first().expect("order mirrors the tombstones");
             self.tombstones.remove(&oldest);
             self.hash.remove(digest(3, &(oldest, at)));
@@ -727,7 +727,7 @@ impl StateMachine {
         }
         self.hash.add(dedup_digest(client, &self.dedup[&client]));
         self.dedup_lru.insert((index, client));
-        while self.dedup.len() > cfg.limits.dedup_clients_max as usize {
+        while self.dedup.len() > cfg.limits().dedup_clients_max as usize {
             let (_, oldest) = self.dedup_lru.pop_first().expect("lru mirrors the table");
             let old = self.dedup.remove(&oldest).expect("lru mirrors the table");
             self.hash.remove(dedup_digest(oldest, &old));

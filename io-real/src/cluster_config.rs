@@ -11,7 +11,7 @@ use crate::config::{Config, ConfigError};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
-use truba_engine::{AppliedLimits, ClusterConfig, Kind, KindConfig, MemberRole};
+use truba_engine::{AppliedLimits, ClusterConfig, ConfigChange, Kind, KindConfig, MemberRole};
 
 /// What a file proposes: the kinds and the replicated limits, and the settings it holds that
 /// the cluster does not replicate (ignored, but worth telling the operator about).
@@ -87,28 +87,13 @@ pub fn render(config: &ClusterConfig) -> String {
 /// What applying `proposed` would change in `current`, one line a setting (`+` added, `-`
 /// removed, `~` changed); empty if nothing.
 pub fn diff(current: &ClusterConfig, proposed: &Proposed) -> Vec<String> {
-    let mut out = Vec::new();
-    for (kind, new) in &proposed.kinds {
-        match current.kinds.get(kind) {
-            None => out.push(format!("+ kind {} (new)", kind.0)),
-            Some(old) => {
-                for ((name, a), (_, b)) in old.named().iter().zip(new.named().iter()) {
-                    if a != b {
-                        out.push(format!("~ kind {}: {name} {a} -> {b}", kind.0));
-                    }
-                }
-            }
-        }
-    }
-    for kind in current.kinds.keys().filter(|k| !proposed.kinds.contains_key(k)) {
-        out.push(format!("- kind {} (removed)", kind.0));
-    }
-    for ((name, a), (_, b)) in current.limits.named().iter().zip(proposed.limits.named().iter()) {
-        if a != b {
-            out.push(format!("~ engine.{name} {a} -> {b}"));
-        }
-    }
-    out
+    let line = |change: ConfigChange| match change {
+        ConfigChange::KindAdded(k) => format!("+ kind {} (new)", k.0),
+        ConfigChange::KindRemoved(k) => format!("- kind {} (removed)", k.0),
+        ConfigChange::KindSetting { kind, name, from, to } => format!("~ kind {}: {name} {from} -> {to}", kind.0),
+        ConfigChange::Limit { name, from, to } => format!("~ engine.{name} {from} -> {to}"),
+    };
+    current.changes(&proposed.kinds, &proposed.limits).into_iter().map(line).collect()
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 #[allow(dead_code)] // each test file uses part of the shared harness
 mod common;
 
-use common::cluster::{Cluster, ClusterConfig, NODES};
+use common::cluster::{Cluster, ClusterConfig};
 use common::truba_cli;
 use std::time::Duration;
 
@@ -22,9 +22,7 @@ const CLUSTER: ClusterConfig =
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_configuration_is_changed_through_the_log_and_outlives_a_members_own_file() {
     let mut cluster = Cluster::new(&CLUSTER);
-    for i in 0..NODES {
-        cluster.start(i);
-    }
+    cluster.start_all();
     let leader = cluster.wait_leader(Duration::from_secs(20)).await;
     let addrs = cluster.addrs_from(0).join(",");
     let dir = cluster.dir.as_ref().expect("the cluster's directory").path().to_path_buf();

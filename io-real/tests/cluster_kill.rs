@@ -185,9 +185,7 @@ async fn cluster_sigkill_of_leader_and_follower_loses_nothing_acknowledged() {
     let stale_for = Duration::from_millis(consensus.election_timeout_ms_min.saturating_sub(consensus.heartbeat_ms));
 
     let mut cluster = Cluster::new(&CLUSTER);
-    for i in 0..NODES {
-        cluster.start(i);
-    }
+    cluster.start_all();
     for i in 0..NODES {
         cluster.wait_accepting(i, Duration::from_secs(10)).await;
     }

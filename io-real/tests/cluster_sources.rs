@@ -166,9 +166,7 @@ async fn a_follower_that_fell_behind_fetches_the_source_files_with_its_snapshot(
     let handler_task = tokio::spawn(handler::serve_with(Tcp, handler_listener, Recorder(tx)));
 
     let mut cluster = new_cluster(&handler_addr);
-    for i in 0..NODES {
-        cluster.start(i);
-    }
+    cluster.start_all();
     for i in 0..NODES {
         cluster.wait_accepting(i, Duration::from_secs(10)).await;
     }

@@ -43,9 +43,7 @@ fn signal(pid: u32, sig: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_member_listed_first_costs_a_command_one_connect_timeout() {
     let mut cluster = Cluster::new(&CLUSTER);
-    for i in 0..NODES {
-        cluster.start(i);
-    }
+    cluster.start_all();
     let leader = cluster.wait_leader(Duration::from_secs(20)).await;
     let paused = (leader + 1) % NODES;
     let other = (leader + 2) % NODES;

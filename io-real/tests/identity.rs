@@ -13,7 +13,7 @@
 #[allow(dead_code)] // each test file uses part of the shared harness
 mod common;
 
-use common::cluster::{Cluster, ClusterConfig, NODES};
+use common::cluster::{Cluster, ClusterConfig};
 use common::spawn_serve;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
@@ -33,9 +33,7 @@ fn log_text(path: &std::path::Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_of_another_cluster_are_refused_at_the_door_and_at_start() {
     let mut cluster = Cluster::new(&CLUSTER);
-    for i in 0..NODES {
-        cluster.start(i);
-    }
+    cluster.start_all();
     let leader = cluster.wait_leader(Duration::from_secs(20)).await;
     let before = cluster.statuses().await;
     let term = before[leader].as_ref().expect("the leader answers").engine.term;

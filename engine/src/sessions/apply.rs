@@ -326,7 +326,7 @@ impl StateMachine {
             RedriveTarget::Session(id) => (self.dead_session(id)?.kind, vec![id]),
             RedriveTarget::Kind(kind) => {
                 cfg.kind(kind).ok_or(RequestError::UnknownKind(kind))?;
-                (kind, self.dead_of(kind).take(cfg.limits.redrive_batch_max as usize).collect())
+                (kind, self.dead_of(kind).take(cfg.limits().redrive_batch_max as usize).collect())
             }
         };
         for id in &ids {

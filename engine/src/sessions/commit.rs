@@ -39,11 +39,11 @@ impl StateMachine {
         cfg: &Rules<'_>,
         events: &mut Vec<Event>,
     ) -> Outcome {
-        check_name(name, cfg.limits)?;
+        check_name(name, cfg.limits())?;
         let through = match self.consumers.get(name) {
             Some(c) => c.through,
-            None if self.consumers.len() >= cfg.limits.consumers_max as usize => {
-                return Err(RequestError::TooManyConsumers { max: cfg.limits.consumers_max })
+            None if self.consumers.len() >= cfg.limits().consumers_max as usize => {
+                return Err(RequestError::TooManyConsumers { max: cfg.limits().consumers_max })
             }
             None => Index(0),
         };
@@ -169,7 +169,7 @@ impl StateMachine {
         if c.through >= entry.index {
             return Err(RequestError::ThroughBeyondLog { through: c.through, index: entry.index });
         }
-        let max = cfg.limits.commit_ops_max;
+        let max = cfg.limits().commit_ops_max;
         if c.ops.len() > max as usize {
             return Err(RequestError::TooManyOps { max });
         }

@@ -180,6 +180,13 @@ members = [
         Cluster { bin: PathBuf::from(env!("CARGO_BIN_EXE_truba")), nodes, dir: Some(dir), stored: cfg.stored }
     }
 
+    /// Starts every member.
+    pub fn start_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.start(i);
+        }
+    }
+
     pub fn start(&mut self, i: usize) {
         let bin = self.bin.clone();
         self.nodes[i].start(&bin);
