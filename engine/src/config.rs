@@ -576,11 +576,19 @@ pub struct Mutations {
     pub read_through_on_applied: bool,
     /// Applying consults this node's own kinds and limits instead of the replicated ones.
     pub apply_local_config: bool,
+    /// Learners count toward quorums (commits, elections, read confirmations) like voters.
+    pub learner_in_quorum: bool,
+    /// A new leader proposes a membership change before it has committed an entry of its term.
+    pub skip_own_term_commit: bool,
+    /// A leader proposes a membership change while the previous one is not committed yet.
+    pub two_changes_in_flight: bool,
+    /// A learner is promoted to voter while it lacks committed entries.
+    pub promote_behind: bool,
 }
 
 impl Mutations {
     /// Names accepted on the simulator's command line.
-    pub const NAMES: [&'static str; 33] = [
+    pub const NAMES: [&'static str; 37] = [
         "ack-before-fsync",
         "truncate-mid-log",
         "apply-retry-twice",
@@ -614,6 +622,10 @@ impl Mutations {
         "commit-not-atomic",
         "read-through-on-applied",
         "apply-local-config",
+        "learner-in-quorum",
+        "skip-own-term-commit",
+        "two-changes-in-flight",
+        "promote-behind",
     ];
 
     pub fn from_name(name: &str) -> Option<Mutations> {
@@ -652,6 +664,10 @@ impl Mutations {
             "commit-not-atomic" => m.commit_not_atomic = true,
             "read-through-on-applied" => m.read_through_on_applied = true,
             "apply-local-config" => m.apply_local_config = true,
+            "learner-in-quorum" => m.learner_in_quorum = true,
+            "skip-own-term-commit" => m.skip_own_term_commit = true,
+            "two-changes-in-flight" => m.two_changes_in_flight = true,
+            "promote-behind" => m.promote_behind = true,
             _ => return None,
         }
         Some(m)

@@ -34,7 +34,7 @@ impl Engine {
         self.role = Role::Follower;
         self.report_role();
         self.reset_election_timer();
-        if self.voters.len() == 1 {
+        if self.is_lone_voter() {
             self.on_election_timeout();
         }
     }
@@ -51,6 +51,8 @@ impl Engine {
             self.resend_vote_requests();
         }
         if self.is_leader() {
+            self.expire_transfer();
+            self.advance_transfer();
             if self.now.mono >= self.heartbeat_due {
                 self.heartbeat_due = self.now.mono.saturating_add(Duration(self.cfg.consensus.heartbeat_ms));
                 self.check_quorum();
@@ -65,13 +67,14 @@ impl Engine {
 
     fn on_election_timeout(&mut self) {
         self.reset_election_timer();
-        if self.installing.is_some() || self.abstains() {
+        // A learner, or a replica that is not (or no longer) a member, never stands.
+        if self.installing.is_some() || self.abstains() || !self.is_voter(self.me) {
             return;
         }
         if self.cfg.consensus.pre_vote {
             self.pre_campaign();
         } else {
-            self.campaign();
+            self.campaign(false);
         }
     }
 
@@ -86,24 +89,25 @@ impl Engine {
             last_index: self.log.last_index(),
             last_term: self.log.last_term(),
         };
-        for peer in self.peers() {
+        for peer in self.voting_peers() {
             self.send(peer, m.clone());
         }
         self.count_votes();
     }
 
-    fn campaign(&mut self) {
+    /// `transfer`: the leader told this replica to stand (see `reconfiguration.rs`).
+    pub(crate) fn campaign(&mut self, transfer: bool) {
         let term = Term(self.term().0 + 1);
         self.want_hard_state(self.hard.wanted.with(term, Some(self.me)));
         // A full election timeout for the election itself, as for the pre-vote before it.
         self.reset_election_timer();
-        self.role = Role::Candidate { granted: BTreeSet::from([self.me]) };
+        self.role = Role::Candidate { granted: BTreeSet::from([self.me]), transfer };
         self.heartbeat_due = self.now.mono.saturating_add(Duration(self.cfg.consensus.heartbeat_ms));
         self.leader = None;
         self.ack_upto = Index(0);
         self.report_role();
-        let m = Message::Vote { term, last_index: self.log.last_index(), last_term: self.log.last_term() };
-        for peer in self.peers() {
+        let m = Message::Vote { term, last_index: self.log.last_index(), last_term: self.log.last_term(), transfer };
+        for peer in self.voting_peers() {
             self.send(peer, m.clone());
         }
         self.count_votes();
@@ -121,22 +125,25 @@ impl Engine {
             Role::PreCandidate { granted } => {
                 (granted.clone(), Message::PreVote { term: Term(self.term().0 + 1), last_index, last_term })
             }
-            Role::Candidate { granted } => {
-                (granted.clone(), Message::Vote { term: self.term(), last_index, last_term })
+            Role::Candidate { granted, transfer } => {
+                let transfer = *transfer;
+                (granted.clone(), Message::Vote { term: self.term(), last_index, last_term, transfer })
             }
             _ => return,
         };
-        for peer in self.peers().into_iter().filter(|p| !granted.contains(p)) {
+        for peer in self.voting_peers().into_iter().filter(|p| !granted.contains(p)) {
             self.send(peer, m.clone());
         }
     }
 
+    /// Votes count only from voters of the configuration in force (it may have changed since
+    /// they were asked).
     fn count_votes(&mut self) {
         let majority = self.majority();
-        let enough = |g: &BTreeSet<ReplicaId>| g.len() >= majority;
+        let enough = |g: &BTreeSet<ReplicaId>| g.iter().filter(|id| self.counts(**id)).count() >= majority;
         match &self.role {
-            Role::PreCandidate { granted } if enough(granted) => self.campaign(),
-            Role::Candidate { granted } if enough(granted) => self.become_leader(),
+            Role::PreCandidate { granted } if enough(granted) => self.campaign(false),
+            Role::Candidate { granted, .. } if enough(granted) => self.become_leader(),
             _ => {}
         }
     }
@@ -146,6 +153,7 @@ impl Engine {
         let progress = self.peers().into_iter().map(|p| (p, Progress::new(next, self.now.mono))).collect();
         self.role = Role::Leader { progress };
         self.leader = Some(self.me);
+        self.transfer = None;
         self.repeater = Repeater::default();
         self.files.forget_proposals();
         self.heartbeat_due = self.now.mono;
@@ -184,6 +192,7 @@ impl Engine {
             self.waiting.clear();
             self.repeater = Repeater::default();
             self.refuse_reads(leader);
+            self.end_transfer(leader);
         }
         self.role = Role::Follower;
         if self.leader != leader {
@@ -207,9 +216,12 @@ impl Engine {
         if !self.cfg.consensus.check_quorum {
             return;
         }
-        let Role::Leader { progress } = &self.role else { return };
+        if !self.is_leader() {
+            return;
+        }
         let window = Duration(self.cfg.consensus.election_timeout_ms_max);
-        let active = progress.values().filter(|p| self.now.mono.saturating_since(p.heard_at) <= window).count() + 1;
+        let heard = |p: &&crate::replication::Progress| self.now.mono.saturating_since(p.heard_at) <= window;
+        let active = self.counting_progress().into_iter().filter(heard).count() + 1;
         if active < self.majority() {
             let term = self.term();
             self.become_follower(term, None);
@@ -269,7 +281,7 @@ impl Engine {
         if term != self.term() || !granted {
             return;
         }
-        if let Role::Candidate { granted: g } = &mut self.role {
+        if let Role::Candidate { granted: g, .. } = &mut self.role {
             g.insert(from);
             self.count_votes();
         }
@@ -278,12 +290,12 @@ impl Engine {
     /// The first look at every message: a newer term is adopted before anything else (except
     /// for pre-votes, which change nothing, and vote requests that leader stickiness ignores).
     pub(crate) fn on_message(&mut self, from: ReplicaId, message: Message) {
-        if !self.is_serving() || from == self.me || !self.voters.contains(&from) {
+        if !self.is_serving() || from == self.me || !self.accepts(from, &message) {
             return;
         }
         let term = message.term();
         if term > self.term() && !message.is_pre_vote() {
-            if matches!(message, Message::Vote { .. }) && self.leader_is_alive() {
+            if matches!(message, Message::Vote { transfer: false, .. }) && self.leader_is_alive() {
                 return;
             }
             let leader = matches!(message, Message::Append { .. } | Message::Snapshot { .. }).then_some(from);
@@ -292,7 +304,7 @@ impl Engine {
         match message {
             Message::PreVote { term, last_index, last_term } => self.on_pre_vote(from, term, last_index, last_term),
             Message::PreVoteReply { term, granted } => self.on_pre_vote_reply(from, term, granted),
-            Message::Vote { term, last_index, last_term } => self.on_vote(from, term, last_index, last_term),
+            Message::Vote { term, last_index, last_term, .. } => self.on_vote(from, term, last_index, last_term),
             Message::VoteReply { term, granted } => self.on_vote_reply(from, term, granted),
             Message::Append { term, prev_index, prev_term, commit, round, entries } => {
                 self.on_append(from, term, (prev_index, prev_term), commit, round, entries)
@@ -307,6 +319,24 @@ impl Engine {
             Message::SourcePiece { term, source, offset, data } => {
                 self.on_source_piece(from, term, source, offset, data)
             }
+            Message::TimeoutNow { term } if term == self.term() => self.on_timeout_now(from),
+            Message::TimeoutNow { .. } => {}
+        }
+    }
+
+    /// Whom this replica listens to. Vote requests count only from voters of the configuration
+    /// in force (a removed member must not disrupt the cluster). Everything else is taken from
+    /// members, and a leader's messages from anyone: a learner or a joining replica hears from a
+    /// leader its log does not name yet, as Raft requires. Answers from non-members change
+    /// nothing, since the leader and candidates count only members.
+    fn accepts(&self, from: ReplicaId, message: &Message) -> bool {
+        match message {
+            Message::PreVote { .. } | Message::Vote { .. } => self.is_voter(from),
+            Message::Append { .. }
+            | Message::Snapshot { .. }
+            | Message::SourcePiece { .. }
+            | Message::TimeoutNow { .. } => true,
+            _ => self.members().contains_key(&from),
         }
     }
 

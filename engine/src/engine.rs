@@ -96,9 +96,17 @@ pub(crate) struct Cut {
 
 pub(crate) enum Role {
     Follower,
-    PreCandidate { granted: BTreeSet<ReplicaId> },
-    Candidate { granted: BTreeSet<ReplicaId> },
-    Leader { progress: BTreeMap<ReplicaId, Progress> },
+    PreCandidate {
+        granted: BTreeSet<ReplicaId>,
+    },
+    /// `transfer`: standing because the leader handed over.
+    Candidate {
+        granted: BTreeSet<ReplicaId>,
+        transfer: bool,
+    },
+    Leader {
+        progress: BTreeMap<ReplicaId, Progress>,
+    },
 }
 
 impl Role {
@@ -159,7 +167,11 @@ pub struct Engine {
     pub(crate) now: Now,
     pub(crate) phase: Phase,
     pub(crate) me: ReplicaId,
-    pub(crate) voters: Vec<ReplicaId>,
+    /// The members this replica was started with, in force until the bootstrap entry is applied
+    /// (see `Engine::members`); empty for a replica that joins an existing cluster.
+    pub(crate) initial_members: crate::membership::Members,
+    /// Leader: a leadership transfer under way.
+    pub(crate) transfer: Option<crate::reconfiguration::Transfer>,
     pub(crate) hard: HardStateWriter,
     pub(crate) role: Role,
     /// The leader of the current term, once known.
@@ -245,20 +257,32 @@ impl Engine {
         Engine::replica(cfg, ReplicaId(0), vec![ReplicaId(0)], seed)
     }
 
-    /// Replica `me` of the cluster whose voters are `voters` (which must include `me`).
-    pub fn replica(cfg: EngineConfig, me: ReplicaId, mut voters: Vec<ReplicaId>, seed: u64) -> Engine {
+    /// Replica `me` of a new cluster whose voters are `voters` (which must include `me`), or of
+    /// an existing cluster whose configuration its data directory holds.
+    pub fn replica(cfg: EngineConfig, me: ReplicaId, voters: Vec<ReplicaId>, seed: u64) -> Engine {
+        assert!(voters.contains(&me), "a replica is one of the cluster's voters");
+        Engine::with_members(cfg, me, voters, seed)
+    }
+
+    /// Replica `me` joining an existing cluster: it knows no members, never stands, and waits for
+    /// a leader to send it the log (or a snapshot) that makes it a learner, then a voter.
+    pub fn joining(cfg: EngineConfig, me: ReplicaId, seed: u64) -> Engine {
+        Engine::with_members(cfg, me, Vec::new(), seed)
+    }
+
+    fn with_members(cfg: EngineConfig, me: ReplicaId, mut voters: Vec<ReplicaId>, seed: u64) -> Engine {
         voters.sort();
         voters.dedup();
-        assert!(voters.contains(&me), "a replica is one of the cluster's voters");
         Engine {
             local_config: ClusterConfig::bootstrap(&cfg, &voters),
+            initial_members: voters.iter().map(|&v| (v, crate::config::MemberRole::Voter)).collect(),
+            transfer: None,
             config_noticed: 0,
             cfg,
             rng: ChaCha8Rng::seed_from_u64(seed),
             now: Now::default(),
             phase: Phase::Created,
             me,
-            voters,
             hard: HardStateWriter::default(),
             role: Role::Follower,
             leader: None,
@@ -347,7 +371,7 @@ impl Engine {
             return None;
         }
         let consensus = match self.role {
-            Role::Leader { .. } if self.voters.len() == 1 => None,
+            Role::Leader { .. } if self.is_lone_voter() && self.peers().is_empty() => None,
             Role::Leader { .. } => Some(self.heartbeat_due),
             Role::Candidate { .. } | Role::PreCandidate { .. } => Some(self.election_deadline.min(self.heartbeat_due)),
             Role::Follower => Some(self.election_deadline),
@@ -458,14 +482,6 @@ impl Engine {
         self.outputs.push_back(Output::Stopped(fatal));
     }
 
-    pub(crate) fn majority(&self) -> usize {
-        self.voters.len() / 2 + 1
-    }
-
-    pub(crate) fn peers(&self) -> Vec<ReplicaId> {
-        self.voters.iter().copied().filter(|r| *r != self.me).collect()
-    }
-
     /// Whether this replica decides deliveries and lease expiries: only the leader does.
     pub(crate) fn runs_repeater(&self) -> bool {
         self.is_leader() || self.cfg.mutation(|m| m.follower_runs_repeater)
@@ -476,7 +492,8 @@ impl Engine {
     fn boot(&mut self) {
         assert!(matches!(self.phase, Phase::Created), "Boot is the first input, and only once");
         let sync_recovered = !self.cfg.mutation(|m| m.skip_recovery_fsync);
-        let repair_from_peers = self.voters.len() > 1;
+        // A lone voter has no peer to repair from; a joining replica has peers it does not know.
+        let repair_from_peers = self.initial_members.len() != 1;
         let (recovery, step) = Recovery::start(self.cfg.limits.read_retries_max, sync_recovered, repair_from_peers);
         self.phase = Phase::Recovering(Box::new(recovery));
         self.recovery_step(step);
@@ -503,7 +520,7 @@ impl Engine {
                 }
                 self.phase = Phase::Serving;
                 self.next_tick = self.now.mono.saturating_add(self.tick());
-                if self.voters.len() == 1 {
+                if self.is_lone_voter() {
                     // Alone, every durable entry is on a majority: all of it is committed.
                     self.commit = self.durable;
                     self.apply_committed();
@@ -662,6 +679,16 @@ impl Engine {
             self.outputs.push_back(Output::refuse(client, seq, e));
             return;
         }
+        if let Some(t) = &self.transfer {
+            // Handing over: requests go to the new leader, which holds this leader's whole log.
+            let e = RequestError::NotLeader { leader: Some(t.to) };
+            self.outputs.push_back(Output::refuse(client, seq, e));
+            return;
+        }
+        if let Request::TransferLeader { to } = request {
+            self.start_transfer(client, seq, to);
+            return;
+        }
         if !self.cfg.mutation(|m| m.apply_retry_twice) {
             if let Some(outcome) = self.state.dedup_lookup(client, seq) {
                 self.outputs.push_back(Output::Reply { client, seq, outcome });
@@ -686,9 +713,15 @@ impl Engine {
             self.outputs.push_back(Output::refuse(client, seq, RequestError::Overloaded { max }));
             return;
         }
-        self.waiting.insert(client, seq);
         let command = match request {
             Request::ConsumerCommit(commit) => self.commit_command(client, seq, commit),
+            Request::ChangeMembers { change } => match self.change_members(client, seq, change) {
+                Ok(command) => command,
+                Err(e) => {
+                    self.outputs.push_back(Output::refuse(client, seq, e));
+                    return;
+                }
+            },
             request => {
                 let due = match &request {
                     Request::Store { handle, timeout_s } => {
@@ -700,8 +733,15 @@ impl Engine {
                 Command::Client { client, seq, request, due, principal: None }
             }
         };
+        self.waiting.insert(client, seq);
+        let changes_members = matches!(command, Command::Members { .. });
         let index = self.propose(command);
         self.proposed.insert(index, (client, seq));
+        if changes_members {
+            // In force from now on: the new member is replicated to, a removed one is not.
+            self.sync_progress();
+            self.replicate_all();
+        }
     }
 
     /// A repeat time drawn with the jitter of the kind as the cluster configures it.
@@ -853,6 +893,7 @@ impl Engine {
             sessions_spilled: self.state.spilled_count().0,
             source_files: self.state.spilled_count().1,
             state_hash: self.state.state_hash(),
+            members: self.member_statuses(),
         }
     }
 
@@ -925,10 +966,7 @@ impl Engine {
         if !self.is_leader() {
             return;
         }
-        let marks: Vec<Index> = match &self.role {
-            Role::Leader { progress } => progress.values().map(|p| p.sources_mark).collect(),
-            _ => Vec::new(),
-        };
+        let marks: Vec<Index> = self.counting_progress().iter().map(|p| p.sources_mark).collect();
         for c in self.files.plan(&self.state, &self.cfg, &marks, self.majority()) {
             let index = self.propose(c.clone());
             self.files.proposed(&c, index);
@@ -1071,7 +1109,7 @@ impl Engine {
         }
         self.repairing = true;
         self.issue(IoOp::Truncate { file: p.file.clone(), len }, Purpose::Repair);
-        if self.voters.len() > 1 {
+        if !self.is_lone_voter() {
             self.write_retry_at = Some(self.now.mono.saturating_add(self.tick()));
             return;
         }
@@ -1458,7 +1496,8 @@ impl Engine {
         assert!(self.held.len() <= self.cfg.consensus.held_messages_max as usize, "held messages bounded");
         if let Role::Leader { progress } = &self.role {
             assert_eq!(self.leader, Some(self.me), "a leader knows it leads");
-            assert_eq!(progress.len(), self.voters.len() - 1, "a leader tracks every follower");
+            assert_eq!(progress.len(), self.peers().len(), "a leader tracks every other member");
+            assert!(progress.keys().all(|id| self.members().contains_key(id)), "a leader tracks members only");
         }
         if let Some(b) = &self.batch {
             assert!(b.last.0 - b.first.0 < self.cfg.limits.batch_entries_max as u64);
@@ -1477,7 +1516,7 @@ fn audit_of(entry: &Entry) -> Audit {
             attempt: request.handle().map(|h| h.attempt),
             principal: principal.clone(),
         },
-        Command::Commit { client, seq, principal, .. } => {
+        Command::Commit { client, seq, principal, .. } | Command::Members { client, seq, principal, .. } => {
             Audit { at: entry.at, client: Some(*client), seq: Some(*seq), attempt: None, principal: principal.clone() }
         }
         _ => Audit { at: entry.at, ..Audit::default() },

@@ -85,6 +85,21 @@ pub enum RequestError {
     InvalidConfig(String),
     #[error("the cluster has no configuration yet (its first leader has not committed one); retry shortly")]
     NotConfigured,
+    #[error("invalid membership change: {0}")]
+    InvalidMemberChange(String),
+    /// The leader cannot propose a membership change yet (the previous one is not committed, or
+    /// it has not committed an entry of its own term): nothing was proposed; retry shortly.
+    #[error("membership change not proposed yet: {0}; retry shortly")]
+    MemberChangeBusy(String),
+    #[error(
+        "learner {member} is behind (it holds the log through {matched}, the cluster has committed {commit}); \
+         promote it once it has caught up"
+    )]
+    LearnerBehind { member: ReplicaId, matched: Index, commit: Index },
+    #[error("{0} leads the cluster; transfer leadership to another voter before removing it")]
+    RemoveLeader(ReplicaId),
+    #[error("leadership was not transferred to {to}: {reason}")]
+    TransferFailed { to: ReplicaId, reason: String },
 }
 
 impl RequestError {
@@ -97,6 +112,7 @@ impl RequestError {
                 | RequestError::NotReady
                 | RequestError::NotLeader { .. }
                 | RequestError::LeaderLost { .. }
+                | RequestError::MemberChangeBusy(_)
         )
     }
 }

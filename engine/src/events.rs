@@ -178,6 +178,11 @@ pub enum What {
     Configured {
         version: u64,
     },
+    /// The membership changed by `change`; the configuration is now at this version.
+    MembersChanged {
+        version: u64,
+        change: crate::membership::MemberChange,
+    },
 }
 
 impl What {
@@ -225,6 +230,7 @@ impl What {
             What::Merging { .. } => "merging",
             What::SourceReady { .. } => "source-ready",
             What::Configured { .. } => "configured",
+            What::MembersChanged { .. } => "members-changed",
         }
     }
 }

@@ -22,6 +22,7 @@
 //!   a snapshot fetches the source files it lacks, piece by piece.
 //! - `election` and `replication`: consensus (Raft with pre-vote and check-quorum), and
 //!   [`message`]: what replicas say to each other.
+//! - [`membership`]: voters and learners, and the rules for changing them one at a time.
 //! - `hardstate`: the durable term and vote.
 //! - `engine`: the state they share, the local log writer with group commit, and apply.
 
@@ -38,9 +39,11 @@ mod hash;
 pub mod io;
 mod ledger;
 mod log;
+pub mod membership;
 pub mod message;
 pub mod op;
 mod reads;
+mod reconfiguration;
 mod recovery;
 mod repeater;
 mod replication;
@@ -66,10 +69,11 @@ pub use events::{
     StreamItem, StreamOpen, TailFrom, What,
 };
 pub use io::{DiskError, Input, IoId, IoOp, IoReply, Output, RoleName};
+pub use membership::{MemberChange, Members};
 pub use message::Message;
 pub use op::{
-    Checkpoint, Command, CommitOp, ConsumerCommit, DeadPage, DeadView, Entry, FailureReason, Outcome, Query,
-    QueryReply, RedriveTarget, Reply, Request, SessionState, SessionView, StatusView, UnixSecs, Unspilled,
+    Checkpoint, Command, CommitOp, ConsumerCommit, DeadPage, DeadView, Entry, FailureReason, MemberStatus, Outcome,
+    Query, QueryReply, RedriveTarget, Reply, Request, SessionState, SessionView, StatusView, UnixSecs, Unspilled,
 };
 pub use sessions::StateMachine;
 pub use stored::{decode_source_file, source_name};

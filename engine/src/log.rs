@@ -6,9 +6,11 @@
 
 use crate::codec::{encode_record, encode_segment_header, segment_name, SEGMENT_HEADER_LEN};
 use crate::io::IoOp;
+use crate::membership::Members;
+use crate::op::Command;
 use crate::op::Entry;
 use crate::types::{Index, Term};
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 /// Where a written record starts, and the crc of the record before it (the chain's value
 /// to restore if the log is cut there).
@@ -38,6 +40,9 @@ pub(crate) struct Log {
     entries: VecDeque<Entry>,
     /// Where entries `base + 1 ..= written` start on disk.
     locs: VecDeque<Loc>,
+    /// The held entries that change the membership: consensus uses the latest one from the
+    /// moment it is in the log (see `membership.rs`).
+    member_changes: BTreeSet<Index>,
 }
 
 /// Where one batch goes (its bytes travel separately, in the write request).
@@ -60,6 +65,7 @@ impl Log {
         assert!(entries.first().is_none_or(|e| e.index == base.next()), "recovered entries follow the base");
         self.base = base;
         self.base_term = base_term;
+        self.member_changes = entries.iter().filter(|e| is_member_change(e)).map(|e| e.index).collect();
         self.entries = entries.into();
         self.locs = locs.into();
         self.written = self.last_index();
@@ -109,7 +115,24 @@ impl Log {
     pub fn append(&mut self, entry: Entry) {
         assert_eq!(entry.index, self.last_index().next(), "entries are appended in order");
         assert!(entry.term >= self.last_term(), "terms never go backwards along the log");
+        if is_member_change(&entry) {
+            self.member_changes.insert(entry.index);
+        }
         self.entries.push_back(entry);
+    }
+
+    /// The membership of the latest membership entry held after `after`, if any.
+    pub fn latest_members(&self, after: Index) -> Option<(Index, &Members)> {
+        let index = *self.member_changes.range(after.next()..).next_back()?;
+        match &self.entry(index)?.command {
+            Command::Members { members, .. } => Some((index, members)),
+            _ => None,
+        }
+    }
+
+    /// The index of the latest membership entry held, if any.
+    pub fn latest_member_change(&self) -> Option<Index> {
+        self.member_changes.last().copied()
     }
 
     /// Drops the entries from `from` on from memory (a new leader overrides them). The caller
@@ -117,6 +140,7 @@ impl Log {
     pub fn truncate(&mut self, from: Index) {
         assert!(from > self.base, "entries covered by the snapshot are committed and never cut");
         self.entries.truncate((from.0 - self.base.0 - 1) as usize);
+        self.member_changes.split_off(&from);
     }
 
     /// Disk operations that cut the written log back so that `from` is the next index written:
@@ -212,6 +236,7 @@ impl Log {
         let term = self.term_at(index).expect("compacting only through a held entry");
         self.entries.drain(..n);
         self.locs.drain(..n.min(self.locs.len()));
+        self.member_changes = self.member_changes.split_off(&index.next());
         self.base = index;
         self.base_term = term;
     }
@@ -243,9 +268,16 @@ impl Log {
         // `written` may exceed the last index while a cut of overridden entries is pending.
         assert!(self.written >= self.base, "written lies after the base");
         assert_eq!(self.locs.len() as u64, self.written.0 - self.base.0, "every written entry has a location");
+        for index in &self.member_changes {
+            assert!(self.entry(*index).is_some_and(is_member_change), "a membership entry is held where noted");
+        }
         if let Some(first) = self.entries.front() {
             assert_eq!(first.index, self.base.next(), "entries follow the base");
             assert!(first.term >= self.base_term, "terms never go backwards along the log");
         }
     }
+}
+
+fn is_member_change(entry: &Entry) -> bool {
+    matches!(entry.command, Command::Members { .. })
 }

@@ -23,10 +23,13 @@ pub enum Message {
         granted: bool,
     },
     /// A request for a vote in `term`; the candidate has persisted that term and its own vote.
+    /// `transfer`: the leader handed over to the candidate (see `reconfiguration.rs`), so a voter
+    /// that heard from that leader a moment ago votes all the same.
     Vote {
         term: Term,
         last_index: Index,
         last_term: Term,
+        transfer: bool,
     },
     /// Granted only once the vote is durable on the voter.
     VoteReply {
@@ -87,6 +90,11 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// The leader hands over: the follower, which holds the leader's whole log, stands for
+    /// election at once.
+    TimeoutNow {
+        term: Term,
+    },
 }
 
 impl Message {
@@ -100,7 +108,8 @@ impl Message {
             | Message::AppendReply { term, .. }
             | Message::Snapshot { term, .. }
             | Message::SourceFetch { term, .. }
-            | Message::SourcePiece { term, .. } => *term,
+            | Message::SourcePiece { term, .. }
+            | Message::TimeoutNow { term } => *term,
         }
     }
 
@@ -121,6 +130,7 @@ impl Message {
             Message::Snapshot { .. } => "snapshot",
             Message::SourceFetch { .. } => "source-fetch",
             Message::SourcePiece { .. } => "source-piece",
+            Message::TimeoutNow { .. } => "timeout-now",
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::config::{AppliedLimits, ClusterConfig, KindConfig};
 use crate::error::RequestError;
+use crate::membership::{MemberChange, Members};
 use crate::types::{ClientId, Handle, Index, Kind, ReplicaId, Seq, SessionId, SourceId, Term, UnixMs};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -67,6 +68,13 @@ pub enum Request {
     /// at `expect_version` (so that two operators cannot overwrite each other's change unseen).
     /// Refused whole if it is invalid or would strand sessions of a removed kind.
     Configure { expect_version: u64, kinds: BTreeMap<Kind, KindConfig>, limits: AppliedLimits },
+    /// Operator: change the membership by one member (see `membership.rs`). The leader refuses
+    /// it while another change is in flight, before it has committed an entry of its own term,
+    /// and (for a promotion) while the learner lacks committed entries.
+    ChangeMembers { change: MemberChange },
+    /// Operator: hand leadership to voter `to` once it holds the whole log. Not a log entry: the
+    /// leader answers once it has told `to` to stand (or why it could not).
+    TransferLeader { to: ReplicaId },
 }
 
 /// A consumer's commit (see [`Request::ConsumerCommit`]).
@@ -203,7 +211,9 @@ impl Request {
             | Request::ConsumerOpen { .. }
             | Request::ConsumerCommit(_)
             | Request::ConsumerDrop { .. }
-            | Request::Configure { .. } => None,
+            | Request::Configure { .. }
+            | Request::ChangeMembers { .. }
+            | Request::TransferLeader { .. } => None,
         }
     }
 
@@ -230,6 +240,8 @@ impl Request {
             Request::ConsumerCommit(_) => "consumer-commit",
             Request::ConsumerDrop { .. } => "consumer-drop",
             Request::Configure { .. } => "configure",
+            Request::ChangeMembers { .. } => "change-members",
+            Request::TransferLeader { .. } => "transfer-leader",
         }
     }
 
@@ -270,6 +282,14 @@ pub enum Reply {
     /// The configuration changed to this version.
     Configured {
         version: u64,
+    },
+    /// The membership change is committed; the configuration is now at `version`.
+    MembersChanged {
+        version: u64,
+    },
+    /// The leader told `to` to stand for election at once, with the whole log.
+    LeaderTransferring {
+        to: ReplicaId,
     },
 }
 
@@ -323,6 +343,9 @@ pub enum Command {
     /// one applied takes effect; a later one (from a leader that had not yet applied an earlier
     /// one) changes nothing.
     Bootstrap { config: ClusterConfig },
+    /// A membership change, carrying the whole membership after it: replicas use it from the
+    /// moment it is in their log (see `membership.rs`), before it is applied.
+    Members { client: ClientId, seq: Seq, principal: Option<String>, change: MemberChange, members: Members },
 }
 
 impl Command {
@@ -340,6 +363,7 @@ impl Command {
             Command::Reserve => "reserve",
             Command::Commit { .. } => "consumer-commit",
             Command::Bootstrap { .. } => "bootstrap",
+            Command::Members { .. } => "members",
         }
     }
 }
@@ -453,6 +477,19 @@ pub struct StatusView {
     pub sessions_spilled: u64,
     pub source_files: u64,
     pub state_hash: u64,
+    /// The members of the configuration in force on this replica (its own role among them; a
+    /// joining replica knows none yet).
+    pub members: Vec<MemberStatus>,
+}
+
+/// One member as a replica sees it (see [`StatusView::members`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub id: ReplicaId,
+    pub role: crate::config::MemberRole,
+    /// The leader's knowledge of how far the member's log matches its own, durably (the leader's
+    /// own durable index for itself); unknown on other replicas.
+    pub matched: Option<Index>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

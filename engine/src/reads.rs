@@ -82,8 +82,10 @@ impl Engine {
     }
 
     fn round_confirmed(&self, round: u64) -> bool {
-        let crate::engine::Role::Leader { progress } = &self.role else { return false };
-        progress.values().filter(|p| p.round >= round).count() + 1 >= self.majority()
+        if !self.is_leader() {
+            return false;
+        }
+        self.counting_progress().iter().filter(|p| p.round >= round).count() + 1 >= self.majority()
     }
 
     /// Answers every read whose round is confirmed and whose index is applied, in arrival
@@ -122,7 +124,7 @@ impl Engine {
                 self.send_heartbeat(peer);
             }
             // Alone, a leader is its own majority: the round is confirmed at once.
-            if self.voters.len() == 1 {
+            if self.majority() == 1 {
                 self.serve_reads();
             }
         }

@@ -208,9 +208,13 @@ impl Engine {
     /// The leader's commit index: the highest index of its own term that a majority holds
     /// durably (the leader counting its own durable log).
     pub(crate) fn advance_commit(&mut self) {
-        let Role::Leader { progress } = &self.role else { return };
-        let mut matched: Vec<Index> = progress.values().map(|p| p.matched).collect();
-        matched.push(self.durable);
+        if !self.is_leader() {
+            return;
+        }
+        let mut matched: Vec<Index> = self.counting_progress().iter().map(|p| p.matched).collect();
+        if self.counts(self.me) {
+            matched.push(self.durable);
+        }
         matched.sort_unstable_by(|a, b| b.cmp(a));
         let mut candidate = matched[self.majority() - 1];
         if self.cfg.mutation(|m| m.commit_without_majority) {
@@ -304,6 +308,7 @@ impl Engine {
         }
         self.replicate(from);
         self.tell_commit(from);
+        self.advance_transfer();
     }
 
     /// A follower's acknowledgement: what is durable here and known to match the leader's log.

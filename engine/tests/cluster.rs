@@ -16,8 +16,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use truba_engine::{
-    ClientId, Engine, EngineConfig, Handle, Index, Input, IoOp, Kind, Message, Outcome, Output, Query, QueryReply,
-    ReplicaId, Reply, Request, RequestError, RoleName, Seq, SessionView, Term,
+    ClientId, Engine, EngineConfig, Handle, Index, Input, IoOp, Kind, MemberChange, MemberRole, Message, Outcome,
+    Output, Query, QueryReply, ReplicaId, Reply, Request, RequestError, RoleName, Seq, SessionView, Term,
 };
 use truba_engine::{Instant, Now, UnixMs};
 
@@ -400,6 +400,19 @@ impl Cluster {
         for &(r, a, h) in &states {
             assert_eq!((a, h), (applied, hash), "{r} differs: {states:?}");
         }
+    }
+
+    /// Starts replica `id` on an empty directory as one that joins this cluster (it knows no
+    /// members until a leader sends it the log).
+    fn join(&mut self, id: ReplicaId) {
+        let engine = Engine::joining(EngineConfig::default(), id, SEED ^ id.0 as u64);
+        self.replicas.insert(id, Replica { engine, dir: Dir::new(), outputs: Vec::new(), stalled_io: None });
+        self.input(id, Input::Boot);
+        assert!(self.engine(id).is_serving());
+    }
+
+    fn members(&self, r: ReplicaId) -> Vec<(ReplicaId, MemberRole)> {
+        self.engine(r).status().members.iter().map(|m| (m.id, m.role)).collect()
     }
 
     /// The sends queued from `from` to `to`.
@@ -807,4 +820,132 @@ fn a_follower_takes_new_entries_while_it_installs_a_snapshot() {
     assert_eq!(c.engine(f).log_range().1, leader_last, "entries sent during the install were kept");
     c.run(500);
     c.assert_converged();
+}
+
+// ---- membership ---------------------------------------------------------------------------------
+
+fn change(c: MemberChange) -> Request {
+    Request::ChangeMembers { change: c }
+}
+
+#[test]
+fn a_learner_catches_up_never_counts_and_is_promoted_only_once_caught_up() {
+    let mut c = Cluster::new(SEED);
+    let leader = c.elect();
+    for i in 0..5 {
+        created(c.call(leader, 1, i + 1, new_session(b"before")));
+    }
+    let four = ReplicaId(4);
+    c.join(four);
+    assert!(c.members(four).is_empty(), "a joining replica knows no members");
+    // Cut off, the learner cannot catch up: it is added, but not promoted.
+    c.isolate(four);
+    assert!(matches!(c.call(leader, 9, 1, change(MemberChange::AddLearner(four))), Ok(Reply::MembersChanged { .. })));
+    assert_eq!(c.members(leader).iter().filter(|m| m.1 == MemberRole::Learner).count(), 1);
+    match c.call(leader, 9, 2, change(MemberChange::Promote(four))) {
+        Err(RequestError::LearnerBehind { member, matched, .. }) => assert_eq!((member, matched), (four, Index(0))),
+        other => panic!("a learner that is behind is promoted: {other:?}"),
+    }
+    // Writes commit without it: a learner does not count.
+    created(c.call(leader, 1, 6, new_session(b"while-cut-off")));
+    c.heal();
+    c.run(10 * HEARTBEAT_MS);
+    c.assert_converged();
+    assert_eq!(c.engine(four).status().role, RoleName::Follower);
+    assert_eq!(c.members(four), c.members(leader), "the learner follows the configuration in the log");
+    assert!(matches!(c.call(leader, 9, 3, change(MemberChange::Promote(four))), Ok(Reply::MembersChanged { .. })));
+    c.run(3 * HEARTBEAT_MS);
+    for r in c.ids() {
+        assert_eq!(c.members(r).iter().filter(|m| m.1 == MemberRole::Voter).count(), 4, "{r}");
+    }
+    // With four voters a commit needs three: two followers cut off stop every write.
+    let others: Vec<ReplicaId> = followers_of(&c, leader).into_iter().take(2).collect();
+    for r in &others {
+        c.isolate(*r);
+    }
+    let mark = c.request(leader, 1, 7, new_session(b"needs-three"));
+    c.deliver_all();
+    assert_eq!(c.reply(leader, mark, 1, 7), None, "two of four voters do not commit");
+}
+
+#[test]
+fn a_learner_never_votes_or_stands() {
+    let mut c = Cluster::new(SEED + 1);
+    let leader = c.elect();
+    c.join(ReplicaId(4));
+    assert!(c.call(leader, 9, 1, change(MemberChange::AddLearner(ReplicaId(4)))).is_ok());
+    c.run(5 * HEARTBEAT_MS);
+    // The leader and one voter go away: the remaining voter and the learner must not elect.
+    let voter = followers_of(&c, leader).into_iter().find(|r| *r != ReplicaId(4)).expect("a voter follows");
+    let gone = c.ids().into_iter().find(|r| ![leader, voter, ReplicaId(4)].contains(r)).expect("a third voter");
+    c.isolate(leader);
+    c.isolate(gone);
+    c.run(20 * ELECTION_MAX_MS);
+    assert!(!c.engine(ReplicaId(4)).is_leader() && !c.engine(voter).is_leader(), "{:?}", c.roles());
+    let stood = c.replicas[&ReplicaId(4)].outputs.iter().any(|o| {
+        matches!(o, Output::Send { message: Message::PreVote { .. } | Message::Vote { .. }, .. })
+            || matches!(o, Output::Send { message: Message::VoteReply { granted: true, .. }, .. })
+    });
+    assert!(!stood, "a learner never asks for or grants a vote");
+}
+
+#[test]
+fn membership_changes_go_one_at_a_time() {
+    let mut c = Cluster::new(SEED + 2);
+    let leader = c.elect();
+    c.join(ReplicaId(4));
+    c.join(ReplicaId(5));
+    let m1 = c.request(leader, 9, 1, change(MemberChange::AddLearner(ReplicaId(4))));
+    let m2 = c.request(leader, 9, 2, change(MemberChange::AddLearner(ReplicaId(5))));
+    match c.reply(leader, m2, 9, 2) {
+        Some(Err(RequestError::MemberChangeBusy(_))) => {}
+        other => panic!("a second change while the first is in flight: {other:?}"),
+    }
+    c.deliver_all();
+    assert!(matches!(c.reply(leader, m1, 9, 1), Some(Ok(Reply::MembersChanged { .. }))));
+    assert!(c.call(leader, 9, 3, change(MemberChange::AddLearner(ReplicaId(5)))).is_ok());
+    assert_eq!(c.call(leader, 9, 4, change(MemberChange::Remove(leader))), Err(RequestError::RemoveLeader(leader)));
+    assert!(matches!(
+        c.call(leader, 9, 5, change(MemberChange::AddLearner(ReplicaId(5)))),
+        Err(RequestError::InvalidMemberChange(_))
+    ));
+}
+
+#[test]
+fn a_removed_voter_no_longer_counts() {
+    let mut c = Cluster::new(SEED + 3);
+    let leader = c.elect();
+    let gone = followers_of(&c, leader)[0];
+    assert!(matches!(c.call(leader, 9, 1, change(MemberChange::Remove(gone))), Ok(Reply::MembersChanged { .. })));
+    c.run(3 * HEARTBEAT_MS);
+    // Two voters are left; with the removed one cut off, writes still commit on both.
+    c.isolate(gone);
+    let h = created(c.call(leader, 1, 1, new_session(b"after")));
+    c.run(3 * HEARTBEAT_MS);
+    let stay = followers_of(&c, leader).into_iter().find(|r| *r != gone).expect("one voter stays");
+    assert!(c.engine(stay).state().session_view(h.session).is_ok());
+    // The removed replica, cut off, times out again and again but disrupts nobody once back.
+    c.run(10 * ELECTION_MAX_MS);
+    c.heal();
+    c.run(10 * ELECTION_MAX_MS);
+    assert_eq!(c.leaders(), vec![leader], "{:?}", c.roles());
+}
+
+#[test]
+fn leadership_is_handed_to_a_caught_up_voter_within_an_election_timeout() {
+    let mut c = Cluster::new(SEED + 4);
+    let leader = c.elect();
+    created(c.call(leader, 1, 1, new_session(b"x")));
+    let to = followers_of(&c, leader)[1];
+    let start = c.t;
+    let mark = c.request(leader, 9, 1, Request::TransferLeader { to });
+    // Meanwhile the old leader sends clients to the new one.
+    let m2 = c.request(leader, 1, 2, new_session(b"y"));
+    assert_eq!(c.reply(leader, m2, 1, 2), Some(Err(RequestError::NotLeader { leader: Some(to) })));
+    assert!(c.run_until(ELECTION_MAX_MS, |c| c.engine(to).is_leader() && c.leaders().len() == 1), "{:?}", c.roles());
+    assert!(c.t - start < ELECTION_MAX_MS, "the transfer took {} ms", c.t - start);
+    assert_eq!(c.reply(leader, mark, 9, 1), Some(Ok(Reply::LeaderTransferring { to })));
+    created(c.call(to, 1, 3, new_session(b"z")));
+    let refused = c.call(to, 9, 2, Request::TransferLeader { to: ReplicaId(7) });
+    assert!(matches!(refused, Err(RequestError::TransferFailed { .. })), "{refused:?}");
 }

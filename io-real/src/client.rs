@@ -1221,6 +1221,7 @@ pub(crate) mod tests {
                     sessions_spilled: 0,
                     source_files: 0,
                     state_hash: 0,
+                    members: Vec::new(),
                 }),
             },
             ClientMsg::Status { id } => ServerMsg::Status {
@@ -1243,6 +1244,7 @@ pub(crate) mod tests {
                         sessions_spilled: 2,
                         source_files: 1,
                         state_hash: 5,
+                        members: Vec::new(),
                     },
                     disk_bytes: 6,
                     connections: 1,

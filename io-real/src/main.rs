@@ -1033,6 +1033,7 @@ fn what_text(w: &What) -> String {
         What::Merging { source, older, newer } => format!("source {} from {} and {}", source.0, older.0, newer.0),
         What::SourceReady { source } => format!("source {}", source.0),
         What::Configured { version } => format!("configuration version {version}"),
+        What::MembersChanged { version, change } => format!("{change}; configuration version {version}"),
         What::Dropped | What::Deleted | What::Renewed | What::Noop | What::Reserved => String::new(),
     }
 }
@@ -1070,6 +1071,9 @@ fn what_json(w: &What) -> serde_json::Value {
         }
         What::SourceReady { source } => serde_json::json!({"source": source.0}),
         What::Configured { version } => serde_json::json!({"version": version}),
+        What::MembersChanged { version, change } => {
+            serde_json::json!({"version": version, "change": change.to_string()})
+        }
         What::Dropped | What::Deleted | What::Renewed | What::Noop | What::Reserved => serde_json::json!({}),
     }
 }

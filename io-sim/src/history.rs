@@ -223,6 +223,8 @@ pub fn describe_request(r: &Request) -> String {
                 kinds.keys().map(|k| k.0).collect::<Vec<_>>()
             )
         }
+        Request::ChangeMembers { change } => format!("members: {change}"),
+        Request::TransferLeader { to } => format!("transfer leadership to {to}"),
     }
 }
 
@@ -273,6 +275,8 @@ fn describe(e: &Event) -> String {
                 format!("{actor:?}#{seq} < committed through {} ({} ops)", through.0, results.len())
             }
             Ok(Reply::Configured { version }) => format!("{actor:?}#{seq} < configured, version {version}"),
+            Ok(Reply::MembersChanged { version }) => format!("{actor:?}#{seq} < members changed, version {version}"),
+            Ok(Reply::LeaderTransferring { to }) => format!("{actor:?}#{seq} < handing over to {to}"),
             Err(e) => format!("{actor:?}#{seq} < error: {e}"),
         },
         Event::GiveUp { actor, seq, .. } => format!("{actor:?}#{seq} gave up"),

@@ -57,6 +57,15 @@ impl StateMachine {
                 });
                 out.reply = Some((*client, *seq, outcome));
             }
+            Command::Members { client, seq, change, members, .. } => {
+                let about = ("change-members", None, None);
+                let outcome = self.once(*client, *seq, entry.index, about, cfg, &mut out.events, |s, events| {
+                    let version = s.change_members(members);
+                    events.push(Event::pipe(What::MembersChanged { version, change: *change }));
+                    Ok(Reply::MembersChanged { version })
+                });
+                out.reply = Some((*client, *seq, outcome));
+            }
             Command::Reserve => out.events.push(Event::pipe(What::Reserved)),
             Command::Take { sessions, unspilled } => {
                 for id in sessions {
@@ -246,6 +255,10 @@ impl StateMachine {
                 // Commits travel as `Command::Commit`, with what the leader drew for them.
                 return Err(RequestError::Malformed("a consumer commit outside a commit entry".into()));
             }
+            Request::ChangeMembers { .. } | Request::TransferLeader { .. } => {
+                // Membership changes travel as `Command::Members`; transfers are not entries.
+                return Err(RequestError::Malformed(format!("{} as a client entry", request.name())));
+            }
             Request::Configure { expect_version, kinds, limits } => {
                 let version = self.configure(*expect_version, kinds, limits)?;
                 events.push(Event::pipe(What::Configured { version }));
@@ -304,6 +317,18 @@ impl StateMachine {
         let members = self.config.members.clone();
         self.set_config(ClusterConfig { version, members, kinds: kinds.clone(), limits: *limits });
         Ok(version)
+    }
+
+    /// Takes the membership a `Members` entry carries. Consensus has used it since the entry
+    /// reached the log (see `membership.rs`); applying records it in the configuration, where
+    /// snapshots keep it. The entry's members are taken as they are, whatever the state held
+    /// before: the leader derived them from the membership in force, and replicas must apply
+    /// exactly what their consensus already uses.
+    fn change_members(&mut self, members: &crate::membership::Members) -> u64 {
+        let version = self.config.version + 1;
+        let config = ClusterConfig { version, members: members.clone(), ..(*self.config).clone() };
+        self.set_config(config);
+        version
     }
 
     /// Sessions of `kind` in any state, in memory or spilled (a scan: configuration changes are
