@@ -483,6 +483,11 @@ pub struct ConsensusConfig {
     pub inflight_appends_max: u32,
     /// Outgoing messages held while the term or vote they depend on is being made durable.
     pub held_messages_max: u32,
+    /// A learner is promoted only if its log lacks at most this many committed entries (and it
+    /// answered within an election timeout): under load a learner that keeps up is still a
+    /// round trip behind, and one that is far behind would leave the cluster short of a quorum
+    /// while it catches up.
+    pub promote_lag_entries_max: u64,
 }
 
 impl Default for ConsensusConfig {
@@ -497,6 +502,7 @@ impl Default for ConsensusConfig {
             inflight_bytes_max: 8 * 1024 * 1024,
             inflight_appends_max: 64,
             held_messages_max: 4096,
+            promote_lag_entries_max: 256,
         }
     }
 }

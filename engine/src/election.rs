@@ -324,15 +324,18 @@ impl Engine {
         }
     }
 
-    /// Whom this replica listens to. Vote requests count only from voters of the configuration
-    /// in force (a removed member must not disrupt the cluster). Everything else is taken from
-    /// members, and a leader's messages from anyone: a learner or a joining replica hears from a
-    /// leader its log does not name yet, as Raft requires. Answers from non-members change
-    /// nothing, since the leader and candidates count only members.
+    /// Whom this replica listens to. Requests (for votes, entries, snapshots) are taken from
+    /// anyone, as Raft requires (section 4.1 of Ongaro's thesis): a replica whose log does not
+    /// yet hold the entry that made it a voter, or that names the candidate or leader, must
+    /// still vote and follow, or a cluster whose latest change reached only some members could
+    /// never elect a leader again. Removed members cannot disrupt: they stop standing once
+    /// their log holds their removal, and until then pre-vote and leader stickiness keep them
+    /// out. Answers are taken only from members, and only voters' count (see `counts`).
     fn accepts(&self, from: ReplicaId, message: &Message) -> bool {
         match message {
-            Message::PreVote { .. } | Message::Vote { .. } => self.is_voter(from),
-            Message::Append { .. }
+            Message::PreVote { .. }
+            | Message::Vote { .. }
+            | Message::Append { .. }
             | Message::Snapshot { .. }
             | Message::SourcePiece { .. }
             | Message::TimeoutNow { .. } => true,

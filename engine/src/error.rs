@@ -92,8 +92,8 @@ pub enum RequestError {
     #[error("membership change not proposed yet: {0}; retry shortly")]
     MemberChangeBusy(String),
     #[error(
-        "learner {member} is behind (it holds the log through {matched}, the cluster has committed {commit}); \
-         promote it once it has caught up"
+        "learner {member} is behind or silent (it holds the log through {matched}, the cluster has committed \
+         {commit}); promote it once it has caught up"
     )]
     LearnerBehind { member: ReplicaId, matched: Index, commit: Index },
     #[error("{0} leads the cluster; transfer leadership to another voter before removing it")]

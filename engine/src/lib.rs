@@ -75,6 +75,7 @@ pub use op::{
     Checkpoint, Command, CommitOp, ConsumerCommit, DeadPage, DeadView, Entry, FailureReason, MemberStatus, Outcome,
     Query, QueryReply, RedriveTarget, Reply, Request, SessionState, SessionView, StatusView, UnixSecs, Unspilled,
 };
+pub use reconfiguration::MembershipView;
 pub use sessions::StateMachine;
 pub use stored::{decode_source_file, source_name};
 pub use types::{

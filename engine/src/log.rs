@@ -130,6 +130,11 @@ impl Log {
         }
     }
 
+    /// The membership entries held after `after`, in log order.
+    pub fn member_changes_after(&self, after: Index) -> impl Iterator<Item = &Entry> + '_ {
+        self.member_changes.range(after.next()..).filter_map(|i| self.entry(*i))
+    }
+
     /// The index of the latest membership entry held, if any.
     pub fn latest_member_change(&self) -> Option<Index> {
         self.member_changes.last().copied()

@@ -15,7 +15,7 @@ use crate::membership::{self, MemberChange, Members};
 use crate::message::Message;
 use crate::op::{Command, MemberStatus, Reply};
 use crate::replication::Progress;
-use crate::types::{ClientId, Duration, Instant, ReplicaId, Seq};
+use crate::types::{ClientId, Duration, Index, Instant, ReplicaId, Seq, Term};
 
 /// A leadership transfer under way on the leader.
 #[derive(Clone, Debug)]
@@ -30,7 +30,38 @@ pub(crate) struct Transfer {
     pub told_at: Option<Instant>,
 }
 
+/// What the simulator's membership checkers see of a replica (see [`Engine::membership`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MembershipView {
+    /// The configuration in force here.
+    pub members: Members,
+    /// Leader: the index of its first entry of this term.
+    pub term_start: Index,
+    /// The membership entries this replica holds above its commit index: (index, term, change).
+    pub uncommitted: Vec<(Index, Term, MemberChange)>,
+    /// The log is durable here through this index.
+    pub durable: Index,
+}
+
 impl Engine {
+    /// This replica's membership, for checkers and status.
+    pub fn membership(&self) -> MembershipView {
+        let uncommitted = self
+            .log
+            .member_changes_after(self.commit)
+            .filter_map(|e| match &e.command {
+                Command::Members { change, .. } => Some((e.index, e.term, *change)),
+                _ => None,
+            })
+            .collect();
+        MembershipView {
+            members: self.members().clone(),
+            term_start: self.term_start,
+            uncommitted,
+            durable: self.durable,
+        }
+    }
+
     /// The configuration in force here: the latest membership entry in the log, committed or
     /// not, else the applied configuration's, else (before the bootstrap entry is applied) the
     /// members this replica was started with.
@@ -128,11 +159,19 @@ impl Engine {
         }
         let members = membership::changed(self.members(), change)?;
         if let MemberChange::Promote(id) = change {
-            let matched = match &self.role {
-                Role::Leader { progress } => progress.get(&id).map_or(crate::types::Index(0), |p| p.matched),
-                _ => crate::types::Index(0),
+            let c = &self.cfg.consensus;
+            let (matched, heard_at) = match &self.role {
+                Role::Leader { progress } => {
+                    progress.get(&id).map_or((Index(0), None), |p| (p.matched, Some(p.heard_at)))
+                }
+                _ => (Index(0), None),
             };
-            if matched < self.commit && !self.cfg.mutation(|m| m.promote_behind) {
+            let heard = heard_at.is_some_and(|t| self.now.mono.saturating_since(t).0 <= c.election_timeout_ms_max);
+            // A learner that never acknowledged anything has not shown that it can keep up, however
+            // young the log.
+            let caught_up =
+                matched.0 > 0 && matched.0.saturating_add(c.promote_lag_entries_max) >= self.commit.0 && heard;
+            if !caught_up && !self.cfg.mutation(|m| m.promote_behind) {
                 return Err(RequestError::LearnerBehind { member: id, matched, commit: self.commit });
             }
         }

@@ -182,6 +182,9 @@ pub struct Summary {
     pub sources_merged: u64,
     pub sources_installed: u64,
     pub crashes_mid_merge: u64,
+    pub member_changes: u64,
+    pub transfers: u64,
+    pub member_refusals: u64,
     pub reads: u64,
     pub streams: StreamTally,
     pub virtual_s: f64,
@@ -205,6 +208,9 @@ impl Summary {
         self.sources_merged += r.output.stats.sources_merged;
         self.sources_installed += r.output.stats.sources_installed;
         self.crashes_mid_merge += r.output.stats.crashes_mid_merge;
+        self.member_changes += r.output.stats.member_changes;
+        self.transfers += r.output.stats.transfers;
+        self.member_refusals += r.output.stats.member_refusals;
         self.reads += r.reads();
         self.streams.add(r.streams());
         self.virtual_s += r.output.stats.virtual_us as f64 / 1e6;
@@ -214,7 +220,7 @@ impl Summary {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>8} {:>20} {:>24}",
+            "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>8} {:>20} {:>24} {:>14}",
             "scenario",
             "seeds",
             "failed",
@@ -227,12 +233,13 @@ impl Summary {
             "hash ok",
             "reads",
             "src wr/mrg/inst/cut",
-            "stream it/rs/cmt/fen/rt"
+            "stream it/rs/cmt/fen/rt",
+            "members ch/tr/rf"
         );
         for r in rows {
             let _ = writeln!(
                 out,
-                "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>8} {:>20} {:>24}",
+                "{:<22} {:>7} {:>7} {:>11} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>8} {:>20} {:>24} {:>14}",
                 r.scenario,
                 r.seeds,
                 r.failed,
@@ -248,7 +255,8 @@ impl Summary {
                 {
                     let t = r.streams;
                     format!("{}/{}/{}/{}/{}", t.items, t.resyncs, t.commits, t.fenced, t.read_throughs)
-                }
+                },
+                format!("{}/{}/{}", r.member_changes, r.transfers, r.member_refusals)
             );
         }
         out

@@ -50,6 +50,50 @@ pub struct Scenario {
     /// clusters. Replicas must still agree: applying follows the replicated configuration.
     #[serde(default)]
     pub local_config_drift: bool,
+    /// `[membership]`: replicas that join later, and an operator who changes the membership.
+    #[serde(default)]
+    pub membership: MembershipSetup,
+}
+
+/// `[membership]`: an operator who adds learners, promotes them once caught up, removes members
+/// and transfers leadership while the faults go on (see `world/members.rs`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MembershipSetup {
+    /// The voters a new cluster starts with (the first ones); the other replicas start empty
+    /// and join. `None`: every replica is a voter from the start.
+    pub initial_voters: Option<u32>,
+    /// How often the operator makes a change (`None`: never).
+    pub every_ms: Option<(u64, u64)>,
+    /// Share of the operator's actions that transfer leadership.
+    pub transfer_share: f64,
+    /// Share of the operator's actions that send a second change right after the first (the
+    /// leader must refuse it while the first is in flight).
+    pub burst_share: f64,
+    /// Share of elections right after which the operator asks the new leader for a change (it
+    /// must wait until it has committed an entry of its own term).
+    pub on_election_share: f64,
+    /// Fewest voters the operator leaves when it removes one.
+    pub voters_min: u32,
+}
+
+impl Default for MembershipSetup {
+    fn default() -> Self {
+        MembershipSetup {
+            initial_voters: None,
+            every_ms: None,
+            transfer_share: 0.2,
+            burst_share: 0.2,
+            on_election_share: 0.3,
+            voters_min: 3,
+        }
+    }
+}
+
+impl MembershipSetup {
+    pub fn changes(&self) -> bool {
+        self.every_ms.is_some()
+    }
 }
 
 /// `[streams]`: readers of the ledger and what they do.
@@ -376,8 +420,17 @@ impl Scenario {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if ![1, 3, 5].contains(&self.replicas) {
-            return Err(format!("replicas must be 1, 3 or 5, got {}", self.replicas));
+        match self.membership.initial_voters {
+            None if ![1, 3, 5].contains(&self.replicas) => {
+                return Err(format!("replicas must be 1, 3 or 5, got {}", self.replicas));
+            }
+            Some(v) if ![1, 3, 5].contains(&v) || v > self.replicas || self.replicas > 7 => {
+                return Err(format!(
+                    "membership.initial_voters must be 1, 3 or 5 and at most replicas (at most 7), got {v} of {}",
+                    self.replicas
+                ));
+            }
+            _ => {}
         }
         if self.kinds.is_empty() {
             return Err("at least one [kinds.N] section is needed".into());

@@ -242,3 +242,40 @@ fn a_read_through_that_does_not_wait_for_the_checkpoint_is_caught() {
 fn applying_by_a_node_local_kind_setting_is_caught() {
     caught_within("apply-local-config", "cluster-config-drift", &["state-hash"], 10);
 }
+
+// ---- membership -------------------------------------------------------------------------------
+// All in `cluster-membership`, where an operator changes the membership under faults. The rule
+// checkers (see io-sim's `world/members.rs`) caught each within 12 seeds when written; the limit
+// is 60. The consequences of breaking a rule (two leaders, lost commits) take interleavings the
+// scenario rarely makes: `two-changes-in-flight` and `skip-own-term-commit` survived 100 seeds
+// of the replica-agreement checkers, which is why the rules are checked directly.
+
+const MEMBERSHIP_SEEDS_MAX: u64 = 60;
+
+/// Counting learners' acknowledgements commits entries that a majority of voters lacks.
+#[test]
+fn counting_a_learner_in_the_quorum_is_caught() {
+    caught_within("learner-in-quorum", "cluster-membership", &["quorum-commit"], MEMBERSHIP_SEEDS_MAX);
+}
+
+#[test]
+fn a_change_before_the_leaders_own_entry_commits_is_caught() {
+    caught_within("skip-own-term-commit", "cluster-membership", &["own-term-commit"], MEMBERSHIP_SEEDS_MAX);
+}
+
+#[test]
+fn two_changes_in_flight_are_caught() {
+    caught_within("two-changes-in-flight", "cluster-membership", &["one-change-in-flight"], MEMBERSHIP_SEEDS_MAX);
+}
+
+#[test]
+fn promoting_a_learner_that_is_behind_is_caught() {
+    caught_within("promote-behind", "cluster-membership", &["promote-caught-up"], MEMBERSHIP_SEEDS_MAX);
+}
+
+/// `quorum-commit` checks every commit, with or without membership changes: committing on the
+/// leader's own copy alone breaks it at once.
+#[test]
+fn committing_without_a_majority_breaks_quorum_commit() {
+    caught_within("commit-without-majority", "cluster-elections", &["quorum-commit"], 20);
+}

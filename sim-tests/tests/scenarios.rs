@@ -55,6 +55,11 @@ fn scenario(name: &str) {
     if s.streams.pipeline_readers > 0 {
         assert!(t.read_throughs > 0, "{name}: no read-through was answered");
     }
+    if s.membership.changes() {
+        assert!(summary.member_changes > summary.seeds * 3, "{name}: few membership changes were committed");
+        assert!(summary.transfers > 0, "{name}: no leadership transfer started");
+        assert!(summary.member_refusals > 0, "{name}: the leader never had to refuse a change by the rules");
+    }
     if s.workload.readers > 0 {
         assert!(
             summary.reads > summary.seeds * 100,
@@ -96,6 +101,7 @@ scenario_tests! {
     cluster_reads => "cluster-reads",
     cluster_readers => "cluster-readers",
     cluster_config_drift => "cluster-config-drift",
+    cluster_membership => "cluster-membership",
 }
 
 #[test]

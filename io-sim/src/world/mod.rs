@@ -10,6 +10,7 @@
 //! equal applied indexes on every replica, and the same term for every applied index; log
 //! matching is checked across replicas at every crash and at the end.
 
+mod members;
 mod streams;
 
 use crate::clock::SimClock;
@@ -60,6 +61,7 @@ enum Ev {
     StreamerCrash,
     StreamerQuery { to: usize, id: u64, query: Query },
     StreamerQueryReply { id: u64, reply: QueryReply },
+    Membership,
     Liveness,
     End,
 }
@@ -107,6 +109,11 @@ pub struct RunStats {
     pub sources_installed: u64,
     /// Crashes that cut off a merge's file half written.
     pub crashes_mid_merge: u64,
+    /// The membership operator's requests: changes committed, leadership transfers started, and
+    /// changes the leader refused by the rules (one in flight, own-term commit, learner behind).
+    pub member_changes: u64,
+    pub transfers: u64,
+    pub member_refusals: u64,
     merging: BTreeSet<(usize, String)>,
 }
 
@@ -218,6 +225,11 @@ pub struct World {
     violations: Vec<Violation>,
     liveness: bool,
     stats: RunStats,
+    /// The membership operator and checkers (see `members.rs`), its own random stream (so that
+    /// scenarios without it draw as before) and its requests awaiting an answer.
+    member_ops: members::MemberOps,
+    member_rng: ChaCha8Rng,
+    member_pending: BTreeMap<Seq, Request>,
     /// Print every disk operation to standard error (for debugging one seed).
     pub trace_io: bool,
     /// Print every message between replicas to standard error (for debugging one seed).
@@ -239,6 +251,7 @@ const STREAM_OUTAGES: u64 = 6;
 const STREAM_READERS: u64 = 7;
 /// The streamers' stream; each streamer's own generator is the one after it plus its number.
 const STREAM_STREAMERS: u64 = 8;
+const STREAM_MEMBERS: u64 = 9;
 const STREAM_AGENTS: u64 = 1000;
 
 impl World {
@@ -314,6 +327,9 @@ impl World {
             violations: Vec::new(),
             liveness: false,
             stats: RunStats::default(),
+            member_ops: members::MemberOps::new(n),
+            member_rng: sub_rng(seed, STREAM_MEMBERS),
+            member_pending: BTreeMap::new(),
             trace_io: std::env::var_os("TRUBA_SIM_TRACE_IO").is_some(),
             trace_messages: std::env::var_os("TRUBA_SIM_TRACE_MESSAGES").is_some(),
             sc,
@@ -434,6 +450,7 @@ impl World {
             self.at(t, Ev::Operator);
         }
         self.start_streamers();
+        self.start_membership();
         self.at(safety_end, Ev::Liveness);
         self.at(end, Ev::End);
         while let Some(((t, _), ev)) = self.events.pop_first() {
@@ -604,6 +621,7 @@ impl World {
             Ev::StreamerCrash => self.streamer_crash(),
             Ev::StreamerQuery { to, id, query } => self.feed(to, Input::Query { id, query }),
             Ev::StreamerQueryReply { id, reply } => self.streamer_query_reply(id, reply),
+            Ev::Membership => self.membership_event(),
             Ev::Liveness => self.heal(),
             Ev::End => unreachable!("handled by the loop"),
         }
@@ -640,6 +658,10 @@ impl World {
 
     /// A reply reaches the client library: "not the leader" is followed, not shown to the agent.
     fn on_reply(&mut self, client: ClientId, seq: Seq, outcome: Outcome) {
+        if client == members::MEMBER_CLIENT {
+            self.member_reply(seq, outcome);
+            return;
+        }
         if self.streamer_clients.contains_key(&client) {
             self.streamer_reply(client, seq, outcome);
             return;
@@ -737,6 +759,7 @@ impl World {
         }
         if serving {
             self.check_applied(r);
+            self.check_membership(r);
         }
         let rep = &mut self.replicas[r];
         if let (Some(d), Some(_)) = (deadline, &rep.engine) {
@@ -836,6 +859,7 @@ impl World {
             }
             Output::Send { to, message } => {
                 self.stats.messages += 1;
+                self.check_vote_sent(r, to.0 as usize, &message);
                 if self.trace_messages {
                     let n = match &message {
                         Message::Append { entries, prev_index, .. } => {
@@ -859,6 +883,8 @@ impl World {
                 }
                 self.stats.elections += 1;
                 self.history.push(self.now_us, Event::Leader { replica: r as u32, term: term.0 });
+                self.check_elected(r, term.0);
+                self.on_new_leader(r);
                 if let Some(&other) = self.leaders.get(&term.0) {
                     if other != r {
                         let detail = format!("replicas {other} and {r} both lead term {}", term.0);
@@ -953,9 +979,7 @@ impl World {
         let boot = rep.boot;
         let stream = STREAM_ENGINE + boot as u64 + ((r as u64) << 32);
         let seed = sub_rng(self.seed, stream).gen();
-        let voters: Vec<ReplicaId> = (0..self.replicas.len() as u32).map(ReplicaId).collect();
-        let cfg = self.replica_config(r);
-        self.replicas[r].engine = Some(Engine::replica(cfg, ReplicaId(r as u32), voters, seed));
+        self.replicas[r].engine = Some(self.new_engine(r, seed));
         self.history.push(self.now_us, Event::Restart { replica: r as u32, boot });
         self.feed(r, Input::Boot);
     }
@@ -1057,6 +1081,9 @@ impl World {
     fn check_convergence(&mut self) {
         let mut found = Vec::new();
         for (r, rep) in self.replicas.iter().enumerate() {
+            if !self.is_final_member(r) {
+                continue;
+            }
             match rep.engine.as_ref().filter(|e| e.is_serving()) {
                 None => found.push(format!("replica {r} was not serving at the end of the liveness phase")),
                 Some(e) if e.state().applied().0 < self.liveness_commit => found.push(format!(
