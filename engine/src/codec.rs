@@ -28,10 +28,10 @@ use serde::{Deserialize, Serialize};
 
 pub const RECORD_HEADER_LEN: usize = 32;
 pub const SEGMENT_HEADER_LEN: usize = 28;
-const SEGMENT_MAGIC: &[u8; 8] = b"TRUBAlg6";
+const SEGMENT_MAGIC: &[u8; 8] = b"TRUBAlg7";
 /// The segment format this version writes and reads (the digit of [`SEGMENT_MAGIC`]).
-pub const SEGMENT_FORMAT: u32 = 6;
-const SNAPSHOT_MAGIC: &[u8; 8] = b"TRUBAsn5";
+pub const SEGMENT_FORMAT: u32 = 7;
+const SNAPSHOT_MAGIC: &[u8; 8] = b"TRUBAsn6";
 pub const SNAPSHOT_HEADER_LEN: usize = 36;
 /// No record payload is ever larger than this; a length field above it is damage.
 pub const PAYLOAD_BYTES_MAX: u32 = 64 * 1024 * 1024;

@@ -281,6 +281,30 @@ pub enum MemberRole {
     Learner,
 }
 
+/// Where a member is reached, as the cluster records it: opaque to the engine (which addresses
+/// members by id), used by servers to dial each other and by clients to find members.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MemberAddrs {
+    /// Where the other members reach it (replication traffic).
+    pub peer: String,
+    /// Where clients and handlers reach it.
+    pub client: String,
+}
+
+/// The longest member address the configuration takes.
+pub const MEMBER_ADDR_BYTES_MAX: usize = 256;
+
+impl MemberAddrs {
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, a) in [("peer", &self.peer), ("client", &self.client)] {
+            if a.is_empty() || a.len() > MEMBER_ADDR_BYTES_MAX {
+                return Err(format!("a {name} address must have 1 to {MEMBER_ADDR_BYTES_MAX} bytes"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Most kinds a cluster may configure.
 pub const KINDS_MAX: usize = 1024;
 
@@ -293,6 +317,9 @@ pub const KINDS_MAX: usize = 1024;
 pub struct ClusterConfig {
     pub version: u64,
     pub members: BTreeMap<ReplicaId, MemberRole>,
+    /// Members' addresses, where the cluster knows them (a member started from a file that
+    /// names every voter may have none here: its servers read addresses from their files).
+    pub addrs: BTreeMap<ReplicaId, MemberAddrs>,
     pub kinds: BTreeMap<Kind, KindConfig>,
     pub limits: AppliedLimits,
 }
@@ -302,6 +329,7 @@ impl Default for ClusterConfig {
         ClusterConfig {
             version: 0,
             members: BTreeMap::new(),
+            addrs: BTreeMap::new(),
             kinds: BTreeMap::new(),
             limits: AppliedLimits::from(&Limits::default()),
         }
@@ -320,6 +348,7 @@ impl ClusterConfig {
         ClusterConfig {
             version: 1,
             members: voters.iter().map(|&v| (v, MemberRole::Voter)).collect(),
+            addrs: BTreeMap::new(),
             kinds: cfg.kinds.clone(),
             limits: AppliedLimits::from(&cfg.limits),
         }

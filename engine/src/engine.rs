@@ -715,7 +715,7 @@ impl Engine {
         }
         let command = match request {
             Request::ConsumerCommit(commit) => self.commit_command(client, seq, commit),
-            Request::ChangeMembers { change } => match self.change_members(client, seq, change) {
+            Request::ChangeMembers { change, addrs } => match self.change_members(client, seq, change, addrs) {
                 Ok(command) => command,
                 Err(e) => {
                     self.outputs.push_back(Output::refuse(client, seq, e));

@@ -60,7 +60,7 @@ pub mod types;
 
 pub use config::{
     AppliedLimits, ClusterConfig, ConfigChange, ConsensusConfig, EngineConfig, InvalidConfig, KindConfig, Limits,
-    MemberRole, Mutations,
+    MemberAddrs, MemberRole, Mutations,
 };
 pub use engine::Engine;
 pub use error::{Fatal, RequestError};

@@ -1,6 +1,6 @@
 //! What clients ask for, what they are answered, and what the log records.
 
-use crate::config::{AppliedLimits, ClusterConfig, KindConfig};
+use crate::config::{AppliedLimits, ClusterConfig, KindConfig, MemberAddrs};
 use crate::error::RequestError;
 use crate::membership::{MemberChange, Members};
 use crate::types::{ClientId, Handle, Index, Kind, ReplicaId, Seq, SessionId, SourceId, Term, UnixMs};
@@ -71,7 +71,8 @@ pub enum Request {
     /// Operator: change the membership by one member (see `membership.rs`). The leader refuses
     /// it while another change is in flight, before it has committed an entry of its own term,
     /// and (for a promotion) while the learner lacks committed entries.
-    ChangeMembers { change: MemberChange },
+    /// `addrs`: where a new learner is reached (required when adding one; ignored otherwise).
+    ChangeMembers { change: MemberChange, addrs: Option<MemberAddrs> },
     /// Operator: hand leadership to voter `to` once it holds the whole log. Not a log entry: the
     /// leader answers once it has told `to` to stand (or why it could not).
     TransferLeader { to: ReplicaId },
@@ -345,7 +346,14 @@ pub enum Command {
     Bootstrap { config: ClusterConfig },
     /// A membership change, carrying the whole membership after it: replicas use it from the
     /// moment it is in their log (see `membership.rs`), before it is applied.
-    Members { client: ClientId, seq: Seq, principal: Option<String>, change: MemberChange, members: Members },
+    Members {
+        client: ClientId,
+        seq: Seq,
+        principal: Option<String>,
+        change: MemberChange,
+        members: Members,
+        addrs: Option<MemberAddrs>,
+    },
 }
 
 impl Command {

@@ -8,6 +8,7 @@
 //! voters that heard from the leader a moment ago do not ignore them as a disruption. If the
 //! target has not taken over within an election timeout, the leader takes requests again.
 
+use crate::config::MemberAddrs;
 use crate::engine::{Engine, Role};
 use crate::error::RequestError;
 use crate::io::Output;
@@ -16,6 +17,7 @@ use crate::message::Message;
 use crate::op::{Command, MemberStatus, Reply};
 use crate::replication::Progress;
 use crate::types::{ClientId, Duration, Index, Instant, ReplicaId, Seq, Term};
+use std::collections::BTreeMap;
 
 /// A leadership transfer under way on the leader.
 #[derive(Clone, Debug)]
@@ -135,9 +137,23 @@ impl Engine {
         client: ClientId,
         seq: Seq,
         change: MemberChange,
+        addrs: Option<MemberAddrs>,
     ) -> Result<Command, RequestError> {
         let members = self.check_member_change(change)?;
-        Ok(Command::Members { client, seq, principal: None, change, members })
+        let addrs = match change {
+            MemberChange::AddLearner(_) => addrs,
+            _ => None,
+        };
+        if let Some(a) = &addrs {
+            a.validate().map_err(RequestError::InvalidMemberChange)?;
+        }
+        Ok(Command::Members { client, seq, principal: None, change, members, addrs })
+    }
+
+    /// Where this node's file says the cluster's first members are reached: the bootstrap entry
+    /// (if this node proposes it) records them in the replicated configuration.
+    pub fn set_bootstrap_addrs(&mut self, addrs: BTreeMap<ReplicaId, MemberAddrs>) {
+        self.local_config.addrs = addrs;
     }
 
     fn check_member_change(&self, change: MemberChange) -> Result<Members, RequestError> {

@@ -283,6 +283,12 @@ impl Engine {
                 p.inflight_bytes -= bytes;
             }
             p.probing = false;
+            // Nothing in flight, yet the follower matches only below what was to be sent next:
+            // those entries never went out (a member just added starts at the leader's end) or
+            // were lost. Send them now rather than wait for new entries to expose the gap.
+            if p.inflight.is_empty() && p.snapshot_sent_at.is_none() && p.next > p.matched.next() {
+                p.next = p.matched.next();
+            }
             p.snapshot_sent_at = None;
             self.advance_commit();
         } else {

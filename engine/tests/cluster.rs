@@ -825,7 +825,13 @@ fn a_follower_takes_new_entries_while_it_installs_a_snapshot() {
 // ---- membership ---------------------------------------------------------------------------------
 
 fn change(c: MemberChange) -> Request {
-    Request::ChangeMembers { change: c }
+    let addrs = match c {
+        MemberChange::AddLearner(id) => {
+            Some(truba_engine::MemberAddrs { peer: format!("p{}", id.0), client: format!("c{}", id.0) })
+        }
+        _ => None,
+    };
+    Request::ChangeMembers { change: c, addrs }
 }
 
 #[test]
@@ -842,6 +848,8 @@ fn a_learner_catches_up_never_counts_and_is_promoted_only_once_caught_up() {
     c.isolate(four);
     assert!(matches!(c.call(leader, 9, 1, change(MemberChange::AddLearner(four))), Ok(Reply::MembersChanged { .. })));
     assert_eq!(c.members(leader).iter().filter(|m| m.1 == MemberRole::Learner).count(), 1);
+    let addrs = &c.engine(leader).state().config().addrs;
+    assert_eq!(addrs.get(&four).map(|a| a.peer.as_str()), Some("p4"), "the learner's addresses are replicated");
     match c.call(leader, 9, 2, change(MemberChange::Promote(four))) {
         Err(RequestError::LearnerBehind { member, matched, .. }) => assert_eq!((member, matched), (four, Index(0))),
         other => panic!("a learner that is behind is promoted: {other:?}"),
@@ -917,6 +925,7 @@ fn a_removed_voter_no_longer_counts() {
     let leader = c.elect();
     let gone = followers_of(&c, leader)[0];
     assert!(matches!(c.call(leader, 9, 1, change(MemberChange::Remove(gone))), Ok(Reply::MembersChanged { .. })));
+    assert_eq!(c.engine(leader).state().config().members.len(), 2, "the configuration records the removal");
     c.run(3 * HEARTBEAT_MS);
     // Two voters are left; with the removed one cut off, writes still commit on both.
     c.isolate(gone);
@@ -948,4 +957,19 @@ fn leadership_is_handed_to_a_caught_up_voter_within_an_election_timeout() {
     created(c.call(to, 1, 3, new_session(b"z")));
     let refused = c.call(to, 9, 2, Request::TransferLeader { to: ReplicaId(7) });
     assert!(matches!(refused, Err(RequestError::TransferFailed { .. })), "{refused:?}");
+}
+
+/// A learner added while nothing is written still gets the whole log: the leader notices from
+/// its heartbeat answers that it lacks what came before the leader's end.
+#[test]
+fn a_learner_added_to_an_idle_cluster_catches_up() {
+    let mut c = Cluster::new(SEED + 5);
+    let leader = c.elect();
+    for i in 0..3 {
+        created(c.call(leader, 1, i + 1, new_session(b"before")));
+    }
+    c.join(ReplicaId(4));
+    assert!(c.call(leader, 9, 1, change(MemberChange::AddLearner(ReplicaId(4)))).is_ok());
+    c.run(5 * HEARTBEAT_MS);
+    c.assert_converged();
 }

@@ -465,6 +465,32 @@ impl<T: Transport> Pipe<T> {
         }
     }
 
+    /// Changes the cluster's membership by one member (an operator's call); answers the new
+    /// configuration version. The leader refuses while another change is in flight or before it
+    /// has committed an entry of its term (retried here until the timeout), a promotion of a
+    /// learner that is behind (`LearnerBehind`), and the removal of itself (`RemoveLeader`).
+    pub async fn change_members(
+        &self,
+        change: truba_engine::MemberChange,
+        addrs: Option<truba_engine::MemberAddrs>,
+    ) -> Result<u64, ClientError> {
+        let client = self.fresh_client();
+        match self.request(client, Seq(1), Request::ChangeMembers { change, addrs }).await? {
+            Reply::MembersChanged { version } => Ok(version),
+            other => Err(ClientError::Unexpected(format!("{other:?} to a membership change"))),
+        }
+    }
+
+    /// Asks the leader to hand leadership to voter `to`; answers once the leader has told `to`
+    /// to stand (the caller watches for the new leader).
+    pub async fn transfer_leader(&self, to: ReplicaId) -> Result<(), ClientError> {
+        let client = self.fresh_client();
+        match self.request(client, Seq(1), Request::TransferLeader { to }).await? {
+            Reply::LeaderTransferring { .. } => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?} to a leadership transfer"))),
+        }
+    }
+
     pub(crate) fn fresh_client_id(&self) -> ClientId {
         self.fresh_client()
     }
@@ -1265,7 +1291,8 @@ pub(crate) mod tests {
         ) -> FakeServer {
             let listener = Tcp.bind(addr).await.unwrap();
             let members = vec![MemberAddr { id: ReplicaId(0), client: String::new() }];
-            let hello = ServerMsg::Hello(Hello { member: ReplicaId(0), leader: Some(ReplicaId(0)), members });
+            let hello =
+                ServerMsg::Hello(Hello { cluster: 1, member: ReplicaId(0), leader: Some(ReplicaId(0)), members });
             let hello = Arc::new(Mutex::new(hello));
             let hello2 = hello.clone();
             let addr = Tcp.local_addr(&listener).unwrap().to_string();
@@ -1694,7 +1721,7 @@ pub(crate) mod tests {
             MemberAddr { id: ReplicaId(1), client: follower.addr.clone() },
             MemberAddr { id: ReplicaId(2), client: leader.addr.clone() },
         ];
-        let hello = ServerMsg::Hello(Hello { member: ReplicaId(1), leader: Some(ReplicaId(2)), members });
+        let hello = ServerMsg::Hello(Hello { cluster: 1, member: ReplicaId(1), leader: Some(ReplicaId(2)), members });
         *follower.hello.lock().unwrap() = hello.clone();
         *leader.hello.lock().unwrap() = hello;
         let pipe = pipe(&follower, fast()).await;

@@ -39,6 +39,11 @@ pub struct ClusterSection {
     /// Every member's file must give the same token. Default "truba".
     #[serde(default)]
     pub token: Option<String>,
+    /// A member that joins a running cluster: a client address of one of its members, asked for
+    /// the cluster's id at the first start. `members` then needs list only this member (its
+    /// peer and client addresses); the cluster tells it the rest. Set by `truba serve --join`.
+    #[serde(default)]
+    pub join: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -218,6 +223,20 @@ impl Config {
         Ok(())
     }
 
+    /// Whether this node joins a running cluster instead of starting one.
+    pub fn joins(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| c.join.is_some())
+    }
+
+    /// The members' addresses this file names, by id.
+    pub fn member_addrs(&self) -> BTreeMap<ReplicaId, truba_engine::MemberAddrs> {
+        let Some(c) = &self.cluster else { return BTreeMap::new() };
+        c.members
+            .iter()
+            .map(|m| (ReplicaId(m.id), truba_engine::MemberAddrs { peer: m.peer.clone(), client: m.client.clone() }))
+            .collect()
+    }
+
     /// This node's id and the cluster's voters (a single node is member 0 of a cluster of one).
     pub fn membership(&self) -> (ReplicaId, Vec<ReplicaId>) {
         match &self.cluster {
@@ -274,7 +293,12 @@ impl Config {
 impl ClusterSection {
     fn validate(&self) -> Result<(), String> {
         let n = self.members.len();
-        if ![1, 3, 5].contains(&n) {
+        if self.join.is_some() {
+            // A joining member starts as a learner; the cluster's own membership decides the rest.
+            if !self.members.iter().any(|m| m.id == self.id) {
+                return Err(format!("cluster.members must give this member's ({}) peer and client addresses", self.id));
+            }
+        } else if ![1, 3, 5].contains(&n) {
             return Err(format!("cluster.members: a cluster has 1, 3 or 5 voters, not {n}"));
         }
         let ids: std::collections::BTreeSet<u32> = self.members.iter().map(|m| m.id).collect();

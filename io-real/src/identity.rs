@@ -25,13 +25,13 @@ use truba_engine::ReplicaId;
 
 /// The version of the member protocol (the messages members exchange). Members of different
 /// versions refuse each other's connections; see the README on upgrades.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The file in the data directory that names its cluster and member.
 pub const IDENTITY_FILE: &str = "cluster-identity";
 /// First bytes of every member connection.
 pub const PEER_MAGIC: [u8; 8] = *b"truba-m1";
 /// The largest hello frame read from a connection that has not yet said who it is.
-pub const PEER_HELLO_BYTES_MAX: u32 = 256;
+pub const PEER_HELLO_BYTES_MAX: u32 = 512;
 /// The token of a cluster whose configuration names none.
 const TOKEN_DEFAULT: &str = "truba";
 
@@ -58,14 +58,20 @@ pub struct PeerHello {
     pub protocol: u32,
     pub cluster: ClusterId,
     pub member: ReplicaId,
+    /// Where the sender takes member connections (its peer address): a member that does not
+    /// know it yet (one that is joining) answers there.
+    pub addr: String,
 }
 
 impl PeerHello {
-    pub fn new(identity: Identity) -> PeerHello {
-        PeerHello { magic: PEER_MAGIC, protocol: PROTOCOL_VERSION, cluster: identity.cluster, member: identity.member }
+    pub fn new(identity: Identity, addr: &str) -> PeerHello {
+        let (cluster, member) = (identity.cluster, identity.member);
+        PeerHello { magic: PEER_MAGIC, protocol: PROTOCOL_VERSION, cluster, member, addr: addr.to_string() }
     }
 
-    /// Why a connection with this hello is refused, if it is; `members` are the other members.
+    /// Why a connection with this hello is refused, if it is; `members` are the other members
+    /// (empty on a member that is joining and knows none yet: any member of its cluster may
+    /// then connect, the leader first of all).
     pub fn refusal(&self, ours: Identity, members: &[ReplicaId]) -> Option<String> {
         if self.magic != PEER_MAGIC {
             return Some("it does not speak the member protocol".into());
@@ -82,7 +88,7 @@ impl PeerHello {
         if self.member == ours.member {
             return Some(format!("it claims to be this member ({})", ours.member));
         }
-        if !members.contains(&self.member) {
+        if !members.is_empty() && !members.contains(&self.member) {
             return Some(format!("member {} is not in this cluster", self.member));
         }
         None
@@ -91,6 +97,7 @@ impl PeerHello {
 
 /// The identity a configuration describes: its cluster id as bootstrapped, and its member id.
 pub fn configured(config: &Config) -> Identity {
+    debug_assert!(!config.joins(), "a joining member's cluster id comes from the cluster (see `joined`)");
     let (me, mut voters) = config.membership();
     voters.sort();
     let token = config.cluster.as_ref().and_then(|c| c.token.as_deref()).unwrap_or(TOKEN_DEFAULT);
@@ -99,8 +106,38 @@ pub fn configured(config: &Config) -> Identity {
     Identity { cluster: ClusterId(xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, 0x7472_7562_6120_6964)), member: me }
 }
 
+/// A joining member's identity: the one its data directory records (the member id must be the
+/// configured one), else the cluster id `ask` fetches from a member of the cluster.
+pub async fn joined<F, Fut>(fs: &dyn Fs, member: ReplicaId, ask: F) -> Result<Identity, IdentityError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<ClusterId, String>>,
+{
+    match fs.read(IDENTITY_FILE) {
+        Ok(bytes) => {
+            let found = parse(&bytes).map_err(IdentityError::Unreadable)?;
+            if found.member != member {
+                return Err(IdentityError::Foreign {
+                    found_cluster: found.cluster,
+                    found_member: found.member.0,
+                    cluster: found.cluster,
+                    member: member.0,
+                });
+            }
+            Ok(found)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let cluster = ask().await.map_err(IdentityError::Join)?;
+            Ok(Identity { cluster, member })
+        }
+        Err(e) => Err(IdentityError::Unreadable(e.to_string())),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    #[error("cannot join: {0}")]
+    Join(String),
     #[error(
         "the data directory belongs to cluster {found_cluster} (member {found_member}), but this configuration \
          describes cluster {cluster} (member {member}): refusing to start on another cluster's or member's data \
@@ -224,12 +261,16 @@ mod tests {
     fn hellos_from_elsewhere_are_refused_with_the_reason() {
         let ours = id(7, 1);
         let members = [ReplicaId(2), ReplicaId(3)];
-        assert_eq!(PeerHello::new(id(7, 2)).refusal(ours, &members), None);
+        let hello = |i| PeerHello::new(i, "h:1");
+        assert_eq!(hello(id(7, 2)).refusal(ours, &members), None);
         let refusal = |h: PeerHello| h.refusal(ours, &members).unwrap();
-        assert!(refusal(PeerHello::new(id(8, 2))).contains("belongs to cluster 0000000000000008"));
-        assert!(refusal(PeerHello::new(id(7, 4))).contains("member r4 is not in this cluster"));
-        assert!(refusal(PeerHello::new(id(7, 1))).contains("claims to be this member"));
-        assert!(refusal(PeerHello { protocol: 2, ..PeerHello::new(id(7, 2)) }).contains("version 2"));
-        assert!(refusal(PeerHello { magic: *b"GET / HT", ..PeerHello::new(id(7, 2)) }).contains("member protocol"));
+        assert!(refusal(hello(id(8, 2))).contains("belongs to cluster 0000000000000008"));
+        assert!(refusal(hello(id(7, 4))).contains("member r4 is not in this cluster"));
+        assert!(refusal(hello(id(7, 1))).contains("claims to be this member"));
+        assert!(refusal(PeerHello { protocol: 1, ..hello(id(7, 2)) }).contains("version 1"));
+        assert!(refusal(PeerHello { magic: *b"GET / HT", ..hello(id(7, 2)) }).contains("member protocol"));
+        // A joining member knows no members yet: any member of its cluster may connect.
+        assert_eq!(hello(id(7, 4)).refusal(ours, &[]), None);
+        assert!(hello(id(8, 4)).refusal(ours, &[]).is_some(), "but not one of another cluster");
     }
 }

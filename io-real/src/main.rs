@@ -11,8 +11,8 @@ use truba::config::Config;
 use truba::server::{self, Env as _, RealEnv};
 use truba::wire::ServerStatus;
 use truba_engine::{
-    Attempt, Audit, BriefStatus, CommitOp, Event, FailureReason, Filter, Handle, Index, Kind, LedgerEntry, Reply,
-    SessionBrief, SessionId, SessionSnapshot, SessionState, SessionView, TailFrom, What,
+    Attempt, Audit, BriefStatus, CommitOp, Event, FailureReason, Filter, Handle, Index, Kind, LedgerEntry, ReplicaId,
+    Reply, RequestError, SessionBrief, SessionId, SessionSnapshot, SessionState, SessionView, TailFrom, What,
 };
 
 #[derive(Parser)]
@@ -101,6 +101,12 @@ enum Command {
         /// Override the configuration's listen address.
         #[arg(long)]
         listen: Option<String>,
+        /// Join a running cluster through this member's client address (its cluster id is
+        /// asked there at the first start). The file's `[cluster]` gives this node's id and, in
+        /// `members`, its own peer and client addresses. The node serves as a learner once
+        /// `truba member add` names it.
+        #[arg(long, value_name = "HOST:PORT")]
+        join: Option<String>,
     },
     /// Open a session of a kind; prints its handle (SESSION@ATTEMPT).
     New {
@@ -220,6 +226,13 @@ enum Command {
     /// show it, or change it from a file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The cluster's members: list them with their roles and lag, add a learner, promote it once
+    /// it has caught up, remove a member.
+    #[command(subcommand)]
+    Member(MemberCommand),
+    /// Leadership: hand it to another voter.
+    #[command(subcommand)]
+    Leader(LeaderCommand),
     /// A demo handler: prints every delivery and deletes the session.
     HandlerEcho {
         /// Address to listen on for the pipe's deliveries (the kind's `handler` address).
@@ -277,6 +290,59 @@ enum DeadCommand {
     Drop {
         /// The dead session to delete.
         session: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemberCommand {
+    /// Every member with its role, addresses, and (from the leader) how far its log is behind.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Add a member as a learner: it replicates everything and votes on nothing. Start it with
+    /// `truba serve --join` (before or after this command); promote it once it has caught up.
+    Add {
+        /// The new member's id (unused in this cluster so far).
+        id: u32,
+        /// Where the other members reach it.
+        #[arg(long, value_name = "HOST:PORT")]
+        peer: String,
+        /// Where clients reach it.
+        #[arg(long, value_name = "HOST:PORT")]
+        client: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Make a learner a voter. Refused while it is behind; with --wait, retried until it has
+    /// caught up or the timeout passes.
+    Promote {
+        id: u32,
+        /// Keep trying while the learner catches up (within --timeout).
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Remove a member (a voter or a learner). The leader cannot remove itself: transfer
+    /// leadership first.
+    Remove {
+        id: u32,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand)]
+enum LeaderCommand {
+    /// Hand leadership to a caught-up voter: the leader stops taking writes, brings it up to date
+    /// and tells it to stand at once. Prints how long the cluster was without a leader.
+    Transfer {
+        /// The voter to lead.
+        #[arg(long)]
+        to: u32,
         #[command(flatten)]
         conn: Conn,
     },
@@ -395,7 +461,7 @@ type CliResult = Result<(), String>;
 
 async fn run(command: Command) -> CliResult {
     match command {
-        Command::Serve { config, data_dir, listen } => serve(config, data_dir, listen).await,
+        Command::Serve { config, data_dir, listen, join } => serve(config, data_dir, listen, join).await,
         Command::New { kind, data, file, conn } => {
             let pipe = connect(&conn).await?;
             let first = match (data, file) {
@@ -464,6 +530,8 @@ async fn run(command: Command) -> CliResult {
         Command::Tail { from, kinds, internal, follow, conn } => tail(&conn, &from, kinds, internal, follow).await,
         Command::Watch { kinds, resume_after, conn } => watch(&conn, kinds, resume_after).await,
         Command::Consumer(c) => consumer(c).await,
+        Command::Member(command) => member(command).await,
+        Command::Leader(LeaderCommand::Transfer { to, conn }) => leader_transfer(&conn, ReplicaId(to)).await,
         Command::Config(ConfigCommand::Show { conn }) => config_show(&conn).await,
         Command::Config(ConfigCommand::Apply { file, dry_run, conn }) => config_apply(&conn, &file, dry_run).await,
         Command::HandlerEcho { listen } => truba::handler::serve(&listen, Echo).await.map_err(|e| e.to_string()),
@@ -473,11 +541,22 @@ async fn run(command: Command) -> CliResult {
     }
 }
 
-async fn serve(config: Option<PathBuf>, data_dir: Option<PathBuf>, listen: Option<String>) -> CliResult {
+async fn serve(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    join: Option<String>,
+) -> CliResult {
     let mut config = match &config {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => Config::default(),
     };
+    if let Some(contact) = join {
+        let Some(c) = config.cluster.as_mut() else {
+            return Err("--join needs a [cluster] section giving this node's id and addresses".into());
+        };
+        c.join = Some(contact);
+    }
     if let Some(d) = data_dir {
         config.data_dir = d;
     }
@@ -1244,6 +1323,133 @@ fn reply_json(r: &Reply) -> serde_json::Value {
         Reply::Stored { due } => serde_json::json!({"stored": true, "due": utc_s(due.0), "due_unix_s": due.0}),
         Reply::Done => serde_json::json!({"done": true}),
         other => serde_json::json!({"reply": format!("{other:?}")}),
+    }
+}
+
+async fn member(command: MemberCommand) -> CliResult {
+    use truba_engine::{MemberAddrs, MemberChange};
+    let changed = |conn: &Conn, what: String, version: u64| {
+        print(conn, &format!("{what}; configuration version {version}"), serde_json::json!({"version": version}))
+    };
+    match command {
+        MemberCommand::List { conn } => member_list(&conn).await,
+        MemberCommand::Add { id, peer, client, conn } => {
+            let pipe = connect(&conn).await?;
+            let addrs = MemberAddrs { peer, client };
+            addrs.validate().map_err(|e| format!("member {id}: {e}"))?;
+            let version =
+                pipe.change_members(MemberChange::AddLearner(ReplicaId(id)), Some(addrs)).await.map_err(err)?;
+            changed(
+                &conn,
+                format!("added {id} as a learner (promote it once `truba member list` shows it caught up)"),
+                version,
+            );
+            Ok(())
+        }
+        MemberCommand::Promote { id, wait, conn } => {
+            let pipe = connect(&conn).await?;
+            let until = std::time::Instant::now() + conn.timeout;
+            loop {
+                match pipe.change_members(MemberChange::Promote(ReplicaId(id)), None).await {
+                    Ok(version) => {
+                        changed(&conn, format!("promoted {id} to voter"), version);
+                        return Ok(());
+                    }
+                    Err(ClientError::Refused(e @ RequestError::LearnerBehind { .. }))
+                        if wait && std::time::Instant::now() < until =>
+                    {
+                        eprintln!("{e}; waiting");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(err(e)),
+                }
+            }
+        }
+        MemberCommand::Remove { id, conn } => {
+            let pipe = connect(&conn).await?;
+            let version = pipe.change_members(MemberChange::Remove(ReplicaId(id)), None).await.map_err(err)?;
+            changed(&conn, format!("removed {id}"), version);
+            Ok(())
+        }
+    }
+}
+
+/// The configuration's members, with the leader's view of each one's log.
+async fn member_list(conn: &Conn) -> CliResult {
+    let pipe = connect(conn).await?;
+    let config = pipe.config().await.map_err(err)?;
+    // The configuration query went to the leader; so does this, if it still leads.
+    let status = pipe.status().await.ok().filter(|s| s.engine.role == truba_engine::RoleName::Leader);
+    let commit = status.as_ref().map(|s| s.engine.commit.0);
+    let matched = |id: ReplicaId| {
+        status.as_ref()?.engine.members.iter().find(|m| m.id == id).and_then(|m| m.matched).map(|i| i.0)
+    };
+    let leader = status.as_ref().map(|s| s.engine.replica);
+    let mut rows = Vec::new();
+    let mut json = Vec::new();
+    for (id, role) in &config.members {
+        let addrs = config.addrs.get(id);
+        let role = match role {
+            truba_engine::MemberRole::Voter if Some(*id) == leader => "leader",
+            truba_engine::MemberRole::Voter => "voter",
+            truba_engine::MemberRole::Learner => "learner",
+        };
+        let lag = match (commit, matched(*id)) {
+            (Some(c), Some(m)) => c.saturating_sub(m).to_string(),
+            _ => "?".into(),
+        };
+        let peer = addrs.map_or("(from its file)", |a| a.peer.as_str());
+        let client = addrs.map_or("(from its file)", |a| a.client.as_str());
+        rows.push(format!(
+            "{:<6} {:<8} {:>8} {:>10}  {peer:<22} {client}",
+            id.0,
+            role,
+            matched(*id).map_or("?".into(), |m| m.to_string()),
+            lag
+        ));
+        json.push(serde_json::json!({"id": id.0, "role": role, "matched": matched(*id), "lag": commit.zip(matched(*id)).map(|(c, m)| c.saturating_sub(m)), "peer": addrs.map(|a| &a.peer), "client": addrs.map(|a| &a.client)}));
+    }
+    let head = format!("{:<6} {:<8} {:>8} {:>10}  {:<22} client", "member", "role", "matched", "lag", "peer");
+    let text = format!("configuration version {}\n{head}\n{}", config.version, rows.join("\n"));
+    print(conn, &text, serde_json::json!({"version": config.version, "commit": commit, "members": json}));
+    Ok(())
+}
+
+/// Hands leadership to `to` and waits (within the timeout) until it leads; prints how long the
+/// cluster took.
+async fn leader_transfer(conn: &Conn, to: ReplicaId) -> CliResult {
+    let pipe = connect(conn).await?;
+    let config = pipe.config().await.map_err(err)?;
+    let addr = config.addrs.get(&to).map(|a| a.client.clone());
+    let started = std::time::Instant::now();
+    pipe.transfer_leader(to).await.map_err(err)?;
+    let until = started + conn.timeout;
+    // Ask the new leader itself whether it leads (its address from the configuration, else
+    // whichever member the pipe reaches).
+    let target = match addr {
+        Some(a) => Some(Pipe::connect_with(truba::net::Tcp, vec![a], conn.options()).await.map_err(err)?),
+        None => None,
+    };
+    loop {
+        let status = match &target {
+            Some(p) => p.status().await,
+            None => pipe.status().await,
+        };
+        if let Ok(s) = status {
+            if s.engine.role == truba_engine::RoleName::Leader && s.engine.replica == to {
+                let ms = started.elapsed().as_millis() as u64;
+                let text = format!("{to} leads term {} ({ms} ms after the request)", s.engine.term.0);
+                print(conn, &text, serde_json::json!({"leader": to.0, "term": s.engine.term.0, "ms": ms}));
+                return Ok(());
+            }
+        }
+        if std::time::Instant::now() >= until {
+            return Err(format!(
+                "{to} did not take over within {} ms (see `truba status --cluster`)",
+                conn.timeout.as_millis()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -210,7 +210,15 @@ pub async fn run<E: Env>(
     listener: <E::Net as Transport>::Listener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let identity = crate::identity::configured(&config);
+    let identity = if config.joins() {
+        let contact = config.cluster.as_ref().and_then(|c| c.join.clone()).unwrap_or_default();
+        let (me, _) = config.membership();
+        let frame_bytes_max = config.server.frame_bytes_max;
+        let net = env.transport();
+        crate::identity::joined(fs.as_ref(), me, || ask_cluster_id(net, contact, frame_bytes_max)).await?
+    } else {
+        crate::identity::configured(&config)
+    };
     crate::identity::check_data_dir(fs.as_ref(), identity)?;
     info!(cluster = %identity.cluster, member = %identity.member, "identity");
     let (to_engine, from_world) = mpsc::unbounded_channel::<ToEngine>();
@@ -224,14 +232,24 @@ pub async fn run<E: Env>(
     let disk_tx = DiskQueues { log: log_tx, bulk: bulk_tx };
     let (stop_tx, stop_rx) = watch::channel(false);
     let connections = Arc::new(AtomicU32::new(0));
+    let book: SharedBook = Arc::default();
+    if !config.joins() {
+        book.lock().expect("book lock").members = config.peers().into_iter().map(|(id, _)| id).collect();
+    }
     let peers = match config.peer_listen() {
         Some(addr) => {
             let listener = bind(&env.transport(), &addr).await?;
             info!(peer_listen = addr, members = config.peers().len() + 1, "listening for cluster members");
-            let others: Vec<ReplicaId> = config.peers().into_iter().map(|(id, _)| id).collect();
             let max = config.server.peer_frame_bytes_max;
-            let task =
-                peer_accept_loop(env.transport(), listener, to_engine.clone(), identity, others, max, stop_rx.clone());
+            let task = peer_accept_loop(
+                env.transport(),
+                listener,
+                to_engine.clone(),
+                identity,
+                book.clone(),
+                max,
+                stop_rx.clone(),
+            );
             Some(tokio::spawn(task))
         }
         None => None,
@@ -244,7 +262,7 @@ pub async fn run<E: Env>(
         stop_rx,
         connections.clone(),
     ));
-    let mut driver = Driver::new(config, identity, env, fs.clone(), to_engine, disk_tx, connections);
+    let mut driver = Driver::new(config, identity, book, env, fs.clone(), to_engine, disk_tx, connections);
     let result = driver.run(from_world, shutdown, stop_tx).await;
     accept.abort();
     if let Some(p) = peers {
@@ -263,6 +281,47 @@ pub async fn run<E: Env>(
     }
     result
 }
+
+/// A joining member asks a member of the cluster (at its client address) for the cluster's id,
+/// for up to [`JOIN_WAIT`].
+async fn ask_cluster_id<N: Transport>(
+    net: N,
+    contact: String,
+    frame_bytes_max: u32,
+) -> Result<crate::identity::ClusterId, String> {
+    let until = tokio::time::Instant::now() + JOIN_WAIT;
+    loop {
+        match crate::client::connect_member(&net, &contact, Duration::from_secs(2), frame_bytes_max).await {
+            Ok((_, hello)) => {
+                info!(%contact, cluster = %crate::identity::ClusterId(hello.cluster), "joining the cluster");
+                return Ok(crate::identity::ClusterId(hello.cluster));
+            }
+            Err(e) if tokio::time::Instant::now() >= until => {
+                return Err(format!("no member answered at {contact} within {} s: {e}", JOIN_WAIT.as_secs()))
+            }
+            Err(e) => {
+                debug!(%contact, %e, "cannot reach the member to join through yet; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// How long a joining member's first start waits for the member it joins through.
+const JOIN_WAIT: Duration = Duration::from_secs(30);
+
+/// The members a server knows of, shared between the engine's task (which keeps it current from
+/// the configuration in force) and the tasks that admit member connections.
+#[derive(Default)]
+struct PeerBook {
+    /// The other members; empty while a joining member knows none.
+    members: Vec<ReplicaId>,
+    /// Peer addresses members gave in their hellos (a joining member answers there until the
+    /// cluster's configuration tells it).
+    said: BTreeMap<ReplicaId, String>,
+}
+
+type SharedBook = Arc<Mutex<PeerBook>>;
 
 /// The two disk workers' queues (see `run`).
 struct DiskQueues {
@@ -310,16 +369,23 @@ struct Driver<E: Env> {
     next_query: u64,
     connections: Arc<AtomicU32>,
     handlers: BTreeMap<Kind, String>,
-    /// Outgoing queues to the other members' writer tasks.
+    /// Outgoing queues to the other members' writer tasks, started when the engine first sends
+    /// to a member whose address is known.
     peers: BTreeMap<ReplicaId, mpsc::Sender<Message>>,
     /// Where clients reach every member, told in each client connection's hello.
     client_addrs: Vec<MemberAddr>,
+    identity: Identity,
+    book: SharedBook,
+    /// The configuration version and members the book and `client_addrs` were last made from.
+    members_seen: (u64, Vec<ReplicaId>),
 }
 
 impl<E: Env> Driver<E> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         config: Config,
         identity: Identity,
+        book: SharedBook,
         env: E,
         fs: Arc<dyn Fs>,
         to_engine: mpsc::UnboundedSender<ToEngine>,
@@ -327,15 +393,15 @@ impl<E: Env> Driver<E> {
         connections: Arc<AtomicU32>,
     ) -> Driver<E> {
         let (me, voters) = config.membership();
-        let engine = Engine::replica(config.engine_config(), me, voters, env.seed());
+        let engine = if config.joins() {
+            Engine::joining(config.engine_config(), me, env.seed())
+        } else {
+            let mut engine = Engine::replica(config.engine_config(), me, voters, env.seed());
+            engine.set_bootstrap_addrs(config.member_addrs());
+            engine
+        };
         let handlers = config.kinds.iter().filter_map(|(k, s)| Some((Kind(*k), s.handler.clone()?))).collect();
         let client_addrs = config.client_addrs().into_iter().map(|(id, client)| MemberAddr { id, client }).collect();
-        let mut peers = BTreeMap::new();
-        for (id, addr) in config.peers() {
-            let (tx, rx) = mpsc::channel(config.server.peer_queue_max as usize);
-            tokio::spawn(peer_writer(env.transport(), identity, id, addr, rx));
-            peers.insert(id, tx);
-        }
         Driver {
             config,
             env,
@@ -352,9 +418,69 @@ impl<E: Env> Driver<E> {
             next_query: 0,
             connections,
             handlers,
-            peers,
+            peers: BTreeMap::new(),
             client_addrs,
+            identity,
+            book,
+            members_seen: (0, Vec::new()),
         }
+    }
+
+    /// Where member `id` takes member connections: the cluster's configuration, else this
+    /// node's file, else what the member said in its hello.
+    fn peer_addr(&self, id: ReplicaId) -> Option<String> {
+        if let Some(a) = self.engine.state().config().addrs.get(&id) {
+            return Some(a.peer.clone());
+        }
+        if let Some((_, a)) = self.config.peers().into_iter().find(|(p, _)| *p == id) {
+            return Some(a);
+        }
+        self.book.lock().expect("book lock").said.get(&id).cloned()
+    }
+
+    /// The engine sends to `to`: through its writer, started now if there is none yet.
+    fn send_to_member(&mut self, to: ReplicaId, message: Message) {
+        if !self.peers.contains_key(&to) {
+            let Some(addr) = self.peer_addr(to) else {
+                debug!(%to, "no address known for a member yet; a message is dropped");
+                return;
+            };
+            let (tx, rx) = mpsc::channel(self.config.server.peer_queue_max as usize);
+            let mine = self.config.peer_listen().unwrap_or_default();
+            tokio::spawn(peer_writer(self.env.transport(), self.identity, mine, to, addr, rx));
+            self.peers.insert(to, tx);
+        }
+        // A full queue means the member is slow or gone; the message may be lost.
+        if let Some(tx) = self.peers.get(&to) {
+            if tx.try_send(message).is_err() {
+                debug!(%to, "peer queue full; a message is dropped");
+            }
+        }
+    }
+
+    /// Keeps the members that may connect, and the addresses clients are told, to the
+    /// configuration in force; a removed member's writer is stopped.
+    fn refresh_members(&mut self) {
+        let version = self.engine.state().config().version;
+        let me = self.engine.id();
+        let members: Vec<ReplicaId> = self.engine.membership().members.keys().copied().filter(|m| *m != me).collect();
+        if (version, &members) == (self.members_seen.0, &self.members_seen.1) {
+            return;
+        }
+        if !members.is_empty() {
+            self.book.lock().expect("book lock").members = members.clone();
+            self.peers.retain(|id, _| members.contains(id));
+        }
+        let mut addrs: BTreeMap<ReplicaId, String> = self.config.client_addrs().into_iter().collect();
+        for (id, a) in &self.engine.state().config().addrs {
+            addrs.insert(*id, a.client.clone());
+        }
+        if self.engine.state().config().version > 0 {
+            let known = self.engine.state().config().members.clone();
+            addrs.retain(|id, _| known.contains_key(id));
+        }
+        self.client_addrs = addrs.into_iter().map(|(id, client)| MemberAddr { id, client }).collect();
+        self.members_seen = (version, members);
     }
 
     fn now(&self) -> Now {
@@ -445,7 +571,8 @@ impl<E: Env> Driver<E> {
             ToEngine::DeliveryFailed { handle, reason } => self.feed(Input::DeliveryFailed { handle, reason }),
             ToEngine::Opened { conn, link } => {
                 let members = self.client_addrs.clone();
-                let hello = Hello { member: self.engine.id(), leader: self.engine.leader(), members };
+                let cluster = self.identity.cluster.0;
+                let hello = Hello { cluster, member: self.engine.id(), leader: self.engine.leader(), members };
                 let _ = link.tx.send(Outgoing::Msg(ServerMsg::Hello(hello)));
                 self.conns.insert(conn, Conn { link, streams: BTreeMap::new() });
             }
@@ -578,6 +705,7 @@ impl<E: Env> Driver<E> {
         while let Some(output) = self.engine.poll() {
             self.carry_out(output)?;
         }
+        self.refresh_members();
         Ok(())
     }
 
@@ -645,14 +773,7 @@ impl<E: Env> Driver<E> {
                 )
             }
             Output::Stream { stream, seq, item } => self.route_stream(stream, seq, item),
-            Output::Send { to, message } => {
-                // A full queue means the member is slow or gone; the message may be lost.
-                if let Some(tx) = self.peers.get(&to) {
-                    if tx.try_send(message).is_err() {
-                        debug!(%to, "peer queue full; a message is dropped");
-                    }
-                }
-            }
+            Output::Send { to, message } => self.send_to_member(to, message),
         }
         Ok(())
     }
@@ -681,6 +802,7 @@ fn role_text(config: &Config, s: &truba_engine::StatusView) -> String {
 async fn peer_writer<N: Transport>(
     net: N,
     identity: Identity,
+    mine: String,
     to: ReplicaId,
     addr: String,
     mut rx: mpsc::Receiver<Message>,
@@ -720,7 +842,7 @@ async fn peer_writer<N: Transport>(
         let (mut read_half, mut write_half) = tokio::io::split(stream);
         let mut buf = Vec::with_capacity(64 * 1024);
         // Every connection opens with who we are (it goes out with the first batch).
-        buf.extend_from_slice(&wire::encode(&PeerHello::new(identity)));
+        buf.extend_from_slice(&wire::encode(&PeerHello::new(identity, &mine)));
         let mut probe = [0u8; 64];
         loop {
             let first = match pending.take() {
@@ -781,7 +903,7 @@ async fn peer_accept_loop<N: Transport>(
     listener: N::Listener,
     to_engine: mpsc::UnboundedSender<ToEngine>,
     identity: Identity,
-    others: Vec<ReplicaId>,
+    book: SharedBook,
     frame_bytes_max: u32,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -793,8 +915,8 @@ async fn peer_accept_loop<N: Transport>(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let (tx, others, refusals) = (to_engine.clone(), others.clone(), refusals.clone());
-                let gate = PeerGate { identity, others, refusals };
+                let (tx, book, refusals) = (to_engine.clone(), book.clone(), refusals.clone());
+                let gate = PeerGate { identity, book, refusals };
                 tokio::spawn(peer_reader(stream, peer.to_string(), tx, gate, frame_bytes_max));
             }
             Err(e) => {
@@ -826,8 +948,8 @@ impl Refusals {
 /// What a member connection is checked against before anything from it reaches the engine.
 struct PeerGate {
     identity: Identity,
-    /// The other members.
-    others: Vec<ReplicaId>,
+    /// The other members, and addresses they gave.
+    book: SharedBook,
     refusals: Arc<Mutex<Refusals>>,
 }
 
@@ -854,7 +976,13 @@ impl PeerGate {
                 return None;
             }
         };
-        let Some(reason) = hello.refusal(self.identity, &self.others) else { return Some(hello.member) };
+        let members = self.book.lock().expect("book lock").members.clone();
+        let Some(reason) = hello.refusal(self.identity, &members) else {
+            if !hello.addr.is_empty() && hello.addr.len() <= truba_engine::config::MEMBER_ADDR_BYTES_MAX {
+                self.book.lock().expect("book lock").said.insert(hello.member, hello.addr.clone());
+            }
+            return Some(hello.member);
+        };
         if self.refusals.lock().expect("refusals lock").first(hello.member, &reason) {
             warn!(%peer, member = %hello.member, %reason, "refusing a member connection (logged once per member and reason)");
         }

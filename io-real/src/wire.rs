@@ -140,6 +140,8 @@ pub struct ServerStatus {
 /// What a member says first on every client connection (see [`ServerMsg::Hello`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
+    /// The cluster's id (a member that joins learns it here).
+    pub cluster: u64,
     pub member: ReplicaId,
     /// The leader the member knows of, if any.
     pub leader: Option<ReplicaId>,

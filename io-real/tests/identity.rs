@@ -54,7 +54,7 @@ async fn members_of_another_cluster_are_refused_at_the_door_and_at_start() {
     };
     for _ in 0..ATTEMPTS {
         let Ok(mut s) = tokio::net::TcpStream::connect(&peer).await else { continue };
-        let _ = s.write_all(&wire::encode(&PeerHello::new(stranger))).await;
+        let _ = s.write_all(&wire::encode(&PeerHello::new(stranger, "127.0.0.1:1"))).await;
         let _ = s.write_all(&wire::encode(&PeerFrame { from: ReplicaId(2), message: vote.clone() })).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -83,7 +83,7 @@ fn member_config(id: u32) -> Config {
     for kind in cfg.kinds.values_mut() {
         kind.handler = None;
     }
-    Config { advertise: None, cluster: Some(ClusterSection { id, members, token: None }), ..cfg }
+    Config { advertise: None, cluster: Some(ClusterSection { id, members, token: None, join: None }), ..cfg }
 }
 
 /// The three member hosts; returns each one's disk statistics and boot counter.

@@ -223,7 +223,7 @@ pub fn describe_request(r: &Request) -> String {
                 kinds.keys().map(|k| k.0).collect::<Vec<_>>()
             )
         }
-        Request::ChangeMembers { change } => format!("members: {change}"),
+        Request::ChangeMembers { change, .. } => format!("members: {change}"),
         Request::TransferLeader { to } => format!("transfer leadership to {to}"),
     }
 }

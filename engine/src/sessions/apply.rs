@@ -57,10 +57,10 @@ impl StateMachine {
                 });
                 out.reply = Some((*client, *seq, outcome));
             }
-            Command::Members { client, seq, change, members, .. } => {
+            Command::Members { client, seq, change, members, addrs, .. } => {
                 let about = ("change-members", None, None);
                 let outcome = self.once(*client, *seq, entry.index, about, cfg, &mut out.events, |s, events| {
-                    let version = s.change_members(members);
+                    let version = s.change_members(*change, members, addrs.as_ref());
                     events.push(Event::pipe(What::MembersChanged { version, change: *change }));
                     Ok(Reply::MembersChanged { version })
                 });
@@ -314,8 +314,8 @@ impl StateMachine {
             }
         }
         let version = current + 1;
-        let members = self.config.members.clone();
-        self.set_config(ClusterConfig { version, members, kinds: kinds.clone(), limits: *limits });
+        let (members, addrs) = (self.config.members.clone(), self.config.addrs.clone());
+        self.set_config(ClusterConfig { version, members, addrs, kinds: kinds.clone(), limits: *limits });
         Ok(version)
     }
 
@@ -324,9 +324,23 @@ impl StateMachine {
     /// snapshots keep it. The entry's members are taken as they are, whatever the state held
     /// before: the leader derived them from the membership in force, and replicas must apply
     /// exactly what their consensus already uses.
-    fn change_members(&mut self, members: &crate::membership::Members) -> u64 {
+    fn change_members(
+        &mut self,
+        change: crate::membership::MemberChange,
+        members: &crate::membership::Members,
+        addrs: Option<&crate::config::MemberAddrs>,
+    ) -> u64 {
         let version = self.config.version + 1;
-        let config = ClusterConfig { version, members: members.clone(), ..(*self.config).clone() };
+        let mut config = ClusterConfig { version, members: members.clone(), ..(*self.config).clone() };
+        match (change, addrs) {
+            (crate::membership::MemberChange::AddLearner(id), Some(a)) => {
+                config.addrs.insert(id, a.clone());
+            }
+            (crate::membership::MemberChange::Remove(id), _) => {
+                config.addrs.remove(&id);
+            }
+            _ => {}
+        }
         self.set_config(config);
         version
     }

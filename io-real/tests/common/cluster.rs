@@ -26,7 +26,7 @@ pub const NODES: usize = 3;
 /// `n` distinct free ports on 127.0.0.1. Taken below the kernel's ephemeral range when it can be
 /// read: a member is down for a while between kill and restart, and an outgoing connection must
 /// not be given its port meanwhile. Each is checked by binding it (all at once, so they differ).
-fn free_ports(n: usize) -> Vec<u16> {
+pub fn free_ports(n: usize) -> Vec<u16> {
     let ephemeral_lo = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|lo| lo.parse::<u16>().ok()));
@@ -400,7 +400,7 @@ impl Drop for Cluster {
 }
 
 /// One member's own status, asked of it alone.
-async fn node_status(addr: &str) -> Option<ServerStatus> {
+pub async fn node_status(addr: &str) -> Option<ServerStatus> {
     let options = ClientOptions {
         request_timeout: Duration::from_millis(500),
         retry_for: Duration::from_secs(1),

@@ -77,6 +77,11 @@ impl XorShift {
 /// Starts `bin serve --config config` with its output appended to `log`, after a line
 /// `===== test: {marker} =====`: a log kept over several starts then shows where each begins.
 pub fn spawn_serve(bin: &Path, config: &Path, log: &Path, marker: &str) -> Child {
+    spawn_serve_with(bin, config, log, marker, &[])
+}
+
+/// [`spawn_serve`] with more arguments after `serve --config FILE`.
+pub fn spawn_serve_with(bin: &Path, config: &Path, log: &Path, marker: &str, args: &[&str]) -> Child {
     let out = OpenOptions::new()
         .create(true)
         .append(true)
@@ -88,6 +93,7 @@ pub fn spawn_serve(bin: &Path, config: &Path, log: &Path, marker: &str) -> Child
         .arg("serve")
         .arg("--config")
         .arg(config)
+        .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(out.try_clone().expect("cloning the log handle"))

@@ -16,7 +16,9 @@
 //!   vote when asked, as Raft requires, so the grant itself is not the violation; being counted
 //!   without being a voter in the candidate's configuration is.)
 //! - `quorum-commit`: whenever a leader's commit index moves, a majority of the voters of its
-//!   configuration hold that entry durably (a learner's copy does not count).
+//!   configuration acknowledged that entry to it in its term (an acknowledgement says the entry
+//!   is durable on the sender; the leader counts its own durable log). A learner's
+//!   acknowledgement does not count.
 //! - `one-change-in-flight`: a leader proposes a membership change only once every earlier one
 //!   in its log is committed.
 //! - `own-term-commit`: a leader proposes no membership change before it has committed an entry
@@ -28,7 +30,8 @@ use super::{Ev, World};
 use crate::history::Event;
 use rand::Rng;
 use truba_engine::{
-    ClientId, Engine, Index, MemberChange, MemberRole, Message, Outcome, ReplicaId, Reply, Request, RequestError, Seq,
+    ClientId, Engine, Index, MemberAddrs, MemberChange, MemberRole, Message, Outcome, ReplicaId, Reply, Request,
+    RequestError, Seq,
 };
 
 /// The operator's client id: far from the agents' and the streamers'.
@@ -41,6 +44,8 @@ pub(super) struct MemberOps {
     /// Per replica: its commit index after its last step, and how far its log is known to be
     /// durable (kept across crashes and repairs: what it once acknowledged).
     commit_seen: Vec<u64>,
+    /// The highest index each replica acknowledged to the leader of each term: (term, replica).
+    acks: std::collections::BTreeMap<(u64, u32), Index>,
     durable_known: Vec<u64>,
     /// Votes granted, by (term, candidate).
     grants: std::collections::BTreeMap<(u64, usize), std::collections::BTreeSet<u32>>,
@@ -131,7 +136,14 @@ impl World {
             return None;
         }
         let change = options[self.member_rng.gen_range(0..options.len())];
-        Some(Request::ChangeMembers { change })
+        // Addresses mean nothing in the simulator, but they travel and are kept as a server's are.
+        let addrs = match change {
+            MemberChange::AddLearner(id) => {
+                Some(MemberAddrs { peer: format!("replica-{}:7100", id.0), client: format!("replica-{}:7000", id.0) })
+            }
+            _ => None,
+        };
+        Some(Request::ChangeMembers { change, addrs })
     }
 
     fn send_member_request(&mut self, to: usize, request: Request) {
@@ -181,6 +193,15 @@ impl World {
         match message {
             Message::VoteReply { granted: true, term } => {
                 self.member_ops.grants.entry((term.0, to)).or_default().insert(r as u32);
+            }
+            Message::AppendReply { term, ok: true, matched, .. } => {
+                let acked = self.member_ops.acks.entry((term.0, r as u32)).or_default();
+                *acked = (*acked).max(*matched);
+                // Only recent terms' leaders can still commit.
+                let oldest = term.0.saturating_sub(16);
+                if self.member_ops.acks.first_key_value().is_some_and(|((t, _), _)| *t < oldest) {
+                    self.member_ops.acks.retain(|(t, _), _| *t >= oldest);
+                }
             }
             Message::PreVote { .. } | Message::Vote { .. } => {
                 let Some(e) = self.replicas[r].engine.as_ref() else { return };
@@ -269,42 +290,29 @@ impl World {
         }
     }
 
-    /// Whether a majority of leader `r`'s voters hold its commit index durably.
+    /// Whether a majority of leader `r`'s voters acknowledged its commit index in its term (an
+    /// acknowledgement says the entries are durable on the sender), the leader counting its own
+    /// durable log.
     fn quorum_commit(&self, r: usize, commit: Index) -> Option<String> {
         let e = self.replicas[r].engine.as_ref()?;
-        let term = e.log_term(commit);
+        let term = e.term().0;
         let members = e.membership().members;
         let voters: Vec<u32> = members.iter().filter(|(_, m)| **m == MemberRole::Voter).map(|(i, _)| i.0).collect();
-        let holds = |v: u32| {
-            let v = v as usize;
-            let Some(other) = self.replicas.get(v) else { return false };
-            // A replica repairing a damaged range still acknowledges what it holds (it only
-            // abstains from elections); one that is down counts with what it last held durably
-            // while whole, which a crash does not take away.
-            let live = other.engine.as_ref().filter(|o| o.is_serving()).is_some_and(|o| {
-                let (base, _) = o.log_range();
-                let same = commit < base || o.log_term(commit) == term;
-                o.membership().durable >= commit && same
-            });
-            live || self.member_ops.durable_known[v] >= commit.0
+        let acked = |v: u32| {
+            if v as usize == r {
+                e.membership().durable
+            } else {
+                self.member_ops.acks.get(&(term, v)).copied().unwrap_or(Index(0))
+            }
         };
-        let holders: Vec<u32> = voters.iter().copied().filter(|v| holds(*v)).collect();
-        let seen = |v: u32| match self.replicas[v as usize].engine.as_ref() {
-            Some(o) if o.is_serving() => format!(
-                "{v}: durable {}, term there {:?}{}",
-                o.membership().durable.0,
-                o.log_term(commit).map(|t| t.0),
-                if o.is_repairing() { ", repairing" } else { "" }
-            ),
-            _ => format!("{v}: down, known durable through {}", self.member_ops.durable_known[v as usize]),
-        };
+        let holders: Vec<u32> = voters.iter().copied().filter(|v| acked(*v) >= commit).collect();
         (holders.len() < voters.len() / 2 + 1).then(|| {
-            let others: Vec<String> = voters.iter().copied().filter(|v| !holders.contains(v)).map(seen).collect();
+            let seen: Vec<String> = voters.iter().map(|v| format!("{v}: {}", acked(*v).0)).collect();
             format!(
-                "leader {r} committed {} (term {:?}) but only voters {holders:?} of {voters:?} hold it durably ({})",
+                "leader {r} committed {} in term {term} but only voters {holders:?} of {voters:?} acknowledged it \
+                 (durable or acknowledged through: {})",
                 commit.0,
-                term.map(|t| t.0),
-                others.join("; ")
+                seen.join(", ")
             )
         })
     }
