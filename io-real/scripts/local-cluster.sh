@@ -3,12 +3,14 @@
 #
 #   io-real/scripts/local-cluster.sh start [DIR]   write configs, start three servers, wait for a leader
 #   io-real/scripts/local-cluster.sh status [DIR]  every node's role, term, commit, applied and lag
-#   io-real/scripts/local-cluster.sh kill N [DIR]  SIGKILL node N (1-3)
+#   io-real/scripts/local-cluster.sh join N [DIR]  start node N (4-9) on an empty directory; it
+#                                                  joins through node 1 (then `truba member add`)
+#   io-real/scripts/local-cluster.sh kill N [DIR]  SIGKILL node N
 #   io-real/scripts/local-cluster.sh restart N [DIR]
-#   io-real/scripts/local-cluster.sh stop [DIR]    SIGTERM all three and wait
+#   io-real/scripts/local-cluster.sh stop [DIR]    SIGTERM every node and wait
 #
 # Clients reach the nodes on 127.0.0.1:7401-7403 (TRUBA_ADDR is printed); members talk on
-# 7411-7413. DIR (default ./truba-cluster) holds node1..3.toml, the data directories and logs.
+# 7411-7413. A joined node N takes 740N and 741N. DIR (default ./truba-cluster) holds node1..3.toml, the data directories and logs.
 # TRUBA_BIN overrides the binary (default: target/release/truba, built if missing). ENGINE_TOML,
 # if set, is written under an [engine] section of every node's config at start (TOML lines, e.g.
 # ENGINE_TOML='ledger_retain_bytes_max = 4294967296').
@@ -54,13 +56,35 @@ alive() {
   [[ $stat != Z* ]]
 }
 
+write_joiner_config() {
+  local dir=$1 i=$2
+  cat >"$dir/node$i.toml" <<TOML
+data_dir = "$dir/node$i"
+listen = "127.0.0.1:740$i"
+
+[cluster]
+id = $i
+members = [ { id = $i, peer = "127.0.0.1:741$i", client = "127.0.0.1:740$i" } ]
+
+[kinds.1]
+handler = "127.0.0.1:7500"
+TOML
+  # Kept for restarts: a joined node is started with --join every time (asked only when its
+  # data directory is empty).
+  echo "127.0.0.1:7401" >"$dir/node$i.join"
+}
+
 start_node() {
   local dir=$1 i=$2
   if [ -f "$dir/node$i.pid" ] && alive "$(cat "$dir/node$i.pid")"; then
     echo "node $i already runs (pid $(cat "$dir/node$i.pid"))"
     return
   fi
-  RUST_LOG=${RUST_LOG:-info} "$bin" serve --config "$dir/node$i.toml" >>"$dir/node$i.log" 2>&1 &
+  local join=()
+  if [ -f "$dir/node$i.join" ]; then
+    join=(--join "$(cat "$dir/node$i.join")")
+  fi
+  RUST_LOG=${RUST_LOG:-info} "$bin" serve --config "$dir/node$i.toml" "${join[@]}" >>"$dir/node$i.log" 2>&1 &
   echo $! >"$dir/node$i.pid"
   echo "node $i: pid $! (log $dir/node$i.log)"
 }
@@ -88,6 +112,13 @@ case "$cmd" in
   status)
     "$bin" status --addr "$addrs"
     ;;
+  join)
+    dir=$(realpath -m "${3:-./truba-cluster}")
+    [[ "${2:-}" =~ ^[4-9]$ ]] || die "join needs a node number from 4 to 9"
+    write_joiner_config "$dir" "$2"
+    start_node "$dir" "$2"
+    echo "now: truba member add $2 --peer 127.0.0.1:741$2 --client 127.0.0.1:740$2"
+    ;;
   kill)
     dir=$(realpath -m "${3:-./truba-cluster}")
     [ -n "${2:-}" ] || die "kill needs a node number"
@@ -100,21 +131,19 @@ case "$cmd" in
     ;;
   stop)
     dir=$(realpath -m "${2:-./truba-cluster}")
-    for i in 1 2 3; do
-      if [ -f "$dir/node$i.pid" ]; then
-        kill -TERM "$(cat "$dir/node$i.pid")" 2>/dev/null || true
-      fi
+    for pid in "$dir"/node*.pid; do
+      [ -f "$pid" ] && { kill -TERM "$(cat "$pid")" 2>/dev/null || true; }
     done
-    for i in 1 2 3; do
-      if [ -f "$dir/node$i.pid" ]; then
-        while alive "$(cat "$dir/node$i.pid")"; do sleep 0.05; done
-        rm -f "$dir/node$i.pid"
+    for pid in "$dir"/node*.pid; do
+      if [ -f "$pid" ]; then
+        while alive "$(cat "$pid")"; do sleep 0.05; done
+        rm -f "$pid"
       fi
     done
     echo "stopped"
     ;;
   *)
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

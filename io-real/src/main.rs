@@ -1437,8 +1437,12 @@ async fn leader_transfer(conn: &Conn, to: ReplicaId) -> CliResult {
         };
         if let Ok(s) = status {
             if s.engine.role == truba_engine::RoleName::Leader && s.engine.replica == to {
+                // A linearizable read through it answers once it has committed an entry of its
+                // term: from then on it takes writes.
+                let via = target.as_ref().unwrap_or(&pipe);
+                via.config().await.map_err(err)?;
                 let ms = started.elapsed().as_millis() as u64;
-                let text = format!("{to} leads term {} ({ms} ms after the request)", s.engine.term.0);
+                let text = format!("{to} leads term {} and serves ({ms} ms after the request)", s.engine.term.0);
                 print(conn, &text, serde_json::json!({"leader": to.0, "term": s.engine.term.0, "ms": ms}));
                 return Ok(());
             }

@@ -358,6 +358,53 @@ fn measure(c: &mut Cluster, crash: Crash) -> Outcome {
     }
 }
 
+/// Leadership transfer instead of a crash: the same cluster, first leader and requests (no
+/// laggards), then, at a point drawn from the heartbeat interval after a heartbeat round, an
+/// operator asks the leader to hand over to a follower drawn at random. The unavailability is
+/// the time from the request until the new leader has committed its first entry (from then on
+/// it commits writes; the old leader refuses them from the request on). Returns it, or why the
+/// trial failed.
+pub fn run_transfer_trial(range: TimeoutRange, seed: u64) -> Result<u64, String> {
+    let mut c = Cluster::new(config(range, true), seed);
+    for r in 0..REPLICAS {
+        c.push(r as u64 * range.min_ms / 2 * 1000, Ev::Boot(r));
+    }
+    if !c.run_for(PHASE_CAP_US, |c, _| c.agreed_leader().is_some())? {
+        return Err("no leader was elected".into());
+    }
+    let leader = c.agreed_leader().ok_or("the elected leader vanished")?;
+    for i in 0..REQUESTS {
+        let request = Request::New { kind: Kind(1), record: None };
+        c.feed(leader, Input::Request { client: ClientId(100 + i), seq: Seq(1), request });
+    }
+    if !c.run_for(PHASE_CAP_US, |c, _| c.replies_ok >= REQUESTS)? {
+        return Err("the client requests were not committed".into());
+    }
+    let round = |_: &Cluster, h: &Happened| matches!(h, Happened::HeartbeatRound(r) if *r == leader);
+    if !c.run_for(PHASE_CAP_US, round)? {
+        return Err("the leader sent no heartbeat round".into());
+    }
+    let delay_us = c.rng.gen_range(0..range.heartbeat_ms() * 1000);
+    let followers: Vec<usize> = (0..REPLICAS).filter(|r| *r != leader).collect();
+    let to = followers[c.rng.gen_range(0..followers.len())];
+    let old_term = c.engines[leader].as_ref().map_or(Term(0), Engine::term);
+    if c.run_for(delay_us, |_, _| false)? {
+        return Err("the cluster stopped early".into());
+    }
+    let asked_at = c.now_us;
+    let request = Request::TransferLeader { to: ReplicaId(to as u32) };
+    c.feed(leader, Input::Request { client: ClientId(999), seq: Seq(1), request });
+    let serving = |c: &Cluster, _: &Happened| {
+        c.engines[to]
+            .as_ref()
+            .is_some_and(|e| e.is_leader() && e.term() > old_term && e.commit_index() >= e.membership().term_start)
+    };
+    if !c.run_for(CAP_US, serving)? {
+        return Err(format!("{to} did not take over within {} s", CAP_US / 1_000_000));
+    }
+    Ok(c.now_us - asked_at)
+}
+
 /// A perfect in-memory data directory: a map from file name to bytes. Operations take effect
 /// when issued; nothing is ever lost, because no replica of this experiment restarts.
 #[derive(Clone, Debug, Default)]

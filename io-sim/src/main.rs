@@ -63,6 +63,17 @@ enum Command {
         #[arg(long, value_parser = parse_range, default_value = "0..20")]
         seeds: Range<u64>,
     },
+    /// Measure the unavailability of a leadership transfer: from the operator's request until
+    /// the new leader has committed its first entry (see `downtime::run_transfer_trial`).
+    TransferDowntime {
+        #[arg(long, default_value_t = 100)]
+        trials: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Election timeout range in ms.
+        #[arg(long, default_value = "150-300")]
+        range: TimeoutRange,
+    },
     /// Measure the time without a leader after a leader crash, per election timeout range, with
     /// and without pre-vote (Figure 16 of the Raft paper; see the `downtime` module).
     ElectionDowntime {
@@ -107,6 +118,7 @@ fn main() -> ExitCode {
         }
         Command::Bench { path, seeds } => bench(path, seeds),
         Command::BenchEngine { ops, clients, record_bytes, runs } => bench_engine(ops, clients, record_bytes, runs),
+        Command::TransferDowntime { trials, seed, range } => transfer_downtime(trials, seed, range),
         Command::ElectionDowntime { trials, seed, ranges, prevote_only, no_prevote_only, json } => {
             let pre_vote: &[bool] = match (prevote_only, no_prevote_only) {
                 (true, _) => &[true],
@@ -124,6 +136,42 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn transfer_downtime(trials: u32, seed: u64, range: TimeoutRange) -> Result<bool, String> {
+    println!(
+        "{} replicas; one-way network delay uniform {:.1}-{:.1} ms; fsync {:.1} ms; pre-vote and check-quorum on; \
+         the transfer is asked at a random point of a heartbeat interval, to a random follower; unavailability = \
+         from the request until the new leader has committed its first entry",
+        downtime::REPLICAS,
+        downtime::NET_DELAY_US_MIN as f64 / 1000.0,
+        downtime::NET_DELAY_US_MAX as f64 / 1000.0,
+        downtime::FSYNC_US as f64 / 1000.0
+    );
+    let mut times = Vec::new();
+    let mut failed = 0;
+    for trial in 0..trials {
+        match downtime::run_transfer_trial(range, downtime::trial_seed(seed, trial)) {
+            Ok(us) => times.push(us),
+            Err(why) => {
+                failed += 1;
+                eprintln!("trial {trial}: {why}");
+            }
+        }
+    }
+    times.sort_unstable();
+    let pct = |p: f64| times.get(((times.len() as f64 - 1.0) * p).round() as usize).map(|us| *us as f64 / 1000.0);
+    let show = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.1}"));
+    println!("| timeout (ms) | trials | failed | median (ms) | p90 | p99 | max |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| {range} | {trials} | {failed} | {} | {} | {} | {} |",
+        show(pct(0.5)),
+        show(pct(0.9)),
+        show(pct(0.99)),
+        show(pct(1.0))
+    );
+    Ok(failed == 0)
 }
 
 fn run(
