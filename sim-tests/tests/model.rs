@@ -87,9 +87,13 @@ fn scripts() -> Vec<Script> {
 
 /// Three replicas, the two clients, a lossy network, one replica crash.
 fn cfg(warm: bool, mutations: Mutations) -> ModelCfg {
+    cfg_with(warm, mutations, scripts())
+}
+
+fn cfg_with(warm: bool, mutations: Mutations, clients: Vec<Script>) -> ModelCfg {
     ModelCfg {
         replicas: 3,
-        clients: scripts(),
+        clients,
         sends_max: 2,
         crashes: 1,
         clock_max_ms: 1_000,
@@ -163,6 +167,21 @@ fn from_a_settled_cluster_every_property_holds() {
 fn from_a_cold_start_every_property_holds() {
     let checker = explore("cold", cfg(false, Mutations::default()), depth_from_env(), HasDiscoveries::All);
     assert_explored(&checker, &[LEADER_ELECTED, RESTARTED_SERVES]);
+}
+
+/// A configuration change: an operator removes replica 2 (the cluster goes from three voters to
+/// two) while a client writes, under loss, reordering and a crash. The change takes effect on each
+/// replica when its entry reaches the log, so replicas disagree about the voters for a while;
+/// every property must hold through that, and the removal must be acknowledged within the bound.
+#[test]
+fn a_membership_change_keeps_every_property() {
+    let clients = vec![
+        Script { delayed: false, steps: vec![Step::RemoveMember(2), Step::New(b"a")] },
+        Script { delayed: true, steps: vec![Step::New(b"c")] },
+    ];
+    let cfg = cfg_with(true, Mutations::default(), clients);
+    let checker = explore("membership", cfg, depth_from_env(), HasDiscoveries::All);
+    assert_explored(&checker, &[CLIENT_ACKED, RE_ELECTED, RESTARTED_SERVES]);
 }
 
 /// The checker has teeth: a leader that commits without a majority is caught, one step after a

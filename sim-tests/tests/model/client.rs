@@ -16,6 +16,8 @@ pub enum Step {
     New(&'static [u8]),
     /// Append this record to the session the client's last `New` created.
     AppendOwn(&'static [u8]),
+    /// Remove this replica from the cluster's members (an operator's membership change).
+    RemoveMember(u32),
 }
 
 #[derive(Clone, Debug)]
@@ -82,6 +84,7 @@ impl ClientActor {
                 ClientOp::Append { session, attempt, record: record.to_vec() }
             }
             (Step::AppendOwn(_), None) => unreachable!("an append is started only with a handle"),
+            (Step::RemoveMember(member), _) => ClientOp::RemoveMember { member: *member },
         }
     }
 

@@ -65,6 +65,10 @@ fn request(op: &ClientOp) -> Request {
             handle: Handle { session: SessionId(*session), attempt: Attempt(*attempt) },
             record: record.clone(),
         },
+        ClientOp::RemoveMember { member } => Request::ChangeMembers {
+            change: truba_engine::MemberChange::Remove(truba_engine::ReplicaId(*member)),
+            addrs: None,
+        },
     }
 }
 

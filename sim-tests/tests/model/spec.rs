@@ -19,6 +19,8 @@ use std::collections::{BTreeMap, BTreeSet};
 pub enum SpecOp {
     New,
     Append { session: u64 },
+    /// A membership change: it changes nothing the clients can see of sessions.
+    Reconfigure,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -45,7 +47,7 @@ impl SequentialSpec for Sessions {
     fn invoke(&mut self, op: &SpecOp) -> SpecRet {
         match op {
             SpecOp::New => SpecRet::Created { session: 0 },
-            SpecOp::Append { .. } => SpecRet::Done,
+            SpecOp::Append { .. } | SpecOp::Reconfigure => SpecRet::Done,
         }
     }
 
@@ -53,6 +55,7 @@ impl SequentialSpec for Sessions {
         match (op, ret) {
             (SpecOp::New, SpecRet::Created { session }) => self.create(*session),
             (SpecOp::Append { session }, SpecRet::Done) => self.ids.contains(session),
+            (SpecOp::Reconfigure, SpecRet::Done | SpecRet::Refused(_)) => true,
             _ => false,
         }
     }
@@ -128,6 +131,7 @@ fn spec_op(op: &ClientOp) -> SpecOp {
     match op {
         ClientOp::New { .. } => SpecOp::New,
         ClientOp::Append { session, .. } => SpecOp::Append { session: *session },
+        ClientOp::RemoveMember { .. } => SpecOp::Reconfigure,
     }
 }
 

@@ -37,6 +37,7 @@ impl fmt::Debug for Wire {
 pub enum ClientOp {
     New { record: Vec<u8> },
     Append { session: u64, attempt: u32, record: Vec<u8> },
+    RemoveMember { member: u32 },
 }
 
 /// A replica's answer to a client, in a hashable form.
