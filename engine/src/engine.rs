@@ -821,6 +821,14 @@ impl Engine {
             }
             Query::Dead { .. } if !self.is_serving() => QueryReply::Dead(Err(RequestError::NotReady)),
             Query::Session(sid) => return self.on_read(id, ReadQuery::Session(sid)),
+            Query::SessionLocal(_) if !self.is_serving() => QueryReply::Session(Err(RequestError::NotReady)),
+            Query::SessionLocal(sid) => match self.state.session_view(sid) {
+                Ok(view) if view.source.is_some() => match self.read_spilled(id, view) {
+                    Some(view) => QueryReply::Session(Ok(view)),
+                    None => return, // answered once the frame is read
+                },
+                other => QueryReply::Session(other),
+            },
             Query::Dead { kind, .. } if self.state.config().kind(kind).is_none() => {
                 QueryReply::Dead(Err(RequestError::UnknownKind(kind)))
             }

@@ -397,7 +397,12 @@ pub struct Entry {
 /// Read-only questions, answered from the applied state without touching the log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Query {
+    /// A session, linearizable: answered by the leader once it has confirmed it still leads.
     Session(SessionId),
+    /// A session as this replica has applied it, answered at once by any serving member, a
+    /// learner included: possibly stale (behind the leader by the replication lag), never
+    /// ahead of what is committed.
+    SessionLocal(SessionId),
     Status,
     /// A kind's dead-letter set, oldest first, starting after `after` (for paging).
     Dead {

@@ -134,7 +134,11 @@ impl Engine {
     /// source file (`None`: a read was issued, and the answer goes out when it completes). Reads
     /// beyond a few at once, or of a file not durable here, answer without the records (the
     /// view's `source` says where they are).
-    fn read_spilled(&mut self, query: u64, mut view: crate::op::SessionView) -> Option<crate::op::SessionView> {
+    pub(crate) fn read_spilled(
+        &mut self,
+        query: u64,
+        mut view: crate::op::SessionView,
+    ) -> Option<crate::op::SessionView> {
         if let Some(u) = self.state.held_records(view.id) {
             (view.records, view.last_failure) = (u.records, u.last_failure);
             return Some(view);

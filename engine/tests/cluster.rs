@@ -860,6 +860,13 @@ fn a_learner_catches_up_never_counts_and_is_promoted_only_once_caught_up() {
     c.run(10 * HEARTBEAT_MS);
     c.assert_converged();
     assert_eq!(c.engine(four).status().role, RoleName::Follower);
+    // The learner answers reads of its own state at once; a linearizable read goes to the leader.
+    let h = created(c.call(leader, 2, 1, new_session(b"read-me")));
+    c.run(2 * HEARTBEAT_MS);
+    let (id, mark) = c.query(four, Query::SessionLocal(h.session));
+    assert_eq!(session_view(c.query_reply(four, mark, id)).map(|v| v.records), Ok(recs(&[b"read-me"])));
+    let (id, mark) = c.query(four, Query::Session(h.session));
+    assert_eq!(session_view(c.query_reply(four, mark, id)), Err(RequestError::NotLeader { leader: Some(leader) }));
     assert_eq!(c.members(four), c.members(leader), "the learner follows the configuration in the log");
     assert!(matches!(c.call(leader, 9, 3, change(MemberChange::Promote(four))), Ok(Reply::MembersChanged { .. })));
     c.run(3 * HEARTBEAT_MS);

@@ -343,6 +343,19 @@ impl<T: Transport> Pipe<T> {
         }
     }
 
+    /// A session as the member this pipe is connected to has applied it, answered at once by
+    /// any member (a learner too): possibly behind the leader, never ahead of what is committed.
+    /// Use a pipe with `learn_members: false` on one address to choose the member.
+    pub async fn get_local(&self, id: SessionId) -> Result<SessionView, ClientError> {
+        let qid = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
+        let msg = ClientMsg::Query { id: qid, query: Query::SessionLocal(id) };
+        match self.call(Key::Query(qid), &msg, Duration::ZERO).await? {
+            ServerMsg::QueryReply { reply: QueryReply::Session(Ok(view)), .. } => Ok(view),
+            ServerMsg::QueryReply { reply: QueryReply::Session(Err(e)), .. } => Err(ClientError::Refused(e)),
+            other => Err(ClientError::Unexpected(format!("{other:?} to a session query"))),
+        }
+    }
+
     /// A page of `kind`'s dead-letter set, oldest first: at most `limit` sessions (the server
     /// caps it at its `list_max`, 1000 by default) after `after`, the last id of the previous
     /// page (`None` for the first), and how many sessions of the kind are dead in all. Answered
@@ -1192,7 +1205,7 @@ pub(crate) mod tests {
                 };
                 ServerMsg::Reply { client: *client, seq: *seq, outcome }
             }
-            ClientMsg::Query { id, query: Query::Session(sid) } => {
+            ClientMsg::Query { id, query: Query::Session(sid) | Query::SessionLocal(sid) } => {
                 ServerMsg::QueryReply { id: *id, reply: QueryReply::Session(Err(RequestError::SessionUnknown(*sid))) }
             }
             ClientMsg::Query { id, query: Query::Dead { kind, after, limit } } => {

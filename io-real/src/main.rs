@@ -169,6 +169,11 @@ enum Command {
         /// SESSION or SESSION@ATTEMPT (a handle as the other commands print it; the session is
         /// shown whatever its current attempt, with a note if that is not the one given).
         session: String,
+        /// Read from the first member in --addr itself, a learner included, as it has applied
+        /// the log: at once and without the leader, but possibly behind it (the member's
+        /// applied index is printed). Without it, the read is linearizable (through the leader).
+        #[arg(long)]
+        stale: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -515,7 +520,7 @@ async fn run(command: Command) -> CliResult {
             );
             Ok(())
         }
-        Command::Get { session, conn } => get(&conn, &session).await,
+        Command::Get { session, stale, conn } => get(&conn, &session, stale).await,
         Command::Status { cluster, conn } => status(&conn, cluster).await,
         Command::Dead(DeadCommand::List { kind, after, limit, conn }) => dead_list(&conn, kind, after, limit).await,
         Command::Dead(DeadCommand::Show { session, conn }) => dead_show(&conn, session).await,
@@ -643,10 +648,24 @@ fn show_record(r: &[u8]) -> String {
     }
 }
 
-async fn get(conn: &Conn, spec: &str) -> CliResult {
+async fn get(conn: &Conn, spec: &str, stale: bool) -> CliResult {
     let (session, attempt) = parse_session_spec(spec)?;
-    let pipe = connect(conn).await?;
-    let v = pipe.get(SessionId(session)).await.map_err(err)?;
+    let v = if stale {
+        // Exactly the first member given: a stale read is about that member's state.
+        let first = conn.addr.split(',').next().unwrap_or_default().to_string();
+        let options = ClientOptions { learn_members: false, ..conn.options() };
+        let pipe = Pipe::connect_with(truba::net::Tcp, vec![first.clone()], options).await.map_err(err)?;
+        let v = pipe.get_local(SessionId(session)).await.map_err(err)?;
+        if let Ok(s) = pipe.status().await {
+            eprintln!(
+                "stale read from {first} (member {}, {}), applied through {}; the cluster has committed at least that",
+                s.engine.replica, s.role, s.engine.applied.0
+            );
+        }
+        v
+    } else {
+        connect(conn).await?.get(SessionId(session)).await.map_err(err)?
+    };
     if let Some(a) = attempt.filter(|a| *a != v.handle.attempt.0) {
         eprintln!("note: session {session} is at attempt {} now, not {a}", v.handle.attempt.0);
     }

@@ -71,7 +71,20 @@ async fn a_member_joins_is_promoted_takes_over_and_an_old_one_leaves() {
     let listed = cli_ok(&addrs, &["member", "list"]).await;
     assert!(listed.lines().any(|l| l.starts_with("4 ") && l.contains("learner") && l.contains(&peer4)), "{listed}");
 
-    // It catches up as a learner, then is promoted.
+    // It catches up as a learner, and serves reads of its own state.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, shown, err) = truba_cli(&client4, &["get", &handles[19], "--stale"]).await;
+        if code == 0 {
+            assert!(shown.contains("before-19"), "{shown}");
+            assert!(err.contains("stale read from") && err.contains("member r4"), "{err}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 4 never served a stale read: {err}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Then it is promoted.
     let out = cli_ok(&addrs, &["member", "promote", "4", "--wait", "--timeout", "30s"]).await;
     assert!(out.contains("promoted 4 to voter"), "{out}");
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -91,16 +91,7 @@ fn cfg(warm: bool, mutations: Mutations) -> ModelCfg {
 }
 
 fn cfg_with(warm: bool, mutations: Mutations, clients: Vec<Script>) -> ModelCfg {
-    ModelCfg {
-        replicas: 3,
-        clients,
-        sends_max: 2,
-        crashes: 1,
-        clock_max_ms: 1_000,
-        lossy: true,
-        warm,
-        mutations,
-    }
+    ModelCfg { replicas: 3, clients, sends_max: 2, crashes: 1, clock_max_ms: 1_000, lossy: true, warm, mutations }
 }
 
 fn depth_from_env() -> usize {

@@ -18,7 +18,9 @@ use std::collections::{BTreeMap, BTreeSet};
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum SpecOp {
     New,
-    Append { session: u64 },
+    Append {
+        session: u64,
+    },
     /// A membership change: it changes nothing the clients can see of sessions.
     Reconfigure,
 }
