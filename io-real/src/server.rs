@@ -769,7 +769,7 @@ impl<E: Env> Driver<E> {
                 warn!(
                     version,
                     differences = %differences.join("; "),
-                    "this node's file differs from the cluster's configuration, which it follows                      (`truba config show` prints it; `truba config apply` changes it)"
+                    "this node's file differs from the cluster's configuration, which it follows (`truba config show` prints it; `truba config apply` changes it)"
                 )
             }
             Output::Stream { stream, seq, item } => self.route_stream(stream, seq, item),
