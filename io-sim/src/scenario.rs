@@ -511,6 +511,13 @@ impl Scenario {
             s.limits.source_io_chunk_bytes = rng.gen_range(256..4096);
             s.limits.source_read_ahead_bytes = rng.gen_range(256..8192);
         }
+        // A cluster run with `--swarm` changes its membership in one seed in four (if the
+        // scenario does not already): a member removed (down to two voters), added back as a
+        // learner on its old data directory, promoted, and leadership transferred.
+        if s.replicas >= 3 && !s.membership.changes() && rng.gen_bool(0.25) {
+            s.membership.every_ms = Some((300, 3000));
+            s.membership.voters_min = 2;
+        }
         // Two seeds in five have readers of the ledger (unless the scenario names its own), with
         // a ledger that keeps little in memory and often rotates and retains little, so that
         // readers read old entries from files and are told of compaction.
