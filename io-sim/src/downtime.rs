@@ -284,25 +284,7 @@ struct Crash {
 /// Boots the cluster, elects a leader, makes the laggards, and crashes the leader after a
 /// heartbeat round.
 fn prepare(c: &mut Cluster, range: TimeoutRange) -> Result<Crash, String> {
-    for r in 0..REPLICAS {
-        c.push(r as u64 * range.min_ms / 2 * 1000, Ev::Boot(r));
-    }
-    if !c.run_for(PHASE_CAP_US, |c, _| c.agreed_leader().is_some())? {
-        return Err("no leader was elected".into());
-    }
-    let leader = c.agreed_leader().ok_or("the elected leader vanished")?;
-    c.make_laggards(leader);
-    for i in 0..REQUESTS {
-        let request = Request::New { kind: Kind(1), record: None };
-        c.feed(leader, Input::Request { client: ClientId(100 + i), seq: Seq(1), request });
-    }
-    if !c.run_for(PHASE_CAP_US, |c, _| c.replies_ok >= REQUESTS)? {
-        return Err("the client requests were not committed".into());
-    }
-    let round = |_: &Cluster, h: &Happened| matches!(h, Happened::HeartbeatRound(r) if *r == leader);
-    if !c.run_for(PHASE_CAP_US, round)? {
-        return Err("the leader sent no heartbeat round".into());
-    }
+    let leader = settle(c, range, true)?;
     let delay_us = c.rng.gen_range(0..range.heartbeat_ms() * 1000);
     c.push(c.now_us + delay_us, Ev::Crash(leader));
     let mut crash = None;
@@ -316,6 +298,33 @@ fn prepare(c: &mut Cluster, range: TimeoutRange) -> Result<Crash, String> {
     let crash = crash.ok_or("the crash did not happen")?;
     check_laggards(c)?;
     Ok(crash)
+}
+
+/// Boots the cluster, elects a leader, makes the laggards (if asked), commits the client
+/// requests, and runs until the leader's next heartbeat round. The leader.
+fn settle(c: &mut Cluster, range: TimeoutRange, laggards: bool) -> Result<usize, String> {
+    for r in 0..REPLICAS {
+        c.push(r as u64 * range.min_ms / 2 * 1000, Ev::Boot(r));
+    }
+    if !c.run_for(PHASE_CAP_US, |c, _| c.agreed_leader().is_some())? {
+        return Err("no leader was elected".into());
+    }
+    let leader = c.agreed_leader().ok_or("the elected leader vanished")?;
+    if laggards {
+        c.make_laggards(leader);
+    }
+    for i in 0..REQUESTS {
+        let request = Request::New { kind: Kind(1), record: None };
+        c.feed(leader, Input::Request { client: ClientId(100 + i), seq: Seq(1), request });
+    }
+    if !c.run_for(PHASE_CAP_US, |c, _| c.replies_ok >= REQUESTS)? {
+        return Err("the client requests were not committed".into());
+    }
+    let round = |_: &Cluster, h: &Happened| matches!(h, Happened::HeartbeatRound(r) if *r == leader);
+    if !c.run_for(PHASE_CAP_US, round)? {
+        return Err("the leader sent no heartbeat round".into());
+    }
+    Ok(leader)
 }
 
 /// The premise of the trial, checked at the crash: every laggard's log is shorter than every
@@ -366,24 +375,7 @@ fn measure(c: &mut Cluster, crash: Crash) -> Outcome {
 /// trial failed.
 pub fn run_transfer_trial(range: TimeoutRange, seed: u64) -> Result<u64, String> {
     let mut c = Cluster::new(config(range, true), seed);
-    for r in 0..REPLICAS {
-        c.push(r as u64 * range.min_ms / 2 * 1000, Ev::Boot(r));
-    }
-    if !c.run_for(PHASE_CAP_US, |c, _| c.agreed_leader().is_some())? {
-        return Err("no leader was elected".into());
-    }
-    let leader = c.agreed_leader().ok_or("the elected leader vanished")?;
-    for i in 0..REQUESTS {
-        let request = Request::New { kind: Kind(1), record: None };
-        c.feed(leader, Input::Request { client: ClientId(100 + i), seq: Seq(1), request });
-    }
-    if !c.run_for(PHASE_CAP_US, |c, _| c.replies_ok >= REQUESTS)? {
-        return Err("the client requests were not committed".into());
-    }
-    let round = |_: &Cluster, h: &Happened| matches!(h, Happened::HeartbeatRound(r) if *r == leader);
-    if !c.run_for(PHASE_CAP_US, round)? {
-        return Err("the leader sent no heartbeat round".into());
-    }
+    let leader = settle(&mut c, range, false)?;
     let delay_us = c.rng.gen_range(0..range.heartbeat_ms() * 1000);
     let followers: Vec<usize> = (0..REPLICAS).filter(|r| *r != leader).collect();
     let to = followers[c.rng.gen_range(0..followers.len())];
