@@ -1235,6 +1235,8 @@ impl Engine {
             }
         }
         self.after_apply_sources();
+        // A removal applied here: its member is no longer replicated to.
+        self.sync_progress();
         self.notice_config();
         self.ledger_step();
         if self.streams.len() > 0 {
@@ -1505,7 +1507,9 @@ impl Engine {
         if let Role::Leader { progress } = &self.role {
             assert_eq!(self.leader, Some(self.me), "a leader knows it leads");
             assert_eq!(progress.len(), self.peers().len(), "a leader tracks every other member");
-            assert!(progress.keys().all(|id| self.members().contains_key(id)), "a leader tracks members only");
+            let applied = &self.state.config().members;
+            let member = |id: &ReplicaId| self.members().contains_key(id) || applied.contains_key(id);
+            assert!(progress.keys().all(member), "a leader tracks members only");
         }
         if let Some(b) = &self.batch {
             assert!(b.last.0 - b.first.0 < self.cfg.limits.batch_entries_max as u64);

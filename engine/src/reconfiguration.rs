@@ -86,9 +86,16 @@ impl Engine {
         self.is_voter(self.me) && membership::voter_count(self.members()) == 1
     }
 
-    /// Every other member, voters and learners: the leader replicates to each.
+    /// Every other member, voters and learners: the leader replicates to each. A member that a
+    /// change not yet applied here removes is still sent entries, so that it receives its own
+    /// removal and stops standing for election (its answers no longer count).
     pub(crate) fn peers(&self) -> Vec<ReplicaId> {
-        self.members().keys().copied().filter(|r| *r != self.me).collect()
+        let applied = self.state.config().members.keys().filter(|_| self.state.config().version > 0);
+        let mut peers: Vec<ReplicaId> =
+            self.members().keys().chain(applied).copied().filter(|r| *r != self.me).collect();
+        peers.sort_unstable();
+        peers.dedup();
+        peers
     }
 
     /// The other voters: the replicas a candidate asks for votes.

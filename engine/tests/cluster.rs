@@ -934,6 +934,7 @@ fn a_removed_voter_no_longer_counts() {
     assert!(matches!(c.call(leader, 9, 1, change(MemberChange::Remove(gone))), Ok(Reply::MembersChanged { .. })));
     assert_eq!(c.engine(leader).state().config().members.len(), 2, "the configuration records the removal");
     c.run(3 * HEARTBEAT_MS);
+    assert!(!c.members(gone).iter().any(|(id, _)| *id == gone), "the removed member received its removal");
     // Two voters are left; with the removed one cut off, writes still commit on both.
     c.isolate(gone);
     let h = created(c.call(leader, 1, 1, new_session(b"after")));
