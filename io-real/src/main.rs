@@ -920,9 +920,21 @@ fn print_one(s: &ServerStatus, json: bool) {
     println!("state    hash {:016x}", s.engine.state_hash);
 }
 
+/// A node's role as it reports it: its consensus role, or `learner` for a member that does not
+/// vote (a learner is a follower that never stands), or `joining` before it knows any members.
+fn role_of(e: &truba_engine::StatusView) -> String {
+    let member = e.members.iter().find(|m| m.id == e.replica).map(|m| m.role);
+    match member {
+        Some(truba_engine::MemberRole::Learner) => "learner".into(),
+        None if e.members.is_empty() => "joining".into(),
+        None => "removed".into(),
+        Some(truba_engine::MemberRole::Voter) => e.role.to_string(),
+    }
+}
+
 fn status_json(s: &ServerStatus) -> serde_json::Value {
     let e = &s.engine;
-    serde_json::json!({"version": s.version, "replica": e.replica.0, "role": e.role.to_string(), "term": e.term.0,
+    serde_json::json!({"version": s.version, "replica": e.replica.0, "role": role_of(e), "term": e.term.0,
         "leader": e.leader.map(|l| l.0), "serving": e.serving, "applied": e.applied.0, "commit": e.commit.0,
         "durable": e.durable.0, "last_index": e.last_index.0, "sessions_active": e.sessions_active,
         "sessions_stored": e.sessions_stored, "sessions_spilled": e.sessions_spilled, "source_files": e.source_files,
@@ -956,7 +968,7 @@ fn print_cluster(rows: &[(String, Result<ServerStatus, String>)], json: bool) {
         match s {
             Ok(s) => {
                 let e = &s.engine;
-                let role = if e.serving { e.role.to_string() } else { "recovering".into() };
+                let role = if e.serving { role_of(e) } else { "recovering".into() };
                 let leader = e.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
                 let lag = top.saturating_sub(e.applied.0);
                 println!(

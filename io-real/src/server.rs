@@ -784,7 +784,10 @@ fn role_text(config: &Config, s: &truba_engine::StatusView) -> String {
     if config.cluster.is_none() {
         return "leader (single node)".into();
     }
+    let learner = s.members.iter().any(|m| m.id == s.replica && m.role == truba_engine::MemberRole::Learner);
     match (s.role, s.leader) {
+        (truba_engine::RoleName::Follower, Some(l)) if learner => format!("learner following {l} in term {}", s.term.0),
+        (_, _) if s.members.is_empty() => "joining (no member has sent it the log yet)".into(),
         (truba_engine::RoleName::Follower, Some(l)) => format!("follower of {l} in term {}", s.term.0),
         (role, _) => format!("{role} in term {}", s.term.0),
     }

@@ -84,6 +84,11 @@ async fn a_member_joins_is_promoted_takes_over_and_an_old_one_leaves() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    let shown = cli_ok(&addrs, &["status", "--cluster"]).await;
+    assert!(shown.lines().any(|l| l.starts_with(&client4) && l.contains("learner")), "{shown}");
+    let (_, mine, _) = truba_cli(&client4, &["status"]).await;
+    assert!(mine.contains("learner following"), "{mine}");
+
     // Then it is promoted.
     let out = cli_ok(&addrs, &["member", "promote", "4", "--wait", "--timeout", "30s"]).await;
     assert!(out.contains("promoted 4 to voter"), "{out}");
