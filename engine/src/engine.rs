@@ -671,7 +671,7 @@ impl Engine {
         if !self.is_serving() {
             return Some(RequestError::NotReady);
         }
-        (!self.is_leader()).then_some(RequestError::NotLeader { leader: self.leader })
+        (!self.is_leader()).then_some(RequestError::NotLeader { leader: self.leader_hint() })
     }
 
     fn on_request(&mut self, client: ClientId, seq: Seq, request: Request) {

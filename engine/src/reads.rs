@@ -65,7 +65,7 @@ impl Engine {
     /// A state query: answered once the leader has confirmed it still leads (see above).
     pub(crate) fn on_read(&mut self, id: u64, query: ReadQuery) {
         if !self.is_leader() {
-            let e = RequestError::NotLeader { leader: self.leader };
+            let e = RequestError::NotLeader { leader: self.leader_hint() };
             self.outputs.push_back(Output::QueryReply { id, reply: query.refused(e) });
             return;
         }

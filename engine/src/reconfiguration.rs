@@ -77,6 +77,17 @@ impl Engine {
         }
     }
 
+    /// The leader to send a client to. A replica whose configuration no longer names it (it was
+    /// removed) gives none: no leader talks to it any more, so the one it last heard of is
+    /// likely stale, and two removed replicas could otherwise send a client back and forth.
+    pub(crate) fn leader_hint(&self) -> Option<ReplicaId> {
+        let members = self.members();
+        if !members.is_empty() && !members.contains_key(&self.me) {
+            return None;
+        }
+        self.leader
+    }
+
     pub(crate) fn is_voter(&self, id: ReplicaId) -> bool {
         membership::is_voter(self.members(), id)
     }

@@ -127,6 +127,7 @@ fn seeds_that_once_failed() {
         ("cluster-elections", 293, "a truncation durable before the removal of later segments"),
         ("cluster-bit-rot", 220, "a leader kept resending above a repaired follower's end"),
         ("swarm", 5005, "checker: a read-through between a consumer's open and its first commit"),
+        ("cluster-membership", 296, "two removed members sent clients back and forth with stale leader hints"),
     ];
     for &(name, seed, what) in found {
         eprintln!("{name} seed {seed}: {what}");
