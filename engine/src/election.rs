@@ -321,6 +321,8 @@ impl Engine {
             }
             Message::TimeoutNow { term } if term == self.term() => self.on_timeout_now(from),
             Message::TimeoutNow { .. } => {}
+            Message::ReadIndex { term, ctx } => self.on_read_index(from, term, ctx),
+            Message::ReadIndexReply { term, ctx, index } => self.on_read_index_reply(from, term, ctx, index),
         }
     }
 

@@ -383,7 +383,8 @@ impl Engine {
         let retry = self.write_retry_at;
         let streams = (self.streams.len() > 0).then_some(self.streams_tick);
         let waits = self.read_throughs.next_deadline();
-        [consensus, repeats.then_some(self.next_tick), retry, self.ledger_retry_at, streams, waits]
+        let local_reads = self.reads.local_deadline(self.cfg.consensus.election_timeout_ms_max);
+        [consensus, repeats.then_some(self.next_tick), retry, self.ledger_retry_at, streams, waits, local_reads]
             .into_iter()
             .flatten()
             .min()
@@ -474,7 +475,8 @@ impl Engine {
         self.with_streams(|s, c| s.stop_all(c));
         let outputs = &mut self.outputs;
         let refused = RequestError::Stopped("see the replica's log".into());
-        self.read_throughs.refuse_all(refused, |id, reply| outputs.push_back(Output::QueryReply { id, reply }));
+        self.read_throughs.refuse_all(refused.clone(), |id, reply| outputs.push_back(Output::QueryReply { id, reply }));
+        self.refuse_local_reads(refused);
         self.phase = Phase::Stopped;
         self.waiting.clear();
         self.proposed.clear();
@@ -934,6 +936,7 @@ impl Engine {
             return;
         }
         self.consensus_tick();
+        self.serve_local_reads();
         if self.installing.is_some() {
             self.fetch_step();
         }
@@ -1246,6 +1249,7 @@ impl Engine {
         if self.reads.len() > 0 {
             self.serve_reads();
         }
+        self.serve_local_reads();
         // Handlers finished deliveries (deleted or stored their sessions): fill the slots now
         // rather than at the next repeater tick, so that a kind with due sessions waiting keeps
         // its handlers busy. Slots freed by failures wait for the tick: a handler that is down
@@ -1504,6 +1508,7 @@ impl Engine {
         assert!(self.waiting.len() <= self.proposed.len(), "waiting clients have pending requests");
         assert!(self.io_pending.len() <= IO_PENDING_MAX, "outstanding disk operations bounded");
         assert!(self.held.len() <= self.cfg.consensus.held_messages_max as usize, "held messages bounded");
+        assert!(self.reads.local_len() <= self.cfg.limits.pending_requests_max as usize, "a learner's reads bounded");
         if let Role::Leader { progress } = &self.role {
             assert_eq!(self.leader, Some(self.me), "a leader knows it leads");
             assert_eq!(progress.len(), self.peers().len(), "a leader tracks every other member");

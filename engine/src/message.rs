@@ -95,6 +95,18 @@ pub enum Message {
     TimeoutNow {
         term: Term,
     },
+    /// A learner asks the leader for a read index (`ctx` numbers the read on the learner).
+    ReadIndex {
+        term: Term,
+        ctx: u64,
+    },
+    /// The index a read must see, once the leader confirmed it still leads (`None`: it could
+    /// not; the learner refuses the read).
+    ReadIndexReply {
+        term: Term,
+        ctx: u64,
+        index: Option<Index>,
+    },
 }
 
 impl Message {
@@ -109,7 +121,9 @@ impl Message {
             | Message::Snapshot { term, .. }
             | Message::SourceFetch { term, .. }
             | Message::SourcePiece { term, .. }
-            | Message::TimeoutNow { term } => *term,
+            | Message::TimeoutNow { term }
+            | Message::ReadIndex { term, .. }
+            | Message::ReadIndexReply { term, .. } => *term,
         }
     }
 
@@ -131,6 +145,8 @@ impl Message {
             Message::SourceFetch { .. } => "source-fetch",
             Message::SourcePiece { .. } => "source-piece",
             Message::TimeoutNow { .. } => "timeout-now",
+            Message::ReadIndex { .. } => "read-index",
+            Message::ReadIndexReply { .. } => "read-index-reply",
         }
     }
 }

@@ -14,17 +14,27 @@
 use crate::engine::Engine;
 use crate::error::RequestError;
 use crate::io::Output;
+use crate::message::Message;
 use crate::op::QueryReply;
-use crate::types::{Index, Kind, SessionId};
+use crate::types::{Index, Kind, ReplicaId, SessionId, Term};
 use std::collections::VecDeque;
 
 /// A query answered from the replicated state, and so only once the leader knows it leads.
 #[derive(Clone, Debug)]
 pub(crate) enum ReadQuery {
     Session(SessionId),
-    Dead { kind: Kind, after: Option<SessionId>, limit: u32 },
+    Dead {
+        kind: Kind,
+        after: Option<SessionId>,
+        limit: u32,
+    },
     Checkpoint(String),
     Config,
+    /// A learner's read index request (see `LocalReads`).
+    Remote {
+        from: crate::types::ReplicaId,
+        ctx: u64,
+    },
 }
 
 impl ReadQuery {
@@ -34,6 +44,7 @@ impl ReadQuery {
             ReadQuery::Dead { .. } => QueryReply::Dead(Err(e)),
             ReadQuery::Checkpoint(_) => QueryReply::Checkpoint(Err(e)),
             ReadQuery::Config => QueryReply::Config(Err(e)),
+            ReadQuery::Remote { .. } => unreachable!("a remote read is answered with a message"),
         }
     }
 }
@@ -53,17 +64,52 @@ pub(crate) struct Reads {
     /// The newest confirmation round sent to the followers.
     pub round_sent: u64,
     pending: VecDeque<PendingRead>,
+    /// A learner's linearizable reads, by context number: the query, when it was asked, and the
+    /// read index once the leader gave it. A learner answers `get` from its own state once it has
+    /// applied the index the leader confirmed (Raft's read index, section 6.4 of the thesis,
+    /// served by a non-leader), so reads scale with learners without stale answers.
+    local: std::collections::BTreeMap<u64, LocalRead>,
+    next_ctx: u64,
+}
+
+struct LocalRead {
+    id: u64,
+    session: SessionId,
+    asked_at: crate::types::Instant,
+    index: Option<Index>,
 }
 
 impl Reads {
     pub fn len(&self) -> usize {
         self.pending.len()
     }
+
+    /// A learner's reads waiting for their read index.
+    pub fn local_len(&self) -> usize {
+        self.local.len()
+    }
+
+    /// When the oldest of a learner's reads is given up, if any waits.
+    pub fn local_deadline(&self, timeout_ms: u64) -> Option<crate::types::Instant> {
+        self.local.values().map(|r| r.asked_at).min().map(|t| t.saturating_add(crate::types::Duration(timeout_ms + 1)))
+    }
 }
 
 impl Engine {
     /// A state query: answered once the leader has confirmed it still leads (see above).
     pub(crate) fn on_read(&mut self, id: u64, query: ReadQuery) {
+        if let (ReadQuery::Session(session), Some(leader)) = (&query, self.learner_reads_from()) {
+            self.read_locally(id, *session, leader);
+            return;
+        }
+        if let ReadQuery::Remote { from, ctx } = query {
+            let max = self.cfg.limits.pending_requests_max as usize;
+            if !self.is_leader() || self.reads.len() >= max {
+                let term = self.term();
+                self.send(from, Message::ReadIndexReply { term, ctx, index: None });
+                return;
+            }
+        }
         if !self.is_leader() {
             let e = RequestError::NotLeader { leader: self.leader_hint() };
             self.outputs.push_back(Output::QueryReply { id, reply: query.refused(e) });
@@ -98,6 +144,11 @@ impl Engine {
             }
             let r = self.reads.pending.pop_front().expect("checked");
             let reply = match r.query {
+                ReadQuery::Remote { from, ctx } => {
+                    let term = self.term();
+                    self.send(from, Message::ReadIndexReply { term, ctx, index: Some(r.index) });
+                    continue;
+                }
                 ReadQuery::Session(session) => match self.state.session_view(session) {
                     Ok(view) if view.source.is_some() => match self.read_spilled(r.id, view) {
                         Some(view) => QueryReply::Session(Ok(view)),
@@ -172,8 +223,108 @@ impl Engine {
     /// A leader that steps down cannot confirm anything: its waiting reads go to `leader`.
     pub(crate) fn refuse_reads(&mut self, leader: Option<crate::types::ReplicaId>) {
         for r in std::mem::take(&mut self.reads.pending) {
+            if let ReadQuery::Remote { from, ctx } = r.query {
+                let term = self.term();
+                self.send(from, Message::ReadIndexReply { term, ctx, index: None });
+                continue;
+            }
             let e = RequestError::NotLeader { leader };
             self.outputs.push_back(Output::QueryReply { id: r.id, reply: r.query.refused(e) });
+        }
+    }
+}
+
+impl Engine {
+    /// The leader a learner asks for a read index, if this replica is a learner that knows one.
+    /// Voters that follow send reads to the leader instead (a client redirects).
+    fn learner_reads_from(&self) -> Option<ReplicaId> {
+        let learner = self.members().get(&self.me) == Some(&crate::config::MemberRole::Learner);
+        (learner && self.is_serving() && !self.is_leader()).then_some(self.leader?)
+    }
+
+    fn read_locally(&mut self, id: u64, session: SessionId, leader: ReplicaId) {
+        let max = self.cfg.limits.pending_requests_max;
+        if self.reads.local.len() >= max as usize {
+            let e = RequestError::Overloaded { max };
+            self.outputs.push_back(Output::QueryReply { id, reply: QueryReply::Session(Err(e)) });
+            return;
+        }
+        self.reads.next_ctx += 1;
+        let ctx = self.reads.next_ctx;
+        let read = LocalRead { id, session, asked_at: self.now.mono, index: None };
+        self.reads.local.insert(ctx, read);
+        let term = self.term();
+        self.send(leader, Message::ReadIndex { term, ctx });
+    }
+
+    /// The leader: a learner's read index, answered once a confirmation round covers it.
+    pub(crate) fn on_read_index(&mut self, from: ReplicaId, term: Term, ctx: u64) {
+        if term != self.term() {
+            let term = self.term();
+            self.send(from, Message::ReadIndexReply { term, ctx, index: None });
+            return;
+        }
+        self.on_read(0, ReadQuery::Remote { from, ctx });
+    }
+
+    /// The learner: the leader's answer to one of its reads.
+    pub(crate) fn on_read_index_reply(&mut self, from: ReplicaId, term: Term, ctx: u64, index: Option<Index>) {
+        if term != self.term() || self.leader != Some(from) {
+            return; // from an older leader: the read times out or was answered
+        }
+        match index {
+            Some(i) => {
+                if let Some(r) = self.reads.local.get_mut(&ctx) {
+                    r.index = Some(i);
+                }
+                self.serve_local_reads();
+            }
+            None => {
+                if let Some(r) = self.reads.local.remove(&ctx) {
+                    let e = RequestError::NotLeader { leader: self.leader_hint() };
+                    self.outputs.push_back(Output::QueryReply { id: r.id, reply: QueryReply::Session(Err(e)) });
+                }
+            }
+        }
+    }
+
+    /// A replica that stops refuses the reads it was serving for its clients.
+    pub(crate) fn refuse_local_reads(&mut self, e: RequestError) {
+        for (_, r) in std::mem::take(&mut self.reads.local) {
+            self.outputs.push_back(Output::QueryReply { id: r.id, reply: QueryReply::Session(Err(e.clone())) });
+        }
+    }
+
+    /// Answers the learner's reads whose index it has applied, and refuses those the leader did
+    /// not answer within an election timeout (the client asks the leader instead).
+    pub(crate) fn serve_local_reads(&mut self) {
+        if self.reads.local.is_empty() {
+            return;
+        }
+        let (applied, now) = (self.state.applied(), self.now.mono);
+        let timeout = crate::types::Duration(self.cfg.consensus.election_timeout_ms_max);
+        let ready: Vec<u64> = self
+            .reads
+            .local
+            .iter()
+            .filter(|(_, r)| r.index.is_some_and(|i| applied >= i) || now.saturating_since(r.asked_at) > timeout)
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        for ctx in ready {
+            let r = self.reads.local.remove(&ctx).expect("listed above");
+            if r.index.is_none_or(|i| applied < i) {
+                let e = RequestError::NotLeader { leader: self.leader_hint() };
+                self.outputs.push_back(Output::QueryReply { id: r.id, reply: QueryReply::Session(Err(e)) });
+                continue;
+            }
+            let reply = match self.state.session_view(r.session) {
+                Ok(view) if view.source.is_some() => match self.read_spilled(r.id, view) {
+                    Some(view) => QueryReply::Session(Ok(view)),
+                    None => continue, // answered once the frame is read
+                },
+                other => QueryReply::Session(other),
+            };
+            self.outputs.push_back(Output::QueryReply { id: r.id, reply });
         }
     }
 }

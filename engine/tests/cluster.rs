@@ -865,8 +865,24 @@ fn a_learner_catches_up_never_counts_and_is_promoted_only_once_caught_up() {
     c.run(2 * HEARTBEAT_MS);
     let (id, mark) = c.query(four, Query::SessionLocal(h.session));
     assert_eq!(session_view(c.query_reply(four, mark, id)).map(|v| v.records), Ok(recs(&[b"read-me"])));
+    // A linearizable read on the learner: it asks the leader for a read index and answers from
+    // its own state once it has applied it.
     let (id, mark) = c.query(four, Query::Session(h.session));
-    assert_eq!(session_view(c.query_reply(four, mark, id)), Err(RequestError::NotLeader { leader: Some(leader) }));
+    c.deliver_all();
+    assert_eq!(session_view(c.query_reply(four, mark, id)).map(|v| v.records), Ok(recs(&[b"read-me"])));
+    assert!(c.replicas[&four].outputs[mark..]
+        .iter()
+        .any(|o| matches!(o, Output::Send { message: Message::ReadIndex { .. }, .. })));
+    // Cut off from the leader, it answers nothing stale: after an election timeout the client is
+    // sent elsewhere.
+    c.isolate(four);
+    let (id, mark) = c.query(four, Query::Session(h.session));
+    c.run(ELECTION_MAX_MS / 2);
+    assert_eq!(c.query_reply(four, mark, id), None, "no answer without the leader's read index");
+    c.run(ELECTION_MAX_MS);
+    assert!(matches!(session_view(c.query_reply(four, mark, id)), Err(RequestError::NotLeader { .. })));
+    c.heal();
+    c.run(3 * HEARTBEAT_MS);
     assert_eq!(c.members(four), c.members(leader), "the learner follows the configuration in the log");
     assert!(matches!(c.call(leader, 9, 3, change(MemberChange::Promote(four))), Ok(Reply::MembersChanged { .. })));
     c.run(3 * HEARTBEAT_MS);

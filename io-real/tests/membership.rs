@@ -84,6 +84,9 @@ async fn a_member_joins_is_promoted_takes_over_and_an_old_one_leaves() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // A linearizable read, answered by the learner through the leader's read index.
+    let shown = cli_ok(&client4, &["get", &handles[0]]).await;
+    assert!(shown.contains("before-0"), "{shown}");
     let shown = cli_ok(&addrs, &["status", "--cluster"]).await;
     assert!(shown.lines().any(|l| l.starts_with(&client4) && l.contains("learner")), "{shown}");
     let (_, mine, _) = truba_cli(&client4, &["status"]).await;

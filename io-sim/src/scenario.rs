@@ -240,6 +240,9 @@ pub struct Workload {
     pub read_give_up_ms: u64,
     /// Readers go on asking through the liveness phase (otherwise they stop when it starts).
     pub reads_in_liveness: bool,
+    /// Share of reads first sent to a learner (if the leader's configuration has one), which
+    /// answers them itself through the leader's read index.
+    pub read_learner_share: f64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -273,6 +276,7 @@ impl Default for Workload {
             read_every_ms: (10, 100),
             read_give_up_ms: 2_000,
             reads_in_liveness: false,
+            read_learner_share: 0.0,
         }
     }
 }

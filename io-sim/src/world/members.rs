@@ -317,6 +317,21 @@ impl World {
         })
     }
 
+    /// Now and then (`read_learner_share`), a learner of the leader's configuration for a reader
+    /// to ask: it answers a linearizable read itself, through the leader's read index. Draws
+    /// from the membership stream only when the share is set.
+    pub(super) fn learner_to_read_from(&mut self) -> Option<usize> {
+        let share = self.sc.workload.read_learner_share;
+        if share <= 0.0 || !self.member_rng.gen_bool(share.min(1.0)) {
+            return None;
+        }
+        let leader = self.final_leader()?;
+        let members = self.replicas[leader].engine.as_ref()?.membership().members;
+        let learners: Vec<usize> =
+            members.iter().filter(|(_, r)| **r == MemberRole::Learner).map(|(id, _)| id.0 as usize).collect();
+        (!learners.is_empty()).then(|| learners[self.member_rng.gen_range(0..learners.len())])
+    }
+
     /// Replicas the final leader's configuration does not name (never added, or removed) are
     /// not expected to converge.
     pub(super) fn is_final_member(&self, r: usize) -> bool {

@@ -1248,7 +1248,8 @@ impl World {
         let q = self.readers[i].ask(session, query);
         let reader = self.readers[i].index;
         self.history.push(self.now_us, Event::ReadInvoke { reader, read: q.read, session: session.0 });
-        self.send_query(self.readers[i].guess, query, session, 0);
+        let to = self.learner_to_read_from().unwrap_or(self.readers[i].guess);
+        self.send_query(to, query, session, 0);
         let t = self.now_us + self.sc.workload.read_give_up_ms * 1000;
         self.at(t, Ev::ReadTimeout { reader: i, read: q.read });
     }
