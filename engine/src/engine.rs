@@ -824,12 +824,9 @@ impl Engine {
             Query::Dead { .. } if !self.is_serving() => QueryReply::Dead(Err(RequestError::NotReady)),
             Query::Session(sid) => return self.on_read(id, ReadQuery::Session(sid)),
             Query::SessionLocal(_) if !self.is_serving() => QueryReply::Session(Err(RequestError::NotReady)),
-            Query::SessionLocal(sid) => match self.state.session_view(sid) {
-                Ok(view) if view.source.is_some() => match self.read_spilled(id, view) {
-                    Some(view) => QueryReply::Session(Ok(view)),
-                    None => return, // answered once the frame is read
-                },
-                other => QueryReply::Session(other),
+            Query::SessionLocal(sid) => match self.session_reply(id, sid) {
+                Some(reply) => reply,
+                None => return, // answered once the frame is read
             },
             Query::Dead { kind, .. } if self.state.config().kind(kind).is_none() => {
                 QueryReply::Dead(Err(RequestError::UnknownKind(kind)))
@@ -1196,6 +1193,7 @@ impl Engine {
     pub(crate) fn apply_committed(&mut self) {
         let upto = self.commit.min(self.durable);
         let mut slots_finished = false;
+        let mut members_applied = false;
         // While the ledger's writes lag too far behind, applying waits for them (see `ledger.rs`).
         while self.state.applied() < upto && !self.ledger.backlogged() {
             let index = self.state.applied().next();
@@ -1209,6 +1207,7 @@ impl Engine {
             let env = MutationEnv { rng: &mut self.rng, wall: self.now.wall };
             let delivering_before = self.state.delivering_total();
             let finished_by_handler = matches!(entry.command, Command::Client { .. } | Command::Commit { .. });
+            members_applied |= matches!(entry.command, Command::Members { .. });
             let mut audit = audit_of(entry);
             if self.cfg.mutation(|m| m.ledger_local_clock) {
                 audit.at = self.now.wall;
@@ -1238,8 +1237,10 @@ impl Engine {
             }
         }
         self.after_apply_sources();
-        // A removal applied here: its member is no longer replicated to.
-        self.sync_progress();
+        if members_applied {
+            // A removal applied here: its member is no longer replicated to.
+            self.sync_progress();
+        }
         self.notice_config();
         self.ledger_step();
         if self.streams.len() > 0 {

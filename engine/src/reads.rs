@@ -30,9 +30,9 @@ pub(crate) enum ReadQuery {
     },
     Checkpoint(String),
     Config,
-    /// A learner's read index request (see `LocalReads`).
+    /// A learner's read index request (see `Reads::local`).
     Remote {
-        from: crate::types::ReplicaId,
+        from: ReplicaId,
         ctx: u64,
     },
 }
@@ -105,8 +105,7 @@ impl Engine {
         if let ReadQuery::Remote { from, ctx } = query {
             let max = self.cfg.limits.pending_requests_max as usize;
             if !self.is_leader() || self.reads.len() >= max {
-                let term = self.term();
-                self.send(from, Message::ReadIndexReply { term, ctx, index: None });
+                self.refuse_read_index(from, ctx);
                 return;
             }
         }
@@ -149,12 +148,9 @@ impl Engine {
                     self.send(from, Message::ReadIndexReply { term, ctx, index: Some(r.index) });
                     continue;
                 }
-                ReadQuery::Session(session) => match self.state.session_view(session) {
-                    Ok(view) if view.source.is_some() => match self.read_spilled(r.id, view) {
-                        Some(view) => QueryReply::Session(Ok(view)),
-                        None => continue, // answered once the frame is read
-                    },
-                    other => QueryReply::Session(other),
+                ReadQuery::Session(session) => match self.session_reply(r.id, session) {
+                    Some(reply) => reply,
+                    None => continue, // answered once the frame is read
                 },
                 ReadQuery::Dead { kind, after, limit } => QueryReply::Dead(self.state.dead_page(kind, after, limit)),
                 ReadQuery::Checkpoint(name) => {
@@ -181,15 +177,20 @@ impl Engine {
         }
     }
 
+    /// The answer to query `id` about `session` from this replica's applied state; `None` if a
+    /// spilled session's frame is being read first (the answer goes out when it completes).
+    pub(crate) fn session_reply(&mut self, id: u64, session: SessionId) -> Option<QueryReply> {
+        match self.state.session_view(session) {
+            Ok(view) if view.source.is_some() => self.read_spilled(id, view).map(|v| QueryReply::Session(Ok(v))),
+            other => Some(QueryReply::Session(other)),
+        }
+    }
+
     /// A spilled session's view gets its records: from memory if held here, otherwise from its
     /// source file (`None`: a read was issued, and the answer goes out when it completes). Reads
     /// beyond a few at once, or of a file not durable here, answer without the records (the
     /// view's `source` says where they are).
-    pub(crate) fn read_spilled(
-        &mut self,
-        query: u64,
-        mut view: crate::op::SessionView,
-    ) -> Option<crate::op::SessionView> {
+    fn read_spilled(&mut self, query: u64, mut view: crate::op::SessionView) -> Option<crate::op::SessionView> {
         if let Some(u) = self.state.held_records(view.id) {
             (view.records, view.last_failure) = (u.records, u.last_failure);
             return Some(view);
@@ -224,8 +225,7 @@ impl Engine {
     pub(crate) fn refuse_reads(&mut self, leader: Option<crate::types::ReplicaId>) {
         for r in std::mem::take(&mut self.reads.pending) {
             if let ReadQuery::Remote { from, ctx } = r.query {
-                let term = self.term();
-                self.send(from, Message::ReadIndexReply { term, ctx, index: None });
+                self.refuse_read_index(from, ctx);
                 continue;
             }
             let e = RequestError::NotLeader { leader };
@@ -260,11 +260,16 @@ impl Engine {
     /// The leader: a learner's read index, answered once a confirmation round covers it.
     pub(crate) fn on_read_index(&mut self, from: ReplicaId, term: Term, ctx: u64) {
         if term != self.term() {
-            let term = self.term();
-            self.send(from, Message::ReadIndexReply { term, ctx, index: None });
+            self.refuse_read_index(from, ctx);
             return;
         }
         self.on_read(0, ReadQuery::Remote { from, ctx });
+    }
+
+    /// Tells a learner its read cannot be confirmed here (it refuses it to its client).
+    fn refuse_read_index(&mut self, from: ReplicaId, ctx: u64) {
+        let term = self.term();
+        self.send(from, Message::ReadIndexReply { term, ctx, index: None });
     }
 
     /// The learner: the leader's answer to one of its reads.
@@ -317,14 +322,9 @@ impl Engine {
                 self.outputs.push_back(Output::QueryReply { id: r.id, reply: QueryReply::Session(Err(e)) });
                 continue;
             }
-            let reply = match self.state.session_view(r.session) {
-                Ok(view) if view.source.is_some() => match self.read_spilled(r.id, view) {
-                    Some(view) => QueryReply::Session(Ok(view)),
-                    None => continue, // answered once the frame is read
-                },
-                other => QueryReply::Session(other),
-            };
-            self.outputs.push_back(Output::QueryReply { id: r.id, reply });
+            if let Some(reply) = self.session_reply(r.id, r.session) {
+                self.outputs.push_back(Output::QueryReply { id: r.id, reply });
+            }
         }
     }
 }

@@ -66,8 +66,8 @@ impl Engine {
 
     /// The configuration in force here: the latest membership entry in the log, committed or
     /// not, else the applied configuration's, else (before the bootstrap entry is applied) the
-    /// members this replica was started with.
-    pub(crate) fn members(&self) -> &Members {
+    /// members this replica was started with (none for a replica that joins).
+    pub fn members(&self) -> &Members {
         if let Some((_, members)) = self.log.latest_members(self.state.applied()) {
             return members;
         }

@@ -334,21 +334,19 @@ impl<T: Transport> Pipe<T> {
 
     /// Where a session stands and its records.
     pub async fn get(&self, id: SessionId) -> Result<SessionView, ClientError> {
-        let qid = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
-        let msg = ClientMsg::Query { id: qid, query: Query::Session(id) };
-        match self.call(Key::Query(qid), &msg, Duration::ZERO).await? {
-            ServerMsg::QueryReply { reply: QueryReply::Session(Ok(view)), .. } => Ok(view),
-            ServerMsg::QueryReply { reply: QueryReply::Session(Err(e)), .. } => Err(ClientError::Refused(e)),
-            other => Err(ClientError::Unexpected(format!("{other:?} to a session query"))),
-        }
+        self.session_query(Query::Session(id)).await
     }
 
     /// A session as the member this pipe is connected to has applied it, answered at once by
     /// any member (a learner too): possibly behind the leader, never ahead of what is committed.
     /// Use a pipe with `learn_members: false` on one address to choose the member.
     pub async fn get_local(&self, id: SessionId) -> Result<SessionView, ClientError> {
+        self.session_query(Query::SessionLocal(id)).await
+    }
+
+    async fn session_query(&self, query: Query) -> Result<SessionView, ClientError> {
         let qid = self.inner.next_query.fetch_add(1, Ordering::Relaxed);
-        let msg = ClientMsg::Query { id: qid, query: Query::SessionLocal(id) };
+        let msg = ClientMsg::Query { id: qid, query };
         match self.call(Key::Query(qid), &msg, Duration::ZERO).await? {
             ServerMsg::QueryReply { reply: QueryReply::Session(Ok(view)), .. } => Ok(view),
             ServerMsg::QueryReply { reply: QueryReply::Session(Err(e)), .. } => Err(ClientError::Refused(e)),

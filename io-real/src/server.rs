@@ -463,10 +463,11 @@ impl<E: Env> Driver<E> {
     fn refresh_members(&mut self) {
         let version = self.engine.state().config().version;
         let me = self.engine.id();
-        let members: Vec<ReplicaId> = self.engine.membership().members.keys().copied().filter(|m| *m != me).collect();
-        if (version, &members) == (self.members_seen.0, &self.members_seen.1) {
+        let others = || self.engine.members().keys().copied().filter(|m| *m != me);
+        if version == self.members_seen.0 && others().eq(self.members_seen.1.iter().copied()) {
             return;
         }
+        let members: Vec<ReplicaId> = others().collect();
         if !members.is_empty() {
             self.book.lock().expect("book lock").members = members.clone();
             self.peers.retain(|id, _| members.contains(id));

@@ -89,12 +89,8 @@ impl World {
         self.start_membership();
     }
 
-    fn current_leader(&self) -> Option<usize> {
-        self.final_leader()
-    }
-
     fn operate_members(&mut self) {
-        let Some(leader) = self.current_leader() else { return };
+        let Some(leader) = self.final_leader() else { return };
         let Some(change) = self.draw_change(leader) else { return };
         self.send_member_request(leader, change);
         if self.member_rng.gen_bool(self.sc.membership.burst_share) {
@@ -107,7 +103,7 @@ impl World {
     /// One change that makes sense for the configuration the leader has in force.
     fn draw_change(&mut self, leader: usize) -> Option<Request> {
         let e = self.replicas[leader].engine.as_ref()?;
-        let members = e.membership().members;
+        let members = e.members().clone();
         let voters: Vec<ReplicaId> =
             members.iter().filter(|(_, r)| **r == MemberRole::Voter).map(|(i, _)| *i).collect();
         if voters.len() > 1 && self.member_rng.gen_bool(self.sc.membership.transfer_share) {
@@ -205,7 +201,7 @@ impl World {
             }
             Message::PreVote { .. } | Message::Vote { .. } => {
                 let Some(e) = self.replicas[r].engine.as_ref() else { return };
-                let role = e.membership().members.get(&ReplicaId(r as u32)).copied();
+                let role = e.members().get(&ReplicaId(r as u32)).copied();
                 if role != Some(MemberRole::Voter) {
                     let detail = format!("replica {r}, {role:?} in its configuration, sent {}", message.name());
                     self.violate("learner-never-votes", detail);
@@ -219,7 +215,7 @@ impl World {
     /// their vote in its term (itself included); a learner's vote would not be among them.
     pub(super) fn check_elected(&mut self, r: usize, term: u64) {
         let Some(e) = self.replicas[r].engine.as_ref() else { return };
-        let members = e.membership().members;
+        let members = e.members().clone();
         let voters: Vec<u32> = members.iter().filter(|(_, m)| **m == MemberRole::Voter).map(|(i, _)| i.0).collect();
         let mut granted = self.member_ops.grants.remove(&(term, r)).unwrap_or_default();
         granted.insert(r as u32);
@@ -296,11 +292,11 @@ impl World {
     fn quorum_commit(&self, r: usize, commit: Index) -> Option<String> {
         let e = self.replicas[r].engine.as_ref()?;
         let term = e.term().0;
-        let members = e.membership().members;
-        let voters: Vec<u32> = members.iter().filter(|(_, m)| **m == MemberRole::Voter).map(|(i, _)| i.0).collect();
+        let voters: Vec<u32> = e.members().iter().filter(|(_, m)| **m == MemberRole::Voter).map(|(i, _)| i.0).collect();
+        let durable = e.membership().durable;
         let acked = |v: u32| {
             if v as usize == r {
-                e.membership().durable
+                durable
             } else {
                 self.member_ops.acks.get(&(term, v)).copied().unwrap_or(Index(0))
             }
@@ -326,7 +322,7 @@ impl World {
             return None;
         }
         let leader = self.final_leader()?;
-        let members = self.replicas[leader].engine.as_ref()?.membership().members;
+        let members = self.replicas[leader].engine.as_ref()?.members().clone();
         let learners: Vec<usize> =
             members.iter().filter(|(_, r)| **r == MemberRole::Learner).map(|(id, _)| id.0 as usize).collect();
         (!learners.is_empty()).then(|| learners[self.member_rng.gen_range(0..learners.len())])
@@ -337,6 +333,6 @@ impl World {
     pub(super) fn is_final_member(&self, r: usize) -> bool {
         let Some(l) = self.final_leader() else { return true };
         let Some(e) = self.replicas[l].engine.as_ref() else { return true };
-        e.membership().members.contains_key(&ReplicaId(r as u32))
+        e.members().contains_key(&ReplicaId(r as u32))
     }
 }
