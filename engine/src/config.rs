@@ -619,11 +619,16 @@ pub struct Mutations {
     pub two_changes_in_flight: bool,
     /// A learner is promoted to voter while it lacks committed entries.
     pub promote_behind: bool,
+    /// A replica that lost both copies of its hard state votes and stands as if it knew its votes.
+    pub vote_after_losing_votes: bool,
+    /// A replica that dropped a damaged snapshot sets no repair mark, so it votes with the empty
+    /// log it starts from.
+    pub snapshot_damage_unmarked: bool,
 }
 
 impl Mutations {
     /// Names accepted on the simulator's command line.
-    pub const NAMES: [&'static str; 37] = [
+    pub const NAMES: [&'static str; 39] = [
         "ack-before-fsync",
         "truncate-mid-log",
         "apply-retry-twice",
@@ -661,6 +666,8 @@ impl Mutations {
         "skip-own-term-commit",
         "two-changes-in-flight",
         "promote-behind",
+        "vote-after-losing-votes",
+        "snapshot-damage-unmarked",
     ];
 
     pub fn from_name(name: &str) -> Option<Mutations> {
@@ -703,6 +710,8 @@ impl Mutations {
             "skip-own-term-commit" => m.skip_own_term_commit = true,
             "two-changes-in-flight" => m.two_changes_in_flight = true,
             "promote-behind" => m.promote_behind = true,
+            "vote-after-losing-votes" => m.vote_after_losing_votes = true,
+            "snapshot-damage-unmarked" => m.snapshot_damage_unmarked = true,
             _ => return None,
         }
         Some(m)

@@ -432,7 +432,13 @@ impl Engine {
     /// Whether the repair mark keeps this replica out of elections (always, except under the
     /// `vote-while-repairing` mutation).
     pub(crate) fn abstains(&self) -> bool {
-        self.is_repairing() && !self.cfg.mutation(|m| m.vote_while_repairing)
+        let repairing = self.is_repairing() && !self.cfg.mutation(|m| m.vote_while_repairing);
+        repairing || (self.votes_lost() && !self.cfg.mutation(|m| m.vote_after_losing_votes))
+    }
+
+    /// Both copies of the hard state were lost: this replica never votes or stands again.
+    pub fn votes_lost(&self) -> bool {
+        self.hard.wanted.votes_lost
     }
 
     /// The term of the entry at `index` in this replica's log, if it holds it (for checkers).
@@ -496,7 +502,13 @@ impl Engine {
         let sync_recovered = !self.cfg.mutation(|m| m.skip_recovery_fsync);
         // A lone voter has no peer to repair from; a joining replica has peers it does not know.
         let repair_from_peers = self.initial_members.len() != 1;
-        let (recovery, step) = Recovery::start(self.cfg.limits.read_retries_max, sync_recovered, repair_from_peers);
+        let options = crate::recovery::Options {
+            retries_max: self.cfg.limits.read_retries_max,
+            sync_recovered,
+            repair_from_peers,
+            mark_snapshot_damage: !self.cfg.mutation(|m| m.snapshot_damage_unmarked),
+        };
+        let (recovery, step) = Recovery::start(options);
         self.phase = Phase::Recovering(Box::new(recovery));
         self.recovery_step(step);
     }
@@ -510,9 +522,12 @@ impl Engine {
                 self.log = r.log;
                 self.durable = self.log.written;
                 self.commit = self.state.applied();
-                self.hard = HardStateWriter::recovered(HardState::default());
+                self.hard = HardStateWriter::recovered(HardState::default(), r.hard_in_place);
                 // A term raised from the log is not yet in the hard state file: write it.
                 self.want_hard_state(r.hard);
+                if r.hard_rewrite {
+                    self.hard.rewrite();
+                }
                 let sources = self.state.sources.referenced().collect();
                 self.snapshots = Snapshotter::recovered(r.snapshot, r.snapshots, sources);
                 self.ledger = Ledger::recovered(LedgerLimits::of(&self.cfg.limits), r.ledger);
@@ -533,6 +548,7 @@ impl Engine {
                     applied: self.state.applied(),
                     state_hash: self.state.state_hash(),
                     torn_bytes: r.torn_bytes,
+                    damage: r.damage_found,
                 });
                 self.start_following();
             }

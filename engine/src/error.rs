@@ -130,6 +130,11 @@ pub enum Fatal {
     LogGap { file: String, expected: Index, found: Index },
     #[error("snapshot {file} is corrupt: {reason}")]
     SnapshotCorrupt { file: String, reason: String },
+    #[error(
+        "both copies of the hard state (in the file hardstate) are damaged: {reason}; a lone replica has no \
+         peer to repair from (a cluster member would stop voting and go on)"
+    )]
+    HardStateLost { reason: String },
     #[error("stored-session source {file} is missing or corrupt: {reason}")]
     SourceCorrupt { file: String, reason: String },
     #[error("disk read of {file} failed {attempts} times")]

@@ -8,6 +8,7 @@ use crate::error::{Fatal, RequestError};
 use crate::events::{StreamId, StreamItem, StreamOpen};
 use crate::message::Message;
 use crate::op::{Outcome, Query, QueryReply, Request, UnixSecs};
+use crate::recovery::DamageFound;
 use crate::types::{ClientId, Handle, Index, Kind, ReplicaId, Seq, UnixMs};
 use serde::{Deserialize, Serialize};
 
@@ -170,6 +171,8 @@ pub enum Output {
         applied: Index,
         state_hash: u64,
         torn_bytes: u64,
+        /// Damage found and left for the peers to repair (empty on a clean start).
+        damage: Vec<DamageFound>,
     },
     /// The engine stopped and will emit nothing further.
     Stopped(Fatal),

@@ -68,6 +68,7 @@ pub use events::{
     Audit, BriefStatus, Event, EventMark, Filter, LedgerEntry, SessionBrief, SessionSnapshot, StreamError, StreamId,
     StreamItem, StreamOpen, TailFrom, What,
 };
+pub use hardstate::{hard_state_copies_whole, hard_state_copy_ranges};
 pub use io::{DiskError, Input, IoId, IoOp, IoReply, Output, RoleName};
 pub use membership::{MemberChange, Members};
 pub use message::Message;
@@ -76,6 +77,7 @@ pub use op::{
     Query, QueryReply, RedriveTarget, Reply, Request, SessionState, SessionView, StatusView, UnixSecs, Unspilled,
 };
 pub use reconfiguration::MembershipView;
+pub use recovery::DamageFound;
 pub use sessions::StateMachine;
 pub use stored::{decode_source_file, source_name};
 pub use types::{

@@ -14,7 +14,7 @@ use crate::codec::{
     RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use crate::error::Fatal;
-use crate::hardstate::{self, HardState, HARD_STATE_FILE};
+use crate::hardstate::{self, Copies, HardState, HARD_STATE_FILE};
 use crate::io::{DiskError, IoOp, IoReply};
 use crate::ledger::{LedgerRecovered, LedgerScan, ScanStep};
 use crate::log::{Loc, Log};
@@ -36,6 +36,12 @@ pub(crate) struct Recovered {
     pub state: StateMachine,
     pub log: Log,
     pub hard: HardState,
+    /// A copy of the hard state was damaged: both are written again.
+    pub hard_rewrite: bool,
+    /// The hard state file is in the current layout, so it is overwritten in place.
+    pub hard_in_place: bool,
+    /// What recovery found damaged and repaired from peers (or will), for the operator.
+    pub damage_found: Vec<DamageFound>,
     pub torn_bytes: u64,
     pub snapshot: Index,
     pub snapshots: Vec<String>,
@@ -45,8 +51,23 @@ pub(crate) struct Recovered {
     pub ledger: LedgerRecovered,
 }
 
+pub(crate) struct Options {
+    /// Reads of a file that failed or returned damage before it is given up on.
+    pub retries_max: u32,
+    /// Fsync everything recovery builds on before serving (always, except under the
+    /// `skip-recovery-fsync` mutation).
+    pub sync_recovered: bool,
+    /// A cluster member repairs damage from its peers; a lone replica stops instead (there is
+    /// nowhere to repair from).
+    pub repair_from_peers: bool,
+    /// A dropped snapshot sets the repair mark (always, except under the
+    /// `snapshot-damage-unmarked` mutation).
+    pub mark_snapshot_damage: bool,
+}
+
 #[derive(Default)]
 pub(crate) struct Recovery {
+    mark_snapshot_damage: bool,
     reading: Option<String>,
     snapshots: Vec<(Index, String)>,
     sources: Vec<SourceId>,
@@ -58,6 +79,12 @@ pub(crate) struct Recovery {
     locs: Vec<Loc>,
     last_index: Index,
     hard: HardState,
+    hard_rewrite: bool,
+    /// The hard state file is in the current layout (two copies, overwritten in place).
+    hard_in_place: bool,
+    /// The copies of the hard state found whole so far (reads are retried for the others).
+    hard_seen: [Option<HardState>; 2],
+    damage_found: Vec<DamageFound>,
     snapshot: Index,
     snapshot_term: Term,
     attempts: u32,
@@ -92,6 +119,48 @@ struct Damage {
     later: Vec<String>,
     /// The damaged segment's bytes from the damage on, kept in a file for inspection.
     tail: Vec<u8>,
+    /// The damage is in the snapshot `file` (kept under a new name): every segment is later.
+    in_snapshot: bool,
+}
+
+/// Damage recovery found in a cluster member and left for its peers to repair, reported once
+/// the replica serves (see `Output::Repairing`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DamageFound {
+    /// A log record: the log was cut there and the range is fetched again from the leader.
+    Log { file: String, offset: u64 },
+    /// The newest snapshot: state and log were dropped and are installed again from the leader.
+    Snapshot { file: String, reason: String },
+    /// One copy of the hard state (by its slot in the file), restored from the other.
+    HardStateCopy { slot: usize },
+    /// Both copies of the hard state: the replica never votes or stands again.
+    HardStateLost { reason: String },
+}
+
+impl std::fmt::Display for DamageFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DamageFound::Log { file, offset } => write!(
+                f,
+                "{file} is damaged at byte {offset}: the log was cut there (the rest is kept in damaged-*.bin) \
+                 and the range is fetched again from the leader; this replica neither votes nor stands until it has it"
+            ),
+            DamageFound::Snapshot { file, reason } => write!(
+                f,
+                "snapshot {file} is damaged ({reason}): it was kept as damaged-{file}, the log after it dropped, and \
+                 the leader installs a snapshot again; this replica neither votes nor stands until it holds as much"
+            ),
+            DamageFound::HardStateCopy { slot } => {
+                write!(f, "copy {slot} of the hard state was damaged and was restored from the other copy")
+            }
+            DamageFound::HardStateLost { reason } => write!(
+                f,
+                "both copies of the hard state are lost ({reason}): this replica cannot know whom it voted for, so it \
+                 never votes or stands again; it still replicates and serves. Add a new member in its place and \
+                 remove this one"
+            ),
+        }
+    }
 }
 
 /// What the scan of one segment says, before confirmation.
@@ -105,13 +174,10 @@ enum Verdict {
 }
 
 impl Recovery {
-    /// `sync_recovered`: fsync everything recovery builds on before serving (always, except
-    /// under the `skip-recovery-fsync` mutation).
-    /// `repair_from_peers`: a cluster member cuts a damaged range off and repairs it from the
-    /// leader; a lone replica stops instead (there is nowhere to repair from).
-    pub fn start(retries_max: u32, sync_recovered: bool, repair_from_peers: bool) -> (Recovery, Step) {
+    pub fn start(options: Options) -> (Recovery, Step) {
+        let Options { retries_max, sync_recovered, repair_from_peers, mark_snapshot_damage } = options;
         let durable_queued = !sync_recovered;
-        let r = Recovery { retries_max, durable_queued, repair_from_peers, ..Default::default() };
+        let r = Recovery { retries_max, durable_queued, repair_from_peers, mark_snapshot_damage, ..Default::default() };
         (r, Step::Io(IoOp::List))
     }
 
@@ -135,6 +201,11 @@ impl Recovery {
             }
             Ok(IoReply::Done) => self.next_repair(),
             Err(e) => match self.reading.clone() {
+                Some(file) if file == HARD_STATE_FILE => {
+                    let previous = self.previous_read.take();
+                    let copies = self.hard_copies();
+                    self.retry(file, previous).unwrap_or_else(|| self.hard_state_chosen(true, self.hard_seen, copies))
+                }
                 Some(file) => {
                     let attempts = self.attempts;
                     let previous = self.previous_read.take();
@@ -161,7 +232,7 @@ impl Recovery {
         if names.iter().any(|n| n == HARD_STATE_FILE) {
             return self.read(HARD_STATE_FILE.into());
         }
-        self.read_snapshot()
+        self.hard_state_chosen(false, [None, None], 2)
     }
 
     fn read_snapshot(&mut self) -> Step {
@@ -171,17 +242,60 @@ impl Recovery {
         }
     }
 
-    /// The hard state is replaced atomically, so a damaged one is damage, never a torn write.
+    /// A damaged copy is damage, never a torn write (a torn sector fails its checksum and the
+    /// other copy holds the durable state); the file is read again before a copy is given up
+    /// for lost, as a bit may have flipped on the way from the disk.
     fn hard_state_read(&mut self, file: String, bytes: Vec<u8>) -> Step {
-        match hardstate::decode(&bytes) {
-            Ok(hs) => {
-                self.hard = hs;
-                self.read_snapshot()
-            }
-            Err(reason) => {
-                self.retry(file.clone(), Some(bytes)).unwrap_or(Step::Fatal(Fatal::SnapshotCorrupt { file, reason }))
+        let read = hardstate::decode_file(&bytes);
+        // A copy whose checksum held in any read is whole: keep it across the reads.
+        for (seen, slot) in self.hard_seen.iter_mut().zip(read.slots) {
+            *seen = seen.or(slot);
+        }
+        self.hard_in_place = read.current_layout;
+        if self.hard_seen.iter().flatten().count() < self.hard_copies() {
+            if let Some(step) = self.retry(file, Some(bytes)) {
+                return step;
             }
         }
+        self.hard_state_chosen(true, self.hard_seen, self.hard_copies())
+    }
+
+    /// How many copies the hard state file holds: two, or one in the previous version's layout.
+    fn hard_copies(&self) -> usize {
+        if self.hard_in_place {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The copies are read: take the state they give (see `hardstate::choose`), or, when both
+    /// are lost, stop voting for good in a cluster and stop in a lone replica.
+    fn hard_state_chosen(&mut self, existed: bool, read: [Option<HardState>; 2], copies: usize) -> Step {
+        match hardstate::choose(existed, read, copies) {
+            Copies::Found { hs, rewrite } => {
+                self.hard = hs;
+                self.hard_rewrite = rewrite;
+                for (slot, copy) in read.iter().enumerate().take(copies) {
+                    if copy.is_none() {
+                        self.damage_found.push(DamageFound::HardStateCopy { slot });
+                    }
+                }
+            }
+            Copies::Neither => {}
+            Copies::Lost => {
+                let reason = "no copy is readable and whole".to_string();
+                if !self.repair_from_peers {
+                    return Step::Fatal(Fatal::HardStateLost { reason });
+                }
+                // The term is raised from the snapshot and the log as they are read; the vote is
+                // what cannot be known.
+                self.hard = HardState { votes_lost: true, ..HardState::default() };
+                self.hard_rewrite = true;
+                self.damage_found.push(DamageFound::HardStateLost { reason });
+            }
+        }
+        self.read_snapshot()
     }
 
     fn read(&mut self, file: String) -> Step {
@@ -217,10 +331,30 @@ impl Recovery {
                 self.repairs.extend(older.into_iter().map(|file| IoOp::Remove { file }));
                 self.next_segment()
             }
-            Err(reason) => {
-                self.retry(file.clone(), Some(bytes)).unwrap_or(Step::Fatal(Fatal::SnapshotCorrupt { file, reason }))
-            }
+            Err(reason) => match self.retry(file.clone(), Some(bytes)) {
+                Some(step) => step,
+                None if self.repair_from_peers => self.snapshot_damaged(file, reason),
+                None => Step::Fatal(Fatal::SnapshotCorrupt { file, reason }),
+            },
         }
+    }
+
+    /// A cluster member's newest snapshot is damaged: without the state it holds, nothing after
+    /// it can be applied, so the replica starts from nothing and has the leader install a
+    /// snapshot. Its log may have reached the snapshot's index or beyond, so that bound becomes
+    /// the repair mark (no votes, no candidacy until it holds that much again), and the
+    /// segments are read only to raise the bound, then removed with every source file (all of
+    /// them belonged to the state being dropped). The damaged file is kept under a new name.
+    fn snapshot_damaged(&mut self, file: String, reason: String) -> Step {
+        let bound = if self.mark_snapshot_damage { parse_snapshot_name(&file).unwrap_or_default() } else { Index(0) };
+        self.damage_found.push(DamageFound::Snapshot { file: file.clone(), reason });
+        let older: Vec<_> = self.snapshots.iter().filter(|(_, n)| *n != file).map(|(_, n)| n.clone()).collect();
+        self.repairs.extend(older.into_iter().map(|file| IoOp::Remove { file }));
+        self.snapshots.clear();
+        let sources = std::mem::take(&mut self.sources);
+        self.repairs.extend(sources.into_iter().map(|id| IoOp::Remove { file: crate::stored::source_name(id) }));
+        self.damage = Some(Damage { file, offset: 0, bound, later: Vec::new(), tail: Vec::new(), in_snapshot: true });
+        self.next_segment()
     }
 
     fn next_segment(&mut self) -> Step {
@@ -372,33 +506,49 @@ impl Recovery {
             let _ = self.accept(&file, s, offset);
         }
         let tail = bytes[offset as usize..content_end(bytes).max(offset as usize)].to_vec();
-        self.damage = Some(Damage { file, offset, bound, later: Vec::new(), tail });
+        self.damage_found.push(DamageFound::Log { file: file.clone(), offset });
+        self.damage = Some(Damage { file, offset, bound, later: Vec::new(), tail, in_snapshot: false });
     }
 
-    /// A segment after the damage: it only raises the bound on where the log ended.
+    /// A segment after the damage: it only raises the bound on where the log ended. A segment
+    /// that scans clean (every byte a whole record or preallocated zeros) gives its last index
+    /// exactly; any other is bounded by counting the smallest possible records in it. The
+    /// bound is what the replica must hold again before it votes, so a loose one keeps it out
+    /// of elections for longer than needed (in an idle cluster, until that many entries come).
     fn bound_damaged_log(&mut self, file: String, bytes: &[u8]) {
         let d = self.damage.as_mut().expect("in damage mode");
         let first = parse_segment_name(&file).unwrap_or(d.bound);
-        let by_size = first.0 + content_end(bytes) as u64 / RECORD_HEADER_LEN as u64 + 1;
-        let by_scan = scan_segment(bytes).and_then(|s| s.records.last().map(|r| r.entry.index.0)).unwrap_or(0);
-        d.bound = Index(d.bound.0.max(by_size).max(by_scan));
+        let scan = scan_segment(bytes);
+        let last = match &scan {
+            Some(s) if s.end == ScanEnd::Clean => s.records.last().map_or(first.prev().0, |r| r.entry.index.0),
+            _ => {
+                let by_size = first.0 + content_end(bytes) as u64 / RECORD_HEADER_LEN as u64 + 1;
+                let by_scan = scan.and_then(|s| s.records.last().map(|r| r.entry.index.0)).unwrap_or(0);
+                by_size.max(by_scan)
+            }
+        };
+        d.bound = Index(d.bound.0.max(last));
         d.later.push(file);
     }
 
     /// The repair mark goes into the hard state durably before anything is cut, so that a
     /// crash in between cannot leave a short log that votes as if it were whole.
     fn queue_damage_repair(&mut self) {
-        let Some(d) = self.damage.take() else { return };
-        self.hard.repair_upto = self.hard.repair_upto.max(d.bound);
-        let mut writer = crate::hardstate::HardStateWriter::default();
-        if let crate::hardstate::HsStep::Io(op) = writer.want(self.hard) {
-            self.repairs.push_back(op);
+        let Some(mut d) = self.damage.take() else { return };
+        if d.in_snapshot && !self.mark_snapshot_damage {
+            // The deliberate bug: the log the replica starts from looks whole.
+            d.bound = Index(0);
         }
-        // The writer's remaining steps do not depend on results: sync, rename, directory.
-        for _ in 0..3 {
-            if let Ok(crate::hardstate::HsStep::Io(op)) = writer.on_io(Ok(IoReply::Done)) {
-                self.repairs.push_back(op);
-            }
+        self.hard.repair_upto = self.hard.repair_upto.max(d.bound);
+        self.repairs.extend(hardstate::replace_ops(self.hard));
+        if d.in_snapshot {
+            // The segments go first, durably: a log left behind without its snapshot would be a
+            // gap that stops the replica at its next boot.
+            self.repairs.extend(d.later.into_iter().map(|file| IoOp::Remove { file }));
+            self.repairs.push_back(IoOp::SyncDir);
+            self.repairs.push_back(IoOp::Rename { from: d.file.clone(), to: format!("damaged-{}", d.file) });
+            self.repairs.push_back(IoOp::SyncDir);
+            return;
         }
         let copy = format!("damaged-{}-{}.bin", d.file, d.offset);
         self.repairs.push_back(IoOp::Write { file: copy.clone(), offset: 0, data: d.tail });
@@ -499,6 +649,9 @@ impl Recovery {
                     std::mem::take(&mut self.locs),
                 ),
                 hard: self.hard,
+                hard_rewrite: self.hard_rewrite,
+                hard_in_place: self.hard_in_place,
+                damage_found: std::mem::take(&mut self.damage_found),
                 torn_bytes: self.torn_bytes,
                 snapshot: self.snapshot,
                 snapshots: self.snapshots.iter().filter(|(i, _)| *i == self.snapshot).map(|(_, n)| n.clone()).collect(),

@@ -16,8 +16,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use truba_engine::{
-    ClientId, Engine, EngineConfig, Handle, Index, Input, IoOp, Kind, MemberChange, MemberRole, Message, Outcome,
-    Output, Query, QueryReply, ReplicaId, Reply, Request, RequestError, RoleName, Seq, SessionView, Term,
+    ClientId, DamageFound, Engine, EngineConfig, Handle, Index, Input, IoOp, Kind, MemberChange, MemberRole, Message,
+    Outcome, Output, Query, QueryReply, ReplicaId, Reply, Request, RequestError, RoleName, Seq, SessionView, Term,
 };
 use truba_engine::{Instant, Now, UnixMs};
 
@@ -996,4 +996,125 @@ fn a_learner_added_to_an_idle_cluster_catches_up() {
     assert!(c.call(leader, 9, 1, change(MemberChange::AddLearner(ReplicaId(4)))).is_ok());
     c.run(5 * HEARTBEAT_MS);
     c.assert_converged();
+}
+
+// ---- damaged snapshots and hard state -------------------------------------------------------------
+
+impl Cluster {
+    /// Replica `r` stops and boots again on its directory after `damage` was done to it (the
+    /// harness's disk loses nothing on its own); returns the damage recovery reported.
+    fn restart_damaged(&mut self, r: ReplicaId, cfg: EngineConfig, damage: impl FnOnce(&mut Dir)) -> Vec<DamageFound> {
+        let ids = self.ids();
+        let rep = self.replicas.get_mut(&r).expect("a replica");
+        damage(&mut rep.dir);
+        rep.engine = Engine::replica(cfg, r, ids, SEED ^ 0x5eed ^ r.0 as u64);
+        rep.stalled_io = None;
+        let mark = self.input(r, Input::Boot);
+        let found = self.since(r, mark).iter().find_map(|o| match o {
+            Output::Recovered { damage, .. } => Some(damage.clone()),
+            _ => None,
+        });
+        found.expect("the replica recovered")
+    }
+
+    fn file(&self, r: ReplicaId, name: &str) -> Option<&Vec<u8>> {
+        self.replicas[&r].dir.get(name)
+    }
+
+    fn names(&self, r: ReplicaId, prefix: &str) -> Vec<String> {
+        self.replicas[&r].dir.keys().filter(|n| n.starts_with(prefix)).cloned().collect()
+    }
+}
+
+fn flip(dir: &mut Dir, name: &str, at: usize) {
+    let bytes = dir.get_mut(name).unwrap_or_else(|| panic!("{name} exists"));
+    bytes[at] ^= 0x20;
+}
+
+/// A follower whose newest snapshot rots drops it with its log, has the leader install a
+/// snapshot again, and stays out of elections until it holds as much as it may have
+/// acknowledged; the damaged file is kept for inspection.
+#[test]
+fn a_member_whose_snapshot_rots_has_a_snapshot_installed_and_votes_again_once_repaired() {
+    let mut cfg = EngineConfig::default();
+    cfg.limits.snapshot_every_entries = 10;
+    let mut c = Cluster::with_config(SEED, cfg.clone());
+    let leader = c.elect();
+    for client in 1..=30 {
+        assert!(matches!(c.call(leader, client, 1, new_session(b"kept")), Ok(Reply::Created { .. })));
+    }
+    c.run(200);
+    let f = followers_of(&c, leader)[0];
+    let snapshot = c.names(f, "snap-").pop().expect("the follower took a snapshot");
+    let mid = c.file(f, &snapshot).expect("exists").len() / 2;
+
+    let found = c.restart_damaged(f, cfg, |dir| flip(dir, &snapshot, mid));
+    assert!(matches!(&found[..], [DamageFound::Snapshot { file, .. }] if *file == snapshot), "{found:?}");
+    assert!(c.engine(f).is_repairing(), "it may have acknowledged entries it no longer holds");
+    assert_eq!(c.engine(f).state().applied(), Index(0));
+    assert!(c.names(f, "log-").is_empty(), "the log after the dropped snapshot went with it");
+    assert!(c.file(f, &format!("damaged-{snapshot}")).is_some(), "the damaged snapshot is kept aside");
+
+    assert!(c.run_until(3_000, |c| !c.engine(f).is_repairing()), "the repair ends");
+    c.run(300);
+    c.assert_converged();
+}
+
+/// One damaged copy of the hard state is restored from the other: term and vote survive.
+#[test]
+fn a_member_with_one_hard_state_copy_damaged_keeps_its_term_and_vote() {
+    let cfg = EngineConfig::default();
+    let mut c = Cluster::new(SEED);
+    let leader = c.elect();
+    let f = followers_of(&c, leader)[0];
+    let term = c.engine(f).term();
+    for slot in 0..2 {
+        let at = truba_engine::hard_state_copy_ranges()[slot].start + 9;
+        let found = c.restart_damaged(f, cfg.clone(), |dir| flip(dir, "hardstate", at));
+        assert_eq!(found, [DamageFound::HardStateCopy { slot }]);
+        assert_eq!(c.engine(f).term(), term);
+        assert!(!c.engine(f).votes_lost());
+        c.run(50);
+        let file = c.file(f, "hardstate").expect("exists");
+        assert_eq!(truba_engine::hard_state_copies_whole(file), 2, "the damaged copy was written again");
+    }
+}
+
+/// Both copies lost: the member cannot know whom it voted for, so it never votes or stands
+/// again, but it still replicates and applies.
+#[test]
+fn a_member_that_lost_both_hard_state_copies_replicates_but_never_votes_or_stands() {
+    let cfg = EngineConfig::default();
+    let mut c = Cluster::new(SEED);
+    let leader = c.elect();
+    let f = followers_of(&c, leader)[0];
+    let ranges = truba_engine::hard_state_copy_ranges();
+    let found = c.restart_damaged(f, cfg.clone(), |dir| {
+        flip(dir, "hardstate", ranges[0].start + 3);
+        flip(dir, "hardstate", ranges[1].start + 20);
+    });
+    assert!(matches!(&found[..], [DamageFound::HardStateLost { .. }]), "{found:?}");
+    assert!(c.engine(f).votes_lost());
+    assert!(matches!(c.call(leader, 1, 1, new_session(b"x")), Ok(Reply::Created { .. })));
+    c.run(200);
+    assert_eq!(c.engine(f).state().applied(), c.engine(leader).state().applied(), "it still replicates");
+
+    // It stays that way across restarts, and with the leader gone it never stands or votes:
+    // the remaining voter alone is no majority.
+    let found = c.restart_damaged(f, cfg, |_| {});
+    assert!(found.is_empty(), "{found:?}");
+    assert!(c.engine(f).votes_lost(), "the mark is durable");
+    c.isolate(leader);
+    let other = followers_of(&c, leader).into_iter().find(|&r| r != f).expect("a third replica");
+    let mark = c.mark(f);
+    c.run(5 * ELECTION_MAX_MS);
+    assert!(!c.engine(other).is_leader() && !c.engine(f).is_leader(), "no majority without the member's vote");
+    let stood = c.since(f, mark).iter().any(|o| {
+        matches!(o, Output::Role { role: RoleName::PreCandidate | RoleName::Candidate, .. })
+            || matches!(o, Output::Send { message: Message::VoteReply { granted: true, .. }, .. })
+    });
+    assert!(!stood, "it neither stood nor granted a vote");
+    c.heal();
+    assert!(c.run_until(3_000, |c| !c.leaders().is_empty()), "the healed cluster elects without it");
+    assert_ne!(c.leaders(), [f]);
 }

@@ -1182,3 +1182,38 @@ fn stored_sessions_spill_to_sources_are_merged_and_come_back_in_order_with_their
     assert_eq!(d.engine.state().spilled_count(), (0, 0), "all sources taken and dropped");
     d.engine.state().full_invariants();
 }
+
+/// A lone replica repairs one damaged copy of its hard state from the other, and stops with a
+/// clear error when both are lost (it has no peer to learn anything from; a cluster member
+/// would go on without ever voting again).
+#[test]
+fn a_lone_replica_repairs_one_hard_state_copy_and_stops_when_both_are_lost() {
+    let cfg = EngineConfig::default();
+    let mut d = Driver::booted(cfg.clone(), 40);
+    created(d.req(1, new(1, Some(b"a"))));
+    let ranges = truba_engine::hard_state_copy_ranges();
+    assert_eq!(truba_engine::hard_state_copies_whole(&d.dir["hardstate"]), 2);
+
+    d.dir.get_mut("hardstate").unwrap()[ranges[1].start + 11] ^= 0x01;
+    let r = d.restart(cfg.clone(), 41);
+    assert!(r.recovered_since(0).is_some(), "{:?}", r.since(0));
+    let damage = r.since(0).iter().find_map(|o| match o {
+        Output::Recovered { damage, .. } => Some(damage.clone()),
+        _ => None,
+    });
+    assert_eq!(damage, Some(vec![truba_engine::DamageFound::HardStateCopy { slot: 1 }]));
+    assert_eq!(truba_engine::hard_state_copies_whole(&r.dir["hardstate"]), 2, "written again");
+
+    let mut bad = r.dir.clone();
+    let file = bad.get_mut("hardstate").unwrap();
+    file[ranges[0].start + 2] ^= 0x80;
+    file[ranges[1].start + 30] ^= 0x04;
+    let mut lost = Driver::on_dir(cfg, 42, bad, r.t);
+    lost.input(Input::Boot);
+    assert!(lost.recovered_since(0).is_none());
+    assert!(
+        matches!(lost.since(0).last(), Some(Output::Stopped(Fatal::HardStateLost { .. }))),
+        "{:?}",
+        lost.since(0).last()
+    );
+}

@@ -751,11 +751,14 @@ impl<E: Env> Driver<E> {
                 let (net, tx, max) = (self.env.transport(), self.to_engine.clone(), self.config.server.frame_bytes_max);
                 tokio::spawn(deliver(net, addr, msg, handle, timeout, max, tx));
             }
-            Output::Recovered { applied, state_hash, torn_bytes } => {
+            Output::Recovered { applied, state_hash, torn_bytes, damage } => {
                 let dir = self.config.data_dir.display().to_string();
                 info!(applied = applied.0, state_hash = format!("{state_hash:016x}"), torn_bytes, dir, "recovered");
                 if torn_bytes > 0 {
                     warn!(torn_bytes, "cut a torn write off the log tail (a copy is kept in torn-*.bin)");
+                }
+                for found in damage {
+                    error!(dir, "{found}");
                 }
             }
             Output::Stopped(fatal) => {

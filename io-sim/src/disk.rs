@@ -52,6 +52,20 @@ pub struct DiskFaults {
     /// every later read sees it). The world only lets it happen where a good copy survives on
     /// the other members.
     pub rot_on_crash_prob: f64,
+    /// Which files rot may hit, one drawn per rot among those present: `log` (a segment),
+    /// `snapshot` (the newest snapshot), `hardstate` (one copy of the hard state) and
+    /// `hardstate-all` (every copy: the replica loses its votes for good).
+    pub rot_files: Vec<RotFile>,
+}
+
+/// A kind of file that rot at rest may hit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RotFile {
+    Log,
+    Snapshot,
+    Hardstate,
+    HardstateAll,
 }
 
 impl Default for DiskFaults {
@@ -65,6 +79,7 @@ impl Default for DiskFaults {
             write_latency_us: 50,
             fsync_latency_us: 2000,
             rot_on_crash_prob: 0.0,
+            rot_files: vec![RotFile::Log],
         }
     }
 }
@@ -356,27 +371,69 @@ impl SimDisk {
         summary
     }
 
-    /// Silent rot at rest: flips one bit of a random log segment's stored bytes. Called right
-    /// after a crash, when nothing is pending, so the flip is on the durable medium. Returns a
-    /// description, or `None` if there is no segment to rot.
-    pub fn rot(&mut self, rng: &mut ChaCha8Rng) -> Option<String> {
-        let segments: Vec<(String, u64)> = self
-            .current
+    /// Silent rot at rest: flips one bit of a random file of a kind drawn from `rot_files` (of
+    /// every hard state copy for `hardstate-all`). Called right after a crash, when nothing is
+    /// pending, so the flip is on the durable medium. `allowed` says which kinds the world lets
+    /// rot now. Returns a description, or `None` if there is nothing to rot.
+    pub fn rot(&mut self, rng: &mut ChaCha8Rng, allowed: impl Fn(RotFile) -> bool) -> Option<(RotFile, String)> {
+        let kinds: Vec<RotFile> = self
+            .faults
+            .rot_files
             .iter()
-            .filter(|(name, ino)| name.starts_with("log-") && !self.inodes[*ino].data.is_empty())
-            .map(|(name, ino)| (name.clone(), *ino))
+            .copied()
+            .filter(|k| allowed(*k) && !self.rot_candidates(*k).is_empty())
             .collect();
-        if segments.is_empty() {
-            return None;
-        }
-        let (name, ino) = segments[rng.gen_range(0..segments.len())].clone();
+        let kind = match kinds.len() {
+            0 => return None,
+            // One kind draws nothing, so scenarios that rot only segments keep their histories.
+            1 => kinds[0],
+            n => kinds[rng.gen_range(0..n)],
+        };
+        let candidates = self.rot_candidates(kind);
+        let (name, ino) = candidates[rng.gen_range(0..candidates.len())].clone();
         let f = self.inodes.get_mut(&ino).expect("listed above");
-        let at = rng.gen_range(0..f.data.len());
-        let bit = rng.gen_range(0..8);
-        f.data[at] ^= 1 << bit;
         // After a power loss nothing is pending, so the durable view is the content itself.
         assert!(f.pending.is_empty(), "rot is applied right after a power loss");
-        Some(format!("bit {bit} of byte {at} of {name} rotted"))
+        let len = f.data.len();
+        // The hard state's copies are aimed at (the rest of its file is padding): one of them,
+        // or each of them.
+        let ranges: Vec<std::ops::Range<usize>> = match kind {
+            RotFile::Log | RotFile::Snapshot => vec![0..len],
+            RotFile::Hardstate => {
+                let copies = truba_engine::hard_state_copy_ranges();
+                vec![copies[rng.gen_range(0..copies.len())].clone()]
+            }
+            RotFile::HardstateAll => truba_engine::hard_state_copy_ranges().to_vec(),
+        };
+        let mut said = Vec::new();
+        for range in ranges {
+            let range = range.start.min(len - 1)..range.end.min(len);
+            let at = rng.gen_range(range);
+            let bit = rng.gen_range(0..8);
+            f.data[at] ^= 1 << bit;
+            said.push(format!("bit {bit} of byte {at}"));
+        }
+        Some((kind, format!("{} of {name} rotted", said.join(", "))))
+    }
+
+    /// The non-empty files of a kind, with their inodes.
+    fn rot_candidates(&self, kind: RotFile) -> Vec<(String, u64)> {
+        let matches = |name: &str| match kind {
+            RotFile::Log => name.starts_with("log-"),
+            RotFile::Snapshot => name.starts_with("snap-") && name.ends_with(".snap"),
+            RotFile::Hardstate | RotFile::HardstateAll => name == "hardstate",
+        };
+        let mut found: Vec<(String, u64)> = self
+            .current
+            .iter()
+            .filter(|(name, ino)| matches(name) && !self.inodes[*ino].data.is_empty())
+            .map(|(name, ino)| (name.clone(), *ino))
+            .collect();
+        if kind == RotFile::Snapshot {
+            // Older snapshots are leftovers on their way out; the newest is the one recovery reads.
+            found = found.split_off(found.len().saturating_sub(1));
+        }
+        found
     }
 
     /// Names in the durable directory (as of the last `SyncDir`), sorted: what a crash that

@@ -72,6 +72,12 @@ pub enum Event {
         replica: u32,
         reason: String,
     },
+    /// Recovery found damage that the replica repairs from its peers (or, for a lost hard
+    /// state, lives with by never voting again).
+    Damage {
+        replica: u32,
+        found: String,
+    },
     /// A replica became leader of a term (other role changes are not client-visible).
     Leader {
         replica: u32,
@@ -294,6 +300,7 @@ fn describe(e: &Event) -> String {
             format!("replica {replica} recovered at {applied} hash {state_hash:016x} torn {torn_bytes}B")
         }
         Event::Stopped { replica, reason } => format!("replica {replica} stopped: {reason}"),
+        Event::Damage { replica, found } => format!("replica {replica} found damage: {found}"),
         Event::Leader { replica, term } => format!("replica {replica} leads term {term}"),
         Event::Fault { what } => format!("fault: {what}"),
         Event::Phase { name } => format!("--- {name} phase ---"),

@@ -153,6 +153,26 @@ fn a_repairing_member_that_votes_is_caught() {
     caught_within("vote-while-repairing", "cluster-bit-rot", REPLICA_AGREEMENT, CONSENSUS_SEEDS_MAX);
 }
 
+/// Granting a vote before it is durable shows at once as a replica voting twice in a term.
+#[test]
+fn a_vote_granted_before_it_is_durable_breaks_vote_once() {
+    caught_within("vote-before-persist", "cluster-votes", &["vote-once"], CONSENSUS_SEEDS_MAX);
+}
+
+/// A member that lost both copies of its hard state and votes anyway votes twice in some term.
+#[test]
+fn a_member_voting_after_losing_its_votes_is_caught() {
+    let properties = [&["vote-once"], REPLICA_AGREEMENT].concat();
+    caught_within("vote-after-losing-votes", "cluster-lost-state", &properties, CONSENSUS_SEEDS_MAX);
+}
+
+/// A member that dropped its damaged snapshot and votes with the empty log it starts from helps
+/// elect a leader that lacks committed entries.
+#[test]
+fn a_dropped_snapshot_without_a_repair_mark_is_caught() {
+    caught_within("snapshot-damage-unmarked", "cluster-lost-state", REPLICA_AGREEMENT, CONSENSUS_SEEDS_MAX);
+}
+
 #[test]
 fn a_follower_running_the_repeater_is_caught() {
     caught_within("follower-runs-repeater", "cluster-faults", &["fencing", "delete-is-final"], CONSENSUS_SEEDS_MAX);

@@ -102,6 +102,7 @@ scenario_tests! {
     cluster_readers => "cluster-readers",
     cluster_config_drift => "cluster-config-drift",
     cluster_membership => "cluster-membership",
+    cluster_lost_state => "cluster-lost-state",
 }
 
 #[test]

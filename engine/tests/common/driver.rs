@@ -229,7 +229,7 @@ impl Driver {
             .since(mark)
             .iter()
             .filter_map(|o| match o {
-                Output::Recovered { applied, state_hash, torn_bytes } => Some((*applied, *state_hash, *torn_bytes)),
+                Output::Recovered { applied, state_hash, torn_bytes, .. } => Some((*applied, *state_hash, *torn_bytes)),
                 _ => None,
             })
             .collect();

@@ -10,6 +10,9 @@
 //!
 //! Checked as the run goes, for every scenario (without membership changes they hold trivially,
 //! except `quorum-commit`, which checks every commit):
+//! - `vote-once`: no replica grants its vote in one term to two candidates (standing counts as a
+//!   vote for itself), whatever happened to its hard state (crashes, one damaged copy, both
+//!   copies lost).
 //! - `learner-never-votes`: a replica that is not a voter in the configuration in force on it
 //!   never asks for a vote, and every leader was granted votes by a majority of the voters of
 //!   its configuration. (A replica that does not yet know it was promoted must still grant a
@@ -47,6 +50,8 @@ pub(super) struct MemberOps {
     /// The highest index each replica acknowledged to the leader of each term: (term, replica).
     acks: std::collections::BTreeMap<(u64, u32), Index>,
     durable_known: Vec<u64>,
+    /// The candidate each replica granted its vote to, by (term, voter).
+    votes: std::collections::BTreeMap<(u64, usize), usize>,
     /// Votes granted, by (term, candidate).
     grants: std::collections::BTreeMap<(u64, usize), std::collections::BTreeSet<u32>>,
     /// Membership entries already checked, by (replica, index, term).
@@ -189,6 +194,7 @@ impl World {
         match message {
             Message::VoteReply { granted: true, term } => {
                 self.member_ops.grants.entry((term.0, to)).or_default().insert(r as u32);
+                self.check_vote_once(r, to, term.0);
             }
             Message::AppendReply { term, ok: true, matched, .. } => {
                 let acked = self.member_ops.acks.entry((term.0, r as u32)).or_default();
@@ -199,15 +205,39 @@ impl World {
                     self.member_ops.acks.retain(|(t, _), _| *t >= oldest);
                 }
             }
-            Message::PreVote { .. } | Message::Vote { .. } => {
-                let Some(e) = self.replicas[r].engine.as_ref() else { return };
-                let role = e.members().get(&ReplicaId(r as u32)).copied();
-                if role != Some(MemberRole::Voter) {
-                    let detail = format!("replica {r}, {role:?} in its configuration, sent {}", message.name());
-                    self.violate("learner-never-votes", detail);
-                }
+            Message::Vote { term, .. } => {
+                // A candidate's requests leave once its vote for itself is durable.
+                self.check_vote_once(r, r, term.0);
+                self.check_asks_as_voter(r, message);
             }
+            Message::PreVote { .. } => self.check_asks_as_voter(r, message),
             _ => {}
+        }
+    }
+
+    /// `learner-never-votes`: only a voter (by the configuration in force on it) asks for votes.
+    fn check_asks_as_voter(&mut self, r: usize, message: &Message) {
+        let Some(e) = self.replicas[r].engine.as_ref() else { return };
+        let role = e.members().get(&ReplicaId(r as u32)).copied();
+        if role != Some(MemberRole::Voter) {
+            let detail = format!("replica {r}, {role:?} in its configuration, sent {}", message.name());
+            self.violate("learner-never-votes", detail);
+        }
+    }
+
+    /// `vote-once`: a replica grants its vote in a term to one candidate only, across crashes,
+    /// damaged hard state copies and lost ones (a grant repeated to the same candidate is fine).
+    fn check_vote_once(&mut self, voter: usize, candidate: usize, term: u64) {
+        let votes = &mut self.member_ops.votes;
+        let before = votes.insert((term, voter), candidate);
+        // Terms far behind the newest vote are done with: nobody still counts votes in them.
+        let oldest = term.saturating_sub(64);
+        if votes.first_key_value().is_some_and(|((t, _), _)| *t < oldest) {
+            votes.retain(|(t, _), _| *t >= oldest);
+        }
+        if let Some(before) = before.filter(|b| *b != candidate) {
+            let detail = format!("replica {voter} voted for {before} and then for {candidate} in term {term}");
+            self.violate("vote-once", detail);
         }
     }
 

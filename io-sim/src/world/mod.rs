@@ -14,7 +14,7 @@ mod members;
 mod streams;
 
 use crate::clock::SimClock;
-use crate::disk::SimDisk;
+use crate::disk::{RotFile, SimDisk};
 use crate::history::{Event, History};
 use crate::network::SimNetwork;
 use crate::reader::{Question, Reader, Sightings};
@@ -180,6 +180,8 @@ pub struct World {
     delivered_by: BTreeMap<Handle, usize>,
     /// The leader of each term, as replicas announced it.
     leaders: BTreeMap<u64, usize>,
+    /// The member whose every hard state copy rotted, if one did (at most one per run).
+    votes_lost_by: Option<usize>,
     /// The term of every applied index, as the first replica to apply it had it.
     applied_terms: BTreeMap<u64, u64>,
     /// Every replica's applied index after its last step (to see what it applied since).
@@ -299,6 +301,7 @@ impl World {
             redirects: BTreeMap::new(),
             delivered_by: BTreeMap::new(),
             leaders: BTreeMap::new(),
+            votes_lost_by: None,
             applied_terms: BTreeMap::new(),
             applied_seen: vec![0; n],
             liveness_commit: 0,
@@ -894,9 +897,12 @@ impl World {
                     self.leaders.insert(term.0, r);
                 }
             }
-            Output::Recovered { applied, state_hash, torn_bytes } => {
+            Output::Recovered { applied, state_hash, torn_bytes, damage } => {
                 self.replicas[r].consecutive_stops = 0;
                 let replica = r as u32;
+                for found in damage {
+                    self.history.push(self.now_us, Event::Damage { replica, found: format!("{found:?}") });
+                }
                 let e = Event::Recovered { replica, applied: applied.0, state_hash, torn_bytes };
                 self.history.push(self.now_us, e);
                 self.applied_seen[r] = applied.0;
@@ -1033,7 +1039,25 @@ impl World {
         if !others_whole {
             return;
         }
-        if let Some(what) = self.replicas[r].disk.rot(&mut self.disk_rng) {
+        // At most one member per run loses its votes: each one costs the cluster a vote for
+        // good, and a three-member cluster with two such could never elect a leader again.
+        // A copy of the hard state rots only while the other is whole: rot in both is the
+        // loss of every copy, which `hardstate-all` stands for.
+        let votes_lost = self.votes_lost_by;
+        let hard_whole = self.replicas[r].disk.current_file("hardstate").map(truba_engine::hard_state_copies_whole);
+        // And while another member lives with lost votes, nothing may make this one abstain too
+        // (a repair): with two of three members out of elections, none could be held, and the
+        // repair, which needs a leader, would never end. An operator replaces such a member.
+        let other_lost = votes_lost.is_some_and(|x| x != r);
+        let allowed = |kind: RotFile| match kind {
+            RotFile::Hardstate => hard_whole == Some(2),
+            RotFile::HardstateAll => !other_lost,
+            RotFile::Log | RotFile::Snapshot => !other_lost,
+        };
+        if let Some((kind, what)) = self.replicas[r].disk.rot(&mut self.disk_rng, allowed) {
+            if kind == RotFile::HardstateAll {
+                self.votes_lost_by = Some(r);
+            }
             self.stats.rots += 1;
             self.history.push(self.now_us, Event::Fault { what: format!("replica {r}: {what}") });
         }
