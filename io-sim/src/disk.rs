@@ -398,7 +398,7 @@ impl SimDisk {
         // The hard state's copies are aimed at (the rest of its file is padding): one of them,
         // or each of them.
         let ranges: Vec<std::ops::Range<usize>> = match kind {
-            RotFile::Log | RotFile::Snapshot => vec![0..len],
+            RotFile::Log | RotFile::Snapshot => std::iter::once(0..len).collect(),
             RotFile::Hardstate => {
                 let copies = truba_engine::hard_state_copy_ranges();
                 vec![copies[rng.gen_range(0..copies.len())].clone()]
