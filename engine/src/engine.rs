@@ -58,6 +58,8 @@ pub(crate) enum Purpose {
     SourceServe(ReplicaId, SourceId, u64),
     /// Writing a source file that came with a snapshot, before the snapshot itself.
     InstallSource,
+    /// Reading the newest snapshot file back to send it to followers that need an install.
+    SnapshotServe,
     /// Reading a spilled session's frame to answer a query (its id).
     SessionRead(u64),
     /// The ledger's writes, fsyncs and repairs (of the ledger generation they were issued in:
@@ -142,6 +144,9 @@ pub(crate) struct Installing {
     pub syncing_dir: bool,
     /// The snapshot as it came, written once the source files are durable.
     pub payload: Vec<u8>,
+    /// The source files that came with it, with their lengths (what the snapshot, once this
+    /// replica's newest, gives a follower to fetch in turn).
+    pub manifest: Vec<(SourceId, u64)>,
 }
 
 impl Installing {
@@ -528,8 +533,7 @@ impl Engine {
                 if r.hard_rewrite {
                     self.hard.rewrite();
                 }
-                let sources = self.state.sources.referenced().collect();
-                self.snapshots = Snapshotter::recovered(r.snapshot, r.snapshots, sources);
+                self.snapshots = Snapshotter::recovered(r.snapshot, r.snapshots, &self.state);
                 self.ledger = Ledger::recovered(LedgerLimits::of(&self.cfg.limits), r.ledger);
                 if let Err(f) = self.recover_sources(&r.sources, r.snapshot) {
                     self.stop(f);
@@ -618,6 +622,7 @@ impl Engine {
                 Err(e) => self.stop(Fatal::DiskFailed { file: "hardstate".into(), reason: e.to_string() }),
             },
             Purpose::Snapshot => self.on_snapshot_io(result),
+            Purpose::SnapshotServe => self.on_snapshot_served(result),
             Purpose::SourceJob => match self.files.on_job_io(result, &mut self.state, &self.cfg) {
                 FileStep::Io(op) => self.issue(op, Purpose::SourceJob),
                 FileStep::Idle => self.maybe_snapshot(),

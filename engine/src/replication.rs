@@ -25,7 +25,7 @@ const SERVING_PIECES_MAX: usize = 4;
 /// whole).
 const PIECE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 use crate::op::Entry;
-use crate::snapshot::{decode_state, encode_state};
+use crate::snapshot::decode_state;
 use crate::stored::source_name;
 use crate::types::{Duration, Index, Instant, ReplicaId, SourceId, Term};
 use std::collections::{BTreeSet, VecDeque};
@@ -142,33 +142,65 @@ impl Engine {
         for m in sends {
             self.send(peer, m);
         }
-        if snapshot && self.send_snapshot(peer) {
-            // The follower keeps taking the entries after the snapshot while it installs it.
-            self.replicate(peer);
+        if snapshot {
+            self.offer_snapshot(peer);
         }
     }
 
-    /// Sends the leader's applied state; the appends that follow it are pipelined right after.
-    /// False if nothing was sent.
-    fn send_snapshot(&mut self, peer: ReplicaId) -> bool {
-        let index = self.state.applied();
-        let Some(last_term) = self.log.term_at(index) else { return false };
-        if index < self.log.base {
-            return false;
+    /// `peer` lacks entries the log no longer holds: it is sent the newest snapshot file, once
+    /// read back from the disk (see `Snapshotter::serve`). Nothing is encoded here: at a
+    /// million sessions that would take longer than an election timeout on the thread that
+    /// sends heartbeats. Until the snapshot leaves, nothing else is sent to `peer` (entries
+    /// after the snapshot would be refused), and it is not offered again for a while.
+    fn offer_snapshot(&mut self, peer: ReplicaId) {
+        let Some((index, manifest)) = self.snapshots.newest_manifest() else { return };
+        // The follower fetches the source files the snapshot refers to without their records;
+        // it waits while one of them is not durable here.
+        if index < self.log.base || !self.files.all_durable(manifest) {
+            return;
         }
-        // The follower fetches the source files the state refers to without their records; a
-        // snapshot waits while one of them is not durable here.
-        let Some(sources) = self.files.manifest(&self.state) else { return false };
-        let state = encode_state(&self.state);
-        let (term, now) = (self.term(), self.now.mono);
-        let Some(p) = self.progress_mut(peer) else { return false };
+        let now = self.now.mono;
+        let Some(p) = self.progress_mut(peer) else { return };
         p.snapshot_sent_at = Some(now);
-        p.inflight.clear();
-        p.inflight_bytes = 0;
-        p.next = index.next();
-        p.probing = false;
-        self.send(peer, Message::Snapshot { term, index, last_term, state, sources });
-        true
+        if let Some(op) = self.snapshots.serve(peer) {
+            self.issue(op, crate::engine::Purpose::SnapshotServe);
+        }
+    }
+
+    /// The snapshot file was read back: it goes to every follower that asked and is still
+    /// behind the log, with the appends after it pipelined right behind (the follower keeps
+    /// taking them while it installs). If it could not be read, they are offered one again.
+    pub(crate) fn on_snapshot_served(&mut self, result: Result<crate::io::IoReply, crate::io::DiskError>) {
+        let served = match self.snapshots.served(result) {
+            Ok(served) => served,
+            Err(peers) => {
+                for peer in peers {
+                    if let Some(p) = self.progress_mut(peer) {
+                        p.snapshot_sent_at = None;
+                    }
+                }
+                return;
+            }
+        };
+        let (term, now, base) = (self.term(), self.now.mono, self.log.base);
+        let usable = self.log.term_at(served.index) == Some(served.term) && served.index >= base;
+        for peer in served.peers {
+            let Some(p) = self.progress_mut(peer) else { continue };
+            if !usable || p.next > base {
+                // Caught up meanwhile, or the snapshot no longer matches the log: start over.
+                p.snapshot_sent_at = None;
+                continue;
+            }
+            p.snapshot_sent_at = Some(now);
+            p.inflight.clear();
+            p.inflight_bytes = 0;
+            p.next = served.index.next();
+            p.probing = false;
+            let state = served.payload.clone();
+            let (index, last_term, sources) = (served.index, served.term, served.manifest.clone());
+            self.send(peer, Message::Snapshot { term, index, last_term, state, sources });
+            self.replicate(peer);
+        }
     }
 
     /// Every heartbeat interval: resend what seems lost, and let every follower hear from the
@@ -510,6 +542,7 @@ impl Engine {
             pending_term: self.term(),
             pending_upto: index,
             pending_commit: index,
+            manifest: sources.clone(),
             fetch: {
                 let (have, need): (Vec<_>, Vec<_>) =
                     sources.into_iter().partition(|s| self.files.durable.contains(&s.0));
@@ -555,7 +588,8 @@ impl Engine {
         if inst.syncing_dir {
             let payload = std::mem::take(&mut inst.payload);
             let sources = inst.state.sources.referenced().collect();
-            let op = self.snapshots.start_encoded(inst.index, inst.term, &payload, sources);
+            let manifest = std::mem::take(&mut inst.manifest);
+            let op = self.snapshots.start_encoded(inst.index, inst.term, &payload, sources, manifest);
             self.issue(op, crate::engine::Purpose::Snapshot);
             return;
         }

@@ -6,10 +6,11 @@
 //! only the disk work overlaps with appends. For very large states this encoding is a pause
 //! proportional to the state's size.
 
-use crate::codec::{encode_snapshot, seal_snapshot, snapshot_name, SNAPSHOT_HEADER_LEN};
+use crate::codec::{decode_snapshot, encode_snapshot, seal_snapshot, snapshot_name, SNAPSHOT_HEADER_LEN};
 use crate::io::{DiskError, IoOp, IoReply, Replace};
 use crate::sessions::StateMachine;
-use crate::types::{Index, SourceId, Term};
+use crate::types::{Index, ReplicaId, SourceId, Term};
+use std::collections::BTreeSet;
 
 #[derive(Debug)]
 struct Job {
@@ -17,10 +18,29 @@ struct Job {
     stage: Replace,
     /// The source files the snapshot refers to.
     sources: Vec<SourceId>,
+    /// The source files a follower installing this snapshot fetches, with their lengths.
+    manifest: Vec<(SourceId, u64)>,
     /// A snapshot of this replica's own state (not one a leader sent): it replaces the log, and
     /// with it the only way to rebuild the ledger before it, so it is renamed into place only
     /// once the ledger is durable through its index.
     own: bool,
+}
+
+/// The leader reading its newest snapshot file to send it to followers that need an install.
+#[derive(Debug)]
+struct Serving {
+    file: String,
+    peers: BTreeSet<ReplicaId>,
+}
+
+/// A snapshot file read back for followers: its index and term, its encoded state (the file
+/// without its header), the files to fetch with it, and who asked.
+pub(crate) struct Served {
+    pub index: Index,
+    pub term: Term,
+    pub payload: Vec<u8>,
+    pub manifest: Vec<(SourceId, u64)>,
+    pub peers: BTreeSet<ReplicaId>,
 }
 
 pub(crate) enum SnapStep {
@@ -47,6 +67,9 @@ pub(crate) struct Snapshotter {
     /// Index of the newest durable snapshot, and the source files it refers to.
     pub last: Index,
     last_sources: Vec<SourceId>,
+    last_manifest: Vec<(SourceId, u64)>,
+    /// A read of the newest snapshot file for followers, if one is under way.
+    serving: Option<Serving>,
     /// File names of durable snapshots still on disk.
     files: Vec<String>,
     job: Option<Job>,
@@ -59,6 +82,7 @@ pub(crate) struct Snapshotter {
 }
 
 /// The state as a snapshot holds it (see `snapshot_format.rs`).
+#[cfg(test)]
 pub(crate) fn encode_state(state: &StateMachine) -> Vec<u8> {
     let mut out = Vec::new();
     crate::snapshot_format::encode(state, &mut out);
@@ -90,8 +114,15 @@ fn tmp_name(index: Index) -> String {
 }
 
 impl Snapshotter {
-    pub fn recovered(last: Index, files: Vec<String>, sources: Vec<SourceId>) -> Snapshotter {
-        Snapshotter { last, last_sources: sources, files, job: None, last_bytes: 0, log_bytes: 0 }
+    /// `state`: the snapshot's state as recovered (nothing after it applied yet).
+    pub fn recovered(last: Index, files: Vec<String>, state: &StateMachine) -> Snapshotter {
+        Snapshotter {
+            last,
+            last_sources: state.sources.referenced().collect(),
+            last_manifest: crate::source_files::sizes(state),
+            files,
+            ..Snapshotter::default()
+        }
     }
 
     /// The newest durable snapshot: its index, its file and the source files it refers to
@@ -122,16 +153,66 @@ impl Snapshotter {
         let data = snapshot_file(state, term);
         (self.last_bytes, self.log_bytes) = (data.len() as u64, 0);
         let sources = state.sources.referenced().collect();
-        self.job = Some(Job { index, stage: Replace::Write, own: true, sources });
+        let manifest = crate::source_files::sizes(state);
+        self.job = Some(Job { index, stage: Replace::Write, own: true, sources, manifest });
         IoOp::Write { file: tmp_name(index), offset: 0, data }
     }
 
-    /// Starts writing a snapshot whose state is already encoded (one a leader sent).
-    pub fn start_encoded(&mut self, index: Index, term: Term, payload: &[u8], sources: Vec<SourceId>) -> IoOp {
+    /// Starts writing a snapshot whose state is already encoded (one a leader sent, with the
+    /// files that came with it).
+    pub fn start_encoded(
+        &mut self,
+        index: Index,
+        term: Term,
+        payload: &[u8],
+        sources: Vec<SourceId>,
+        manifest: Vec<(SourceId, u64)>,
+    ) -> IoOp {
         assert!(!self.busy(), "one snapshot at a time");
         let data = encode_snapshot(index, term, payload);
-        self.job = Some(Job { index, stage: Replace::Write, own: false, sources });
+        self.job = Some(Job { index, stage: Replace::Write, own: false, sources, manifest });
         IoOp::Write { file: tmp_name(index), offset: 0, data }
+    }
+
+    /// The newest snapshot's index and the files a follower installing it must fetch.
+    pub fn newest_manifest(&self) -> Option<(Index, &[(SourceId, u64)])> {
+        self.files.last()?;
+        Some((self.last, &self.last_manifest))
+    }
+
+    /// `peer` needs an install: the newest snapshot file is read back for it through the disk
+    /// (a state is never encoded again for a follower, on the thread that runs the engine and
+    /// sends heartbeats). Returns the read to issue, unless one is already under way, which
+    /// `peer` joins.
+    pub fn serve(&mut self, peer: ReplicaId) -> Option<IoOp> {
+        let file = self.files.last()?.clone();
+        if let Some(serving) = self.serving.as_mut() {
+            serving.peers.insert(peer);
+            return None;
+        }
+        self.serving = Some(Serving { file: file.clone(), peers: BTreeSet::from([peer]) });
+        Some(IoOp::Read { file })
+    }
+
+    /// The read for followers finished: the snapshot to send them, or, if the file could not
+    /// be read whole (a newer snapshot replaced it meanwhile, or the disk failed), the peers
+    /// that asked, to try again later.
+    pub fn served(&mut self, result: Result<IoReply, DiskError>) -> Result<Served, BTreeSet<ReplicaId>> {
+        let serving = self.serving.take().expect("a snapshot read for followers is under way");
+        let bytes = match result {
+            Ok(IoReply::Data(bytes)) if Some(&serving.file) == self.files.last() => bytes,
+            _ => return Err(serving.peers),
+        };
+        match decode_snapshot(&bytes) {
+            Ok((index, term, payload)) if index == self.last => Ok(Served {
+                index,
+                term,
+                payload: payload.to_vec(),
+                manifest: self.last_manifest.clone(),
+                peers: serving.peers,
+            }),
+            _ => Err(serving.peers),
+        }
     }
 
     pub fn on_io(&mut self, result: Result<IoReply, DiskError>) -> SnapStep {
@@ -145,6 +226,7 @@ impl Snapshotter {
             let job = self.job.take().expect("checked");
             self.last = index;
             self.last_sources = job.sources;
+            self.last_manifest = job.manifest;
             let obsolete = std::mem::replace(&mut self.files, vec![name]);
             return SnapStep::Finished { index, obsolete };
         };

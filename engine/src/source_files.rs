@@ -385,22 +385,9 @@ impl SourceFiles {
 
     // ---- snapshots sent and installed -------------------------------------------------------
 
-    /// The source files a follower must fetch to install a snapshot of `state`, with their
-    /// lengths: those it refers to without their records. `None` while one of them is not
-    /// durable here (the snapshot waits).
-    pub fn manifest(&self, state: &StateMachine) -> Option<Vec<(SourceId, u64)>> {
-        let mut out = Vec::new();
-        for s in state.sources.kinds.values().flatten() {
-            if state.sources.held.contains_key(&s.id) {
-                continue;
-            }
-            if !self.durable.contains(&s.id) {
-                return None;
-            }
-            let len = crate::stored::SOURCE_HEADER_LEN + s.entries.iter().map(|e| e.frame_len as u64).sum::<u64>();
-            out.push((s.id, len));
-        }
-        Some(out)
+    /// Whether every file of a manifest is durable here (a follower can fetch them).
+    pub fn all_durable(&self, manifest: &[(SourceId, u64)]) -> bool {
+        manifest.iter().all(|(id, _)| self.durable.contains(id))
     }
 
     /// An installed snapshot replaced the state: the files it came with are durable, and the
@@ -695,4 +682,13 @@ fn finishing(stage: Replace, source: SourceId, cfg: &EngineConfig) -> Option<(Re
         };
     }
     stage.next(&tmp, &name)
+}
+/// The source files a state refers to without holding their records, with their lengths: what
+/// a follower installing a snapshot of it must fetch (a held source's records travel inside the
+/// snapshot).
+pub(crate) fn sizes(state: &StateMachine) -> Vec<(SourceId, u64)> {
+    let files = state.sources.kinds.values().flatten().filter(|s| !state.sources.held.contains_key(&s.id));
+    files
+        .map(|s| (s.id, crate::stored::SOURCE_HEADER_LEN + s.entries.iter().map(|e| e.frame_len as u64).sum::<u64>()))
+        .collect()
 }
