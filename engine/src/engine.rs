@@ -14,7 +14,8 @@ use crate::events::{Audit, LedgerEntry, StreamError, StreamId, StreamItem, Strea
 use crate::hardstate::{HardState, HardStateWriter, HsStep};
 use crate::io::{DiskError, Input, IoId, IoOp, IoReply, Output, RoleName};
 use crate::ledger::{Ledger, LedgerIo, LedgerLimits, Record};
-use crate::log::{Log, Placement};
+use crate::log::Log;
+use crate::log_writer::{BatchStep, CutStart, LogWriter};
 use crate::message::Message;
 use crate::op::{Command, Entry, FailureReason, Query, QueryReply, Request, StatusView};
 use crate::reads::ReadQuery;
@@ -69,31 +70,6 @@ pub(crate) enum Purpose {
     LedgerRepair(u64),
     /// Reading a piece of a ledger file for a stream (its token).
     StreamRead(StreamId, u64),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum BatchStage {
-    Write,
-    Sync,
-    SyncDir,
-}
-
-/// The batch being made durable: entries `first..=last` of the log as it was when formed.
-struct Batch {
-    first: Index,
-    last: Index,
-    /// Entries after this were cut from the in-memory log while the batch was in flight (a new
-    /// leader overrode them), so their bytes on disk are no longer this replica's log.
-    valid_upto: Index,
-    placement: Placement,
-    stage: BatchStage,
-}
-
-/// Disk operations run one after another to cut the written log back (or to remove the
-/// segments an installed snapshot replaced); nothing is written until they are done.
-pub(crate) struct Cut {
-    pub from: Option<Index>,
-    pub ops: VecDeque<IoOp>,
 }
 
 pub(crate) enum Role {
@@ -200,12 +176,8 @@ pub struct Engine {
     /// Leader: the index of its first entry (the no-op) in this term.
     pub(crate) term_start: Index,
     pub(crate) reads: crate::reads::Reads,
-    batch: Option<Batch>,
-    /// The written log must be cut back so that this index is written next.
-    pub(crate) cut_from: Option<Index>,
-    pub(crate) cut: Option<Cut>,
-    /// After a failed write in a cluster, the next attempt waits until then.
-    write_retry_at: Option<Instant>,
+    /// The disk side of the log (see `log_writer.rs`).
+    pub(crate) writer: LogWriter,
     /// The latest request of each client that this leader has proposed and not yet answered,
     /// so that a retry waits for the original's answer.
     pub(crate) waiting: BTreeMap<ClientId, Seq>,
@@ -217,8 +189,6 @@ pub struct Engine {
     /// Files to remove once no resync reads them.
     deferred: Vec<String>,
     cleanup_inflight: usize,
-    /// A failed write's leftovers are being cut off; nothing is written until that is done.
-    repairing: bool,
     pub(crate) repeater: Repeater,
     pub(crate) snapshots: Snapshotter,
     pub(crate) files: SourceFiles,
@@ -303,17 +273,13 @@ impl Engine {
             leader_round: 0,
             term_start: Index(0),
             reads: Default::default(),
-            batch: None,
-            cut_from: None,
-            cut: None,
-            write_retry_at: None,
+            writer: LogWriter::default(),
             waiting: BTreeMap::new(),
             proposed: BTreeMap::new(),
             installing: None,
             cleanup: VecDeque::new(),
             deferred: Vec::new(),
             cleanup_inflight: 0,
-            repairing: false,
             repeater: Repeater::default(),
             snapshots: Snapshotter::default(),
             files: SourceFiles::default(),
@@ -385,7 +351,7 @@ impl Engine {
         // wait to be made ready or merged.
         let sources = self.state.sources.referenced().next().is_some() || !self.state.sources.merges.is_empty();
         let repeats = self.runs_repeater() && (!self.state.sessions.is_empty() || sources);
-        let retry = self.write_retry_at;
+        let retry = self.writer.retry_at();
         let streams = (self.streams.len() > 0).then_some(self.streams_tick);
         let waits = self.read_throughs.next_deadline();
         let local_reads = self.reads.local_deadline(self.cfg.consensus.election_timeout_ms_max);
@@ -460,7 +426,7 @@ impl Engine {
     /// every request received has been answered. A driver shutting down waits for this.
     pub fn is_idle(&self) -> bool {
         self.proposed.is_empty()
-            && self.batch.is_none()
+            && !self.writer.has_batch()
             && self.io_pending.is_empty()
             && self.cleanup.is_empty()
             && self.log.written == self.log.last_index()
@@ -468,7 +434,7 @@ impl Engine {
     }
 
     pub(crate) fn is_writing(&self) -> bool {
-        self.batch.is_some() || self.repairing
+        self.writer.is_writing()
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -603,7 +569,7 @@ impl Engine {
             Purpose::Batch => self.on_batch_io(result),
             Purpose::Repair => match result {
                 Ok(_) | Err(DiskError::NotFound) => {
-                    self.repairing = false;
+                    self.writer.repaired();
                     self.flush();
                 }
                 Err(e) => self.stop(Fatal::DiskFailed {
@@ -958,8 +924,7 @@ impl Engine {
         if self.installing.is_some() {
             self.fetch_step();
         }
-        if self.write_retry_at.is_some_and(|t| t <= self.now.mono) {
-            self.write_retry_at = None;
+        if self.writer.retry_due(self.now.mono) {
             self.flush();
         }
         if self.ledger_retry_at.is_some_and(|t| t <= self.now.mono) {
@@ -1039,31 +1004,12 @@ impl Engine {
 
     /// Starts writing the next batch if none is in flight.
     pub(crate) fn flush(&mut self) {
-        let blocked = self.batch.is_some()
-            || self.repairing
-            || self.cut.is_some()
-            || self.cut_from.is_some()
-            || self.installing.is_some()
-            || self.write_retry_at.is_some()
-            || !self.is_serving();
+        let blocked = !self.writer.ready() || self.installing.is_some() || !self.is_serving();
         if blocked || self.log.written >= self.log.last_index() {
             return;
         }
-        let limits = &self.cfg.limits;
-        let first = self.log.written.next();
-        let mut last = first;
-        let mut bytes = 0usize;
-        while let Some(e) = self.log.entry(last.next()) {
-            bytes += crate::codec::encoded_len(e.at, &e.command);
-            if (last.0 - first.0 + 1) >= limits.batch_entries_max as u64 || bytes > limits.batch_bytes_max as usize {
-                break;
-            }
-            last = last.next();
-        }
-        let (placement, data) = self.log.place(last, limits.segment_bytes_max, limits.preallocate_bytes);
-        self.snapshots.log_bytes += placement.end_offset - placement.offset;
-        let op = IoOp::Write { file: placement.file.clone(), offset: placement.offset, data };
-        self.batch = Some(Batch { first, last, valid_upto: last, placement, stage: BatchStage::Write });
+        let (op, added) = self.writer.start_batch(&self.log, &self.cfg.limits);
+        self.snapshots.log_bytes += added;
         self.issue(op, Purpose::Batch);
         // The same entries go to the followers now, so their fsyncs overlap the leader's.
         if self.is_leader() {
@@ -1074,39 +1020,30 @@ impl Engine {
     fn on_batch_io(&mut self, result: Result<IoReply, DiskError>) {
         let early = self.cfg.mutation(|m| m.ack_before_fsync)
             || (!self.is_leader() && self.cfg.mutation(|m| m.follower_ack_before_fsync));
-        let batch = self.batch.as_mut().expect("batch IO completes only with a batch in flight");
-        let file = batch.placement.file.clone();
-        match (batch.stage, result) {
-            (BatchStage::Write, Ok(_)) => {
-                batch.stage = BatchStage::Sync;
-                if early {
-                    let valid = batch.valid_upto;
+        // Alone, a write that found the disk full is refused; in a cluster it is tried again.
+        let retry_at = (!self.is_lone_voter()).then(|| self.now.mono.saturating_add(self.tick()));
+        match self.writer.on_batch_io(result, early, &mut self.log, retry_at) {
+            BatchStep::Next { op, early } => {
+                if let Some(valid) = early {
                     self.durable = self.durable.max(valid);
                     self.on_durable();
                 }
-                self.issue(IoOp::Sync { file }, Purpose::Batch);
+                self.issue(op, Purpose::Batch);
             }
-            (BatchStage::Write, Err(DiskError::NoSpace)) => self.fail_batch(),
-            (BatchStage::Sync, Ok(_)) if batch.placement.new_segment => {
-                batch.stage = BatchStage::SyncDir;
-                self.issue(IoOp::SyncDir, Purpose::Batch);
+            BatchStep::Durable(valid) => self.finish_batch(valid),
+            BatchStep::NoSpace { op, first } => {
+                self.issue(op, Purpose::Repair);
+                if retry_at.is_none() {
+                    self.refuse_unwritten(first);
+                }
             }
-            (BatchStage::Sync | BatchStage::SyncDir, Ok(_)) => self.finish_batch(),
-            (stage, Err(e)) => {
-                // After a failed fsync the kernel may have dropped the dirty pages: what is on
-                // disk is unknown, so the only safe move is to stop and recover from the disk.
-                let reason = format!("{stage:?} failed: {e}");
-                self.stop(Fatal::DiskFailed { file, reason });
-            }
+            BatchStep::Failed { file, reason } => self.stop(Fatal::DiskFailed { file, reason }),
         }
     }
 
     /// The batch is durable: it counts towards commit, and the next one starts.
-    fn finish_batch(&mut self) {
-        let batch = self.batch.take().expect("a batch in flight");
-        debug_assert!(batch.first <= batch.last);
-        self.log.placed(batch.placement);
-        self.durable = self.durable.max(batch.valid_upto);
+    fn finish_batch(&mut self, valid: Index) {
+        self.durable = self.durable.max(valid);
         self.start_cut();
         self.on_durable();
         self.maybe_snapshot();
@@ -1123,28 +1060,14 @@ impl Engine {
         self.apply_committed();
     }
 
-    /// The disk was full. Alone, the replica refuses the batch and everything proposed after it
-    /// (every request gets `DiskFull`): nothing else can have seen those entries. In a cluster
-    /// the entries may already be on the followers and may commit there, so nothing is refused:
-    /// the write is tried again a little later. Either way a short write may have left part of
-    /// the batch behind; it is cut off before anything else is written, so that later records
-    /// never sit after leftovers that would look like damage.
-    fn fail_batch(&mut self) {
-        let batch = self.batch.take().expect("a batch in flight");
-        let p = &batch.placement;
-        let len = if p.new_segment { 0 } else { p.offset };
-        if !p.new_segment {
-            self.log.zeroed_to = self.log.zeroed_to.min(len);
-        }
-        self.repairing = true;
-        self.issue(IoOp::Truncate { file: p.file.clone(), len }, Purpose::Repair);
-        if !self.is_lone_voter() {
-            self.write_retry_at = Some(self.now.mono.saturating_add(self.tick()));
-            return;
-        }
+    /// The disk was full and this replica is alone: it refuses the batch and everything
+    /// proposed after it (every request gets `DiskFull`), as nothing else can have seen those
+    /// entries. (In a cluster the entries may already be on the followers and may commit
+    /// there, so nothing is refused: the writer tries again a little later.)
+    fn refuse_unwritten(&mut self, first: Index) {
         let dropped: Vec<Entry> =
-            (batch.first.0..=self.log.last_index().0).filter_map(|i| self.log.entry(Index(i)).cloned()).collect();
-        self.log.truncate(batch.first);
+            (first.0..=self.log.last_index().0).filter_map(|i| self.log.entry(Index(i)).cloned()).collect();
+        self.log.truncate(first);
         for e in &dropped {
             self.repeater.settle(&e.command);
             if let Some((client, seq)) = self.proposed.remove(&e.index) {
@@ -1162,40 +1085,23 @@ impl Engine {
         assert!(from > self.commit, "a committed entry is never overridden");
         self.log.truncate(from);
         self.durable = self.durable.min(from.prev());
-        if let Some(b) = self.batch.as_mut() {
-            b.valid_upto = b.valid_upto.min(from.prev());
-        }
-        let written_or_writing = from <= self.log.written || self.batch.as_ref().is_some_and(|b| from <= b.last);
-        if written_or_writing {
-            self.cut_from = Some(self.cut_from.map_or(from, |c| c.min(from)));
-        }
+        self.writer.truncated(from, &self.log);
         self.start_cut();
     }
 
     /// Starts a pending cut once no batch is in flight.
     fn start_cut(&mut self) {
-        if self.batch.is_some() || self.cut.is_some() {
-            return;
+        match self.writer.start_cut(&self.log) {
+            CutStart::Idle => {}
+            CutStart::Unwritten => self.flush(),
+            CutStart::Begun => self.next_cut_op(),
         }
-        let Some(from) = self.cut_from.take() else { return };
-        if from > self.log.written {
-            self.flush();
-            return;
-        }
-        let ops: VecDeque<IoOp> = self.log.cut_ops(from).into();
-        self.cut = Some(Cut { from: Some(from), ops });
-        self.next_cut_op();
     }
 
     pub(crate) fn next_cut_op(&mut self) {
-        let cut = self.cut.as_mut().expect("a cut is under way");
-        match cut.ops.pop_front() {
+        match self.writer.next_cut_op(&mut self.log) {
             Some(op) => self.issue(op, Purpose::Cut),
             None => {
-                let cut = self.cut.take().expect("checked");
-                if let Some(from) = cut.from {
-                    self.log.cut_done(from);
-                }
                 self.start_cut();
                 self.flush();
             }
@@ -1516,8 +1422,7 @@ impl Engine {
         }
         assert!(self.state.applied() <= self.commit.min(self.durable), "only committed, durable entries are applied");
         assert!(self.durable <= self.log.last_index(), "durable entries are held");
-        let cutting = self.cut_from.is_some() || self.cut.is_some();
-        assert!(self.log.written <= self.log.last_index() || cutting, "written entries are held unless being cut");
+        self.writer.invariants(&self.log, &self.cfg.limits);
         assert!(self.commit <= self.log.last_index() || self.installing.is_some(), "committed entries are held");
         if let Some(i) = &self.installing {
             assert!(i.pending_bytes <= self.cfg.consensus.inflight_bytes_max, "entries kept during an install bounded");
@@ -1537,10 +1442,6 @@ impl Engine {
             let applied = &self.state.config().members;
             let member = |id: &ReplicaId| self.members().contains_key(id) || applied.contains_key(id);
             assert!(progress.keys().all(member), "a leader tracks members only");
-        }
-        if let Some(b) = &self.batch {
-            assert!(b.last.0 - b.first.0 < self.cfg.limits.batch_entries_max as u64);
-            assert_eq!(b.first, self.log.written.next(), "the batch continues the written log");
         }
     }
 }

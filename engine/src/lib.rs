@@ -39,6 +39,7 @@ mod hash;
 pub mod io;
 mod ledger;
 mod log;
+mod log_writer;
 pub mod membership;
 pub mod message;
 pub mod op;

@@ -11,7 +11,7 @@
 //! - A rejection carries a hint (the follower's commit index, or its last index if that is
 //!   lower), below which its log matches any leader's, so the leader jumps back at once.
 
-use crate::engine::{Cut, Engine, Installing, Role};
+use crate::engine::{Engine, Installing, Role};
 use crate::io::IoOp;
 use crate::message::Message;
 
@@ -522,7 +522,7 @@ impl Engine {
             // the wrong branch.
             self.truncate_log(index.next());
         }
-        let busy = self.cut.is_some() || self.cut_from.is_some() || self.is_writing();
+        let busy = self.writer.is_cutting() || self.is_writing();
         if self.installing.is_some() || self.snapshots.busy() || busy {
             return; // The leader sends it again later.
         }
@@ -652,12 +652,11 @@ impl Engine {
         let checked = if inst.pending_term == self.term() { inst.pending_upto } else { inst.index };
         self.commit = self.commit.max(inst.index).max(inst.pending_commit.min(self.log.last_index()));
         self.ack_upto = self.ack_upto.max(checked);
-        self.cut_from = None;
         // The old segments must be gone before a new one is written, or recovery would find
         // the old entries after the snapshot and take them for this log.
         let mut ops: VecDeque<_> = obsolete.into_iter().map(|file| crate::io::IoOp::Remove { file }).collect();
         ops.push_back(crate::io::IoOp::SyncDir);
-        self.cut = Some(Cut { from: None, ops });
+        self.writer.start_removal(ops);
         self.next_cut_op();
         self.acknowledge();
     }
