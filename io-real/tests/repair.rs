@@ -1,0 +1,98 @@
+//! Real processes: a member whose files rot while it is down repairs from its peers instead of
+//! stopping for good.
+//!
+//! A three-member cluster takes sessions and snapshots often. A follower is killed (SIGKILL);
+//! one bit of its newest snapshot and one copy of its hard state are flipped on disk; it starts
+//! again, says what it found, keeps the damaged snapshot aside, has the leader install a
+//! snapshot, and the three converge on one applied index and state hash with every session
+//! there, read from the repaired member's own state. Then it is killed again and both copies of
+//! its hard state are damaged: it says it will never vote again, and still replicates.
+//!
+//! `cargo test -p truba --test repair`.
+
+#[allow(dead_code)] // each test file uses part of the shared harness
+mod common;
+
+use common::cluster::{dir_names, Cluster, ClusterConfig};
+use common::truba_cli;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const CLUSTER: ClusterConfig = ClusterConfig {
+    dir_prefix: "truba-repair-",
+    engine: "snapshot_every_entries = 20\nsegment_bytes_max = 8192\n",
+    kind: "lease_ms = 600000\n",
+    stored: false,
+};
+const SESSIONS: usize = 60;
+/// Where the hard state file keeps its two copies (4 KiB apart).
+const HARD_STATE_COPIES: [usize; 2] = [0, 4096];
+
+fn flip(file: &Path, at: usize) {
+    let mut bytes = std::fs::read(file).expect("reading the file to damage");
+    bytes[at] ^= 0x10;
+    std::fs::write(file, bytes).expect("writing the damaged file");
+}
+
+async fn wait_for_log(log: &Path, text: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let found = std::fs::read_to_string(log).unwrap_or_default();
+        if found.contains(text) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the log never said {text:?}:\n{found}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_repairs_a_rotten_snapshot_and_hard_state_from_its_peers() {
+    let mut cluster = Cluster::new(&CLUSTER);
+    cluster.start_all();
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await;
+    let addrs = cluster.addrs_from(0).join(",");
+    let mut handles = Vec::new();
+    for i in 0..SESSIONS {
+        let (code, out, err) = truba_cli(&addrs, &["new", "--kind", "1", "--data", &format!("record {i}")]).await;
+        assert_eq!(code, 0, "{err}");
+        handles.push(out.trim().to_string());
+    }
+    cluster.wait_converged(Duration::from_secs(20)).await;
+    let f = (leader + 1) % 3;
+    let data = cluster.nodes[f].data.clone();
+    let snapshot = dir_names(&data).into_iter().filter(|n| n.starts_with("snap-") && n.ends_with(".snap")).last();
+    let snapshot = snapshot.expect("the follower took a snapshot");
+
+    // Rot while it is down: the snapshot's middle and the first copy of the hard state.
+    cluster.nodes[f].kill9();
+    let len = std::fs::metadata(data.join(&snapshot)).expect("the snapshot").len() as usize;
+    flip(&data.join(&snapshot), len / 2);
+    flip(&data.join("hardstate"), HARD_STATE_COPIES[0] + 10);
+    cluster.start(f);
+    let log = cluster.nodes[f].log.clone();
+    wait_for_log(&log, &format!("snapshot {snapshot} is damaged"), Duration::from_secs(20)).await;
+    wait_for_log(&log, "copy 0 of the hard state was damaged", Duration::from_secs(5)).await;
+    cluster.wait_converged(Duration::from_secs(30)).await;
+    let names = dir_names(&data);
+    assert!(names.contains(&format!("damaged-{snapshot}")), "the damaged snapshot is kept aside: {names:?}");
+    let client = cluster.nodes[f].client.clone();
+    for (i, handle) in handles.iter().enumerate() {
+        let (code, out, err) = truba_cli(&client, &["get", handle, "--stale"]).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains(&format!("record {i}")), "session {handle} on the repaired member: {out}");
+    }
+
+    // Both copies lost: it never votes again, and still follows the log.
+    cluster.nodes[f].kill9();
+    flip(&data.join("hardstate"), HARD_STATE_COPIES[0] + 3);
+    flip(&data.join("hardstate"), HARD_STATE_COPIES[1] + 20);
+    cluster.start(f);
+    wait_for_log(&log, "never votes or stands again", Duration::from_secs(20)).await;
+    let (code, out, err) = truba_cli(&addrs, &["new", "--kind", "1", "--data", "after"]).await;
+    assert_eq!(code, 0, "{err}");
+    cluster.wait_converged(Duration::from_secs(30)).await;
+    let (code, got, err) = truba_cli(&client, &["get", out.trim(), "--stale"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(got.contains("after"), "{got}");
+}
