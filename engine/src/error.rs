@@ -147,3 +147,43 @@ pub enum Fatal {
     )]
     UnsupportedFormat { file: String, found: u32, supported: u32 },
 }
+
+/// Damage recovery found in a cluster member and left for its peers to repair, reported once
+/// the replica serves (in `Output::Recovered`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DamageFound {
+    /// A log record: the log was cut there and the range is fetched again from the leader.
+    Log { file: String, offset: u64 },
+    /// The newest snapshot: state and log were dropped and are installed again from the leader.
+    Snapshot { file: String, reason: String },
+    /// One copy of the hard state (by its slot in the file), restored from the other.
+    HardStateCopy { slot: usize },
+    /// Both copies of the hard state: the replica never votes or stands again.
+    HardStateLost { reason: String },
+}
+
+impl std::fmt::Display for DamageFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DamageFound::Log { file, offset } => write!(
+                f,
+                "{file} is damaged at byte {offset}: the log was cut there (the rest is kept in damaged-*.bin) \
+                 and the range is fetched again from the leader; this replica neither votes nor stands until it has it"
+            ),
+            DamageFound::Snapshot { file, reason } => write!(
+                f,
+                "snapshot {file} is damaged ({reason}): it was kept as damaged-{file}, the log after it dropped, and \
+                 the leader installs a snapshot again; this replica neither votes nor stands until it holds as much"
+            ),
+            DamageFound::HardStateCopy { slot } => {
+                write!(f, "copy {slot} of the hard state was damaged and was restored from the other copy")
+            }
+            DamageFound::HardStateLost { reason } => write!(
+                f,
+                "both copies of the hard state are lost ({reason}): this replica cannot know whom it voted for, so it \
+                 never votes or stands again; it still replicates and serves. Add a new member in its place and \
+                 remove this one"
+            ),
+        }
+    }
+}

@@ -4,11 +4,10 @@
 //! [`IoId`]; the driver performs them in order per file and reports each completion with
 //! [`Input::IoDone`]. File names are flat names inside the replica's data directory.
 
-use crate::error::{Fatal, RequestError};
+use crate::error::{DamageFound, Fatal, RequestError};
 use crate::events::{StreamId, StreamItem, StreamOpen};
 use crate::message::Message;
 use crate::op::{Outcome, Query, QueryReply, Request, UnixSecs};
-use crate::recovery::DamageFound;
 use crate::types::{ClientId, Handle, Index, Kind, ReplicaId, Seq, UnixMs};
 use serde::{Deserialize, Serialize};
 

@@ -64,7 +64,7 @@ pub use config::{
     MemberAddrs, MemberRole, Mutations,
 };
 pub use engine::Engine;
-pub use error::{Fatal, RequestError};
+pub use error::{DamageFound, Fatal, RequestError};
 pub use events::{
     Audit, BriefStatus, Event, EventMark, Filter, LedgerEntry, SessionBrief, SessionSnapshot, StreamError, StreamId,
     StreamItem, StreamOpen, TailFrom, What,
@@ -78,7 +78,6 @@ pub use op::{
     Query, QueryReply, RedriveTarget, Reply, Request, SessionState, SessionView, StatusView, UnixSecs, Unspilled,
 };
 pub use reconfiguration::MembershipView;
-pub use recovery::DamageFound;
 pub use sessions::StateMachine;
 pub use stored::{decode_source_file, source_name};
 pub use types::{

@@ -48,11 +48,11 @@ pub fn execute(fs: &dyn Fs, op: &IoOp) -> Result<IoReply, DiskError> {
 }
 
 /// Carries out the engine's disk operations one after another (the disk thread's loop), with
-/// one shortcut: a write to a log segment is followed at once by its fdatasync, because the
-/// engine's next request is that fsync. The request is then answered with the result of the
+/// one shortcut: a write to a log segment (or the hard state's in-place write) is followed at
+/// once by its fdatasync, because the engine's next request is that fsync. The request is then answered with the result of the
 /// fsync already done, which began after the write completed, so nothing is claimed durable
 /// that was not fsynced; it saves a round trip between the engine and the disk thread per
-/// group-commit batch. Any other operation in between discards the early result.
+/// group-commit batch (and per vote). Any other operation in between discards the early result.
 pub struct Executor {
     fs: std::sync::Arc<dyn Fs>,
     /// The file just written and fsynced, and how that fsync went.
@@ -71,7 +71,7 @@ impl Executor {
                 Some((f, result)) if f == *file => result,
                 _ => execute(self.fs.as_ref(), op),
             },
-            IoOp::Write { file, .. } if is_log_segment(file) => {
+            IoOp::Write { file, .. } if is_log_segment(file) || file == "hardstate" => {
                 let written = execute(self.fs.as_ref(), op);
                 if written.is_ok() {
                     let synced = execute(self.fs.as_ref(), &IoOp::Sync { file: file.clone() });
