@@ -61,7 +61,7 @@ async fn a_member_repairs_a_rotten_snapshot_and_hard_state_from_its_peers() {
     cluster.wait_converged(Duration::from_secs(20)).await;
     let f = (leader + 1) % 3;
     let data = cluster.nodes[f].data.clone();
-    let snapshot = dir_names(&data).into_iter().filter(|n| n.starts_with("snap-") && n.ends_with(".snap")).next_back();
+    let snapshot = dir_names(&data).into_iter().rfind(|n| n.starts_with("snap-") && n.ends_with(".snap"));
     let snapshot = snapshot.expect("the follower took a snapshot");
 
     // Rot while it is down: the snapshot's middle and the first copy of the hard state.
