@@ -293,6 +293,14 @@ impl Engine {
         if !self.is_serving() || from == self.me || !self.accepts(from, &message) {
             return;
         }
+        if let Err(bad) = message.check() {
+            self.outputs.push_back(Output::PeerMessageRefused {
+                from,
+                message: message.name(),
+                reason: bad.to_string(),
+            });
+            return;
+        }
         let term = message.term();
         if term > self.term() && !message.is_pre_vote() {
             if matches!(message, Message::Vote { transfer: false, .. }) && self.leader_is_alive() {

@@ -192,6 +192,13 @@ pub enum Output {
         version: u64,
         differences: Vec<String>,
     },
+    /// A peer's message failed its checks (see `Message::check`) and was dropped unread: for
+    /// the log, with the peer named.
+    PeerMessageRefused {
+        from: ReplicaId,
+        message: &'static str,
+        reason: String,
+    },
     /// This replica's role or term changed (for logs, status and the simulator's checkers).
     Role {
         role: RoleName,

@@ -72,7 +72,7 @@ pub use events::{
 pub use hardstate::{hard_state_copies_whole, hard_state_copy_ranges};
 pub use io::{DiskError, Input, IoId, IoOp, IoReply, Output, RoleName};
 pub use membership::{MemberChange, Members};
-pub use message::Message;
+pub use message::{BadMessage, Message};
 pub use op::{
     Checkpoint, Command, CommitOp, ConsumerCommit, DeadPage, DeadView, Entry, FailureReason, MemberStatus, Outcome,
     Query, QueryReply, RedriveTarget, Reply, Request, SessionState, SessionView, StatusView, UnixSecs, Unspilled,

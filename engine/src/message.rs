@@ -62,8 +62,9 @@ pub enum Message {
         /// on it: the leader commits a source once a majority reports it (see `stored.rs`).
         sources: Index,
     },
-    /// The leader's applied state at `index` (whose entry has `last_term`), for a follower that
-    /// needs entries the leader no longer keeps. Acknowledged with an `AppendReply`.
+    /// The state at `index` (whose entry has `last_term`) as the leader's newest snapshot file
+    /// holds it, for a follower that needs entries the leader no longer keeps. Acknowledged
+    /// with an `AppendReply`.
     Snapshot {
         term: Term,
         index: Index,
@@ -109,7 +110,115 @@ pub enum Message {
     },
 }
 
+/// No term or index a replica reaches comes anywhere near this; refusing larger ones from a
+/// peer keeps every `+ 1` and sum on them from overflowing.
+pub const TERM_OR_INDEX_MAX: u64 = 1 << 62;
+/// The most entries one `Append` may carry, and source files one `Snapshot` may name.
+pub const ITEMS_MAX: usize = 1 << 20;
+/// The largest source file a snapshot may name (far beyond any real one).
+pub const SOURCE_BYTES_MAX: u64 = 1 << 48;
+
+/// Why a peer's message was refused before the engine acted on it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadMessage {
+    #[error("{field} is {value}, beyond {TERM_OR_INDEX_MAX}")]
+    OutOfRange { field: &'static str, value: u64 },
+    #[error("{what}: {count}, at most {max}")]
+    TooMany { what: &'static str, count: usize, max: usize },
+    #[error("entry {position} has index {found}, not {expected} (entries follow prev_index one by one)")]
+    NotConsecutive { position: usize, expected: u64, found: u64 },
+    #[error(
+        "entry {position} has term {found}, outside {low}..={high} (terms never go down, nor above the message's)"
+    )]
+    TermOutOfOrder { position: usize, found: u64, low: u64, high: u64 },
+    #[error("last_term {last_term} is above the message's term {term}")]
+    LastTermAhead { last_term: u64, term: u64 },
+    #[error("source file {source_id} said to be {len} bytes")]
+    SourceTooLong { source_id: u64, len: u64 },
+}
+
+fn bounded(field: &'static str, value: u64) -> Result<(), BadMessage> {
+    if value > TERM_OR_INDEX_MAX {
+        return Err(BadMessage::OutOfRange { field, value });
+    }
+    Ok(())
+}
+
+fn not_ahead(last_term: Term, term: Term) -> Result<(), BadMessage> {
+    if last_term > term {
+        return Err(BadMessage::LastTermAhead { last_term: last_term.0, term: term.0 });
+    }
+    Ok(())
+}
+
+fn at_most(what: &'static str, count: usize, max: usize) -> Result<(), BadMessage> {
+    if count > max {
+        return Err(BadMessage::TooMany { what, count, max });
+    }
+    Ok(())
+}
+
+/// An append's entries follow `prev_index` one by one, with terms from `prev_term` up to the
+/// message's own, never going down.
+fn check_entries(term: Term, prev_index: Index, prev_term: Term, entries: &[Entry]) -> Result<(), BadMessage> {
+    at_most("entries", entries.len(), ITEMS_MAX)?;
+    let mut low = prev_term.0;
+    for (position, e) in entries.iter().enumerate() {
+        let expected = prev_index.0 + 1 + position as u64;
+        if e.index.0 != expected {
+            return Err(BadMessage::NotConsecutive { position, expected, found: e.index.0 });
+        }
+        if e.term.0 < low || e.term > term {
+            return Err(BadMessage::TermOutOfOrder { position, found: e.term.0, low, high: term.0 });
+        }
+        low = e.term.0;
+    }
+    Ok(())
+}
+
 impl Message {
+    /// Checks what a peer sent before the engine acts on it: terms and indexes in range,
+    /// entries consecutive with terms that never go down, counts and lengths within limits. A
+    /// message that passes cannot make an assertion fail or an addition overflow; one that
+    /// fails is dropped (and the driver logs it with the peer named).
+    pub fn check(&self) -> Result<(), BadMessage> {
+        bounded("term", self.term().0)?;
+        match self {
+            Message::PreVote { term, last_index, last_term } | Message::Vote { term, last_index, last_term, .. } => {
+                bounded("last_index", last_index.0)?;
+                not_ahead(*last_term, *term)
+            }
+            Message::Append { term, prev_index, prev_term, commit, entries, .. } => {
+                bounded("prev_index", prev_index.0)?;
+                bounded("commit", commit.0)?;
+                not_ahead(*prev_term, *term)?;
+                check_entries(*term, *prev_index, *prev_term, entries)
+            }
+            Message::AppendReply { matched, hint, sources, .. } => {
+                bounded("matched", matched.0)?;
+                bounded("hint", hint.0)?;
+                bounded("sources", sources.0)
+            }
+            Message::Snapshot { term, index, last_term, sources, .. } => {
+                bounded("index", index.0)?;
+                not_ahead(*last_term, *term)?;
+                at_most("source files", sources.len(), ITEMS_MAX)?;
+                match sources.iter().find(|(_, len)| *len > SOURCE_BYTES_MAX) {
+                    Some((id, len)) => Err(BadMessage::SourceTooLong { source_id: id.0, len: *len }),
+                    None => Ok(()),
+                }
+            }
+            Message::SourceFetch { offset, .. } => bounded("offset", *offset),
+            Message::SourcePiece { offset, .. } => bounded("offset", *offset),
+            Message::ReadIndexReply { index: Some(index), .. } => bounded("index", index.0),
+            Message::PreVoteReply { .. }
+            | Message::VoteReply { .. }
+            | Message::TimeoutNow { .. }
+            | Message::ReadIndex { .. }
+            | Message::ReadIndexReply { index: None, .. } => Ok(()),
+        }
+    }
+
     pub fn term(&self) -> Term {
         match self {
             Message::PreVote { term, .. }

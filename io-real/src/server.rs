@@ -765,6 +765,9 @@ impl<E: Env> Driver<E> {
                 error!(%fatal, "the engine stopped");
                 return Err(ServerError::Fatal(fatal.to_string()));
             }
+            Output::PeerMessageRefused { from, message, reason } => {
+                warn!(peer = %from, message, %reason, "dropped a member's message that fails its checks")
+            }
             Output::Role { role, term, leader } => {
                 let leader = leader.map(|l| l.to_string()).unwrap_or_else(|| "none".into());
                 info!(%role, term = term.0, %leader, "role")

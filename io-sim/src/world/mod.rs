@@ -823,6 +823,13 @@ impl World {
 
     fn carry_out(&mut self, r: usize, o: Output) {
         match o {
+            Output::PeerMessageRefused { from, message, reason } => {
+                // The simulated network loses, duplicates and reorders, but never forges: every
+                // message comes from a replica's engine, which must never send one that fails
+                // the checks.
+                let detail = format!("replica {r} refused a {message} from replica {from}: {reason}");
+                self.violate("member-messages-valid", detail);
+            }
             Output::Io { id, op } => {
                 let rep = &self.replicas[r];
                 let t = self.now_us + rep.disk.latency_us(&op, &mut self.disk_rng);
