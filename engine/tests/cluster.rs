@@ -1210,7 +1210,7 @@ mod crafted {
             crafted in proptest::collection::vec((0..3usize, prop_oneof![1..4u32, Just(99u32)], message()), 1..6)
         ) {
             let mut c = Cluster::new(SEED);
-            let leader = c.elect();
+            c.elect();
             for (to, from, message) in crafted {
                 let to = c.ids()[to];
                 if to.0 == from {
