@@ -232,6 +232,9 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8], max: u32) -> Result<Option<
 }
 
 /// Reads one frame and decodes it. `Ok(None)` at a clean end of stream (between frames).
+/// The most a frame's buffer is given before its bytes arrive.
+const FIRST_BUFFER_BYTES: usize = 64 * 1024;
+
 pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(r: &mut R, max: u32) -> Result<Option<T>, FrameError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     match r.read_exact(&mut header).await {
@@ -244,8 +247,14 @@ pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(r: &mut R, max: u32
     if len > max {
         return Err(WireError::FrameTooLarge { len, max }.into());
     }
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload).await?;
+    // The buffer grows as the bytes arrive rather than being allocated whole on the header's
+    // word: a header that announces the limit and is followed by a trickle (or nothing) costs
+    // the server what was sent, not `max`.
+    let mut payload = Vec::with_capacity((len as usize).min(FIRST_BUFFER_BYTES));
+    (&mut *r).take(len as u64).read_to_end(&mut payload).await?;
+    if payload.len() != len as usize {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
     if crc32fast::hash(&payload) != crc {
         return Err(WireError::BadChecksum.into());
     }
@@ -288,6 +297,21 @@ mod tests {
         ));
 
         assert!(read::<ClientMsg, _>(&mut &[][..], 1024).await.unwrap().is_none());
+    }
+
+    /// A header that announces the largest frame allowed and then sends a few bytes and stops:
+    /// the read fails as cut short (its buffer grew with what came, never to the announced size).
+    #[tokio::test]
+    async fn a_frame_cut_short_after_a_huge_header_is_refused() {
+        let max: u32 = 512 * 1024 * 1024;
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&max.to_le_bytes());
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        bytes.extend_from_slice(&[7; 10]);
+        match read::<ClientMsg, _>(&mut &bytes[..], max).await {
+            Err(FrameError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof),
+            other => panic!("expected a frame cut short, got {other:?}"),
+        }
     }
 
     /// Every stream message, from both ends, comes back as it was sent; entries are the
