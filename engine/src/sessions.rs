@@ -790,6 +790,31 @@ impl StateMachine {
         self.hash = d.hash;
     }
 
+    /// What the invariants assert of a state just decoded from a snapshot, as an error, checked
+    /// before its indexes are rebuilt: a snapshot may come from a peer, and bad input is refused,
+    /// never a panic.
+    pub(crate) fn check_decoded(&self) -> Result<(), String> {
+        for (id, s) in &self.sessions {
+            if id.0 > self.applied.0 {
+                return Err(format!("session {} is beyond the applied index {}", id.0, self.applied.0));
+            }
+            if s.bytes != s.records.iter().map(|r| r.len() as u64).sum::<u64>() {
+                return Err(format!("session {}'s byte count does not match its records", id.0));
+            }
+            if let Status::Stored { due, stored_at } = s.status {
+                if self.repeat_index.get(&s.kind).is_some_and(|r| (due, stored_at, *id) <= *r) {
+                    return Err(format!("stored session {} comes before its kind's repeat index", id.0));
+                }
+            }
+        }
+        for (_, e) in self.sources.all_spilled() {
+            if self.sessions.contains_key(&e.id) {
+                return Err(format!("session {} is both in memory and spilled", e.id.0));
+            }
+        }
+        self.sources.check_decoded()
+    }
+
     /// Checks a state just decoded from a snapshot, whose indexes were rebuilt from it: what the
     /// rebuild cannot vouch for (byte counts, the repeat index) in one pass, without a copy.
     pub(crate) fn loaded_invariants(&self) {

@@ -247,6 +247,18 @@ proptest! {
         prop_assert_eq!(loaded.state_hash(), state.state_hash());
         prop_assert_eq!(loaded.session_views().collect::<Vec<_>>(), state.session_views().collect::<Vec<_>>());
 
+        // A snapshot that says less than its sessions show is refused with an error (it may come
+        // from a peer), never a panic: sessions beyond its applied index, a wrong byte count.
+        if let Some((&id, _)) = state.sessions.iter().next() {
+            let mut behind = loaded.clone();
+            behind.applied = Index(id.0.saturating_sub(1));
+            let refused = decode_state(&encode_state(&behind), behind.applied);
+            prop_assert!(refused.is_err(), "sessions beyond the applied index were taken");
+            let mut miscounted = loaded.clone();
+            miscounted.sessions.get_mut(&id).expect("the session").bytes += 1;
+            prop_assert!(decode_state(&encode_state(&miscounted), miscounted.applied).is_err());
+        }
+
         // The same entries applied again give the same state.
         let mut again = StateMachine::default();
         for e in &run.entries {

@@ -104,7 +104,9 @@ pub(crate) fn decode_state(payload: &[u8], index: Index) -> Result<StateMachine,
     if state.applied != index {
         return Err(format!("state is at index {} but the header says {index}", state.applied));
     }
+    state.check_decoded()?;
     state.rebuild_indexes();
+    // Cannot fail once `check_decoded` passed; kept as the assertion of what it checked.
     state.loaded_invariants();
     Ok(state)
 }

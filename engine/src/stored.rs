@@ -538,6 +538,32 @@ impl Sources {
         });
     }
 
+    /// What `invariants` asserts of a state decoded from a snapshot, as an error: a snapshot
+    /// from a peer is input, which may be refused but must never make the replica panic.
+    /// (Counts, `taken` and held records were checked while decoding.)
+    pub fn check_decoded(&self) -> Result<(), String> {
+        for list in self.kinds.values() {
+            for s in list {
+                if !s.entries.windows(2).all(|w| w[0].key() < w[1].key()) {
+                    return Err(format!("source {} is not in repeat order", s.id.0));
+                }
+                let taken = s.entries.get(..s.taken as usize).ok_or("a source has more taken than it holds")?;
+                let offset = SOURCE_HEADER_LEN + taken.iter().map(|e| e.frame_len as u64).sum::<u64>();
+                if offset != s.taken_offset {
+                    return Err(format!("source {}'s taken offset {} is not {offset}", s.id.0, s.taken_offset));
+                }
+            }
+        }
+        match self
+            .merges
+            .iter()
+            .find(|m| self.source(m.kind, m.older).is_none() || self.source(m.kind, m.newer).is_none())
+        {
+            Some(m) => Err(format!("a merge into {} names a source the state does not hold", m.into.0)),
+            None => Ok(()),
+        }
+    }
+
     /// Sources, their held records and their id indexes agree; with `full`, every source is in repeat order.
     pub fn invariants(&self, full: bool) {
         for (kind, list) in &self.kinds {
