@@ -8,6 +8,10 @@
 //! there, read from the repaired member's own state. Then it is killed again and both copies of
 //! its hard state are damaged: it says it will never vote again, and still replicates.
 //!
+//! And a crafted frame on the leader's member port (issue 14's 25-byte frame, after a proper
+//! hello): the leader drops it, logs it with the peer named, and goes on leading. Without the
+//! engine's message checks the leader process panics (an overflow on the frame's hint).
+//!
 //! `cargo test -p truba --test repair`.
 
 #[allow(dead_code)] // each test file uses part of the shared harness
@@ -95,4 +99,46 @@ async fn a_member_repairs_a_rotten_snapshot_and_hard_state_from_its_peers() {
     let (code, got, err) = truba_cli(&client, &["get", out.trim(), "--stale"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(got.contains("after"), "{got}");
+}
+
+/// The frame that brought a leader down (issue 14): after a proper member hello, an
+/// `AppendReply` at the leader's term whose hint is the largest index. The leader drops it,
+/// logs it with the peer named, and goes on leading and taking writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crafted_member_frame_is_dropped_and_the_leader_goes_on() {
+    use tokio::io::AsyncWriteExt;
+    use truba::identity::{ClusterId, Identity, PeerHello};
+    use truba::wire::{encode, PeerFrame};
+    use truba_engine::{Index, Message, ReplicaId};
+
+    let mut cluster = Cluster::new(&CLUSTER);
+    cluster.start_all();
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await;
+    let sts = cluster.statuses().await;
+    let term = sts[leader].as_ref().expect("the leader answers").engine.term;
+    let node = &cluster.nodes[leader];
+    let identity = std::fs::read_to_string(node.data.join("cluster-identity")).expect("the identity file");
+    let cluster_id = identity.lines().find_map(|l| l.strip_prefix("cluster ")).expect("a cluster line");
+    let cluster_id = ClusterId(u64::from_str_radix(cluster_id, 16).expect("hex"));
+    // The leader's peer address, from its own configuration's member list.
+    let config = std::fs::read_to_string(&node.config).expect("the node's configuration");
+    let line = config.lines().find(|l| l.contains(&format!("id = {},", node.id))).expect("the member line");
+    let peer = line.split("peer = \"").nth(1).and_then(|rest| rest.split('"').next()).expect("a peer address");
+    let sender = ReplicaId((node.id % 3) + 1);
+
+    let mut stream = tokio::net::TcpStream::connect(peer).await.expect("the member port");
+    let hello = PeerHello::new(Identity { cluster: cluster_id, member: sender }, "");
+    let message =
+        Message::AppendReply { term, ok: false, matched: Index(0), hint: Index(u64::MAX), round: 0, sources: Index(0) };
+    stream.write_all(&encode(&hello)).await.expect("sending the hello");
+    stream.write_all(&encode(&PeerFrame { from: sender, message })).await.expect("sending the frame");
+    stream.flush().await.expect("flushing");
+
+    wait_for_log(&node.log.clone(), "dropped a member's message that fails its checks", Duration::from_secs(10)).await;
+    assert!(cluster.nodes[leader].exited().is_none(), "the leader is still running");
+    let addrs = cluster.addrs_from(0).join(",");
+    let (code, _, err) = truba_cli(&addrs, &["new", "--kind", "1", "--data", "still here"]).await;
+    assert_eq!(code, 0, "{err}");
+    let sts = cluster.statuses().await;
+    assert!(sts[leader].as_ref().is_some_and(|s| s.engine.role == truba_engine::RoleName::Leader));
 }
