@@ -1020,9 +1020,7 @@ impl Engine {
     fn on_batch_io(&mut self, result: Result<IoReply, DiskError>) {
         let early = self.cfg.mutation(|m| m.ack_before_fsync)
             || (!self.is_leader() && self.cfg.mutation(|m| m.follower_ack_before_fsync));
-        // Alone, a write that found the disk full is refused; in a cluster it is tried again.
-        let retry_at = (!self.is_lone_voter()).then(|| self.now.mono.saturating_add(self.tick()));
-        match self.writer.on_batch_io(result, early, &mut self.log, retry_at) {
+        match self.writer.on_batch_io(result, early, &mut self.log) {
             BatchStep::Next { op, early } => {
                 if let Some(valid) = early {
                     self.durable = self.durable.max(valid);
@@ -1033,8 +1031,12 @@ impl Engine {
             BatchStep::Durable(valid) => self.finish_batch(valid),
             BatchStep::NoSpace { op, first } => {
                 self.issue(op, Purpose::Repair);
-                if retry_at.is_none() {
+                // Alone, a write that found the disk full is refused; in a cluster the entries
+                // may already be on the followers, so it is tried again a little later.
+                if self.is_lone_voter() {
                     self.refuse_unwritten(first);
+                } else {
+                    self.writer.retry_after(self.now.mono.saturating_add(self.tick()));
                 }
             }
             BatchStep::Failed { file, reason } => self.stop(Fatal::DiskFailed { file, reason }),

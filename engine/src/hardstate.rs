@@ -4,8 +4,8 @@
 //! Raft is only safe if a replica never forgets a term it acknowledged or a vote it cast, so the
 //! state is made durable before any message that depends on it leaves (see `Engine::send`).
 //!
-//! The file holds two copies of the state, in two 4 KiB slots (two sectors, even where sectors are 4 KiB), so that a
-//! damaged copy is repaired from the other. Both slots are written in place with the same state
+//! The file holds two copies of the state, in two 4 KiB slots (two sectors, even where sectors
+//! are 4 KiB), so that a damaged copy is repaired from the other. Both slots are written in place with the same state
 //! and then fsynced once; the state counts as durable (and may be acted on) only once that fsync
 //! completes. A crash during the write leaves each slot whole, old or new (sectors are written
 //! whole; a torn one fails its checksum), and rot at rest damages one slot. So whenever one
@@ -48,7 +48,7 @@ pub(crate) struct HardState {
     /// up to one it no longer knows, so it never votes or stands again (it still replicates and
     /// serves). Nothing learnt later tells it safely which terms are free: the candidate it
     /// voted for may be the only other replica that knows that term. The remedy is a new member
-    /// in its place (see the README's "Repair" section).
+    /// in its place (see "The hard state" in the README).
     pub votes_lost: bool,
 }
 
@@ -96,7 +96,8 @@ pub(crate) fn decode(b: &[u8]) -> Result<HardState, String> {
     Ok(HardState { term, vote: (vote != NO_VOTE).then_some(ReplicaId(vote)), repair_upto, votes_lost })
 }
 
-/// Where in the file each copy's bytes lie (for fault injection in tests and the simulator).
+/// Where in the file each copy's bytes lie (also for fault injection in tests and the
+/// simulator).
 pub fn hard_state_copy_ranges() -> [std::ops::Range<usize>; SLOTS] {
     [0, 1].map(|slot| slot * SLOT_BYTES..slot * SLOT_BYTES + HARD_STATE_LEN)
 }
@@ -111,8 +112,8 @@ pub fn hard_state_copies_whole(file: &[u8]) -> usize {
 pub(crate) fn encode_file(hs: HardState) -> Vec<u8> {
     let mut b = vec![0; HARD_STATE_FILE_BYTES];
     let record = encode(hs);
-    for slot in 0..SLOTS {
-        b[slot * SLOT_BYTES..slot * SLOT_BYTES + record.len()].copy_from_slice(&record);
+    for range in hard_state_copy_ranges() {
+        b[range].copy_from_slice(&record);
     }
     b
 }
@@ -129,8 +130,7 @@ pub(crate) fn decode_file(b: &[u8]) -> FileRead {
         // The previous version's one-copy file, or a damaged length: one copy at most.
         return FileRead { slots: [decode(b).ok(), None], current_layout: false };
     }
-    let slot = |i: usize| decode(&b[i * SLOT_BYTES..i * SLOT_BYTES + HARD_STATE_LEN]).ok();
-    FileRead { slots: [slot(0), slot(1)], current_layout: true }
+    FileRead { slots: hard_state_copy_ranges().map(|range| decode(&b[range]).ok()), current_layout: true }
 }
 
 /// What recovery makes of the copies as read.

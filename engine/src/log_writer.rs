@@ -132,15 +132,8 @@ impl LogWriter {
     }
 
     /// A batch's disk operation finished. `early`: the mutation that counts a written batch as
-    /// durable before its fsync is on. `retry_at`: when a cluster member tries a write that
-    /// failed for want of space again (`None` for a lone replica, which refuses it instead).
-    pub fn on_batch_io(
-        &mut self,
-        result: Result<IoReply, DiskError>,
-        early: bool,
-        log: &mut Log,
-        retry_at: Option<Instant>,
-    ) -> BatchStep {
+    /// durable before its fsync is on.
+    pub fn on_batch_io(&mut self, result: Result<IoReply, DiskError>, early: bool, log: &mut Log) -> BatchStep {
         let batch = self.batch.as_mut().expect("batch IO completes only with a batch in flight");
         let file = batch.placement.file.clone();
         match (batch.stage, result) {
@@ -149,7 +142,7 @@ impl LogWriter {
                 let early = early.then_some(batch.valid_upto);
                 BatchStep::Next { op: IoOp::Sync { file }, early }
             }
-            (BatchStage::Write, Err(DiskError::NoSpace)) => self.fail_batch(log, retry_at),
+            (BatchStage::Write, Err(DiskError::NoSpace)) => self.fail_batch(log),
             (BatchStage::Sync, Ok(_)) if batch.placement.new_segment => {
                 batch.stage = BatchStage::SyncDir;
                 BatchStep::Next { op: IoOp::SyncDir, early: None }
@@ -171,7 +164,7 @@ impl LogWriter {
     /// The disk was full. A short write may have left part of the batch behind; it is cut off
     /// before anything else is written, so that later records never sit after leftovers that
     /// would look like damage.
-    fn fail_batch(&mut self, log: &mut Log, retry_at: Option<Instant>) -> BatchStep {
+    fn fail_batch(&mut self, log: &mut Log) -> BatchStep {
         let batch = self.batch.take().expect("a batch in flight");
         let p = &batch.placement;
         let len = if p.new_segment { 0 } else { p.offset };
@@ -179,8 +172,13 @@ impl LogWriter {
             log.zeroed_to = log.zeroed_to.min(len);
         }
         self.repairing = true;
-        self.retry_at = retry_at;
         BatchStep::NoSpace { op: IoOp::Truncate { file: p.file.clone(), len }, first: batch.first }
+    }
+
+    /// After a write that failed for want of space, no batch starts before `at` (a cluster
+    /// member tries again; a lone replica refuses the write instead).
+    pub fn retry_after(&mut self, at: Instant) {
+        self.retry_at = Some(at);
     }
 
     /// A failed write's leftovers are cut off: writing may go on.

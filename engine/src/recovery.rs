@@ -163,8 +163,7 @@ impl Recovery {
             Err(e) => match self.reading.clone() {
                 Some(file) if file == HARD_STATE_FILE => {
                     let previous = self.previous_read.take();
-                    let copies = self.hard_copies();
-                    self.retry(file, previous).unwrap_or_else(|| self.hard_state_chosen(true, self.hard_seen, copies))
+                    self.retry(file, previous).unwrap_or_else(|| self.hard_state_chosen(true))
                 }
                 Some(file) => {
                     let attempts = self.attempts;
@@ -192,7 +191,7 @@ impl Recovery {
         if names.iter().any(|n| n == HARD_STATE_FILE) {
             return self.read(HARD_STATE_FILE.into());
         }
-        self.hard_state_chosen(false, [None, None], 2)
+        self.hard_state_chosen(false)
     }
 
     fn read_snapshot(&mut self) -> Step {
@@ -217,7 +216,7 @@ impl Recovery {
                 return step;
             }
         }
-        self.hard_state_chosen(true, self.hard_seen, self.hard_copies())
+        self.hard_state_chosen(true)
     }
 
     /// How many copies the hard state file holds: two, or one in the previous version's layout.
@@ -229,9 +228,11 @@ impl Recovery {
         }
     }
 
-    /// The copies are read: take the state they give (see `hardstate::choose`), or, when both
-    /// are lost, stop voting for good in a cluster and stop in a lone replica.
-    fn hard_state_chosen(&mut self, existed: bool, read: [Option<HardState>; 2], copies: usize) -> Step {
+    /// The copies are read (`existed`: the file was there): take the state they give (see
+    /// `hardstate::choose`), or, when both are lost, stop voting for good in a cluster and stop
+    /// in a lone replica.
+    fn hard_state_chosen(&mut self, existed: bool) -> Step {
+        let (read, copies) = (self.hard_seen, self.hard_copies());
         match hardstate::choose(existed, read, copies) {
             Copies::Found { hs, rewrite } => {
                 self.hard = hs;
@@ -306,7 +307,7 @@ impl Recovery {
     /// segments are read only to raise the bound, then removed with every source file (all of
     /// them belonged to the state being dropped). The damaged file is kept under a new name.
     fn snapshot_damaged(&mut self, file: String, reason: String) -> Step {
-        let bound = if self.mark_snapshot_damage { parse_snapshot_name(&file).unwrap_or_default() } else { Index(0) };
+        let bound = parse_snapshot_name(&file).unwrap_or_default();
         self.damage_found.push(DamageFound::Snapshot { file: file.clone(), reason });
         let older: Vec<_> = self.snapshots.iter().filter(|(_, n)| *n != file).map(|(_, n)| n.clone()).collect();
         self.repairs.extend(older.into_iter().map(|file| IoOp::Remove { file }));

@@ -792,21 +792,13 @@ impl StateMachine {
 
     /// What the invariants assert of a state just decoded from a snapshot, as an error, checked
     /// before its indexes are rebuilt: a snapshot may come from a peer, and bad input is refused,
-    /// never a panic.
+    /// never a panic. The indexes rebuilt from a state that passes are consistent by
+    /// construction, so the cheap invariants then hold.
     pub(crate) fn check_decoded(&self) -> Result<(), String> {
-        for (id, s) in &self.sessions {
-            if id.0 > self.applied.0 {
-                return Err(format!("session {} is beyond the applied index {}", id.0, self.applied.0));
-            }
-            if s.bytes != s.records.iter().map(|r| r.len() as u64).sum::<u64>() {
-                return Err(format!("session {}'s byte count does not match its records", id.0));
-            }
-            if let Status::Stored { due, stored_at } = s.status {
-                if self.repeat_index.get(&s.kind).is_some_and(|r| (due, stored_at, *id) <= *r) {
-                    return Err(format!("stored session {} comes before its kind's repeat index", id.0));
-                }
-            }
+        if let Some((id, _)) = self.sessions.last_key_value().filter(|(id, _)| id.0 > self.applied.0) {
+            return Err(format!("session {} is beyond the applied index {}", id.0, self.applied.0));
         }
+        self.check_sessions()?;
         for (_, e) in self.sources.all_spilled() {
             if self.sessions.contains_key(&e.id) {
                 return Err(format!("session {} is both in memory and spilled", e.id.0));
@@ -815,11 +807,23 @@ impl StateMachine {
         self.sources.check_decoded()
     }
 
-    /// Checks a state just decoded from a snapshot, whose indexes were rebuilt from it: what the
-    /// rebuild cannot vouch for (byte counts, the repeat index) in one pass, without a copy.
-    pub(crate) fn loaded_invariants(&self) {
-        self.invariants();
-        self.session_invariants();
+    /// Each session's byte count matches its records, and a stored one comes after its kind's
+    /// repeat index (what no index rebuild can vouch for).
+    fn check_sessions(&self) -> Result<(), String> {
+        for (id, s) in &self.sessions {
+            if s.bytes != s.records.iter().map(|r| r.len() as u64).sum::<u64>() {
+                return Err(format!("session {}'s byte count does not match its records", id.0));
+            }
+            if let Status::Stored { due, stored_at } = s.status {
+                if let Some(r) = self.repeat_index.get(&s.kind).filter(|r| (due, stored_at, *id) <= **r) {
+                    return Err(format!(
+                        "stored session {} ({due:?}, {stored_at:?}) comes before its kind's repeat index {r:?}",
+                        id.0
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Cheap structural invariants, checked after every step.
@@ -860,20 +864,8 @@ impl StateMachine {
         let expect: BTreeMap<_, _> = copy.delivering.iter().collect();
         assert_eq!(nonzero, expect, "delivering counts match session statuses");
         assert_eq!(copy.hash, self.hash, "incremental state hash matches a full recomputation");
-        self.session_invariants();
-    }
-
-    fn session_invariants(&self) {
-        for (id, s) in &self.sessions {
-            assert_eq!(s.bytes, s.records.iter().map(|r| r.len() as u64).sum::<u64>(), "session byte count");
-            if let Status::Stored { due, stored_at } = s.status {
-                let Some(r) = self.repeat_index.get(&s.kind).copied() else { continue };
-                assert!(
-                    (due, stored_at, *id) > r,
-                    "a stored session comes after its kind's repeat index: {due:?} {stored_at:?} <= {r:?} (kind {:?})",
-                    s.kind
-                );
-            }
+        if let Err(e) = self.check_sessions() {
+            panic!("{e}");
         }
     }
 }

@@ -106,8 +106,7 @@ pub(crate) fn decode_state(payload: &[u8], index: Index) -> Result<StateMachine,
     }
     state.check_decoded()?;
     state.rebuild_indexes();
-    // Cannot fail once `check_decoded` passed; kept as the assertion of what it checked.
-    state.loaded_invariants();
+    state.invariants();
     Ok(state)
 }
 
@@ -205,16 +204,14 @@ impl Snapshotter {
             Ok(IoReply::Data(bytes)) if Some(&serving.file) == self.files.last() => bytes,
             _ => return Err(serving.peers),
         };
-        match decode_snapshot(&bytes) {
-            Ok((index, term, payload)) if index == self.last => Ok(Served {
-                index,
-                term,
-                payload: payload.to_vec(),
-                manifest: self.last_manifest.clone(),
-                peers: serving.peers,
-            }),
-            _ => Err(serving.peers),
-        }
+        let (index, term) = match decode_snapshot(&bytes) {
+            Ok((index, term, _)) if index == self.last => (index, term),
+            _ => return Err(serving.peers),
+        };
+        // The file's own buffer becomes the payload: a large state is not held twice.
+        let mut payload = bytes;
+        payload.drain(..SNAPSHOT_HEADER_LEN);
+        Ok(Served { index, term, payload, manifest: self.last_manifest.clone(), peers: serving.peers })
     }
 
     pub fn on_io(&mut self, result: Result<IoReply, DiskError>) -> SnapStep {
