@@ -374,6 +374,8 @@ impl ClusterConfig {
                 ("session_records_max", k.session_records_max as u64),
                 ("lease_ms", k.lease_ms),
                 ("handler_slots", k.handler_slots as u64),
+                // A zero base would redeliver a failing session at once, over and over.
+                ("backoff_base_s", k.backoff_base_s as u64),
             ];
             if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
                 return bad(format!("kind {}: {name} must be above 0", kind.0));
@@ -393,6 +395,14 @@ impl ClusterConfig {
         }
         if let Some((name, _)) = limits.named().iter().find(|(_, v)| *v == 0) {
             return bad(format!("limit {name} must be above 0"));
+        }
+        // Every setting must be one a configuration file can hold (TOML's integers are i64), so
+        // that what `truba config show` prints can be applied again.
+        let settings = kinds.iter().flat_map(|(k, c)| c.named().into_iter().map(move |(n, v)| (Some(*k), n, v)));
+        let all = settings.chain(limits.named().into_iter().map(|(n, v)| (None, n, v)));
+        if let Some((kind, name, v)) = all.into_iter().find(|(_, _, v)| *v > i64::MAX as u64) {
+            let whose = kind.map_or("limit".to_string(), |k| format!("kind {}:", k.0));
+            return bad(format!("{whose} {name} ({v}) is above the largest a configuration file holds ({})", i64::MAX));
         }
         Ok(())
     }
@@ -777,5 +787,20 @@ mod tests {
         assert!(k.is_dead_after(3));
         let unlimited = KindConfig { max_attempts: 0, ..KindConfig::default() };
         assert!(!unlimited.is_dead_after(u32::MAX));
+    }
+
+    /// Found by the `config` fuzz target: the cluster took a zero backoff base that a node's
+    /// file refuses, so `truba config show`'s output could not be applied again.
+    #[test]
+    fn the_cluster_refuses_what_a_file_refuses() {
+        let kinds = |k: KindConfig| std::collections::BTreeMap::from([(crate::types::Kind(1), k)]);
+        let limits = super::AppliedLimits::from(&super::Limits::default());
+        let zero_base = KindConfig { backoff_base_s: 0, ..KindConfig::default() };
+        let e = super::ClusterConfig::validate(&kinds(zero_base), &limits).unwrap_err();
+        assert_eq!(e.0, "kind 1: backoff_base_s must be above 0");
+        assert!(super::ClusterConfig::validate(&kinds(KindConfig::default()), &limits).is_ok());
+        let huge = KindConfig { lease_ms: u64::MAX, ..KindConfig::default() };
+        let e = super::ClusterConfig::validate(&kinds(huge), &limits).unwrap_err();
+        assert!(e.0.starts_with("kind 1: lease_ms (18446744073709551615) is above the largest"), "{e}");
     }
 }

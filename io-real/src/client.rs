@@ -830,7 +830,12 @@ pub(crate) async fn connect_member<T: Transport>(
     let attempt = async {
         let mut stream = transport.connect(addr).await.map_err(|e| e.to_string())?;
         match wire::read::<ServerMsg, _>(&mut stream, frame_bytes_max).await {
-            Ok(Some(ServerMsg::Hello(hello))) => Ok((stream, hello)),
+            Ok(Some(ServerMsg::Hello(hello))) if hello.protocol == wire::CLIENT_PROTOCOL_VERSION => Ok((stream, hello)),
+            Ok(Some(ServerMsg::Hello(hello))) => Err(format!(
+                "the member speaks client protocol version {}, this client version {} (upgrade the older side)",
+                hello.protocol,
+                wire::CLIENT_PROTOCOL_VERSION
+            )),
             Ok(Some(ServerMsg::Error { error })) => Err(format!("refused: {error}")),
             Ok(Some(_)) => Err("the server did not open with a hello (an older or foreign server?)".into()),
             Ok(None) => Err("the server closed the connection".into()),
@@ -1302,8 +1307,13 @@ pub(crate) mod tests {
         ) -> FakeServer {
             let listener = Tcp.bind(addr).await.unwrap();
             let members = vec![MemberAddr { id: ReplicaId(0), client: String::new() }];
-            let hello =
-                ServerMsg::Hello(Hello { cluster: 1, member: ReplicaId(0), leader: Some(ReplicaId(0)), members });
+            let hello = ServerMsg::Hello(Hello {
+                protocol: wire::CLIENT_PROTOCOL_VERSION,
+                cluster: 1,
+                member: ReplicaId(0),
+                leader: Some(ReplicaId(0)),
+                members,
+            });
             let hello = Arc::new(Mutex::new(hello));
             let hello2 = hello.clone();
             let addr = Tcp.local_addr(&listener).unwrap().to_string();
@@ -1732,7 +1742,13 @@ pub(crate) mod tests {
             MemberAddr { id: ReplicaId(1), client: follower.addr.clone() },
             MemberAddr { id: ReplicaId(2), client: leader.addr.clone() },
         ];
-        let hello = ServerMsg::Hello(Hello { cluster: 1, member: ReplicaId(1), leader: Some(ReplicaId(2)), members });
+        let hello = ServerMsg::Hello(Hello {
+            protocol: wire::CLIENT_PROTOCOL_VERSION,
+            cluster: 1,
+            member: ReplicaId(1),
+            leader: Some(ReplicaId(2)),
+            members,
+        });
         *follower.hello.lock().unwrap() = hello.clone();
         *leader.hello.lock().unwrap() = hello;
         let pipe = pipe(&follower, fast()).await;

@@ -24,7 +24,10 @@ pub struct Proposed {
 
 /// Reads a proposed configuration from TOML shaped like a node's file.
 pub fn parse(text: &str, path: &Path) -> Result<Proposed, ConfigError> {
-    let config = Config::parse(text, path)?;
+    // This node's own sections are ignored here (see below), so only what the cluster takes
+    // from the file is checked: a frame size that does not fit this node's file is no reason
+    // to refuse the cluster a configuration.
+    let config = Config::parse_replicated(text, path)?;
     let table: toml::Table =
         toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), reason: e.message().into() })?;
     let replicated: Vec<&str> = AppliedLimits::from(&config.engine).named().iter().map(|(n, _)| *n).collect();
@@ -116,6 +119,18 @@ mod tests {
         assert_eq!((&p.kinds, p.limits), (&c.kinds, c.limits));
         assert!(p.ignored.is_empty(), "{:?}", p.ignored);
         assert!(diff(&c, &p).is_empty());
+    }
+
+    /// Found by the `config` fuzz target: a cluster whose records may be larger than a node's
+    /// default frame took a configuration `show` printed but `apply` refused, for a frame size
+    /// that is this node's own setting (and ignored by `apply`).
+    #[test]
+    fn large_records_read_back_although_the_default_frame_is_smaller() {
+        let mut c = live();
+        let big = KindConfig { record_bytes_max: 8 << 20, session_bytes_max: 16 << 20, ..KindConfig::default() };
+        c.kinds.insert(Kind(3), big);
+        let p = parse(&render(&c), Path::new("shown.toml")).unwrap();
+        assert_eq!(p.kinds, c.kinds);
     }
 
     #[test]

@@ -167,22 +167,46 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let c: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.into(), reason: e.message().to_string() })?;
-        c.validate().map_err(|reason| ConfigError::Invalid { path: path.into(), reason })?;
+        let c = Config::parse_replicated(text, path)?;
+        c.validate_local().map_err(|reason| ConfigError::Invalid { path: path.into(), reason })?;
         Ok(c)
     }
 
-    fn validate(&self) -> Result<(), String> {
-        if self.kinds.is_empty() {
-            return Err("no [kinds.N] section: sessions need at least one kind".into());
-        }
+    /// Reads a file and checks only what the cluster's replicated configuration takes from it
+    /// (its kinds and engine limits): what `truba config apply` reads, where this node's own
+    /// sections are ignored.
+    pub fn parse_replicated(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.into(), reason: e.message().to_string() })?;
+        c.validate_replicated().map_err(|reason| ConfigError::Invalid { path: path.into(), reason })?;
+        Ok(c)
+    }
+
+    /// This node's own settings, and how they fit the kinds it serves.
+    fn validate_local(&self) -> Result<(), String> {
         let frame_need = self.kinds.values().map(|k| k.config.record_bytes_max).max().unwrap_or(0) as u64 + 1024;
         if (self.server.frame_bytes_max as u64) < frame_need {
             return Err(format!(
                 "server.frame_bytes_max ({}) is too small for the largest record_bytes_max (needs {frame_need})",
                 self.server.frame_bytes_max
             ));
+        }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
+        let t = &self.consensus;
+        if t.election_timeout_ms_min == 0 || t.election_timeout_ms_min > t.election_timeout_ms_max {
+            return Err("consensus: need 0 < election_timeout_ms_min <= election_timeout_ms_max".into());
+        }
+        if t.heartbeat_ms == 0 || t.heartbeat_ms >= t.election_timeout_ms_min {
+            return Err("consensus.heartbeat_ms must be positive and below election_timeout_ms_min".into());
+        }
+        Ok(())
+    }
+
+    fn validate_replicated(&self) -> Result<(), String> {
+        if self.kinds.is_empty() {
+            return Err("no [kinds.N] section: sessions need at least one kind".into());
         }
         for (n, k) in &self.kinds {
             if k.config.handler_slots == 0 {
@@ -209,16 +233,6 @@ impl Config {
         }
         if e.sources_per_kind_max == 0 {
             return Err("engine.sources_per_kind_max must be at least 1".into());
-        }
-        if let Some(c) = &self.cluster {
-            c.validate()?;
-        }
-        let t = &self.consensus;
-        if t.election_timeout_ms_min == 0 || t.election_timeout_ms_min > t.election_timeout_ms_max {
-            return Err("consensus: need 0 < election_timeout_ms_min <= election_timeout_ms_max".into());
-        }
-        if t.heartbeat_ms == 0 || t.heartbeat_ms >= t.election_timeout_ms_min {
-            return Err("consensus.heartbeat_ms must be positive and below election_timeout_ms_min".into());
         }
         Ok(())
     }
@@ -396,6 +410,6 @@ mod tests {
     fn the_default_runs_one_node_on_loopback() {
         let c = Config::default();
         assert_eq!(c.listen, "127.0.0.1:7400");
-        assert!(c.validate().is_ok());
+        assert!(c.validate_replicated().is_ok() && c.validate_local().is_ok());
     }
 }

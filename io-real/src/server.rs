@@ -573,7 +573,13 @@ impl<E: Env> Driver<E> {
             ToEngine::Opened { conn, link } => {
                 let members = self.client_addrs.clone();
                 let cluster = self.identity.cluster.0;
-                let hello = Hello { cluster, member: self.engine.id(), leader: self.engine.leader(), members };
+                let hello = Hello {
+                    protocol: wire::CLIENT_PROTOCOL_VERSION,
+                    cluster,
+                    member: self.engine.id(),
+                    leader: self.engine.leader(),
+                    members,
+                };
                 let _ = link.tx.send(Outgoing::Msg(ServerMsg::Hello(hello)));
                 self.conns.insert(conn, Conn { link, streams: BTreeMap::new() });
             }

@@ -137,9 +137,17 @@ pub struct ServerStatus {
     pub role: String,
 }
 
+/// The client protocol's version: what [`Hello`] opens with. It changes with any change to
+/// [`ClientMsg`] or [`ServerMsg`] (the golden tests in `tests/formats.rs` catch one made by
+/// accident). `ServerMsg::Hello` stays the first variant and `protocol` its first field, so
+/// that a client of any version can read the version of any server.
+pub const CLIENT_PROTOCOL_VERSION: u32 = 1;
+
 /// What a member says first on every client connection (see [`ServerMsg::Hello`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
+    /// [`CLIENT_PROTOCOL_VERSION`] of the member's version.
+    pub protocol: u32,
     /// The cluster's id (a member that joins learns it here).
     pub cluster: u64,
     pub member: ReplicaId,
