@@ -25,6 +25,9 @@ pub struct Config {
     pub cluster: Option<ClusterSection>,
     /// Election timeouts, heartbeats and replication flow control (cluster only).
     pub consensus: ConsensusConfig,
+    /// `[tls]`: this node's certificate, key and trusted CA. Absent: plain TCP, for a node that
+    /// listens on loopback only (it warns at start otherwise).
+    pub tls: Option<crate::net::TlsFiles>,
 }
 
 /// A replicated cluster of 1, 3 or 5 voters; every node's file lists the same members.
@@ -145,6 +148,7 @@ impl Default for Config {
             kinds,
             cluster: None,
             consensus: ConsensusConfig::default(),
+            tls: None,
         }
     }
 }

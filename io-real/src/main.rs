@@ -6,10 +6,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use truba::client::{ClientError, ClientOptions, Consumer, Pipe, Redriven, Session, TailItem, WatchItem, WatchOptions};
+use truba::client::{ClientError, ClientOptions, Redriven, TailItem, WatchItem, WatchOptions};
 use truba::config::Config;
+use truba::net::{RealNet, Tls, TlsFiles};
 use truba::server::{self, Env as _, RealEnv};
 use truba::wire::ServerStatus;
+
+/// The command line's connections: TCP, with TLS when `--tls-ca` is given.
+type Pipe = truba::client::Pipe<RealNet>;
+type Session = truba::client::Session<RealNet>;
+type Consumer = truba::client::Consumer<RealNet>;
 use truba_engine::{
     Attempt, Audit, BriefStatus, CommitOp, Event, FailureReason, Filter, Handle, Index, Kind, LedgerEntry, ReplicaId,
     Reply, RequestError, SessionBrief, SessionId, SessionSnapshot, SessionState, SessionView, TailFrom, What,
@@ -41,6 +47,18 @@ struct Conn {
     /// How long to wait for one member to answer a new connection before trying the next.
     #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     connect_timeout: Duration,
+    /// Connect with TLS, trusting servers whose certificates chain to this CA (PEM).
+    #[arg(long, env = "TRUBA_TLS_CA", value_name = "PATH")]
+    tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for servers that take certificates as credentials.
+    #[arg(long, env = "TRUBA_TLS_CERT", value_name = "PATH", requires = "tls_ca")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "TRUBA_TLS_KEY", value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name the servers' certificates must carry, instead of the host dialed.
+    #[arg(long, env = "TRUBA_TLS_SERVER_NAME", value_name = "NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
 }
 
 /// "250ms", "10s", "2m" or a plain number of seconds.
@@ -64,6 +82,17 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 impl Conn {
+    fn net(&self) -> Result<RealNet, String> {
+        let Some(ca) = &self.tls_ca else { return Ok(RealNet::plain()) };
+        let files = TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: ca.clone(),
+            server_name: self.tls_server_name.clone(),
+        };
+        Ok(RealNet::with_tls(Tls::client(&files).map_err(|e| e.to_string())?))
+    }
+
     fn options(&self) -> ClientOptions {
         // One attempt waits at most the whole timeout; a silent member is left after the
         // request timeout, so keep that well inside the overall one.
@@ -569,10 +598,40 @@ async fn serve(
         config.listen = l;
     }
     let fs = truba::disk::DirFs::open(&config.data_dir).map_err(|e| e.to_string())?;
-    let env = RealEnv;
+    let net = match &config.tls {
+        Some(files) => RealNet::with_tls(Tls::node(files).map_err(|e| e.to_string())?),
+        None => RealNet::plain(),
+    };
+    if !net.is_tls() {
+        warn_if_exposed(&config);
+    }
+    let env = RealEnv::with_net(net);
     let listener = server::bind(&env.transport(), &config.listen).await.map_err(|e| e.to_string())?;
     tracing::info!(listen = config.listen, data_dir = %config.data_dir.display(), kinds = config.kinds.len(), "serving");
     server::run(config, env, Arc::new(fs), listener, shutdown_signal()).await.map_err(|e| e.to_string())
+}
+
+/// Plain TCP is for a node on loopback only: one that listens on another address without TLS
+/// says so, loudly, for each such address.
+fn warn_if_exposed(config: &Config) {
+    let mut addrs = vec![("client", config.listen.clone())];
+    if let Some(c) = &config.cluster {
+        if let Some(me) = c.members.iter().find(|m| m.id == c.id) {
+            addrs.push(("member", me.peer.clone()));
+        }
+    }
+    for (port, addr) in addrs {
+        let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h).trim_matches(|c| c == '[' || c == ']');
+        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            tracing::error!(
+                port,
+                %addr,
+                "NO TLS: this node listens beyond loopback in plain text; anyone who reaches {addr} can read and change \
+                 every session and, on the member port, pose as a member. Configure [tls] (cert, key, ca) in the node's file"
+            );
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -590,7 +649,7 @@ fn err(e: ClientError) -> String {
 }
 
 async fn connect(conn: &Conn) -> Result<Pipe, String> {
-    Pipe::connect_with(truba::net::Tcp, vec![conn.addr.clone()], conn.options()).await.map_err(err)
+    Pipe::connect_with(conn.net()?, vec![conn.addr.clone()], conn.options()).await.map_err(err)
 }
 
 /// A session from "SID" or "SID@ATTEMPT". Without the attempt, the current one is looked up,
@@ -654,7 +713,7 @@ async fn get(conn: &Conn, spec: &str, stale: bool) -> CliResult {
         // Exactly the first member given: a stale read is about that member's state.
         let first = conn.addr.split(',').next().unwrap_or_default().to_string();
         let options = ClientOptions { learn_members: false, ..conn.options() };
-        let pipe = Pipe::connect_with(truba::net::Tcp, vec![first.clone()], options).await.map_err(err)?;
+        let pipe = Pipe::connect_with(conn.net()?, vec![first.clone()], options).await.map_err(err)?;
         let v = pipe.get_local(SessionId(session)).await.map_err(err)?;
         if let Ok(s) = pipe.status().await {
             eprintln!(
@@ -887,7 +946,7 @@ async fn status(conn: &Conn, cluster: bool) -> CliResult {
         let base = conn.options();
         let options =
             ClientOptions { learn_members: false, retry_for: base.retry_for.min(Duration::from_secs(2)), ..base };
-        let s = match Pipe::connect_with(truba::net::Tcp, vec![addr.clone()], options).await {
+        let s = match Pipe::connect_with(conn.net()?, vec![addr.clone()], options).await {
             Ok(pipe) => pipe.status().await.map_err(err),
             Err(e) => Err(err(e)),
         };
@@ -1458,7 +1517,7 @@ async fn leader_transfer(conn: &Conn, to: ReplicaId) -> CliResult {
     // Ask the new leader itself whether it leads (its address from the configuration, else
     // whichever member the pipe reaches).
     let target = match addr {
-        Some(a) => Some(Pipe::connect_with(truba::net::Tcp, vec![a], conn.options()).await.map_err(err)?),
+        Some(a) => Some(Pipe::connect_with(conn.net()?, vec![a], conn.options()).await.map_err(err)?),
         None => None,
     };
     loop {

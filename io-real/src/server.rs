@@ -137,15 +137,24 @@ pub trait Env: Clone + Send + Sync + 'static {
     fn seed(&self) -> u64;
 }
 
-/// The production environment: real TCP, a dedicated disk thread, the system clock.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RealEnv;
+/// The production environment: real TCP (with TLS if configured), a dedicated disk thread, the
+/// system clock.
+#[derive(Clone, Debug, Default)]
+pub struct RealEnv {
+    net: crate::net::RealNet,
+}
+
+impl RealEnv {
+    pub fn with_net(net: crate::net::RealNet) -> RealEnv {
+        RealEnv { net }
+    }
+}
 
 impl Env for RealEnv {
-    type Net = crate::net::Tcp;
+    type Net = crate::net::RealNet;
 
     fn transport(&self) -> Self::Net {
-        crate::net::Tcp
+        self.net.clone()
     }
 
     fn spawn_disk(
@@ -932,7 +941,8 @@ async fn peer_accept_loop<N: Transport>(
         match accepted {
             Ok((stream, peer)) => {
                 let (tx, book, refusals) = (to_engine.clone(), book.clone(), refusals.clone());
-                let gate = PeerGate { identity, book, refusals };
+                let certificate = net.is_tls().then(|| N::peer_certificate(&stream));
+                let gate = PeerGate { identity, book, refusals, certificate };
                 tokio::spawn(peer_reader(stream, peer.to_string(), tx, gate, frame_bytes_max));
             }
             Err(e) => {
@@ -967,6 +977,22 @@ struct PeerGate {
     /// The other members, and addresses they gave.
     book: SharedBook,
     refusals: Arc<Mutex<Refusals>>,
+    /// With TLS: the certificate the connection presented, which must name the member its
+    /// hello names (see `net::member_cert_name`). `None` without TLS.
+    certificate: Option<Option<Vec<u8>>>,
+}
+
+impl PeerGate {
+    /// Why the connection's certificate does not prove it comes from `member`, if it does not.
+    fn certificate_refusal(&self, member: ReplicaId) -> Option<String> {
+        let name = crate::net::member_cert_name(member);
+        match &self.certificate {
+            None => None,
+            Some(None) => Some(format!("it presented no TLS certificate (one naming {name} is required)")),
+            Some(Some(cert)) if crate::net::cert_names_member(cert, member) => None,
+            Some(Some(_)) => Some(format!("its TLS certificate does not name {name}, the member its hello claims")),
+        }
+    }
 }
 
 impl PeerGate {
@@ -993,7 +1019,8 @@ impl PeerGate {
             }
         };
         let members = self.book.lock().expect("book lock").members.clone();
-        let Some(reason) = hello.refusal(self.identity, &members) else {
+        let refusal = hello.refusal(self.identity, &members).or_else(|| self.certificate_refusal(hello.member));
+        let Some(reason) = refusal else {
             if !hello.addr.is_empty() && hello.addr.len() <= truba_engine::config::MEMBER_ADDR_BYTES_MAX {
                 self.book.lock().expect("book lock").said.insert(hello.member, hello.addr.clone());
             }

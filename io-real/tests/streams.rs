@@ -43,12 +43,12 @@ fn config(dir: &std::path::Path) -> Config {
 }
 
 async fn start(mut c: Config) -> Running {
-    let listener = server::bind(&Tcp, "127.0.0.1:0").await.unwrap();
-    let addr = Tcp.local_addr(&listener).unwrap().to_string();
+    let listener = server::bind(&truba::net::RealNet::plain(), "127.0.0.1:0").await.unwrap();
+    let addr = truba::net::RealNet::plain().local_addr(&listener).unwrap().to_string();
     c.listen = addr.clone();
     let fs = truba::disk::DirFs::open(&c.data_dir).unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let done = tokio::spawn(server::run(c, RealEnv, Arc::new(fs), listener, async {
+    let done = tokio::spawn(server::run(c, RealEnv::default(), Arc::new(fs), listener, async {
         let _ = stopped.await;
     }));
     Running { addr, stop: Some(stop), done }

@@ -396,14 +396,15 @@ async fn a_consumer_killed_mid_batch_resumes_from_its_checkpoint_and_applies_its
         let config = truba_engine::KindConfig { lease_ms: 600_000, ..Default::default() };
         c.kinds.insert(kind, KindSection { handler: None, config });
     }
-    let listener = truba::server::bind(&Tcp, "127.0.0.1:0").await.unwrap();
-    let addr = truba::net::Transport::local_addr(&Tcp, &listener).unwrap().to_string();
+    let listener = truba::server::bind(&truba::net::RealNet::plain(), "127.0.0.1:0").await.unwrap();
+    let addr = truba::net::Transport::local_addr(&truba::net::RealNet::plain(), &listener).unwrap().to_string();
     c.listen = addr.clone();
     let fs = truba::disk::DirFs::open(&c.data_dir).unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(truba::server::run(c, truba::server::RealEnv, Arc::new(fs), listener, async {
-        let _ = stop_rx.await;
-    }));
+    let server =
+        tokio::spawn(truba::server::run(c, truba::server::RealEnv::default(), Arc::new(fs), listener, async {
+            let _ = stop_rx.await;
+        }));
     let p = pipe(vec![addr.clone()]).await;
     let mut inputs = Vec::new();
     let add = |n: usize, p: Pipe| async move {
