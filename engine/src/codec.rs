@@ -567,9 +567,12 @@ mod tests {
                     b.resize(end + pad, 0);
                 }
                 let (whole, start) = record_at(&ends, t);
+                // A torn record whose kept bytes are all zeros (its length's low byte alone, say,
+                // when the length is a multiple of 256) left nothing on disk: a shorter clean log.
+                let nothing_kept = b[start..t].iter().all(|&x| x == 0);
                 let s = scan_segment(&b).unwrap();
                 prop_assert_eq!(s.records.len(), whole);
-                if start == t || whole == recs.len() {
+                if start == t || whole == recs.len() || nothing_kept {
                     prop_assert_eq!(s.end, ScanEnd::Clean);
                 } else {
                     prop_assert_eq!(s.end, ScanEnd::Torn { offset: start as u64 });

@@ -306,7 +306,10 @@ impl Engine {
         self.now = now;
         match input {
             Input::Boot => self.boot(),
-            Input::Request { client, seq, request } => self.on_request(client, seq, request),
+            Input::Request { client, seq, request } => self.on_request(client, seq, request, None),
+            Input::RequestAs { client, seq, request, principal } => {
+                self.on_request(client, seq, request, Some(principal))
+            }
             Input::Query { id, query } => self.on_query(id, query),
             Input::IoDone { id, result } => self.on_io(id, result),
             Input::DeliveryFailed { handle, reason } => self.on_delivery_failed(handle, reason),
@@ -663,7 +666,7 @@ impl Engine {
         (!self.is_leader()).then_some(RequestError::NotLeader { leader: self.leader_hint() })
     }
 
-    fn on_request(&mut self, client: ClientId, seq: Seq, request: Request) {
+    fn on_request(&mut self, client: ClientId, seq: Seq, request: Request, principal: Option<String>) {
         if let Some(e) = self.refusal() {
             self.outputs.push_back(Output::refuse(client, seq, e));
             return;
@@ -703,14 +706,16 @@ impl Engine {
             return;
         }
         let command = match request {
-            Request::ConsumerCommit(commit) => self.commit_command(client, seq, commit),
-            Request::ChangeMembers { change, addrs } => match self.change_members(client, seq, change, addrs) {
-                Ok(command) => command,
-                Err(e) => {
-                    self.outputs.push_back(Output::refuse(client, seq, e));
-                    return;
+            Request::ConsumerCommit(commit) => self.commit_command(client, seq, commit, principal),
+            Request::ChangeMembers { change, addrs } => {
+                match self.change_members(client, seq, change, addrs, principal) {
+                    Ok(command) => command,
+                    Err(e) => {
+                        self.outputs.push_back(Output::refuse(client, seq, e));
+                        return;
+                    }
                 }
-            },
+            }
             request => {
                 let due = match &request {
                     Request::Store { handle, timeout_s } => {
@@ -719,7 +724,7 @@ impl Engine {
                     }
                     _ => None,
                 };
-                Command::Client { client, seq, request, due, principal: None }
+                Command::Client { client, seq, request, due, principal }
             }
         };
         self.waiting.insert(client, seq);
@@ -742,7 +747,13 @@ impl Engine {
     /// A consumer's commit as an entry: the repeat time of each storing operation is drawn
     /// here, and for every session it creates after the first an index is reserved just before
     /// it (proposed now, so the reserved entries and the commit are consecutive in the log).
-    fn commit_command(&mut self, client: ClientId, seq: Seq, commit: crate::op::ConsumerCommit) -> Command {
+    fn commit_command(
+        &mut self,
+        client: ClientId,
+        seq: Seq,
+        commit: crate::op::ConsumerCommit,
+        principal: Option<String>,
+    ) -> Command {
         let mut dues = Vec::with_capacity(commit.ops.len());
         for op in &commit.ops {
             let kind = match op {
@@ -756,7 +767,7 @@ impl Engine {
         for _ in 1..news {
             self.propose(Command::Reserve);
         }
-        Command::Commit { client, seq, principal: None, commit, dues, ids_from }
+        Command::Commit { client, seq, principal, commit, dues, ids_from }
     }
 
     /// Refusals that need no log entry, by the replicated configuration as this leader has

@@ -100,6 +100,10 @@ pub enum RequestError {
     RemoveLeader(ReplicaId),
     #[error("leadership was not transferred to {to}: {reason}")]
     TransferFailed { to: ReplicaId, reason: String },
+    /// The client's credentials do not grant `verb` on `kind` (`None`: on every kind, or on
+    /// the cluster itself).
+    #[error("permission denied: {principal} may not {verb}{}", kind.map_or(String::new(), |k| format!(" sessions of kind {}", k.0)))]
+    PermissionDenied { principal: String, verb: String, kind: Option<Kind> },
 }
 
 impl RequestError {

@@ -118,6 +118,9 @@ pub enum Input {
     Boot,
     /// A client request; `(client, seq)` names it, and a retry reuses both.
     Request { client: ClientId, seq: Seq, request: Request },
+    /// A client request from a client that proved who it is: the driver checked its
+    /// permissions, and `principal` is recorded with the entry for the ledger's audit.
+    RequestAs { client: ClientId, seq: Seq, request: Request, principal: String },
     /// A read-only query, answered at once from applied state.
     Query { id: u64, query: Query },
     /// A disk operation finished.

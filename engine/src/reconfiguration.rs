@@ -156,6 +156,7 @@ impl Engine {
         seq: Seq,
         change: MemberChange,
         addrs: Option<MemberAddrs>,
+        principal: Option<String>,
     ) -> Result<Command, RequestError> {
         let members = self.check_member_change(change)?;
         let addrs = match change {
@@ -165,7 +166,7 @@ impl Engine {
         if let Some(a) = &addrs {
             a.validate().map_err(RequestError::InvalidMemberChange)?;
         }
-        Ok(Command::Members { client, seq, principal: None, change, members, addrs })
+        Ok(Command::Members { client, seq, principal, change, members, addrs })
     }
 
     /// Where this node's file says the cluster's first members are reached: the bootstrap entry

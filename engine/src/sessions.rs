@@ -382,8 +382,9 @@ impl StateMachine {
         Some(SessionBrief { status, attempt: e.attempt, failures: e.failures, records: e.records, bytes: e.bytes })
     }
 
-    /// The kind of a session in memory or spilled.
-    pub(crate) fn kind_of(&self, id: SessionId) -> Option<Kind> {
+    /// The kind of a session in memory or spilled (what a driver checks a client's
+    /// permissions against).
+    pub fn kind_of(&self, id: SessionId) -> Option<Kind> {
         match self.sessions.get(&id) {
             Some(s) => Some(s.kind),
             None => self.sources.locate(id).map(|p| p.kind),

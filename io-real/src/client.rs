@@ -96,6 +96,9 @@ pub struct ClientOptions {
     /// pipe given one member reaches the others when it fails. Default true; false keeps the
     /// pipe on exactly the addresses given (asking one member for its own status, say).
     pub learn_members: bool,
+    /// A bearer token proving who this client is, for a cluster with `[auth]` (sent once on
+    /// each connection, right after the member's hello). Default none.
+    pub token: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -106,6 +109,7 @@ impl Default for ClientOptions {
             retry_for: Duration::from_secs(30),
             frame_bytes_max: CLIENT_FRAME_BYTES_MAX_DEFAULT,
             learn_members: true,
+            token: None,
         }
     }
 }
@@ -826,11 +830,18 @@ pub(crate) async fn connect_member<T: Transport>(
     addr: &str,
     timeout: Duration,
     frame_bytes_max: u32,
+    token: Option<&str>,
 ) -> Result<(T::Stream, Hello), String> {
     let attempt = async {
         let mut stream = transport.connect(addr).await.map_err(|e| e.to_string())?;
         match wire::read::<ServerMsg, _>(&mut stream, frame_bytes_max).await {
-            Ok(Some(ServerMsg::Hello(hello))) if hello.protocol == wire::CLIENT_PROTOCOL_VERSION => Ok((stream, hello)),
+            Ok(Some(ServerMsg::Hello(hello))) if hello.protocol == wire::CLIENT_PROTOCOL_VERSION => {
+                if let Some(token) = token {
+                    let auth = ClientMsg::Authenticate { token: token.to_string() };
+                    wire::write(&mut stream, &auth).await.map_err(|e| e.to_string())?;
+                }
+                Ok((stream, hello))
+            }
             Ok(Some(ServerMsg::Hello(hello))) => Err(format!(
                 "the member speaks client protocol version {}, this client version {} (upgrade the older side)",
                 hello.protocol,
@@ -864,9 +875,9 @@ async fn connect_any<T: Transport>(
     loop {
         if next < addrs.len() {
             let (t, addr) = (transport.clone(), addrs[next].clone());
-            let (timeout, max) = (options.connect_timeout, options.frame_bytes_max);
+            let (timeout, max, token) = (options.connect_timeout, options.frame_bytes_max, options.token.clone());
             attempts.spawn(async move {
-                let result = connect_member(&t, &addr, timeout, max).await;
+                let result = connect_member(&t, &addr, timeout, max, token.as_deref()).await;
                 (addr, result)
             });
             next += 1;
@@ -1232,6 +1243,8 @@ pub(crate) mod tests {
                     reply: QueryReply::Dead(Ok(DeadPage { sessions, total: dead.len() as u64 })),
                 }
             }
+            // The fake takes no credentials.
+            ClientMsg::Authenticate { .. } => ServerMsg::Error { error: crate::wire::WireError::BadCredentials },
             // The fake serves no streams.
             ClientMsg::StreamOpen { stream, .. }
             | ClientMsg::StreamAck { stream, .. }

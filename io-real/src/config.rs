@@ -28,6 +28,9 @@ pub struct Config {
     /// `[tls]`: this node's certificate, key and trusted CA. Absent: plain TCP, for a node that
     /// listens on loopback only (it warns at start otherwise).
     pub tls: Option<crate::net::TlsFiles>,
+    /// `[auth]`: who may do what on the client port (see `auth.rs`). Absent: everyone may do
+    /// everything.
+    pub auth: Option<crate::auth::AuthSection>,
 }
 
 /// A replicated cluster of 1, 3 or 5 voters; every node's file lists the same members.
@@ -149,6 +152,7 @@ impl Default for Config {
             cluster: None,
             consensus: ConsensusConfig::default(),
             tls: None,
+            auth: None,
         }
     }
 }
@@ -197,6 +201,9 @@ impl Config {
         }
         if let Some(c) = &self.cluster {
             c.validate()?;
+        }
+        if let Some(a) = &self.auth {
+            crate::auth::Authority::new(a)?;
         }
         let t = &self.consensus;
         if t.election_timeout_ms_min == 0 || t.election_timeout_ms_min > t.election_timeout_ms_max {

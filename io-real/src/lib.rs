@@ -17,6 +17,7 @@
 //! - [`bench_stored`]: `truba bench-stored`.
 //! - [`bench_read`]: `truba bench-read`.
 
+pub mod auth;
 pub mod bench;
 pub mod bench_read;
 pub mod bench_stored;

@@ -21,6 +21,13 @@ use truba_engine::{
     Reply, RequestError, SessionBrief, SessionId, SessionSnapshot, SessionState, SessionView, TailFrom, What,
 };
 
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Prints the SHA-256 of a token (read from standard input, one line) in hex: what a
+    /// principal's `token_sha256` holds. The token itself is never kept in a file.
+    HashToken,
+}
+
 #[derive(Parser)]
 #[command(
     name = "truba",
@@ -56,6 +63,9 @@ struct Conn {
     /// The key of --tls-cert (PEM).
     #[arg(long, env = "TRUBA_TLS_KEY", value_name = "PATH", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// A bearer token proving who this client is, for a cluster with `[auth]`.
+    #[arg(long, env = "TRUBA_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// The name the servers' certificates must carry, instead of the host dialed.
     #[arg(long, env = "TRUBA_TLS_SERVER_NAME", value_name = "NAME", requires = "tls_ca")]
     tls_server_name: Option<String>,
@@ -101,6 +111,7 @@ impl Conn {
             connect_timeout: self.connect_timeout.min(self.timeout),
             request_timeout,
             retry_for: self.timeout,
+            token: self.token.clone(),
             ..ClientOptions::default()
         }
     }
@@ -267,6 +278,10 @@ enum Command {
     /// Leadership: hand it to another voter.
     #[command(subcommand)]
     Leader(LeaderCommand),
+    /// Credentials: `truba auth hash-token` prints the digest of a bearer token, for a
+    /// principal's `token_sha256` in a node's `[auth]`.
+    #[command(subcommand)]
+    Auth(AuthCommand),
     /// A demo handler: prints every delivery and deletes the session.
     HandlerEcho {
         /// Address to listen on for the pipe's deliveries (the kind's `handler` address).
@@ -568,6 +583,16 @@ async fn run(command: Command) -> CliResult {
         Command::Leader(LeaderCommand::Transfer { to, conn }) => leader_transfer(&conn, ReplicaId(to)).await,
         Command::Config(ConfigCommand::Show { conn }) => config_show(&conn).await,
         Command::Config(ConfigCommand::Apply { file, dry_run, conn }) => config_apply(&conn, &file, dry_run).await,
+        Command::Auth(AuthCommand::HashToken) => {
+            let mut token = String::new();
+            std::io::stdin().read_line(&mut token).map_err(|e| format!("reading the token: {e}"))?;
+            let token = token.trim_end_matches(['\n', '\r']);
+            if token.is_empty() {
+                return Err("no token on standard input".into());
+            }
+            println!("{}", truba::auth::hash_token(token));
+            Ok(())
+        }
         Command::HandlerEcho { listen } => truba::handler::serve(&listen, Echo).await.map_err(|e| e.to_string()),
         Command::Bench(args) => truba::bench::run(args).await,
         Command::BenchStored(args) => truba::bench_stored::run(args).await,

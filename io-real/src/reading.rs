@@ -165,7 +165,8 @@ impl<T: Transport> Members<T> {
             let i = (self.at + k) % n;
             let addr = &self.addrs[i];
             let (timeout, max) = (self.options.connect_timeout, self.options.frame_bytes_max);
-            match crate::client::connect_member(&self.transport, addr, timeout, max).await {
+            let token = self.options.token.as_deref();
+            match crate::client::connect_member(&self.transport, addr, timeout, max, token).await {
                 Ok((stream, _hello)) => {
                     self.at = i;
                     let mut link = Link::new(stream, addr.clone());

@@ -25,6 +25,7 @@
 //! queued while the peer was unreachable: consensus resends what still matters), and reads the
 //! incoming ones into the engine as messages.
 
+use crate::auth::{Authority, Principal};
 use crate::config::{Config, ServerLimits};
 use crate::disk::Fs;
 use crate::identity::{Identity, PeerHello, PEER_HELLO_BYTES_MAX};
@@ -74,6 +75,14 @@ pub enum ToEngine {
     Opened {
         conn: u64,
         link: ConnLink,
+        /// Who the connection proved to be by its TLS certificate, or `anonymous`; `None`
+        /// when the node has no `[auth]`.
+        principal: Option<Principal>,
+    },
+    /// The connection proved who it is with a token.
+    Authenticated {
+        conn: u64,
+        principal: Principal,
     },
     Closed {
         conn: u64,
@@ -203,6 +212,8 @@ pub enum ServerError {
     Identity(#[from] crate::identity::IdentityError),
     #[error("the engine stopped: {0}")]
     Fatal(String),
+    #[error("auth: {0}")]
+    Auth(String),
 }
 
 /// Binds the listening address (so callers learn the port before serving).
@@ -263,6 +274,10 @@ pub async fn run<E: Env>(
         }
         None => None,
     };
+    let authority = match &config.auth {
+        Some(section) => Some(Arc::new(Authority::new(section).map_err(ServerError::Auth)?)),
+        None => None,
+    };
     let accept = tokio::spawn(accept_loop(
         env.transport(),
         listener,
@@ -270,6 +285,7 @@ pub async fn run<E: Env>(
         config.server.clone(),
         stop_rx,
         connections.clone(),
+        authority,
     ));
     let mut driver = Driver::new(config, identity, book, env, fs.clone(), to_engine, disk_tx, connections);
     let result = driver.run(from_world, shutdown, stop_tx).await;
@@ -300,7 +316,7 @@ async fn ask_cluster_id<N: Transport>(
 ) -> Result<crate::identity::ClusterId, String> {
     let until = tokio::time::Instant::now() + JOIN_WAIT;
     loop {
-        match crate::client::connect_member(&net, &contact, Duration::from_secs(2), frame_bytes_max).await {
+        match crate::client::connect_member(&net, &contact, Duration::from_secs(2), frame_bytes_max, None).await {
             Ok((_, hello)) => {
                 info!(%contact, cluster = %crate::identity::ClusterId(hello.cluster), "joining the cluster");
                 return Ok(crate::identity::ClusterId(hello.cluster));
@@ -349,6 +365,8 @@ impl DiskQueues {
 /// A client connection as the engine task sees it.
 struct Conn {
     link: ConnLink,
+    /// Whose permissions its requests are checked against (`None`: no `[auth]`).
+    principal: Option<Principal>,
     /// Its open streams, by the client's numbers.
     streams: BTreeMap<u64, Route>,
 }
@@ -564,10 +582,28 @@ impl<E: Env> Driver<E> {
             // A failed delivery during shutdown is left to the lease: it expires after restart.
             ToEngine::DeliveryFailed { .. } if stopping => {}
             ToEngine::Request { conn, client, seq, request } => {
+                let principal = self.conns.get(&conn).and_then(|c| c.principal.clone());
+                let Some(principal) = principal else {
+                    self.routes.insert((client, seq), conn);
+                    return self.feed(Input::Request { client, seq, request });
+                };
+                let state = self.engine.state();
+                if let Err(e) = crate::auth::check_request(&principal, &request, |id| state.kind_of(id)) {
+                    warn!(conn, principal = principal.name, %e, request = request.name(), "refusing a request");
+                    return self.send(conn, ServerMsg::Reply { client, seq, outcome: Err(e) });
+                }
                 self.routes.insert((client, seq), conn);
-                self.feed(Input::Request { client, seq, request })
+                self.feed(Input::RequestAs { client, seq, request, principal: principal.name })
             }
             ToEngine::Query { conn, id, query } => {
+                let principal = self.conns.get(&conn).and_then(|c| c.principal.as_ref());
+                let state = self.engine.state();
+                if let Some(e) =
+                    principal.and_then(|p| crate::auth::check_query(p, &query, |id| state.kind_of(id)).err())
+                {
+                    warn!(conn, principal = principal.map(|p| p.name.as_str()), %e, "refusing a query");
+                    return self.send(conn, ServerMsg::QueryReply { id, reply: refused_query(&query, e) });
+                }
                 self.next_query += 1;
                 self.queries.insert(self.next_query, (conn, id, false));
                 self.feed(Input::Query { id: self.next_query, query })
@@ -579,7 +615,13 @@ impl<E: Env> Driver<E> {
             }
             ToEngine::IoDone { id, result } => self.feed(Input::IoDone { id, result }),
             ToEngine::DeliveryFailed { handle, reason } => self.feed(Input::DeliveryFailed { handle, reason }),
-            ToEngine::Opened { conn, link } => {
+            ToEngine::Authenticated { conn, principal } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    debug!(conn, principal = principal.name, "a client proved who it is");
+                    c.principal = Some(principal);
+                }
+            }
+            ToEngine::Opened { conn, link, principal } => {
                 let members = self.client_addrs.clone();
                 let cluster = self.identity.cluster.0;
                 let hello = Hello {
@@ -590,7 +632,7 @@ impl<E: Env> Driver<E> {
                     members,
                 };
                 let _ = link.tx.send(Outgoing::Msg(ServerMsg::Hello(hello)));
-                self.conns.insert(conn, Conn { link, streams: BTreeMap::new() });
+                self.conns.insert(conn, Conn { link, principal, streams: BTreeMap::new() });
             }
             ToEngine::Closed { conn } => {
                 if let Some(c) = self.conns.remove(&conn) {
@@ -641,6 +683,10 @@ impl<E: Env> Driver<E> {
         }
         if c.streams.contains_key(&stream) {
             return self.refuse(conn, stream, StreamRefusal::AlreadyOpen);
+        }
+        if let Some(e) = c.principal.as_ref().and_then(|p| crate::auth::check_stream(p, &open).err()) {
+            warn!(conn, principal = c.principal.as_ref().map(|p| p.name.as_str()), %e, "refusing a stream");
+            return self.refuse(conn, stream, StreamRefusal::PermissionDenied(e));
         }
         if matches!(open, StreamOpen::Watch { window: Some(0), .. }) {
             return self.refuse(conn, stream, StreamRefusal::ZeroWindow);
@@ -1145,6 +1191,7 @@ async fn accept_loop<N: Transport>(
     limits: ServerLimits,
     mut stop: watch::Receiver<bool>,
     connections: Arc<AtomicU32>,
+    authority: Option<Arc<Authority>>,
 ) {
     let mut next_conn = 0u64;
     loop {
@@ -1172,8 +1219,14 @@ async fn accept_loop<N: Transport>(
         next_conn += 1;
         connections.fetch_add(1, Ordering::Relaxed);
         let (tx, limits, stop, count) = (to_engine.clone(), limits.clone(), stop.clone(), connections.clone());
+        // A TLS client certificate that names a principal proves who the connection is.
+        let principal = authority.as_ref().map(|a| {
+            let by_cert = N::peer_certificate(&stream).and_then(|c| a.by_certificate(&c).cloned());
+            by_cert.unwrap_or_else(|| a.anonymous().clone())
+        });
+        let auth = authority.clone();
         tokio::spawn(async move {
-            connection(stream, next_conn, tx, limits, stop).await;
+            connection(stream, next_conn, tx, limits, stop, (auth, principal)).await;
             count.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -1195,6 +1248,7 @@ async fn connection<S>(
     to_engine: mpsc::UnboundedSender<ToEngine>,
     limits: ServerLimits,
     mut stop: watch::Receiver<bool>,
+    (authority, principal): (Option<Arc<Authority>>, Option<Principal>),
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -1208,7 +1262,7 @@ async fn connection<S>(
     let queued = Arc::new(AtomicU64::new(0));
     let streams_open = Arc::new(AtomicU32::new(0));
     let link = ConnLink { tx: out_tx.clone(), queued: queued.clone(), streams_open: streams_open.clone() };
-    if to_engine.send(ToEngine::Opened { conn, link }).is_err() {
+    if to_engine.send(ToEngine::Opened { conn, link, principal }).is_err() {
         return;
     }
     let pending = Arc::new(Mutex::new(BTreeSet::<Pending>::new()));
@@ -1317,6 +1371,21 @@ async fn connection<S>(
                 }
                 continue;
             }
+            ClientMsg::Authenticate { token } => {
+                let Some(authority) = &authority else {
+                    debug!(conn, "a client sent a token to a node without [auth]; ignoring it");
+                    continue;
+                };
+                let Some(principal) = authority.by_token(&token).cloned() else {
+                    warn!(conn, "refusing a client's token and closing its connection");
+                    let _ = out_tx.send(Outgoing::Msg(ServerMsg::Error { error: WireError::BadCredentials }));
+                    break;
+                };
+                if to_engine.send(ToEngine::Authenticated { conn, principal }).is_err() {
+                    break;
+                }
+                continue;
+            }
         };
         let too_many = {
             let mut p = pending.lock().expect("pending lock");
@@ -1335,4 +1404,16 @@ async fn connection<S>(
     let _ = to_engine.send(ToEngine::Closed { conn });
     drop(out_tx);
     let _ = write_task.await;
+}
+
+/// The answer to a query refused before it reached the engine.
+fn refused_query(query: &Query, e: truba_engine::RequestError) -> QueryReply {
+    match query {
+        Query::Session(_) | Query::SessionLocal(_) => QueryReply::Session(Err(e)),
+        Query::Dead { .. } => QueryReply::Dead(Err(e)),
+        Query::Checkpoint { .. } | Query::ReadThrough { .. } => QueryReply::Checkpoint(Err(e)),
+        Query::Config => QueryReply::Config(Err(e)),
+        // Never refused (see `auth::check_query`); answered as the others for completeness.
+        Query::Status => QueryReply::Config(Err(e)),
+    }
 }

@@ -54,6 +54,11 @@ pub enum ClientMsg {
     StreamClose {
         stream: u64,
     },
+    /// A bearer token proving who the client is, for a node with `[auth]` (see `auth.rs`):
+    /// sent once, right after the hello. A token the node does not know ends the connection.
+    Authenticate {
+        token: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +119,8 @@ pub enum StreamRefusal {
     AckBeyondSent { seq: u64, sent: u64 },
     #[error("a window of 0 events lets nothing through")]
     ZeroWindow,
+    #[error("{0}")]
+    PermissionDenied(truba_engine::RequestError),
 }
 
 /// Why the server ended a stream.
@@ -199,6 +206,8 @@ pub enum WireError {
     TooManyInflight { max: u32 },
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("the credentials were not accepted")]
+    BadCredentials,
 }
 
 /// Errors reading or writing frames.

@@ -130,6 +130,7 @@ fn client_messages() {
         ),
         ("StreamAck", encode(&ClientMsg::StreamAck { stream: 2, seq: 8, error: Some("slow".into()) })),
         ("StreamClose", encode(&ClientMsg::StreamClose { stream: 2 })),
+        ("Authenticate", encode(&ClientMsg::Authenticate { token: "s3cret".into() })),
     ];
     insta::assert_snapshot!("client_messages", golden(&frames));
 }
@@ -193,6 +194,7 @@ fn server_messages() {
         ("Error connections", encode(&ServerMsg::Error { error: WireError::TooManyConnections { max: 1024 } })),
         ("Error inflight", encode(&ServerMsg::Error { error: WireError::TooManyInflight { max: 256 } })),
         ("Error shutting down", encode(&ServerMsg::Error { error: WireError::ShuttingDown })),
+        ("Error credentials", encode(&ServerMsg::Error { error: WireError::BadCredentials })),
         ("Stream Entries", encode(&stream(entries))),
         ("Stream Progress", encode(&stream(StreamItem::Progress { through: Index(13) }))),
         ("Stream ResyncStart", encode(&stream(StreamItem::ResyncStart { at: Index(13) }))),
@@ -214,6 +216,17 @@ fn server_messages() {
         (
             "StreamRefused ZeroWindow",
             encode(&ServerMsg::StreamRefused { stream: 2, refusal: StreamRefusal::ZeroWindow }),
+        ),
+        (
+            "StreamRefused PermissionDenied",
+            encode(&ServerMsg::StreamRefused {
+                stream: 2,
+                refusal: StreamRefusal::PermissionDenied(RequestError::PermissionDenied {
+                    principal: "orders".into(),
+                    verb: "read".into(),
+                    kind: Some(Kind(2)),
+                }),
+            }),
         ),
         ("StreamEnded ShuttingDown", encode(&ServerMsg::StreamEnded { stream: 2, reason: StreamEnd::ShuttingDown })),
         (
