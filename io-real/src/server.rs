@@ -1232,6 +1232,10 @@ async fn accept_loop<N: Transport>(
     }
 }
 
+/// The largest frame from a client connection that has not proven who it is, to a node with
+/// `[auth]` whose anonymous connections may do nothing.
+const UNPROVEN_FRAME_BYTES_MAX: u32 = 16 * 1024;
+
 /// What a connection waits for an answer to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Pending {
@@ -1256,6 +1260,12 @@ async fn connection<S>(
     // Buffered, so a frame's header and payload usually come in with one read.
     let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, reader);
     let max_inflight = limits.inflight_per_connection_max;
+    // A connection that has proven nothing, to a node that wants proof, gets a small frame
+    // limit until it does: enough for a token and small requests, not for a stranger to make
+    // the node buffer megabytes.
+    let unproven = principal.as_ref().is_some_and(|p| p.name == "anonymous" && p.grants.is_empty());
+    let mut frame_bytes_max =
+        if unproven { limits.frame_bytes_max.min(UNPROVEN_FRAME_BYTES_MAX) } else { limits.frame_bytes_max };
     // Unbounded: answers are bounded by the requests a connection may have waiting, and stream
     // items by the engine's windows and `stream_queue_bytes_max` (see `Driver::route_stream`).
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
@@ -1316,7 +1326,7 @@ async fn connection<S>(
         // way would lose its bytes); a connection waiting for answers or with streams open is
         // not idle, however long it is quiet.
         let frame = {
-            let read = wire::read::<ClientMsg, _>(&mut reader, limits.frame_bytes_max);
+            let read = wire::read::<ClientMsg, _>(&mut reader, frame_bytes_max);
             tokio::pin!(read);
             loop {
                 tokio::select! {
@@ -1384,6 +1394,7 @@ async fn connection<S>(
                 if to_engine.send(ToEngine::Authenticated { conn, principal }).is_err() {
                     break;
                 }
+                frame_bytes_max = limits.frame_bytes_max;
                 continue;
             }
         };

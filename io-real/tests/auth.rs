@@ -1,7 +1,8 @@
 //! Credentials and permissions on a real process: a node whose `[auth]` grants one principal
 //! writes and reads of kind 1, another the operator's verbs, and anonymous connections nothing.
 //! Each refusal is a `PermissionDenied` naming the principal, changes nothing, and is logged;
-//! an unknown token ends the connection; the ledger's audit records who wrote what.
+//! an unknown token ends the connection; the ledger's audit records who wrote what; and a
+//! connection that has proven nothing may not send a large frame.
 
 #[allow(dead_code)] // each test file uses part of the shared harness
 mod common;
@@ -106,6 +107,17 @@ grants = ["operate:*", "read:*"]
     assert!(out.contains(r#""principal":"orders""#), "the audit records the principal: {out}");
     let logged = std::fs::read_to_string(&log).expect("the node's log");
     assert!(logged.contains("refusing a request") && logged.contains("principal=\"anonymous\""), "{logged}");
+
+    // A stranger's connection may not send a large frame before it proves who it is.
+    let mut stranger = tokio::net::TcpStream::connect(&addr).await.expect("connecting");
+    let hello = truba::wire::read::<truba::wire::ServerMsg, _>(&mut stranger, 1 << 20).await.expect("a hello");
+    assert!(matches!(hello, Some(truba::wire::ServerMsg::Hello(_))), "{hello:?}");
+    let mut header = 100_000u32.to_le_bytes().to_vec();
+    header.extend_from_slice(&[0; 4]);
+    tokio::io::AsyncWriteExt::write_all(&mut stranger, &header).await.expect("writing a header");
+    let answer = truba::wire::read::<truba::wire::ServerMsg, _>(&mut stranger, 1 << 20).await.expect("an answer");
+    let too_large = truba::wire::WireError::FrameTooLarge { len: 100_000, max: 16 * 1024 };
+    assert_eq!(answer, Some(truba::wire::ServerMsg::Error { error: too_large }));
 
     common::terminate(&mut child, Duration::from_secs(10)).await;
 }
