@@ -6,28 +6,23 @@
 //!
 //! - [`server`]: the driver loop (engine task, connections, disk worker, deliveries, shutdown).
 //! - [`disk`]: the data directory: the engine's disk operations on real files.
-//! - [`net`]: the network behind a trait, so tests can run it over turmoil.
-//! - [`wire`]: framed postcard messages (length + crc32).
+//! - [`net`], [`wire`], [`client`], [`reading`], [`handler`]: the client side, from the
+//!   `truba-client` crate (which has no server in it), re-exported here.
 //! - [`config`]: the TOML configuration and its defaults.
 //! - [`identity`]: the cluster id, the data directory's owner, and the member connections' hello.
-//! - [`client`]: `Pipe` and `Session`, with retries that are never applied twice.
-//! - [`reading`]: readers of the ledger: `Tail`, `Watch` and `Consumer` (re-exported by `client`).
-//! - [`handler`]: `handler::serve` and the `Handler` trait for the pipe's deliveries.
 //! - [`bench`]: `truba bench`.
 //! - [`bench_stored`]: `truba bench-stored`.
 //! - [`bench_read`]: `truba bench-read`.
+
+// The client side lives in its own crate (no server in it); re-exported under the old paths.
+pub use truba_client::{client, handler, net, reading, wire};
 
 pub mod auth;
 pub mod bench;
 pub mod bench_read;
 pub mod bench_stored;
-pub mod client;
 pub mod cluster_config;
 pub mod config;
 pub mod disk;
-pub mod handler;
 pub mod identity;
-pub mod net;
-pub mod reading;
 pub mod server;
-pub mod wire;

@@ -4,8 +4,8 @@
 //! operations its processing produced, as one entry).
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), truba::client::ClientError> {
-//! use truba::client::{Pipe, TailItem};
+//! # async fn demo() -> Result<(), truba_client::client::ClientError> {
+//! use truba_client::client::{Pipe, TailItem};
 //! use truba_engine::{Filter, Index, TailFrom};
 //! let pipe = Pipe::connect("127.0.0.1:7401,127.0.0.1:7402,127.0.0.1:7403").await?;
 //! let mut tail = pipe.tail(TailFrom::Index(Index(1)), Filter::default());
@@ -842,8 +842,8 @@ impl<T: Transport> Watch<T> {
 /// same name (their commits are refused with `StaleEpoch`).
 ///
 /// ```no_run
-/// # async fn demo(pipe: truba::client::Pipe) -> Result<(), truba::client::ClientError> {
-/// use truba::client::{Consumer, TailItem};
+/// # async fn demo(pipe: truba_client::client::Pipe) -> Result<(), truba_client::client::ClientError> {
+/// use truba_client::client::{Consumer, TailItem};
 /// use truba_engine::{CommitOp, Filter, Kind};
 /// let mut consumer = Consumer::open(&pipe, "billing").await?;
 /// let mut events = consumer.events(Filter { kinds: vec![Kind(1)], ..Filter::default() });

@@ -2,8 +2,8 @@
 //! reconnection and retries), and a [`Session`] is one session worked on through it.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), truba::client::ClientError> {
-//! let pipe = truba::client::Pipe::connect("127.0.0.1:7070").await?;
+//! # async fn demo() -> Result<(), truba_client::client::ClientError> {
+//! let pipe = truba_client::client::Pipe::connect("127.0.0.1:7070").await?;
 //! let mut session = pipe.new(1).await?;
 //! session.append(b"first step".to_vec()).await?;
 //! let due = session.store(60).await?; // unfinished: the kind's handler gets it at `due`
@@ -825,7 +825,7 @@ type Members = Arc<std::sync::Mutex<BTreeMap<ReplicaId, String>>>;
 /// Connects to `addr` and waits for the member's `Hello`, both within `timeout`. A member that
 /// accepts connections but whose engine does not run (a paused process: the kernel still
 /// accepts) is given up on here, instead of holding every request for a request timeout.
-pub(crate) async fn connect_member<T: Transport>(
+pub async fn connect_member<T: Transport>(
     transport: &T,
     addr: &str,
     timeout: Duration,

@@ -3,7 +3,7 @@
 //! delivery, like any client, and answers [`HandlerToPipe::Ack`].
 //!
 //! ```no_run
-//! use truba::handler::{serve, Handler, RepeatData};
+//! use truba_client::handler::{serve, Handler, RepeatData};
 //!
 //! struct Mailer;
 //! impl Handler for Mailer {
