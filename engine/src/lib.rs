@@ -24,6 +24,7 @@
 //!   [`message`]: what replicas say to each other.
 //! - [`membership`]: voters and learners, and the rules for changing them one at a time.
 //! - `hardstate`: the durable term and vote.
+//! - [`mem_dir`]: a perfect in-memory directory, for tests and fuzzing.
 //! - `engine`: the state they share, the local log writer with group commit, and apply.
 
 pub mod codec;
@@ -40,6 +41,7 @@ pub mod io;
 mod ledger;
 mod log;
 mod log_writer;
+pub mod mem_dir;
 pub mod membership;
 pub mod message;
 pub mod op;

@@ -3,13 +3,10 @@
 //! targets drive it with inputs made from their bytes; the engine checks its own invariants
 //! after every step (`Engine::handle` ends with them), so a target only has to keep it busy.
 
-use std::collections::{BTreeMap, VecDeque};
-use truba_engine::{
-    DiskError, Engine, EngineConfig, Input, Instant, IoOp, IoReply, Message, Now, Outcome, Output, ReplicaId, Term,
-    UnixMs,
-};
+use std::collections::VecDeque;
+use truba_engine::{Engine, EngineConfig, Input, Instant, Message, Now, Outcome, Output, ReplicaId, Term, UnixMs};
 
-pub type Dir = BTreeMap<String, Vec<u8>>;
+pub use truba_engine::mem_dir::{exec, MemDir as Dir};
 
 /// Wall clock at mono 0.
 const WALL0_MS: u64 = 1_700_000_000_000;
@@ -137,45 +134,4 @@ pub fn config() -> EngineConfig {
     cfg.limits.stored_memtable_bytes_max = 1024;
     cfg.limits.ledger_segment_bytes_max = 16 * 1024;
     cfg
-}
-
-/// Carries out one disk operation on an in-memory directory (a disk that never fails).
-pub fn exec(dir: &mut Dir, op: &IoOp) -> Result<IoReply, DiskError> {
-    match op {
-        IoOp::List => Ok(IoReply::Listed(dir.keys().cloned().collect())),
-        IoOp::Read { file } => dir.get(file).cloned().map(IoReply::Data).ok_or(DiskError::NotFound),
-        IoOp::ReadAt { file, offset, len } => {
-            let data = dir.get(file).ok_or(DiskError::NotFound)?;
-            let start = usize::try_from(*offset).unwrap_or(usize::MAX).min(data.len());
-            let end = usize::try_from(offset.saturating_add(*len)).unwrap_or(usize::MAX).min(data.len());
-            Ok(IoReply::Data(data[start..end].to_vec()))
-        }
-        IoOp::Write { file, offset, data } => {
-            let f = dir.entry(file.clone()).or_default();
-            let start = *offset as usize;
-            let end = start + data.len();
-            if f.len() < end {
-                f.resize(end, 0);
-            }
-            f[start..end].copy_from_slice(data);
-            Ok(IoReply::Done)
-        }
-        IoOp::Sync { file } => dir.get(file).map(|_| IoReply::Done).ok_or(DiskError::NotFound),
-        IoOp::SyncDir => Ok(IoReply::Done),
-        IoOp::Truncate { file, len } => match dir.get_mut(file) {
-            Some(f) => {
-                f.resize(*len as usize, 0);
-                Ok(IoReply::Done)
-            }
-            None => Err(DiskError::NotFound),
-        },
-        IoOp::Rename { from, to } => match dir.remove(from) {
-            Some(d) => {
-                dir.insert(to.clone(), d);
-                Ok(IoReply::Done)
-            }
-            None => Err(DiskError::NotFound),
-        },
-        IoOp::Remove { file } => dir.remove(file).map(|_| IoReply::Done).ok_or(DiskError::NotFound),
-    }
 }

@@ -240,22 +240,19 @@ fn check(
     kind_of: impl Fn(SessionId) -> Option<Kind>,
 ) -> Result<(), RequestError> {
     for (verb, need) in needs {
-        let allowed = match need {
-            Needs::Kind(kind) => principal.allows(verb, Some(kind)),
-            Needs::AnyKind => principal.allows(verb, None),
+        let kind = match need {
+            Needs::Kind(k) => Some(k),
+            Needs::Session(id) => kind_of(id),
+            Needs::AnyKind => None,
+        };
+        let allowed = match (need, kind) {
             // A session of unknown kind (none such, or deleted) is left to the engine to
             // answer, if the principal may do this on some kind at all.
-            Needs::Session(id) => match kind_of(id) {
-                Some(kind) => principal.allows(verb, Some(kind)),
-                None => principal.grants.iter().any(|g| g.verb == verb),
-            },
+            (Needs::Session(_), None) => principal.grants.iter().any(|g| g.verb == verb),
+            // `None` here (every kind) needs a grant on every kind.
+            (_, kind) => principal.allows(verb, kind),
         };
         if !allowed {
-            let kind = match need {
-                Needs::Kind(k) => Some(k),
-                Needs::Session(id) => kind_of(id),
-                Needs::AnyKind => None,
-            };
             return Err(RequestError::PermissionDenied {
                 principal: principal.name.clone(),
                 verb: verb.name().into(),

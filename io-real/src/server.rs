@@ -582,18 +582,19 @@ impl<E: Env> Driver<E> {
             // A failed delivery during shutdown is left to the lease: it expires after restart.
             ToEngine::DeliveryFailed { .. } if stopping => {}
             ToEngine::Request { conn, client, seq, request } => {
-                let principal = self.conns.get(&conn).and_then(|c| c.principal.clone());
-                let Some(principal) = principal else {
-                    self.routes.insert((client, seq), conn);
-                    return self.feed(Input::Request { client, seq, request });
+                let input = match self.conns.get(&conn).and_then(|c| c.principal.clone()) {
+                    None => Input::Request { client, seq, request },
+                    Some(principal) => {
+                        let state = self.engine.state();
+                        if let Err(e) = crate::auth::check_request(&principal, &request, |id| state.kind_of(id)) {
+                            warn!(conn, principal = principal.name, %e, request = request.name(), "refusing a request");
+                            return self.send(conn, ServerMsg::Reply { client, seq, outcome: Err(e) });
+                        }
+                        Input::RequestAs { client, seq, request, principal: principal.name }
+                    }
                 };
-                let state = self.engine.state();
-                if let Err(e) = crate::auth::check_request(&principal, &request, |id| state.kind_of(id)) {
-                    warn!(conn, principal = principal.name, %e, request = request.name(), "refusing a request");
-                    return self.send(conn, ServerMsg::Reply { client, seq, outcome: Err(e) });
-                }
                 self.routes.insert((client, seq), conn);
-                self.feed(Input::RequestAs { client, seq, request, principal: principal.name })
+                self.feed(input)
             }
             ToEngine::Query { conn, id, query } => {
                 let principal = self.conns.get(&conn).and_then(|c| c.principal.as_ref());
